@@ -1,0 +1,92 @@
+"""Building blocks shared by the three towers: dense layers with logical axis names,
+norms, attention, and the scanned layer stack."""
+
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = jnp.dtype | str
+
+_init = nn.initializers.normal(0.02)
+
+
+def dense(features: int, axes: tuple[str | None, str | None], *, use_bias: bool, dtype: Dtype,
+          param_dtype: Dtype, name: str | None = None) -> nn.Dense:
+  """A linear layer whose kernel [in, out] and bias [out] carry logical axis names."""
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+                  kernel_init=nn.with_logical_partitioning(_init, axes),
+                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]))
+
+
+class RMSNorm(nn.Module):
+  """`w * (x * rsqrt(mean(x^2) + eps))`, statistics in fp32 and the cast back to the
+  activation dtype before the weight (as Qwen2RMSNorm)."""
+  eps: float = 1e-6
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  axis_name: str = 'norm'
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
+                       (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return jnp.asarray(scale, self.dtype) * normed.astype(self.dtype)
+
+
+def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str,
+               axis_name: str = 'norm') -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name,
+                      scale_init=nn.with_logical_partitioning(nn.initializers.ones, (axis_name,)),
+                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axis_name,)))
+
+
+def gelu(x):
+  """Exact (erf) GELU, as torch's default; `jax.nn.gelu` defaults to the tanh form."""
+  return jax.nn.gelu(x, approximate=False)
+
+
+def rotate_half(x):
+  half = x.shape[-1] // 2
+  return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def attention(q, k, v, mask=None, *, is_causal: bool = False):
+  """Softmax attention through `jax.nn.dot_product_attention` (XLA, or cuDNN flash on GPU).
+
+  q [B, T, N, H]; k, v [B, S, K, H] with N % K == 0 (grouped-query); mask bool,
+  broadcastable to [B, N, T, S], True where a query may attend. Scale is H ** -0.5.
+  """
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
+
+
+def remat_policy(name: str):
+  """The `jax.checkpoint` policy of a layer stack, or None for no rematerialisation."""
+  policies = {
+      'none': None,
+      'full': jax.checkpoint_policies.nothing_saveable,
+      'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  }
+  if name not in policies:
+    raise ValueError(f'unknown remat policy {name!r}; expected one of {sorted(policies)}')
+  return policies[name]
+
+
+def layer_stack(block: Callable[..., nn.Module], length: int, remat: str,
+                broadcast_args: int) -> Callable[..., nn.Module]:
+  """`block` repeated `length` times with `nn.scan`: params stacked on a leading 'layers'
+  axis so compile time does not grow with depth. The carry is the first call argument;
+  the next `broadcast_args` arguments are shared by every layer."""
+  if remat != 'none':
+    block = nn.remat(block, policy=remat_policy(remat), prevent_cse=False)
+  return nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
+                 in_axes=(nn.broadcast,) * broadcast_args, length=length,
+                 metadata_params={nn.PARTITION_NAME: 'layers'})
+
+
+def logical_axes(tree) -> Sequence:
+  """The logical axis names of every leaf of an (abstract) param tree."""
+  return nn.get_partition_spec(tree)

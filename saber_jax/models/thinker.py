@@ -1,0 +1,160 @@
+"""The Qwen2.5-Omni thinker: audio and vision features scattered into the token embeddings
+at their placeholders, then the Qwen2 decoder and the head.
+
+Host side, `model_inputs` turns a processor-style batch (dict of numpy arrays) into the
+fixed-shape arrays the jitted forward needs: TMRoPE position ids, the towers' chunk/window
+tables and, for every feature row, the flat [B * L] slot it fills.
+"""
+
+import functools
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from saber_jax.models import audio as audio_lib
+from saber_jax.models import vision as vision_lib
+from saber_jax.models.config import ThinkerConfig
+from saber_jax.models.rope import rope_index
+from saber_jax.models.text import TextModel, attention_mask
+
+
+class Thinker(nn.Module):
+  config: ThinkerConfig
+
+  def setup(self):
+    c = self.config
+    kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype), remat=c.remat)
+    self.audio = audio_lib.AudioEncoder(c.audio, **kw)
+    self.vision = vision_lib.VisionEncoder(c.vision, **kw)
+    self.text = TextModel(c.text, **kw)
+
+  def __call__(self, inputs: Mapping[str, Any]):
+    """Hidden states [B, L, H] of the `model_inputs` arrays."""
+    ids = inputs['input_ids']
+    x = self.text.embed(ids)
+    batch, length, width = x.shape
+    x = x.reshape(batch * length, width)
+    # Rows whose slot is B * L (padding) are dropped by the scatter.
+    if 'audio' in inputs:
+      audio = dict(inputs['audio'])
+      slots = audio.pop('slots')
+      x = x.at[slots].set(self.audio(**audio).astype(x.dtype), mode='drop')
+    if 'vision' in inputs:
+      vision = dict(inputs['vision'])
+      slots = vision.pop('slots')
+      x = x.at[slots].set(self.vision(**vision).astype(x.dtype), mode='drop')
+    x = x.reshape(batch, length, width)
+    return self.text(x, inputs['position_ids'], attention_mask(inputs['attention_mask']))
+
+  def logits(self, hidden):
+    return self.text.logits(hidden)
+
+
+def _placeholders(input_ids: np.ndarray, token_id: int, count: int, what: str) -> np.ndarray:
+  """Flat [B * L] positions of the `count` placeholder tokens of one kind, in token order."""
+  positions = np.flatnonzero(input_ids.reshape(-1) == token_id)
+  if len(positions) != count:
+    raise ValueError(f'{len(positions)} {what} placeholder tokens, but the {what} inputs '
+                     f'give {count} features')
+  return positions
+
+
+def _slots(valid: np.ndarray, positions: np.ndarray, size: int) -> np.ndarray:
+  """For each feature row, the flat slot it fills; padding rows get `size` (dropped)."""
+  slots = np.full(valid.shape, size, np.int32)
+  slots[valid] = positions
+  return slots
+
+
+def model_inputs(config: ThinkerConfig, batch: Mapping[str, Any], *,
+                 num_audio_chunks: int | None = None, num_audio_tokens: int | None = None,
+                 num_patches: int | None = None) -> dict[str, Any]:
+  """Host-side arrays of the jitted forward from a processor-style batch (see
+  `thinker_logits`). The optional sizes pad the towers' inputs to fixed buckets."""
+  input_ids = np.asarray(batch['input_ids'])
+  mask = batch.get('attention_mask')
+  mask = np.ones_like(input_ids) if mask is None else np.asarray(mask)
+  position_ids = batch.get('position_ids')
+  if position_ids is None:
+    position_ids, _ = rope_index(config, {**batch, 'attention_mask': mask})
+  inputs = dict(input_ids=input_ids.astype(np.int32), attention_mask=mask.astype(bool),
+                position_ids=np.asarray(position_ids, np.int32))
+  if batch.get('input_features') is not None:
+    features = np.asarray(batch['input_features'], np.float32)
+    feature_mask = batch.get('feature_attention_mask')
+    if feature_mask is None:
+      feature_mask = np.ones(features.shape[::2], np.int32)
+    audio = audio_lib.audio_inputs(config.audio, features, np.asarray(feature_mask),
+                                   num_chunks=num_audio_chunks, num_tokens=num_audio_tokens)
+    valid = audio.pop('token_mask')
+    positions = _placeholders(input_ids, config.audio_token_id, int(valid.sum()), 'audio')
+    audio['slots'] = _slots(valid, positions, input_ids.size)
+    inputs['audio'] = audio
+  kinds = [(pixels, grid, token_id, what) for pixels, grid, token_id, what in (
+      ('pixel_values', 'image_grid_thw', config.image_token_id, 'image'),
+      ('pixel_values_videos', 'video_grid_thw', config.video_token_id, 'video'))
+           if batch.get(pixels) is not None]
+  if kinds:
+    # Images and videos share one tower call; each kind fills its own placeholders in order.
+    grids = [np.asarray(batch[grid], np.int64).reshape(-1, 3) for _, grid, _, _ in kinds]
+    vision = vision_lib.vision_inputs(config.vision, np.concatenate(grids),
+                                      num_patches=num_patches)
+    pixel_values = np.concatenate([np.asarray(batch[p], np.float32) for p, _, _, _ in kinds])
+    if num_patches is not None:
+      pixel_values = np.pad(pixel_values, ((0, num_patches - len(pixel_values)), (0, 0)))
+    merge = config.vision.spatial_merge_size ** 2
+    positions = np.concatenate([
+        _placeholders(input_ids, token_id, int(g.prod(-1).sum()) // merge, what)
+        for g, (_, _, token_id, what) in zip(grids, kinds)])
+    vision['slots'] = _slots(vision.pop('token_mask'), positions, input_ids.size)
+    inputs['vision'] = dict(vision, pixel_values=pixel_values)
+  return inputs
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward_logits(config: ThinkerConfig, params, inputs):
+  model = Thinker(config)
+  hidden = model.apply({'params': params}, inputs)
+  return model.apply({'params': params}, hidden, method=Thinker.logits).astype(jnp.float32)
+
+
+def thinker_logits(config: ThinkerConfig, params, batch: Mapping[str, Any]) -> jax.Array:
+  """float32 logits [B, L, V] of a processor-style batch.
+
+  `batch` holds numpy arrays keyed like the Qwen2.5-Omni processor output (`input_ids`,
+  `attention_mask`, `input_features`, `feature_attention_mask`, `pixel_values`,
+  `image_grid_thw`, `pixel_values_videos`, `video_grid_thw`, `video_second_per_grid`,
+  optional `position_ids`) and optionally `use_audio_in_video`. `params` is the thinker's
+  param dict (`audio`, `vision`, `text`), as `convert.load_hf` returns it.
+  """
+  return _forward_logits(config, params, model_inputs(config, batch))
+
+
+def dummy_inputs(config: ThinkerConfig) -> dict[str, Any]:
+  """A minimal batch touching every tower, for `init` and `jax.eval_shape`."""
+  c = config
+  m = c.vision.spatial_merge_size
+  frames = 2 * c.audio.n_window
+  n_audio = int(audio_lib.audio_token_count(frames))
+  ids = ([c.audio_start_token_id] + [c.audio_token_id] * n_audio + [c.audio_end_token_id,
+         c.vision_start_token_id, c.image_token_id, c.vision_end_token_id])
+  patch = c.vision.in_channels * c.vision.temporal_patch_size * c.vision.patch_size ** 2
+  batch = dict(input_ids=np.array([ids]),
+               input_features=np.zeros((1, c.audio.num_mel_bins, frames), np.float32),
+               feature_attention_mask=np.ones((1, frames), np.int32),
+               pixel_values=np.zeros((m * m, patch), np.float32),
+               image_grid_thw=np.array([[1, m, m]]))
+  return model_inputs(c, batch)
+
+
+def init_params(config: ThinkerConfig, rng: jax.Array) -> dict:
+  """Randomly initialised params (boxed with their logical axis names)."""
+  return Thinker(config).init(rng, dummy_inputs(config))['params']
+
+
+def abstract_params(config: ThinkerConfig) -> dict:
+  """Shapes and dtypes of every param (boxed with logical axis names), nothing allocated."""
+  return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
