@@ -3,7 +3,8 @@ at their placeholders, then the Qwen2 decoder and the head.
 
 Host side, `model_inputs` turns a processor-style batch (dict of numpy arrays) into the
 fixed-shape arrays the jitted forward needs: TMRoPE position ids, the towers' chunk/window
-tables and, for every feature row, the flat [B * L] slot it fills.
+tables and, for every feature row, the flat [B * L] slot it fills. `stack_shards` joins
+the inputs of several data shards into one batch.
 """
 
 import functools
@@ -32,20 +33,24 @@ class Thinker(nn.Module):
     self.text = TextModel(c.text, **kw)
 
   def __call__(self, inputs: Mapping[str, Any]):
-    """Hidden states [B, L, H] of the `model_inputs` arrays."""
-    ids = inputs['input_ids']
-    x = self.text.embed(ids)
+    """Hidden states [B, L, H] of the `model_inputs` arrays.
+
+    Media arrays carry a leading data-shard axis S: shard s holds the media of rows
+    [s * B / S, (s + 1) * B / S) with indices local to those rows, so under data
+    parallelism each device encodes its own rows' media and scatters them locally.
+    """
+    x = self.text.embed(inputs['input_ids'])
     batch, length, width = x.shape
-    x = x.reshape(batch * length, width)
-    # Rows whose slot is B * L (padding) are dropped by the scatter.
-    if 'audio' in inputs:
-      audio = dict(inputs['audio'])
-      slots = audio.pop('slots')
-      x = x.at[slots].set(self.audio(**audio).astype(x.dtype), mode='drop')
-    if 'vision' in inputs:
-      vision = dict(inputs['vision'])
-      slots = vision.pop('slots')
-      x = x.at[slots].set(self.vision(**vision).astype(x.dtype), mode='drop')
+    for name, tower in (('audio', self.audio), ('vision', self.vision)):
+      if name in inputs:
+        media = dict(inputs[name])
+        slots = media.pop('slots')                                   # [S, N]
+        features = nn.vmap(lambda module, m: module(**m), variable_axes={'params': None},
+                           split_rngs={'params': False})(tower, media)  # [S, N, H]
+        x = x.reshape(slots.shape[0], -1, width)
+        # Feature rows whose slot is one past the shard's end (padding) are dropped.
+        x = jax.vmap(lambda xs, s, f: xs.at[s].set(f.astype(xs.dtype), mode='drop'))(
+            x, slots, features)
     x = x.reshape(batch, length, width)
     return self.text(x, inputs['position_ids'], attention_mask(inputs['attention_mask']))
 
@@ -92,7 +97,7 @@ def model_inputs(config: ThinkerConfig, batch: Mapping[str, Any], *,
     valid = audio.pop('token_mask')
     positions = _placeholders(input_ids, config.audio_token_id, int(valid.sum()), 'audio')
     audio['slots'] = _slots(valid, positions, input_ids.size)
-    inputs['audio'] = audio
+    inputs['audio'] = jax.tree.map(lambda a: a[None], audio)
   kinds = [(pixels, grid, token_id, what) for pixels, grid, token_id, what in (
       ('pixel_values', 'image_grid_thw', config.image_token_id, 'image'),
       ('pixel_values_videos', 'video_grid_thw', config.video_token_id, 'video'))
@@ -109,9 +114,21 @@ def model_inputs(config: ThinkerConfig, batch: Mapping[str, Any], *,
     positions = np.concatenate([
         _placeholders(input_ids, token_id, int(g.prod(-1).sum()) // merge, what)
         for g, (_, _, token_id, what) in zip(grids, kinds)])
-    vision['slots'] = _slots(vision.pop('token_mask'), positions, input_ids.size)
-    inputs['vision'] = dict(vision, pixel_values=pixel_values)
+    vision['slots'] = _slots(vision['token_mask'], positions, input_ids.size)
+    inputs['vision'] = jax.tree.map(lambda a: a[None], dict(vision, pixel_values=pixel_values))
   return inputs
+
+
+def stack_shards(shards: list[dict[str, Any]]) -> dict[str, Any]:
+  """One batch from the `model_inputs` of each data shard (all padded to the same sizes):
+  rows concatenated, media stacked on the shard axis."""
+  first = shards[0]
+  out = {k: np.concatenate([s[k] for s in shards], axis=1 if k == 'position_ids' else 0)
+         for k in ('input_ids', 'attention_mask', 'position_ids')}
+  for name in ('audio', 'vision'):
+    if name in first:
+      out[name] = {k: np.concatenate([s[name][k] for s in shards]) for k in first[name]}
+  return out
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -152,7 +169,8 @@ def dummy_inputs(config: ThinkerConfig) -> dict[str, Any]:
 
 def init_params(config: ThinkerConfig, rng: jax.Array) -> dict:
   """Randomly initialised params (boxed with their logical axis names)."""
-  return Thinker(config).init(rng, dummy_inputs(config))['params']
+  return Thinker(config).init(rng, dummy_inputs(config),
+                              method=lambda model, x: model.logits(model(x)))['params']
 
 
 def abstract_params(config: ThinkerConfig) -> dict:
