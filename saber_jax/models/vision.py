@@ -236,10 +236,14 @@ class Attention(nn.Module):
     q, k, v = (split(dense(('vision_embed', 'vision_heads'), n)(x)) for n in ('q', 'k', 'v'))
     q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     # Layers in fullatt_block_indexes attend within each frame, the others within windows.
+    # Under autodiff a cond keeps the residuals of *both* branches in every scanned layer
+    # (frame-sized score matrices in all 32 layers), so each branch keeps only its inputs
+    # and recomputes its scores in the backward pass.
+    attend = jax.checkpoint(block_attention, prevent_cse=False)
     tables_of = lambda kind: tuple(tables[f'{kind}_{n}'] for n in ('blocks', 'block_mask', 'slots'))
     out = jax.lax.cond(full_attention,
-                       lambda q, k, v: block_attention(q, k, v, *tables_of('frame')),
-                       lambda q, k, v: block_attention(q, k, v, *tables_of('window')),
+                       lambda q, k, v: attend(q, k, v, *tables_of('frame')),
+                       lambda q, k, v: attend(q, k, v, *tables_of('window')),
                        q, k, v)
     return dense(('vision_heads', 'vision_embed'), 'proj')(out.reshape(x.shape))
 
