@@ -1,0 +1,191 @@
+"""Argument parsing and small helpers shared by the judge-driven tools.
+
+Importing this module puts the repository root on sys.path, so
+`python tools/<tool>.py` works from a checkout without installing saber_jax.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+from typing import Iterable, Iterator, Mapping
+
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(_ROOT) not in sys.path:
+  sys.path.insert(0, str(_ROOT))
+
+from saber_jax import judge as judge_lib  # noqa: E402
+from saber_jax.data import annotation as annotation_lib  # noqa: E402
+
+
+def add_judge_args(parser: argparse.ArgumentParser, *, timeout: float = 60.0,
+                   concurrency: int = 8) -> None:
+  g = parser.add_argument_group('judge endpoint (any OpenAI-compatible chat-completions server)')
+  g.add_argument('--base-url', default=os.environ.get('OPENAI_BASE_URL', 'http://localhost:8000/v1'),
+                 help='server URL ending in /v1 (default: $OPENAI_BASE_URL or a local vLLM); '
+                      'the key comes from $OPENAI_API_KEY, else "EMPTY"')
+  g.add_argument('--model', required=True, help='model name the server knows')
+  g.add_argument('--temperature', type=float, default=0.0)
+  g.add_argument('--max-tokens', type=int, default=None)
+  g.add_argument('--timeout', type=float, default=timeout, help='seconds per request')
+  g.add_argument('--max-retries', type=int, default=3,
+                 help='retries after the first attempt (transport errors and unusable replies)')
+  g.add_argument('--backoff', type=float, default=1.0,
+                 help='first backoff window in seconds; doubles per retry, with jitter')
+  g.add_argument('--response-format', choices=('json_schema', 'json_object', 'none'),
+                 default='json_schema', help='json_object / none for servers without json_schema')
+  add_run_args(parser, concurrency)
+
+
+def add_run_args(parser: argparse.ArgumentParser, concurrency: int = 8) -> None:
+  g = parser.add_argument_group('run')
+  g.add_argument('--concurrency', type=int, default=concurrency, help='requests in flight')
+  g.add_argument('--max-items', type=int, default=None,
+                 help='start at most this many new items (smoke runs)')
+  g.add_argument('--shard-index', type=int, default=0)
+  g.add_argument('--num-shards', type=int, default=1,
+                 help='process only input lines i with i %% num_shards == shard_index')
+
+
+def judge_from_args(args: argparse.Namespace) -> judge_lib.Judge:
+  return judge_lib.Judge(judge_lib.JudgeConfig(
+      base_url=args.base_url, model=args.model, temperature=args.temperature,
+      max_tokens=args.max_tokens, timeout=args.timeout, max_retries=args.max_retries,
+      backoff=args.backoff, response_format=args.response_format))
+
+
+def sharded(records: Iterable[dict], args: argparse.Namespace) -> Iterator[dict]:
+  if not 0 <= args.shard_index < args.num_shards:
+    raise SystemExit(f'--shard-index must be in [0, {args.num_shards}), got {args.shard_index}')
+  for i, r in enumerate(records):
+    if i % args.num_shards == args.shard_index:
+      yield r
+
+
+def load_by_id(path: str, required: tuple[str, ...] = (), ids: set[str] | None = None) -> dict[str, dict]:
+  """id -> record for a JSONL file (only `ids` when given); each kept record must have
+  the `required` fields. Duplicate ids are an error naming the file."""
+  out = {}
+  for n, r in enumerate(judge_lib.read_jsonl(path), 1):
+    rid = judge_lib.record_id(r, f'{path} record {n}')
+    if ids is not None and rid not in ids:
+      continue
+    for field in required:
+      if field not in r:
+        raise ValueError(f'{path}: record {rid!r} has no {field!r} field')
+    if rid in out:
+      raise ValueError(f'{path}: duplicate id {rid!r}')
+    out[rid] = r
+  return out
+
+
+def count_lines(path: str) -> int:
+  with open(path, 'rb') as f:
+    return sum(1 for line in f if line.strip())
+
+
+def shard_total(path: str, args: argparse.Namespace) -> int:
+  """How many records of `path` this shard processes (for the progress bar)."""
+  return len(range(args.shard_index, count_lines(path), args.num_shards))
+
+
+def write_json(path: str, value) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + '.tmp'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    json.dump(value, f, ensure_ascii=False, indent=2)
+    f.write('\n')
+  os.replace(tmp, path)
+
+
+def write_text(path: str, text: str) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, 'w', encoding='utf-8') as f:
+    f.write(text)
+
+
+def bar_chart(path: str, title: str, groups: Mapping[str, Mapping[str, float | None]],
+              ylabel: str = '', ylim: tuple[float, float] | None = None) -> None:
+  """Grouped bar chart: groups = {series name: {category: value}} (None drawn as 0)."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  categories = list(dict.fromkeys(c for series in groups.values() for c in series))
+  n = max(1, len(groups))
+  width = 0.8 / n
+  fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(categories) * n + 1.5), 3.5))
+  for k, (name, series) in enumerate(groups.items()):
+    xs = [i + (k - (n - 1) / 2) * width for i in range(len(categories))]
+    ax.bar(xs, [series.get(c) or 0.0 for c in categories], width, label=name)
+  ax.set_xticks(range(len(categories)), categories, rotation=30 if len(categories) > 6 else 0)
+  ax.set_title(title)
+  ax.set_ylabel(ylabel)
+  if ylim:
+    ax.set_ylim(*ylim)
+  if len(groups) > 1:
+    ax.legend()
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+  return '-' if value is None else f'{value:.{digits}f}'
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+  lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+  lines += ['| ' + ' | '.join(r) + ' |' for r in rows]
+  return '\n'.join(lines) + '\n'
+
+
+# The SABER six-dimension annotation (see saber_jax/data/annotation.py). This spec is
+# what the annotator is asked for (exact keys, sent as the json_schema); the content
+# rules are the shared ones, applied by `check_annotation`.
+ANNOTATION_SPEC = judge_lib.obj(
+    video_desc=judge_lib.string(non_empty=True),
+    audio_desc=judge_lib.obj(speech_content=judge_lib.string(),
+                             acoustic_feat=judge_lib.string(non_empty=True)),
+    facial_exp_desc=judge_lib.string(non_empty=True),
+    body_lang_desc=judge_lib.string(non_empty=True),
+    sentiment_analysis=judge_lib.string(non_empty=True),
+)
+# A silent clip has no speech content; every other field must say something.
+SPEECH_MAY_BE_EMPTY = ('audio_desc.speech_content',)
+
+
+def check_annotation(annotation, clip_id=None, source: str | None = None) -> dict:
+  """The one schema check for annotations in tools/: saber_jax.data.annotation's
+  validate_annotation (silent clips allowed), returned as the nested dict with
+  stripped texts. Raises judge.InvalidReply naming source, clip and field."""
+  try:
+    return annotation_lib.validate_annotation(annotation, clip_id, allow_empty=SPEECH_MAY_BE_EMPTY).to_dict()
+  except annotation_lib.AnnotationError as e:
+    raise judge_lib.InvalidReply(str(e.with_source(source) if source else e)) from None
+
+
+def annotation_of(record: Mapping, source: str, clip_id: str) -> dict:
+  """The validated 'annotation' field of an input record; ValueError names the file
+  and the clip."""
+  if 'annotation' not in record:
+    raise ValueError(f"{source}: clip {clip_id!r}: no 'annotation' field")
+  try:
+    return check_annotation(record['annotation'], clip_id, source)
+  except judge_lib.InvalidReply as e:
+    raise ValueError(str(e)) from None
+
+
+def annotation_text(annotation: Mapping, indent: int | None = 2) -> str:
+  """The annotation as JSON in SED order (visual, acoustic, reasoning): indented for
+  judges to read, compact (indent=None) as a response text."""
+  ordered = {
+      'video_desc': annotation['video_desc'],
+      'facial_exp_desc': annotation['facial_exp_desc'],
+      'body_lang_desc': annotation['body_lang_desc'],
+      'audio_desc': {'speech_content': annotation['audio_desc']['speech_content'],
+                     'acoustic_feat': annotation['audio_desc']['acoustic_feat']},
+      'sentiment_analysis': annotation['sentiment_analysis'],
+  }
+  return json.dumps(ordered, ensure_ascii=False, indent=indent)

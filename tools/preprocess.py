@@ -1,0 +1,486 @@
+"""Turn clips + SABER annotations into SFT records (ArrayRecord shards) for training.
+
+  python tools/preprocess.py --manifest clips.jsonl --annotations ann.jsonl --out DIR \\
+      [--num_shards N [--shard_index I]] [--workers W] [--tokenizer PATH]
+
+Inputs
+  --manifest: one JSON object per line, {"id", "video"?, "audio"?, "lang", "subset"?};
+    paths are absolute or relative to the manifest's folder; lang is 'en' or 'zh'.
+    When there is no "audio" the video's own audio track is used.
+  --annotations: one line per clip, {"id": ..., "annotation": {six SABER fields}}
+    (or the annotator's raw JSON text), see saber_jax.data.annotation.
+
+Per clip: annotation check -> probe -> filters -> audio -> log-mel -> video frames (fps 2,
+at most 40 frames, at most 50176 pixels each) -> SED prompt (the video's audio interleaved
+with it, as Qwen2.5-Omni's use_audio_in_video) -> SED target -> record. Filters, in order
+(the first that applies is the clip's reject reason):
+  no_annotation / bad_annotation   no annotation line for the id, or one that fails the schema
+  missing_file / unreadable_media  a path that does not exist, or a file PyAV cannot read
+  no_video / no_audio              SABER needs both tracks
+  too_short / too_long             duration < 0.5 s or > 30 s (the paper's range)
+  low_resolution                   short side < 112 px. Ours: four merge units of 28 px;
+                                   below that a face spans a handful of 14-px patches
+  error                            anything unexpected, with its message (never a crash)
+
+Sharding: clip i goes to shard sha256(id) mod N, so the assignment does not depend on line
+order and the manifest and annotation files need not be aligned. Lines without a readable
+id are reported by shard 0. Without --shard_index every shard is run in turn; with it, only
+that one, so shards can run on separate machines and write to the same DIR.
+
+Outputs under DIR:
+  sft-IIIII-of-NNNNN.array_record    SFT records of shard I (saber_jax.data.records)
+  parts/rejects-IIIII-of-NNNNN.jsonl one line per rejected clip or annotation line:
+                                     {"id", "reason", "message"}
+  parts/stats-IIIII-of-NNNNN.json    the shard's counts; written last, it marks the shard done
+  rejects.jsonl, stats.json          all finished shards merged (rewritten after each shard)
+Every manifest line is either a record or a reject (stats: clips == sum of outcomes), and
+every annotation line that matches no clip is a reject too. A re-run skips shards whose
+stats part exists; a killed run redoes only unfinished shards, whose files are replaced
+whole (records are written under a temporary name and renamed), so nothing is duplicated.
+"""
+
+import argparse
+import collections
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import pathlib
+import sys
+import traceback
+
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(_ROOT) not in sys.path:
+  sys.path.insert(0, str(_ROOT))
+
+import numpy as np  # noqa: E402
+import tqdm  # noqa: E402
+
+from saber_jax.data import annotation as annotation_lib  # noqa: E402
+from saber_jax.data import media  # noqa: E402
+from saber_jax.data import prompt as prompt_lib  # noqa: E402
+from saber_jax.data import records  # noqa: E402
+from saber_jax.data import sed  # noqa: E402
+
+LANGS = ('en', 'zh')
+RECORD_PREFIX = 'sft'
+# Token-length histogram edges: the pipeline's default length buckets.
+LENGTH_EDGES = (256, 512, 1024, 2048, 4096)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  min_seconds: float = 0.5
+  max_seconds: float = 30.0
+  min_side: int = 112
+  fps: float = media.VIDEO_FPS
+  max_frames: int = media.VIDEO_MAX_FRAMES
+  max_pixels: int = media.VIDEO_MAX_PIXELS
+  system: str | None = prompt_lib.DEFAULT_SYSTEM_PROMPT
+
+
+class Reject(Exception):
+  def __init__(self, reason: str, message: str):
+    super().__init__(message)
+    self.reason, self.message = reason, message
+
+
+def shard_of(clip_id: str, num_shards: int) -> int:
+  """Stable shard of a clip id: sha256 of its UTF-8 bytes, mod num_shards."""
+  digest = hashlib.sha256(str(clip_id).encode('utf-8')).digest()
+  return int.from_bytes(digest[:8], 'big') % num_shards
+
+
+def _reject(clip_id, reason, message):
+  return {'id': clip_id, 'reason': reason, 'message': message}
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _manifest_entry(line: str, base: str, where: str) -> dict:
+  """A parsed manifest line (paths made absolute); Reject('bad_manifest') when unusable."""
+  try:
+    entry = json.loads(line)
+  except json.JSONDecodeError as e:
+    raise Reject('bad_manifest', f'{where}: invalid JSON ({e.msg} at column {e.colno})') from None
+  if not isinstance(entry, dict):
+    raise Reject('bad_manifest', f'{where}: expected a JSON object')
+  clip_id = entry.get('id')
+  if isinstance(clip_id, bool) or not isinstance(clip_id, (str, int)) or clip_id == '':
+    raise Reject('bad_manifest', f'{where}: field "id": expected a non-empty string')
+  clip_id = str(clip_id)
+  lang = entry.get('lang')
+  if lang not in LANGS:
+    raise Reject('bad_manifest', f'{where}: clip {clip_id!r}: field "lang": expected one of '
+                                 f'{LANGS}, got {lang!r}')
+  paths = {}
+  for key in ('video', 'audio'):
+    value = entry.get(key)
+    if value is None:
+      continue
+    if not isinstance(value, str) or not value:
+      raise Reject('bad_manifest', f'{where}: clip {clip_id!r}: field {key!r}: expected a path')
+    paths[key] = value if os.path.isabs(value) else os.path.join(base, value)
+  if not paths:
+    raise Reject('bad_manifest', f'{where}: clip {clip_id!r}: needs "video" and/or "audio"')
+  subset = entry.get('subset', '')
+  if not isinstance(subset, str):
+    raise Reject('bad_manifest', f'{where}: clip {clip_id!r}: field "subset": expected a string')
+  return {'id': clip_id, 'lang': lang, 'subset': subset, 'where': where, **paths}
+
+
+def read_manifest(path: str, shard_index: int, num_shards: int):
+  """(entries, rejects) of this shard, entries in line order; duplicates are rejects."""
+  base = os.path.dirname(os.path.abspath(path))
+  entries, rejects, seen = [], [], set()
+  with open(path, encoding='utf-8') as f:
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      where = f'{path}:{number}'
+      try:
+        entry = _manifest_entry(line, base, where)
+      except Reject as e:
+        if shard_index == 0:  # lines without a usable id are reported once, by shard 0
+          rejects.append(_reject(_loose_id(line), e.reason, e.message))
+        continue
+      if shard_of(entry['id'], num_shards) != shard_index:
+        continue
+      if entry['id'] in seen:
+        rejects.append(_reject(entry['id'], 'duplicate_clip', f'{where}: id already listed'))
+        continue
+      seen.add(entry['id'])
+      entries.append(entry)
+  return entries, rejects
+
+
+def _loose_id(line):
+  try:
+    value = json.loads(line).get('id')
+    return value if isinstance(value, (str, int)) and not isinstance(value, bool) else None
+  except (json.JSONDecodeError, AttributeError):
+    return None
+
+
+def read_shard_annotations(path: str, shard_index: int, num_shards: int):
+  """{id: Annotation | AnnotationError} of this shard, and rejects for duplicate lines
+  and (shard 0 only) lines whose id cannot be read."""
+  found, rejects = {}, []
+  for clip_id, result in annotation_lib.read_annotations(path):
+    if clip_id is None:
+      if shard_index == 0:
+        rejects.append(_reject(None, 'bad_annotation', str(result)))
+      continue
+    clip_id = str(clip_id)
+    if shard_of(clip_id, num_shards) != shard_index:
+      continue
+    if clip_id in found:
+      source = getattr(result, 'source', None) or path
+      rejects.append(_reject(clip_id, 'duplicate_annotation',
+                             f'{source}: clip {clip_id!r}: a second annotation line (the first is used)'))
+      continue
+    found[clip_id] = result
+  return found, rejects
+
+
+# --------------------------------------------------------------------------- one clip
+
+_TOKENIZER = None
+
+
+def _init_worker(tokenizer_path):
+  global _TOKENIZER
+  _TOKENIZER = prompt_lib.load_tokenizer(tokenizer_path)
+
+
+def _probe(path):
+  if not os.path.exists(path):
+    raise Reject('missing_file', f'{path}: no such file')
+  try:
+    return media.probe(path)
+  except media.MediaError as e:
+    raise Reject('unreadable_media', str(e)) from None
+
+
+def _decode(fn, *args, **kwargs):
+  try:
+    return fn(*args, **kwargs)
+  except media.MediaError as e:
+    raise Reject('unreadable_media', str(e)) from None
+
+
+def build_record(entry: dict, annotation, settings: Settings, tokenizer) -> tuple[bytes, dict]:
+  """(record blob, info for stats) of one clip, or Reject(reason, message)."""
+  clip_id = entry['id']
+  if annotation is None:
+    raise Reject('no_annotation', f'clip {clip_id!r}: no annotation line')
+  if isinstance(annotation, annotation_lib.AnnotationError):
+    raise Reject('bad_annotation', str(annotation))
+  if 'video' not in entry:
+    raise Reject('no_video', f'clip {clip_id!r}: the manifest gives no video')
+  video_info = _probe(entry['video'])
+  if not video_info.has_video:
+    raise Reject('no_video', f'{entry["video"]}: no video stream')
+  audio_path = entry.get('audio', entry['video'])
+  audio_info = _probe(audio_path) if 'audio' in entry else video_info
+  if not audio_info.has_audio:
+    raise Reject('no_audio', f'{audio_path}: no audio stream')
+  duration = video_info.duration
+  if duration < settings.min_seconds:
+    raise Reject('too_short', f'{entry["video"]}: {duration:.2f} s < {settings.min_seconds} s')
+  if duration > settings.max_seconds:
+    raise Reject('too_long', f'{entry["video"]}: {duration:.2f} s > {settings.max_seconds} s')
+  short_side = min(video_info.width or 0, video_info.height or 0)
+  if short_side < settings.min_side:
+    raise Reject('low_resolution', f'{entry["video"]}: {video_info.width}x{video_info.height}, '
+                                   f'short side < {settings.min_side} px')
+
+  waveform = _decode(media.load_audio, audio_path)
+  audio_seconds = len(waveform) / media.SAMPLING_RATE
+  if audio_seconds < settings.min_seconds:
+    raise Reject('too_short', f'{audio_path}: {audio_seconds:.2f} s of audio < {settings.min_seconds} s')
+  features = media.log_mel(waveform)
+  frames, _ = _decode(media.load_video, entry['video'], fps=settings.fps,
+                      max_frames=settings.max_frames, max_pixels=settings.max_pixels)
+  grid = (math.ceil(len(frames) / media.TEMPORAL_PATCH_SIZE), frames.shape[1] // media.PATCH_SIZE,
+          frames.shape[2] // media.PATCH_SIZE)
+  # The processor's video_second_per_grid: temporal_patch_size / the fps it was called with
+  # (2.0, as ms-swift calls it), not the measured sampling rate.
+  prompt_ids = prompt_lib.build_prompt(
+      tokenizer, text=sed.sed_instruction(entry['lang']), system=settings.system,
+      audio_lengths=[features.shape[1]], video_grids=[grid],
+      video_second_per_grid=[media.TEMPORAL_PATCH_SIZE / settings.fps], use_audio_in_video=True)
+  example = sed.build_sft_example(tokenizer, prompt_ids, sed.sed_target(annotation, entry['lang']))
+  blob = records.encode_sft_record(
+      id=clip_id, lang=entry['lang'], subset=entry['subset'], duration=duration,
+      input_ids=example['input_ids'], labels=example['labels'], segments=example['segments'],
+      input_features=features, frames=frames, video_fps=settings.fps, use_audio_in_video=True)
+  info = {'duration': duration, 'prompt_tokens': len(prompt_ids),
+          'response_tokens': len(example['input_ids']) - len(prompt_ids),
+          'total_tokens': len(example['input_ids'])}
+  return blob, info
+
+
+def process_clip(job):
+  """Worker entry: ('ok', blob, info) or ('reject', reject dict, None); never raises."""
+  entry, annotation, settings = job
+  try:
+    blob, info = build_record(entry, annotation, settings, _TOKENIZER)
+    return 'ok', blob, info
+  except Reject as e:
+    return 'reject', _reject(entry['id'], e.reason, e.message), None
+  except Exception as e:  # a bug or an unforeseen input: report it, keep going
+    last = traceback.format_exception_only(type(e), e)[-1].strip()
+    return 'reject', _reject(entry['id'], 'error', f'{entry["where"]}: clip {entry["id"]!r}: {last}'), None
+
+
+# --------------------------------------------------------------------------- stats
+
+
+def _summary():
+  return {'count': 0, 'sum': 0.0, 'min': None, 'max': None}
+
+
+def _add(summary, value):
+  summary['count'] += 1
+  summary['sum'] += value
+  summary['min'] = value if summary['min'] is None else min(summary['min'], value)
+  summary['max'] = value if summary['max'] is None else max(summary['max'], value)
+
+
+def _merge_summary(into, other):
+  into['count'] += other['count']
+  into['sum'] += other['sum']
+  for key, pick in (('min', min), ('max', max)):
+    if other[key] is not None:
+      into[key] = other[key] if into[key] is None else pick(into[key], other[key])
+
+
+def _histogram_key(length):
+  for edge in LENGTH_EDGES:
+    if length <= edge:
+      return f'<={edge}'
+  return f'>{LENGTH_EDGES[-1]}'
+
+
+def new_stats(shard_index, num_shards):
+  return {'shard_index': shard_index, 'num_shards': num_shards, 'clips': 0, 'records': 0,
+          'outcomes': {}, 'annotation_rejects': {}, 'rejects': 0,
+          'duration_seconds': _summary(),
+          'tokens': {k: _summary() for k in ('prompt', 'response', 'total')},
+          'total_tokens_histogram': {}}
+
+
+def _count(table, key):
+  table[key] = table.get(key, 0) + 1
+
+
+# --------------------------------------------------------------------------- shards
+
+
+def _part(out, kind, shard_index, num_shards, ext):
+  return os.path.join(out, 'parts', f'{kind}-{shard_index:05d}-of-{num_shards:05d}.{ext}')
+
+
+def _write_atomic(path, text):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f'{path}.tmp-{os.getpid()}'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def _jsonl(rows):
+  return ''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in rows)
+
+
+def _ordered_map(pool, fn, jobs, window):
+  """fn over jobs in the pool, results in job order, at most `window` jobs in flight
+  (finished records wait in memory for the writer; a shard's worth would not fit)."""
+  pending = collections.deque()
+  for job in jobs:
+    pending.append(pool.submit(fn, job))
+    if len(pending) >= window:
+      yield pending.popleft().result()
+  while pending:
+    yield pending.popleft().result()
+
+
+def run_shard(args, shard_index, settings, pool) -> dict:
+  """Processes one shard; returns its stats (also written, last, as the done marker)."""
+  n = args.num_shards
+  entries, rejects = read_manifest(args.manifest, shard_index, n)
+  annotations, annotation_rejects = read_shard_annotations(args.annotations, shard_index, n)
+  stats = new_stats(shard_index, n)
+  stats['clips'] = len(entries) + sum(1 for r in rejects if r['reason'] in ('bad_manifest', 'duplicate_clip'))
+  for r in rejects:
+    _count(stats['outcomes'], r['reason'])
+  listed = {e['id'] for e in entries}
+  for clip_id in annotations:
+    if clip_id not in listed:
+      annotation_rejects.append(_reject(clip_id, 'annotation_without_clip',
+                                        f'{args.annotations}: clip {clip_id!r} is not in the manifest'))
+  for r in annotation_rejects:
+    _count(stats['annotation_rejects'], r['reason'])
+  rejects += annotation_rejects
+
+  jobs = [(e, annotations.get(e['id']), settings) for e in entries]
+  results = _ordered_map(pool, process_clip, jobs, 4 * args.workers) if pool else map(process_clip, jobs)
+  progress = tqdm.tqdm(total=len(jobs), desc=f'shard {shard_index}/{n}', unit='clip',
+                       disable=args.quiet)
+
+  def blobs():
+    for status, payload, info in results:
+      progress.update()
+      if status == 'ok':
+        _count(stats['outcomes'], 'ok')
+        stats['records'] += 1
+        _add(stats['duration_seconds'], info['duration'])
+        for key in ('prompt', 'response', 'total'):
+          _add(stats['tokens'][key], info[f'{key}_tokens'])
+        _count(stats['total_tokens_histogram'], _histogram_key(info['total_tokens']))
+        yield payload
+      else:
+        _count(stats['outcomes'], payload['reason'])
+        rejects.append(payload)
+
+  records.write_records(os.path.join(args.out, records.shard_name(RECORD_PREFIX, shard_index, n)),
+                        blobs())
+  progress.close()
+  stats['rejects'] = len(rejects)
+  _write_atomic(_part(args.out, 'rejects', shard_index, n, 'jsonl'), _jsonl(rejects))
+  _write_atomic(_part(args.out, 'stats', shard_index, n, 'json'), json.dumps(stats, indent=1))
+  return stats
+
+
+def merge_parts(out, num_shards) -> dict:
+  """Rewrites OUT/stats.json and OUT/rejects.jsonl from the finished shards' parts."""
+  total = new_stats(None, num_shards)
+  del total['shard_index']
+  total['shards_done'] = []
+  rejects = []
+  for i in range(num_shards):
+    stats_path = _part(out, 'stats', i, num_shards, 'json')
+    if not os.path.exists(stats_path):
+      continue
+    with open(stats_path, encoding='utf-8') as f:
+      part = json.load(f)
+    total['shards_done'].append(i)
+    for key in ('clips', 'records', 'rejects'):
+      total[key] += part[key]
+    for key in ('outcomes', 'annotation_rejects', 'total_tokens_histogram'):
+      for name, count in part[key].items():
+        total[key][name] = total[key].get(name, 0) + count
+    _merge_summary(total['duration_seconds'], part['duration_seconds'])
+    for key in total['tokens']:
+      _merge_summary(total['tokens'][key], part['tokens'][key])
+    with open(_part(out, 'rejects', i, num_shards, 'jsonl'), encoding='utf-8') as f:
+      rejects += [json.loads(line) for line in f if line.strip()]
+  total['complete'] = len(total['shards_done']) == num_shards
+  for summary in [total['duration_seconds'], *total['tokens'].values()]:
+    summary['mean'] = summary['sum'] / summary['count'] if summary['count'] else None
+  _write_atomic(os.path.join(out, 'rejects.jsonl'), _jsonl(rejects))
+  _write_atomic(os.path.join(out, 'stats.json'), json.dumps(total, indent=1, ensure_ascii=False))
+  return total
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--manifest', required=True)
+  parser.add_argument('--annotations', required=True)
+  parser.add_argument('--out', required=True)
+  parser.add_argument('--num_shards', type=int, default=1)
+  parser.add_argument('--shard_index', type=int, default=None,
+                      help='run only this shard (default: every shard in turn)')
+  parser.add_argument('--workers', type=int, default=1, help='processes for the per-clip work')
+  parser.add_argument('--tokenizer', default=None,
+                      help='Qwen2.5-Omni tokenizer directory (default: the offline one)')
+  parser.add_argument('--min_seconds', type=float, default=Settings.min_seconds)
+  parser.add_argument('--max_seconds', type=float, default=Settings.max_seconds)
+  parser.add_argument('--min_side', type=int, default=Settings.min_side)
+  parser.add_argument('--force', action='store_true', help='redo shards already done')
+  parser.add_argument('--quiet', action='store_true', help='no progress bar')
+  args = parser.parse_args(argv)
+  if args.num_shards < 1:
+    parser.error('--num_shards must be >= 1')
+  if args.shard_index is not None and not 0 <= args.shard_index < args.num_shards:
+    parser.error(f'--shard_index must be in [0, {args.num_shards})')
+  for path in (args.manifest, args.annotations):
+    if not os.path.isfile(path):
+      parser.error(f'{path}: no such file')
+  settings = Settings(min_seconds=args.min_seconds, max_seconds=args.max_seconds,
+                      min_side=args.min_side)
+  shards = range(args.num_shards) if args.shard_index is None else [args.shard_index]
+  todo = [i for i in shards if args.force or not os.path.exists(
+      _part(args.out, 'stats', i, args.num_shards, 'json'))]
+  os.makedirs(args.out, exist_ok=True)
+  if not args.quiet and len(todo) < len(shards):
+    print(f'{len(shards) - len(todo)} shard(s) already done, skipped', file=sys.stderr)
+  pool = None
+  if todo and args.workers > 1:
+    pool = concurrent.futures.ProcessPoolExecutor(
+        args.workers, mp_context=multiprocessing.get_context('spawn'),
+        initializer=_init_worker, initargs=(args.tokenizer,))
+  elif todo:
+    _init_worker(args.tokenizer)
+  try:
+    for i in todo:
+      run_shard(args, i, settings, pool)
+      merge_parts(args.out, args.num_shards)
+  finally:
+    if pool:
+      pool.shutdown()
+  total = merge_parts(args.out, args.num_shards)
+  if not args.quiet:
+    print(json.dumps({k: total[k] for k in ('clips', 'records', 'rejects', 'outcomes',
+                                            'annotation_rejects', 'complete')}, ensure_ascii=False))
+  return total
+
+
+if __name__ == '__main__':
+  os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
+  main()
