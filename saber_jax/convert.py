@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import tqdm
 from jax.sharding import Mesh, NamedSharding
 
 from saber_jax import sharding as sharding_lib
@@ -95,6 +96,11 @@ def read_safetensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
       continue
     start, end = info['data_offsets']
     yield name, data[base + start:base + end].view(_DTYPES[info['dtype']]).reshape(info['shape'])
+
+
+def is_hf_checkpoint(path: str) -> bool:
+  return os.path.isdir(path) and any(n.endswith(('.safetensors', '.safetensors.index.json'))
+                                     for n in os.listdir(path))
 
 
 def checkpoint_files(path: str) -> list[str]:
@@ -219,7 +225,8 @@ def params_from_state_dict(rules: Sequence[Rule], tensors: Iterable[tuple[str, n
 
 
 def load_hf(path: str, dtype: str = 'float32', mesh: Mesh | None = None,
-            axis_rules=sharding_lib.AXIS_RULES) -> tuple[ThinkerConfig, dict]:
+            axis_rules=sharding_lib.AXIS_RULES, progress: bool = False
+            ) -> tuple[ThinkerConfig, dict]:
   """(config, params) of a transformers checkpoint directory.
 
   Reads `config.json` and one or many `*.safetensors` (with or without an index), of the
@@ -231,13 +238,15 @@ def load_hf(path: str, dtype: str = 'float32', mesh: Mesh | None = None,
   boxed = abstract_params(config)
   shardings = None if mesh is None else sharding_lib.tree_shardings(boxed, mesh, axis_rules)
   buffers = _ParamBuffers(nn.unbox(boxed), dtype, shardings)
-  for file in checkpoint_files(path):
-    for name, array in read_safetensors(file):
-      routed = route(name)
-      if routed is not None:
-        tower, inner = routed
-        _put_tensor(buffers, TOWER_RULES[tower], tower + '/', inner, array,
-                    f'{name} in {os.path.basename(file)}')
+  tensors = ((file, name, array) for file in checkpoint_files(path)
+             for name, array in read_safetensors(file))
+  for file, name, array in tqdm.tqdm(tensors, desc='loading', unit=' tensors',
+                                     disable=not progress):
+    routed = route(name)
+    if routed is not None:
+      tower, inner = routed
+      _put_tensor(buffers, TOWER_RULES[tower], tower + '/', inner, array,
+                  f'{name} in {os.path.basename(file)}')
   params = buffers.result()
   if mesh is None:
     params = jax.tree.map(jnp.asarray, params)
@@ -294,7 +303,7 @@ def hf_tensors(params: dict, prefix: str = '') -> Iterator[tuple[str, np.ndarray
 
 
 def save_hf(config: ThinkerConfig, params: dict, path: str, *, prefix: str = '',
-            max_shard_bytes: int = 4 << 30):
+            max_shard_bytes: int = 4 << 30, progress: bool = False):
   """Write `config.json` and safetensors that transformers loads back
   (`Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained`). `prefix='thinker.'` gives
   the hub's layout. Files above `max_shard_bytes` are split, with an index."""
@@ -302,7 +311,8 @@ def save_hf(config: ThinkerConfig, params: dict, path: str, *, prefix: str = '',
   with open(os.path.join(path, 'config.json'), 'w') as f:
     json.dump(config.to_hf(), f, indent=2)
   shards, current, size = [], {}, 0
-  for name, array in hf_tensors(params, prefix):
+  for name, array in tqdm.tqdm(hf_tensors(params, prefix), desc='saving', unit=' tensors',
+                               disable=not progress):
     if current and size + array.nbytes > max_shard_bytes:
       shards.append(current)
       current, size = {}, 0

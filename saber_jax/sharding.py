@@ -85,8 +85,28 @@ def tree_shardings(boxed_tree, mesh: Mesh, rules: Sequence[tuple[str, Any]] = AX
   return jax.tree.map(one, boxed_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
-def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0) -> NamedSharding:
-  """Split an array's batch dimension over ('data', 'fsdp'); the rest replicated."""
-  spec = [None] * ndim
-  spec[batch_axis] = ('data', 'fsdp')
-  return NamedSharding(mesh, PartitionSpec(*spec))
+def _batch_axis(path) -> int:
+  # position_ids is [3, B, L]; every other batch array leads with rows (or media shards).
+  return 1 if getattr(path[-1], 'key', None) == 'position_ids' else 0
+
+
+def global_batch(batch: dict, mesh: Mesh) -> dict:
+  """Host-local numpy batch -> global arrays, rows (and media shards) split over the
+  batch axes ('data', 'fsdp') when they divide them, replicated otherwise."""
+  def place(path, x):
+    x = np.asarray(x)
+    axis = _batch_axis(path)
+    spec = [None] * x.ndim
+    spec[axis] = mesh_spec((x.shape[axis] * jax.process_count(),), ('batch',), mesh)[0]
+    return jax.make_array_from_process_local_data(NamedSharding(mesh, PartitionSpec(*spec)), x)
+  return jax.tree_util.tree_map_with_path(place, batch)
+
+
+def global_batch_shapes(batch_shapes: dict, mesh: Mesh) -> dict:
+  """ShapeDtypeStructs with the shardings `global_batch` gives (for AOT compilation)."""
+  def spec(path, x):
+    axis = _batch_axis(path)
+    s = [None] * len(x.shape)
+    s[axis] = mesh_spec((x.shape[axis],), ('batch',), mesh)[0]
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, PartitionSpec(*s)))
+  return jax.tree_util.tree_map_with_path(spec, batch_shapes)

@@ -115,11 +115,13 @@ def _interleave(grid, second_per_grid, n_audio, merge):
   return ids
 
 
-def make_batch(rows, *, padding_side='left', use_audio_in_video=False, seed=0) -> dict:
-  """A processor-style numpy batch of the described rows."""
+def make_batch(rows, *, padding_side='left', use_audio_in_video=False, seed=0, length=None,
+               frames=None) -> dict:
+  """A processor-style numpy batch of the described rows, padded to `length` tokens and
+  `frames` mel frames when given (default: the longest plus 5 frames)."""
   builder = _Builder(np.random.default_rng(seed))
   id_rows = [builder.row(r) for r in rows]
-  length = max(map(len, id_rows))
+  length = max(map(len, id_rows)) if length is None else length
   input_ids = np.zeros((len(rows), length), np.int64)
   attention_mask = np.zeros_like(input_ids)
   for i, ids in enumerate(id_rows):
@@ -128,7 +130,8 @@ def make_batch(rows, *, padding_side='left', use_audio_in_video=False, seed=0) -
     attention_mask[i, span] = 1
   batch = dict(input_ids=input_ids, attention_mask=attention_mask)
   if builder.audio:
-    frames = max(a.shape[1] for a in builder.audio) + 5      # trailing padding, as the processor
+    if frames is None:                                     # trailing padding, as the processor
+      frames = max(a.shape[1] for a in builder.audio) + 5
     batch['input_features'] = np.stack([np.pad(a, ((0, 0), (0, frames - a.shape[1])))
                                         for a in builder.audio])
     batch['feature_attention_mask'] = np.stack(

@@ -76,9 +76,12 @@ def _slots(valid: np.ndarray, positions: np.ndarray, size: int) -> np.ndarray:
 
 def model_inputs(config: ThinkerConfig, batch: Mapping[str, Any], *,
                  num_audio_chunks: int | None = None, num_audio_tokens: int | None = None,
-                 num_patches: int | None = None) -> dict[str, Any]:
+                 num_patches: int | None = None, **vision_sizes: int) -> dict[str, Any]:
   """Host-side arrays of the jitted forward from a processor-style batch (see
-  `thinker_logits`). The optional sizes pad the towers' inputs to fixed buckets."""
+  `thinker_logits`). The optional sizes pad the towers' inputs to fixed buckets:
+  `num_audio_chunks` / `num_audio_tokens` (see `audio.audio_inputs`), `num_patches` and
+  `vision_sizes` (`num_windows`, `window_len`, `num_frames`, `frame_len`; see
+  `vision.vision_inputs`)."""
   input_ids = np.asarray(batch['input_ids'])
   mask = batch.get('attention_mask')
   mask = np.ones_like(input_ids) if mask is None else np.asarray(mask)
@@ -87,12 +90,17 @@ def model_inputs(config: ThinkerConfig, batch: Mapping[str, Any], *,
     position_ids, _ = rope_index(config, {**batch, 'attention_mask': mask})
   inputs = dict(input_ids=input_ids.astype(np.int32), attention_mask=mask.astype(bool),
                 position_ids=np.asarray(position_ids, np.int32))
-  if batch.get('input_features') is not None:
-    features = np.asarray(batch['input_features'], np.float32)
+  # With bucket sizes given, a modality is always present (empty when this batch has none)
+  # so that every batch of the bucket has one structure.
+  if batch.get('input_features') is not None or num_audio_chunks is not None:
+    a = config.audio
+    features = batch.get('input_features')
+    features = (np.zeros((0, a.num_mel_bins, 0), np.float32) if features is None
+                else np.asarray(features, np.float32))
     feature_mask = batch.get('feature_attention_mask')
     if feature_mask is None:
       feature_mask = np.ones(features.shape[::2], np.int32)
-    audio = audio_lib.audio_inputs(config.audio, features, np.asarray(feature_mask),
+    audio = audio_lib.audio_inputs(a, features, np.asarray(feature_mask),
                                    num_chunks=num_audio_chunks, num_tokens=num_audio_tokens)
     valid = audio.pop('token_mask')
     positions = _placeholders(input_ids, config.audio_token_id, int(valid.sum()), 'audio')
@@ -102,16 +110,19 @@ def model_inputs(config: ThinkerConfig, batch: Mapping[str, Any], *,
       ('pixel_values', 'image_grid_thw', config.image_token_id, 'image'),
       ('pixel_values_videos', 'video_grid_thw', config.video_token_id, 'video'))
            if batch.get(pixels) is not None]
-  if kinds:
+  if kinds or num_patches is not None:
     # Images and videos share one tower call; each kind fills its own placeholders in order.
+    v = config.vision
     grids = [np.asarray(batch[grid], np.int64).reshape(-1, 3) for _, grid, _, _ in kinds]
-    vision = vision_lib.vision_inputs(config.vision, np.concatenate(grids),
-                                      num_patches=num_patches)
-    pixel_values = np.concatenate([np.asarray(batch[p], np.float32) for p, _, _, _ in kinds])
+    vision = vision_lib.vision_inputs(v, np.concatenate(grids or [np.zeros((0, 3), np.int64)]),
+                                      num_patches=num_patches, **vision_sizes)
+    patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
+    pixel_values = np.concatenate([np.zeros((0, patch_dim), np.float32)] +
+                                  [np.asarray(batch[p], np.float32) for p, _, _, _ in kinds])
     if num_patches is not None:
       pixel_values = np.pad(pixel_values, ((0, num_patches - len(pixel_values)), (0, 0)))
-    merge = config.vision.spatial_merge_size ** 2
-    positions = np.concatenate([
+    merge = v.spatial_merge_size ** 2
+    positions = np.concatenate([np.zeros(0, np.int64)] + [
         _placeholders(input_ids, token_id, int(g.prod(-1).sum()) // merge, what)
         for g, (_, _, token_id, what) in zip(grids, kinds)])
     vision['slots'] = _slots(vision['token_mask'], positions, input_ids.size)

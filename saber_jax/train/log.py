@@ -1,0 +1,61 @@
+"""Training logs: a progress line, `workdir/metrics.jsonl` and TensorBoard event files.
+
+Only process 0 writes; every line of metrics.jsonl is one JSON object with `stage`,
+`step`, `loss` and the loss metrics.
+"""
+
+import json
+import os
+import time
+
+import jax
+import numpy as np
+from tensorboardX import SummaryWriter
+
+
+def _scalar(value):
+  value = np.asarray(value)
+  return value.item() if value.size == 1 else value.tolist()
+
+
+class MetricLogger:
+
+  def __init__(self, workdir: str, stage: str, total_steps: int):
+    self.stage, self.total_steps = stage, total_steps
+    self.enabled = jax.process_index() == 0
+    self.start = self.last_time = time.time()
+    self.last_step, self.tokens = None, 0
+    if self.enabled:
+      os.makedirs(workdir, exist_ok=True)
+      self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+      self.tensorboard = SummaryWriter(os.path.join(workdir, 'tensorboard', stage))
+
+  def count_tokens(self, tokens: int):
+    self.tokens += tokens
+
+  def write(self, step: int, metrics: dict) -> dict:
+    """Log the metrics of `step` (a dict of scalars, on host); returns the logged record."""
+    now = time.time()
+    steps = step - (self.last_step if self.last_step is not None else step - 1)
+    elapsed = max(now - self.last_time, 1e-9)
+    record = {'stage': self.stage, 'step': step,
+              **{k: _scalar(v) for k, v in metrics.items()},
+              'step_time_s': elapsed / max(steps, 1), 'tokens_per_s': self.tokens / elapsed}
+    self.last_time, self.last_step, self.tokens = now, step, 0
+    if not self.enabled:
+      return record
+    self.jsonl.write(json.dumps(record) + '\n')
+    self.jsonl.flush()
+    for key, value in record.items():
+      if isinstance(value, (int, float)) and not isinstance(value, bool) and key != 'step':
+        self.tensorboard.add_scalar(f'{self.stage}/{key}', value, step)
+    eta = (self.total_steps - step) * record['step_time_s']
+    print(f'[{self.stage}] step {step}/{self.total_steps}  loss {record["loss"]:.4f}  '
+          f'{record["tokens_per_s"]:.0f} tok/s  {record["step_time_s"]:.2f} s/step  '
+          f'ETA {eta / 60:.1f} min', flush=True)
+    return record
+
+  def close(self):
+    if self.enabled:
+      self.jsonl.close()
+      self.tensorboard.close()

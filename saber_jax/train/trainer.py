@@ -1,0 +1,164 @@
+"""Running a stage: params and train state placed on the mesh, the jitted step with explicit
+shardings and donated state, the loop with logging, non-finite checks and Orbax
+checkpoints, and the reference log-prob pass of CA-DPO."""
+
+import dataclasses
+import functools
+import os
+from typing import Any, Callable, Iterator
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from saber_jax import convert, sharding
+from saber_jax.models.config import ThinkerConfig
+from saber_jax.models.thinker import abstract_params, init_params
+from saber_jax.train import checkpoint, lora, optim, steps
+from saber_jax.train.log import MetricLogger
+
+
+class NonFiniteError(FloatingPointError):
+  pass
+
+
+def model_config_of(config) -> ThinkerConfig:
+  """The ThinkerConfig a run config names: a factory (`model.name`) or an HF config.json."""
+  m = config.model
+  base = (ThinkerConfig.from_hf(m.hf_config) if m.get('hf_config')
+          else getattr(ThinkerConfig, m.name)())
+  return dataclasses.replace(base, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def initial_params(config, model_config: ThinkerConfig, mesh: Mesh, init_from: str | None):
+  """Params on the mesh: from an HF checkpoint dir, a saved-params dir, or random init."""
+  shardings = sharding.tree_shardings(abstract_params(model_config), mesh)
+  if init_from and convert.is_hf_checkpoint(init_from):
+    _, params = convert.load_hf(init_from, model_config.param_dtype, mesh)
+    return params
+  if init_from:
+    abstract = nn.unbox(abstract_params(model_config))
+    return checkpoint.load_params(init_from, checkpoint.abstract_like(abstract, shardings))
+  init = jax.jit(lambda key: nn.unbox(init_params(model_config, key)), out_shardings=shardings)
+  return init(jax.random.key(config.seed))
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything a stage's loop needs: the jitted step, the abstract state (shapes, dtypes
+  and shardings) and, once `materialize`d, the state itself."""
+  model_config: ThinkerConfig
+  mesh: Mesh
+  optimizer: Any
+  abstract_state: steps.TrainState
+  state_shardings: steps.TrainState
+  step_fn: Callable
+  state: steps.TrainState | None = None
+
+
+def _boxed_lora(config, boxed_params):
+  """Abstract LoRA factors, boxed with the logical axes of the kernels they adapt."""
+  abstract = jax.eval_shape(lambda: lora.init_lora(
+      jax.random.key(0), nn.unbox(boxed_params), rank=config.lora.rank,
+      targets=tuple(config.lora.targets)))
+  specs = lora.lora_logical_axes(nn.get_partition_spec(boxed_params), abstract)
+  return jax.tree.map(lambda x, spec: nn.LogicallyPartitioned(x, tuple(spec)), abstract, specs,
+                      is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def plan(config, stage: str, mesh: Mesh) -> Setup:
+  """The abstract train state of `stage` ('sft' or 'dpo') on `mesh` and its jitted step
+  (explicit in/out shardings, state donated); nothing is allocated."""
+  model_config = model_config_of(config)
+  boxed = abstract_params(model_config)
+  boxed_lora = _boxed_lora(config, boxed) if config.trainable == 'lora' else None
+  boxed_trainable, boxed_frozen = steps.split_params(boxed, config.trainable, boxed_lora)
+  optimizer = optim.make_optimizer(config.optim)
+  boxed_state = steps.TrainState(
+      step=jax.ShapeDtypeStruct((), jnp.int32), trainable=boxed_trainable, frozen=boxed_frozen,
+      opt_state=jax.eval_shape(optimizer.init, boxed_trainable))
+  state_shardings = sharding.tree_shardings(boxed_state, mesh)
+  abstract_state = checkpoint.abstract_like(nn.unbox(boxed_state), state_shardings)
+  step_fn = jax.jit(
+      functools.partial(steps.train_step, loss_fn=stage_loss(config, stage, model_config),
+                        optimizer=optimizer, skip_nonfinite=config.nonfinite == 'skip'),
+      in_shardings=(state_shardings, None), out_shardings=(state_shardings, replicated(mesh)),
+      donate_argnums=0)
+  return Setup(model_config, mesh, optimizer, abstract_state, state_shardings, step_fn)
+
+
+def materialize(setup: Setup, config, init_from: str | None) -> Setup:
+  """The initial state on the mesh: params from `init_from` (or random), fresh LoRA
+  factors and optimizer state, each created directly on its sharding."""
+  params = initial_params(config, setup.model_config, setup.mesh, init_from)
+  shardings = setup.state_shardings
+  lora_params = None
+  if config.trainable == 'lora':
+    lora_params = jax.jit(
+        lambda p, key: lora.init_lora(key, p, rank=config.lora.rank,
+                                      targets=tuple(config.lora.targets)),
+        out_shardings=shardings.trainable['lora'])(params, jax.random.key(config.seed + 1))
+  trainable, frozen = steps.split_params(params, config.trainable, lora_params)
+  opt_state = jax.jit(setup.optimizer.init, out_shardings=shardings.opt_state)(trainable)
+  state = steps.TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), shardings.step),
+                           trainable=trainable, frozen=frozen, opt_state=opt_state)
+  return dataclasses.replace(setup, state=state)
+
+
+def stage_loss(config, stage: str, model_config: ThinkerConfig):
+  lora_config = config.lora if config.trainable == 'lora' else None
+  if stage == 'sft':
+    return functools.partial(steps.sft_loss, model_config=model_config, lora_config=lora_config,
+                             chunk_size=config.logps_chunk_size)
+  if stage == 'dpo':
+    return functools.partial(steps.dpo_loss, model_config=model_config, dpo_config=config.dpo,
+                             lora_config=lora_config, chunk_size=config.logps_chunk_size)
+  raise ValueError(f'unknown stage {stage!r}')
+
+
+def final_params(setup: Setup, lora_config) -> dict:
+  """The thinker params the run ends with (LoRA merged)."""
+  s = setup.state
+  return jax.jit(functools.partial(steps.join_params, lora_config=lora_config))(s.trainable,
+                                                                               s.frozen)
+
+
+def train(config, setup: Setup, batches: Iterator[dict], data_iterator, workdir: str,
+          stage: str, total_steps: int) -> Setup:
+  """The loop: one step per batch until `total_steps`, checkpoints every
+  `checkpoint.every_steps` (and at the end), resuming from the latest checkpoint."""
+  mngr = checkpoint.manager(os.path.join(workdir, 'checkpoints'), keep=config.checkpoint.keep,
+                            every_steps=config.checkpoint.every_steps)
+  restored = checkpoint.restore(mngr, setup.abstract_state, data_iterator)
+  state = setup.state if restored is None else restored
+  start = int(jax.device_get(state.step))
+  if restored is not None and jax.process_index() == 0:
+    print(f'[{stage}] resumed from step {start}', flush=True)
+  logger = MetricLogger(config.workdir, stage, total_steps)
+  step = start
+  try:
+    while step < total_steps:
+      batch = next(batches)
+      logger.count_tokens(int(np.sum(batch['labels'] != -100)))
+      state, metrics = setup.step_fn(state, sharding.global_batch(batch, setup.mesh))
+      step += 1
+      if not bool(jax.device_get(metrics['finite'])):
+        message = (f'[{stage}] non-finite loss or gradient at step {step} '
+                   f'(loss {float(metrics["loss"])}, grad norm {float(metrics["grad_norm"])})')
+        if config.nonfinite != 'skip':
+          raise NonFiniteError(message + '; stopping. The last checkpoint is intact.')
+        print(message + '; update skipped.', flush=True)
+      if step % config.log_every == 0 or step == total_steps:
+        logger.write(step, jax.device_get(metrics))
+      checkpoint.save(mngr, step, state, data_iterator, force=step == total_steps)
+    mngr.wait_until_finished()
+  finally:
+    mngr.close()
+    logger.close()
+  return dataclasses.replace(setup, state=state)
