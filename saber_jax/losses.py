@@ -230,7 +230,8 @@ def sed_loss_from_hidden(hidden, head_kernel, labels, segments, *,
 
 def ca_dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                 ref_rejected_logps, beta: float = 0.1, label_smoothing: float = 0.0,
-                loss_type: str = 'sigmoid', chosen_lengths=None, rejected_lengths=None):
+                loss_type: str = 'sigmoid', chosen_lengths=None, rejected_lengths=None,
+                pair_mask=None):
   """The CA-DPO loss (Eq. 3) and TRL's DPO variants on summed sequence log-probs.
 
   With delta = (pi_c - ref_c) - (pi_r - ref_r) per pair ([B] each, summed over response
@@ -250,6 +251,8 @@ def ca_dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
   `rewards/rejected` likewise, `rewards/margins` = mean of their difference,
   `rewards/accuracies` = mean(reward_c > reward_r), `logps/chosen` and
   `logps/rejected` = mean policy log-probs.
+
+  `pair_mask` [B] (optional, bool) leaves padded pairs out of the loss and every metric.
   """
   if loss_type not in DPO_LOSS_TYPES:
     raise ValueError(f'unknown DPO loss_type {loss_type!r}; expected one of {list(DPO_LOSS_TYPES)}')
@@ -279,14 +282,17 @@ def ca_dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
     per_pair = (-(1 - eps) * jax.nn.log_sigmoid(scaled_delta)
                 + eps * jax.nn.log_sigmoid(-scaled_delta)) / (1 - 2 * eps)
 
+  weights = (jnp.ones_like(per_pair) if pair_mask is None
+             else jnp.asarray(pair_mask, per_pair.dtype))
+  mean = lambda x: jnp.sum(weights * x) / jnp.maximum(jnp.sum(weights), 1.0)
   chosen_rewards = jax.lax.stop_gradient(beta * chosen_logratios)
   rejected_rewards = jax.lax.stop_gradient(beta * rejected_logratios)
   metrics = {
-      'rewards/chosen': jnp.mean(chosen_rewards),
-      'rewards/rejected': jnp.mean(rejected_rewards),
-      'rewards/margins': jnp.mean(chosen_rewards - rejected_rewards),
-      'rewards/accuracies': jnp.mean((chosen_rewards > rejected_rewards).astype(jnp.float32)),
-      'logps/chosen': jnp.mean(jax.lax.stop_gradient(pi_c)),
-      'logps/rejected': jnp.mean(jax.lax.stop_gradient(pi_r)),
+      'rewards/chosen': mean(chosen_rewards),
+      'rewards/rejected': mean(rejected_rewards),
+      'rewards/margins': mean(chosen_rewards - rejected_rewards),
+      'rewards/accuracies': mean((chosen_rewards > rejected_rewards).astype(per_pair.dtype)),
+      'logps/chosen': mean(jax.lax.stop_gradient(pi_c)),
+      'logps/rejected': mean(jax.lax.stop_gradient(pi_r)),
   }
-  return jnp.mean(per_pair), metrics
+  return mean(per_pair), metrics

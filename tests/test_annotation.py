@@ -172,3 +172,12 @@ def test_allow_empty_accepts_a_silent_clip(raw, tmp_path):
   [(_, strict)] = annotation.read_annotations(path)
   [(_, relaxed)] = annotation.read_annotations(path, allow_empty=('audio_desc.speech_content',))
   assert isinstance(strict, annotation.AnnotationError) and relaxed == ann
+
+
+def test_annotation_error_survives_pickling():
+  import pickle
+  error = annotation.AnnotationError('expected text', clip_id='c7', field='video_desc',
+                                     source='a.jsonl:3')
+  again = pickle.loads(pickle.dumps(error))
+  assert str(again) == str(error)
+  assert (again.clip_id, again.field, again.source) == ('c7', 'video_desc', 'a.jsonl:3')

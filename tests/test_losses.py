@@ -383,3 +383,14 @@ def test_dpo_equals_trl_dpo_trainer_compute_loss(trl_setup, loss_type, beta, eps
   np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
   for name, value in metrics.items():
     np.testing.assert_allclose(value, expected_metrics[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_dpo_pair_mask_leaves_padded_pairs_out():
+  pc, pr = jnp.array([-3.0, -9.0, -1.0]), jnp.array([-5.0, -2.0, -4.0])
+  rc, rr = jnp.array([-4.0, -8.0, -7.0]), jnp.array([-4.0, -3.0, -1.0])
+  mask = jnp.array([True, False, True])
+  masked, masked_metrics = losses.ca_dpo_loss(pc, pr, rc, rr, beta=0.5, pair_mask=mask)
+  kept, kept_metrics = losses.ca_dpo_loss(pc[mask], pr[mask], rc[mask], rr[mask], beta=0.5)
+  np.testing.assert_allclose(masked, kept, rtol=1e-6)
+  for name, value in kept_metrics.items():
+    np.testing.assert_allclose(masked_metrics[name], value, rtol=1e-6, err_msg=name)

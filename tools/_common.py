@@ -152,16 +152,14 @@ ANNOTATION_SPEC = judge_lib.obj(
     body_lang_desc=judge_lib.string(non_empty=True),
     sentiment_analysis=judge_lib.string(non_empty=True),
 )
-# A silent clip has no speech content; every other field must say something.
-SPEECH_MAY_BE_EMPTY = ('audio_desc.speech_content',)
-
 
 def check_annotation(annotation, clip_id=None, source: str | None = None) -> dict:
   """The one schema check for annotations in tools/: saber_jax.data.annotation's
   validate_annotation (silent clips allowed), returned as the nested dict with
   stripped texts. Raises judge.InvalidReply naming source, clip and field."""
   try:
-    return annotation_lib.validate_annotation(annotation, clip_id, allow_empty=SPEECH_MAY_BE_EMPTY).to_dict()
+    return annotation_lib.validate_annotation(
+        annotation, clip_id, allow_empty=annotation_lib.SILENT_CLIP_MAY_BE_EMPTY).to_dict()
   except annotation_lib.AnnotationError as e:
     raise judge_lib.InvalidReply(str(e.with_source(source) if source else e)) from None
 

@@ -55,7 +55,8 @@ VOICE = {
 
 TEXT = {
     'en': {
-        'video': 'A cartoon face on a plain {bg} background fills the centre of the frame for about {seconds:.1f} seconds.',
+        'video': ('A cartoon face on a plain {bg} background fills the centre of the frame for '
+                  'about {seconds:.1f} seconds.'),
         'face': {
             'happy': 'The eyebrows are raised in soft arcs and the mouth curves up into a wide smile.',
             'sad': 'The inner ends of the eyebrows are lifted and the mouth turns down into a frown.',
@@ -267,7 +268,8 @@ def make_clip(out: str, index: int, seed: int) -> tuple[dict, dict]:
     write_mp4(os.path.join(out, entry['video']), frames, audio)
   labels = annotation(lang, face=face, voice=voice, background=background, seconds=seconds,
                       syllables=syllables)
-  return entry, {'id': clip_id, 'annotation': labels}
+  # Annotation lines carry the clip's language and subset, as tools/annotate.py writes them.
+  return entry, {'id': clip_id, 'lang': lang, 'subset': entry['subset'], 'annotation': labels}
 
 
 def make_demo_data(out: str, n: int = 32, seed: int = 0) -> tuple[str, str]:

@@ -56,7 +56,6 @@ _ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:
   sys.path.insert(0, str(_ROOT))
 
-import numpy as np  # noqa: E402
 import tqdm  # noqa: E402
 
 from saber_jax.data import annotation as annotation_lib  # noqa: E402
@@ -170,7 +169,8 @@ def read_shard_annotations(path: str, shard_index: int, num_shards: int):
   """{id: Annotation | AnnotationError} of this shard, and rejects for duplicate lines
   and (shard 0 only) lines whose id cannot be read."""
   found, rejects = {}, []
-  for clip_id, result in annotation_lib.read_annotations(path):
+  for clip_id, result in annotation_lib.read_annotations(
+      path, allow_empty=annotation_lib.SILENT_CLIP_MAY_BE_EMPTY):
     if clip_id is None:
       if shard_index == 0:
         rejects.append(_reject(None, 'bad_annotation', str(result)))
@@ -214,11 +214,14 @@ def _decode(fn, *args, **kwargs):
 
 
 def build_record(entry: dict, annotation, settings: Settings, tokenizer) -> tuple[bytes, dict]:
-  """(record blob, info for stats) of one clip, or Reject(reason, message)."""
+  """(record blob, info for stats) of one clip, or Reject(reason, message).
+
+  annotation: the clip's Annotation, its schema error (or that error's message), or None.
+  """
   clip_id = entry['id']
   if annotation is None:
     raise Reject('no_annotation', f'clip {clip_id!r}: no annotation line')
-  if isinstance(annotation, annotation_lib.AnnotationError):
+  if isinstance(annotation, (str, annotation_lib.AnnotationError)):
     raise Reject('bad_annotation', str(annotation))
   if 'video' not in entry:
     raise Reject('no_video', f'clip {clip_id!r}: the manifest gives no video')
@@ -282,7 +285,7 @@ def process_clip(job):
 
 
 def _summary():
-  return {'count': 0, 'sum': 0.0, 'min': None, 'max': None}
+  return {'count': 0, 'sum': 0, 'min': None, 'max': None}
 
 
 def _add(summary, value):
@@ -338,6 +341,10 @@ def _jsonl(rows):
   return ''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in rows)
 
 
+def _picklable(annotation):
+  return str(annotation) if isinstance(annotation, annotation_lib.AnnotationError) else annotation
+
+
 def _ordered_map(pool, fn, jobs, window):
   """fn over jobs in the pool, results in job order, at most `window` jobs in flight
   (finished records wait in memory for the writer; a shard's worth would not fit)."""
@@ -368,7 +375,8 @@ def run_shard(args, shard_index, settings, pool) -> dict:
     _count(stats['annotation_rejects'], r['reason'])
   rejects += annotation_rejects
 
-  jobs = [(e, annotations.get(e['id']), settings) for e in entries]
+  # Schema errors travel as their message: AnnotationError does not survive pickling intact.
+  jobs = [(e, _picklable(annotations.get(e['id'])), settings) for e in entries]
   results = _ordered_map(pool, process_clip, jobs, 4 * args.workers) if pool else map(process_clip, jobs)
   progress = tqdm.tqdm(total=len(jobs), desc=f'shard {shard_index}/{n}', unit='clip',
                        disable=args.quiet)

@@ -30,6 +30,11 @@ FIELD_PATHS = {
 }
 
 
+# A clip with neither speech nor a sound event has an empty transcript; every other
+# field must say something.
+SILENT_CLIP_MAY_BE_EMPTY = ('audio_desc.speech_content',)
+
+
 class AnnotationError(ValueError):
   """A record that does not follow the schema.
 
@@ -48,8 +53,16 @@ class AnnotationError(ValueError):
       where.append(f'field {field!r}')
     super().__init__(': '.join(where) + ': ' + problem)
 
+  def __reduce__(self):
+    # Rebuilt from its parts, so it crosses process pools (preprocess --workers) intact.
+    return (_rebuild_annotation_error, (self.problem, self.clip_id, self.field, self.source))
+
   def with_source(self, source: str) -> 'AnnotationError':
     return AnnotationError(self.problem, clip_id=self.clip_id, field=self.field, source=source)
+
+
+def _rebuild_annotation_error(problem, clip_id, field, source) -> AnnotationError:
+  return AnnotationError(problem, clip_id=clip_id, field=field, source=source)
 
 
 @dataclasses.dataclass(frozen=True)

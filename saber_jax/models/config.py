@@ -95,6 +95,19 @@ class ThinkerConfig:
             text=text), **overrides)
 
   @classmethod
+  def tiny(cls, **overrides) -> 'ThinkerConfig':
+    """A thinker of a few million parameters with the real token ids, vocabulary, mel bins
+    and patch geometry: for the demo and tests on a laptop CPU."""
+    return dataclasses.replace(cls(
+        audio=AudioConfig(d_model=32, encoder_layers=2, encoder_attention_heads=4,
+                          encoder_ffn_dim=64, output_dim=64),
+        vision=VisionConfig(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+                            fullatt_block_indexes=(1,), out_hidden_size=64),
+        text=TextConfig(vocab_size=151936, hidden_size=64, intermediate_size=128,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        mrope_section=(2, 3, 3), tie_word_embeddings=True)), **overrides)
+
+  @classmethod
   def from_hf(cls, config: str | os.PathLike | dict[str, Any], **overrides) -> 'ThinkerConfig':
     """From a transformers `config.json` (path, directory or dict) of the full Omni model or its thinker."""
     if not isinstance(config, dict):

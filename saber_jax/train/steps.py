@@ -103,7 +103,8 @@ def dpo_loss(trainable, frozen, batch, *, model_config: ThinkerConfig, dpo_confi
       logps[0::2], logps[1::2], batch['ref_chosen_logps'], batch['ref_rejected_logps'],
       beta=dpo_config.beta, label_smoothing=dpo_config.label_smoothing,
       loss_type=dpo_config.loss_type, chosen_lengths=lengths[0::2],
-      rejected_lengths=lengths[1::2])
+      rejected_lengths=lengths[1::2],
+      pair_mask=batch['example_mask'][0::2] if 'example_mask' in batch else None)
 
 
 def apply_gradients(state: TrainState, grads, loss, optimizer: optax.GradientTransformation,

@@ -130,18 +130,19 @@ def final_params(setup: Setup, lora_config) -> dict:
 
 
 def train(config, setup: Setup, batches: Iterator[dict], data_iterator, workdir: str,
-          stage: str, total_steps: int) -> Setup:
-  """The loop: one step per batch until `total_steps`, checkpoints every
-  `checkpoint.every_steps` (and at the end), resuming from the latest checkpoint."""
+          stage: str, total_steps: int, init_from: str | None = None) -> Setup:
+  """The loop: one step per batch until `total_steps` micro-steps, checkpoints every
+  `checkpoint.every_steps` (and at the end). Resumes from the latest complete checkpoint
+  of `workdir` (state and data position); otherwise starts from `init_from`."""
   mngr = checkpoint.manager(os.path.join(workdir, 'checkpoints'), keep=config.checkpoint.keep,
                             every_steps=config.checkpoint.every_steps)
-  restored = checkpoint.restore(mngr, setup.abstract_state, data_iterator)
-  state = setup.state if restored is None else restored
-  start = int(jax.device_get(state.step))
-  if restored is not None and jax.process_index() == 0:
-    print(f'[{stage}] resumed from step {start}', flush=True)
+  state = checkpoint.restore(mngr, setup.abstract_state, data_iterator)
+  if state is None:
+    state = materialize(setup, config, init_from).state
+  elif jax.process_index() == 0:
+    print(f'[{stage}] resumed from step {int(jax.device_get(state.step))}', flush=True)
+  step = int(jax.device_get(state.step))
   logger = MetricLogger(config.workdir, stage, total_steps)
-  step = start
   try:
     while step < total_steps:
       batch = next(batches)

@@ -1,0 +1,135 @@
+"""Throughput of the data side on this machine: preprocessing and the Grain pipeline.
+
+  python benchmarks/data_pipeline.py [--batches 8] [--workers 0 2] [--json]
+
+Two settings:
+  demo  tools/make_demo_data.py clips (160x128, 1.5-4 s) run through tools/preprocess.py,
+        batched for the tiny model: batch 8 in 2 data shards, buckets (256, 512, 1024).
+  7b    records with the sizes of the 7B recipe written directly (no media decoding):
+        8-20 s clips, 128-bin log-mel (800-2000 frames), 16-40 frames of 224x224
+        (the 50176-pixel cap), ~1.1-2.1k tokens; the Qwen2.5-Omni-7B host-side config;
+        batch 8 in 8 data shards (one row per GPU of an 8-GPU host).
+For each setting and worker count: batches/s and examples/s over --batches batches after
+a first batch that starts the workers (not timed), and MB per batch. The last line is a
+JSON object with every number when --json is given.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import sys
+import tempfile
+import time
+
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(_ROOT))
+sys.path.insert(0, str(_ROOT / 'tools'))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+import make_demo_data  # noqa: E402
+import preprocess  # noqa: E402
+from saber_jax.data import pipeline, prompt, records, sed  # noqa: E402
+from saber_jax.models.config import ThinkerConfig  # noqa: E402
+
+DEMO_MODEL = ThinkerConfig()   # host side needs only patch/window/mel sizes and token ids
+SEVEN_B = ThinkerConfig.qwen2_5_omni_7b()
+
+
+def demo_records(folder: str, n: int) -> tuple[list[str], dict]:
+  manifest, labels = make_demo_data.make_demo_data(os.path.join(folder, 'clips'), n=n, seed=0)
+  start = time.perf_counter()
+  preprocess.main(['--manifest', manifest, '--annotations', labels, '--out',
+                   os.path.join(folder, 'sft'), '--quiet'])
+  seconds = time.perf_counter() - start
+  return records.shard_paths(os.path.join(folder, 'sft', 'sft')), {
+      'preprocess_clips_per_s': n / seconds}
+
+
+def seven_b_records(folder: str, n: int) -> list[str]:
+  """SFT records with the 7B recipe's media sizes (random content, real token layout)."""
+  tokenizer = prompt.load_tokenizer()
+  rng = np.random.default_rng(0)
+  blobs = []
+  for i in range(n):
+    seconds = float(rng.uniform(8, 20))
+    mel = int(seconds * 100)
+    frames = min(40, 2 * int(seconds)) // 2 * 2
+    grid = (frames // 2, 16, 16)
+    prompt_ids = prompt.build_prompt(tokenizer, text=sed.sed_instruction('en'), audio_lengths=[mel],
+                                     video_grids=[grid], video_second_per_grid=[1.0],
+                                     use_audio_in_video=True)
+    response = rng.integers(0, 150000, int(rng.integers(200, 400))).astype(np.int32)
+    blobs.append(records.encode_sft_record(
+        id=f'7b-{i}', lang='en', duration=seconds,
+        input_ids=np.concatenate([prompt_ids, response]),
+        labels=np.concatenate([np.full(len(prompt_ids), -100, np.int32), response]),
+        segments=np.concatenate([np.zeros(len(prompt_ids), np.int8),
+                                 np.repeat(np.int8([1, 2, 3]), [100, 50, len(response) - 150])]),
+        input_features=rng.standard_normal((128, mel)).astype(np.float32),
+        frames=rng.integers(0, 256, (frames, 224, 224, 3), dtype=np.uint8), video_fps=2.0,
+        use_audio_in_video=True))
+  path = os.path.join(folder, records.shard_name('sft7b', 0, 1))
+  records.write_records(path, blobs)
+  return [path]
+
+
+def measure(model_config, data_config, paths, num_batches: int) -> dict:
+  iterator = pipeline.sft_batches(model_config, data_config, paths, seed=0, shard_index=0,
+                                  shard_count=1)
+  first = next(iterator)   # starts the workers; not timed
+  size = sum(x.nbytes for x in jax.tree.leaves(first)) / 2**20
+  length = first['input_ids'].shape[1]
+  start = time.perf_counter()
+  for _ in range(num_batches):
+    next(iterator)
+  seconds = time.perf_counter() - start
+  del first   # batches from worker processes live in shared memory until released
+  iterator.close()
+  return {'batches_per_s': num_batches / seconds,
+          'examples_per_s': num_batches * data_config.batch_size / seconds,
+          'mb_per_batch': size, 'first_batch_length': length}
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--batches', type=int, default=8)
+  parser.add_argument('--workers', type=int, nargs='+', default=[0, 2])
+  parser.add_argument('--json', action='store_true')
+  args = parser.parse_args(argv)
+  results = {'devices': f'{os.cpu_count()} CPU cores', 'settings': {}}
+  with tempfile.TemporaryDirectory() as folder:
+    demo_paths, demo_info = demo_records(os.path.join(folder, 'demo'), 32)
+    results['preprocess_demo_clips_per_s'] = demo_info['preprocess_clips_per_s']
+    seven_paths = seven_b_records(os.path.join(folder, '7b'), 24)
+    settings = {
+        'demo': (DEMO_MODEL, pipeline.DataConfig(
+            batch_size=8, num_data_shards=2, length_buckets=(256, 512, 1024), min_patches=256,
+            min_frame_len=64), demo_paths),
+        '7b': (SEVEN_B, pipeline.DataConfig(
+            batch_size=8, num_data_shards=8, length_buckets=(1024, 1536, 2048, 2560, 3072, 4096),
+            min_patches=1024, min_frame_len=256, min_audio_chunks=4, min_vision_blocks=16),
+               seven_paths),
+    }
+    rows = []
+    for name, (model_config, data_config, paths) in settings.items():
+      for workers in args.workers:
+        config = dataclasses.replace(data_config, worker_count=workers, read_threads=2)
+        stats = measure(model_config, config, paths, args.batches)
+        results['settings'][f'{name}/workers={workers}'] = stats
+        rows.append((name, workers, stats))
+  print(f'preprocess (demo clips, 1 process): {results["preprocess_demo_clips_per_s"]:.1f} clips/s')
+  print('| setting | workers | batches/s | examples/s | MB/batch |')
+  print('|---|---|---|---|---|')
+  for name, workers, s in rows:
+    print(f'| {name} | {workers} | {s["batches_per_s"]:.2f} | {s["examples_per_s"]:.1f} | '
+          f'{s["mb_per_batch"]:.0f} |')
+  if args.json:
+    print(json.dumps(results))
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,34 @@
+"""The whole two-stage pipeline on a tiny model and generated clips, on a laptop CPU:
+demo data -> records -> SED fine-tuning -> offline preference pairs -> reference
+log-probs -> CA-DPO. No downloads, a few minutes.
+
+  python -m saber_jax.main --config=configs/demo.py
+"""
+
+import ml_collections
+
+from saber_jax.train.config import base_config
+
+
+def get_config(arg=None):
+  del arg
+  c = base_config()
+  c.mode = 'pipeline'
+  c.workdir = 'workdir/demo'
+  c.model.name = 'tiny'
+  c.model.dtype = 'float32'
+  c.model.remat = 'none'
+  c.mesh = (-1, 1, 1)
+  c.data.batch_size = 8
+  c.data.length_buckets = (512, 1024)
+  c.data.num_epochs = None            # repeat; the steps below bound each stage
+  c.checkpoint.every_steps = 20
+  c.log_every = 5
+  c.logps_chunk_size = 128
+  c.optim.weight_decay = 0.0
+  c.pipeline = ml_collections.ConfigDict(dict(
+      num_clips=32,
+      # Each stage's changes to the fields above.
+      sft=dict(optim=dict(lr=3e-3, total_steps=60, warmup_steps=5)),
+      dpo=dict(optim=dict(lr=5e-4, total_steps=30, warmup_steps=3), data=dict(batch_size=4))))
+  return c

@@ -1,0 +1,448 @@
+"""Training records (one msgpack blob per clip or pair) and their ArrayRecord shards.
+
+Two kinds of record, both a msgpack map of scalars, strings and numpy arrays (arrays are
+msgpack ext type 1 holding [dtype, shape, raw bytes]; plain `msgpack` reads them, no JAX
+needed, so preprocessing and data-loader workers stay light):
+
+SFT record (`kind` 'sft'), written by tools/preprocess.py:
+  id, lang, subset: str; duration: float seconds; schema_version: int
+  input_ids  int32 [L]   prompt + SED response (sed.build_sft_example)
+  labels     int32 [L]   -100 on the prompt, the token id on the response
+  segments   int8  [L]   0 prompt, 1 visual, 2 acoustic, 3 reasoning
+  input_features float32 [128, T]   log-mel of the audio, valid frames only (optional)
+  frames     uint8 [T, H, W, 3]      sampled video frames, already smart-resized (optional)
+  video_fps  float                   the fps the frames stand for: the processor's
+                                     video_second_per_grid = temporal_patch_size / video_fps
+  image      uint8 [H, W, 3]         (optional; resized by the pipeline)
+  use_audio_in_video: bool           the audio is the video's track, interleaved with it
+
+Preference record (`kind` 'preference'), for CA-DPO: the prompt and media once, both
+responses, and the reference model's log-probs once the reference pass has run:
+  id, clip_id, lang, subset, duration, schema_version, the media fields above
+  prompt_ids int32 [P]               ends with '<|im_start|>assistant\\n'
+  chosen_ids / rejected_ids int32    response tokens incl. the closing '<|im_end|>\\n'
+  chosen_segments / rejected_segments int8   SED segment of each response token
+  chosen / rejected: str             the response texts
+  chosen_score, rejected_score, margin: float   judge scores (NaN when not judged)
+  ref_chosen_logps, ref_rejected_logps: float   TRL's column names; NaN until filled
+
+Patches are not stored: uint8 frames are 4x smaller than float32 patch rows, and the
+pipeline patches them on the host (media.video_patches).
+
+Shards are ArrayRecord files named `{prefix}-{index:05d}-of-{count:05d}.array_record`,
+written with group_size 1 (random access for Grain) under a temporary name and renamed
+when complete, so a killed writer never leaves a shard that looks finished.
+"""
+
+import glob
+import math
+import os
+import re
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import msgpack
+import numpy as np
+
+from saber_jax.data import sed
+
+SCHEMA_VERSION = 1
+SFT, PREFERENCE = 'sft', 'preference'
+ARRAY_EXT = 1
+WRITER_OPTIONS = 'group_size:1'
+SHARD_SUFFIX = '.array_record'
+
+
+class RecordError(ValueError):
+  """A record blob or field that does not follow the schema; names the record and field."""
+
+
+# ------------------------------------------------------------------------------ msgpack
+
+
+def _pack_default(value):
+  if isinstance(value, np.ndarray):
+    array = np.ascontiguousarray(value)
+    if array.dtype.hasobject:
+      raise TypeError(f'cannot store an object array {array.shape}')
+    return msgpack.ExtType(ARRAY_EXT, msgpack.packb(
+        [array.dtype.str, list(array.shape), array.tobytes()], use_bin_type=True))
+  if isinstance(value, np.generic):
+    return value.item()
+  raise TypeError(f'cannot store a {type(value).__name__}')
+
+
+def _unpack_ext(code, data):
+  if code != ARRAY_EXT:
+    raise ValueError(f'unknown msgpack ext type {code}')
+  dtype, shape, raw = msgpack.unpackb(data, raw=False)
+  # Read-only view of the blob's bytes: no copy until a consumer needs one.
+  return np.frombuffer(raw, np.dtype(dtype)).reshape(shape)
+
+
+def pack(fields: Mapping[str, Any]) -> bytes:
+  """msgpack bytes of a flat dict of scalars, strings and numpy arrays."""
+  return msgpack.packb(dict(fields), default=_pack_default, use_bin_type=True)
+
+
+def unpack(blob: bytes) -> dict[str, Any]:
+  """Inverse of `pack`; raises ValueError (or msgpack's errors) on malformed bytes."""
+  value = msgpack.unpackb(blob, raw=False, ext_hook=_unpack_ext, strict_map_key=True)
+  if not isinstance(value, dict):
+    raise ValueError(f'expected a msgpack map, got {type(value).__name__}')
+  return value
+
+
+# ------------------------------------------------------------------------------ schema
+
+_MEDIA_FIELDS = ('input_features', 'frames', 'video_fps', 'image')
+_COMMON_REQUIRED = {'kind': str, 'schema_version': int, 'id': str, 'lang': str, 'subset': str,
+                    'duration': float, 'use_audio_in_video': bool}
+_SFT_REQUIRED = {'input_ids': np.int32, 'labels': np.int32, 'segments': np.int8}
+_PREFERENCE_REQUIRED = {'prompt_ids': np.int32, 'chosen_ids': np.int32,
+                        'rejected_ids': np.int32, 'chosen_segments': np.int8,
+                        'rejected_segments': np.int8}
+_PREFERENCE_SCALARS = {'clip_id': str, 'chosen': str, 'rejected': str, 'chosen_score': float,
+                       'rejected_score': float, 'margin': float, 'ref_chosen_logps': float,
+                       'ref_rejected_logps': float}
+
+
+def _fail(where, field, problem):
+  raise RecordError(f'{where}: field {field!r}: {problem}')
+
+
+def _check_scalar(record, where, field, kind):
+  if field not in record:
+    _fail(where, field, 'missing')
+  value = record[field]
+  ok = (isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float
+        else isinstance(value, int) and not isinstance(value, bool) if kind is int
+        else isinstance(value, kind))
+  if not ok:
+    _fail(where, field, f'expected {kind.__name__}, got {type(value).__name__}')
+
+
+def _check_array(record, where, field, dtype, ndim, required=True):
+  if field not in record:
+    if required:
+      _fail(where, field, 'missing')
+    return None
+  value = record[field]
+  if not isinstance(value, np.ndarray):
+    _fail(where, field, f'expected a numpy array, got {type(value).__name__}')
+  if value.dtype != np.dtype(dtype) or value.ndim != ndim:
+    _fail(where, field, f'expected {np.dtype(dtype).name} with {ndim} dims, got '
+                        f'{value.dtype.name}{list(value.shape)}')
+  return value
+
+
+def _check_media(record, where):
+  features = _check_array(record, where, 'input_features', np.float32, 2, required=False)
+  if features is not None and (features.shape[1] < 1 or not np.isfinite(features).all()):
+    _fail(where, 'input_features', f'expected finite [mel bins, frames >= 1], got {list(features.shape)}')
+  frames = _check_array(record, where, 'frames', np.uint8, 4, required=False)
+  if frames is not None:
+    if frames.shape[0] < 1 or frames.shape[-1] != 3:
+      _fail(where, 'frames', f'expected [T >= 1, H, W, 3] RGB, got {list(frames.shape)}')
+    _check_scalar(record, where, 'video_fps', float)
+    if not record['video_fps'] > 0:
+      _fail(where, 'video_fps', f'expected a positive rate, got {record["video_fps"]}')
+  image = _check_array(record, where, 'image', np.uint8, 3, required=False)
+  if image is not None and image.shape[-1] != 3:
+    _fail(where, 'image', f'expected [H, W, 3] RGB, got {list(image.shape)}')
+  if record['use_audio_in_video'] and (features is None or frames is None):
+    _fail(where, 'use_audio_in_video', 'set, but the record lacks input_features or frames')
+
+
+def _where(record, where):
+  record_id = record.get('id') if isinstance(record, dict) else None
+  label = f'record {record_id!r}' if isinstance(record_id, str) else 'record (id unreadable)'
+  return f'{where}: {label}' if where else label
+
+
+def validate_record(record: Mapping[str, Any], where: str | None = None) -> dict[str, Any]:
+  """Checks a decoded record against the schema of its `kind`; returns it as a dict.
+
+  Raises RecordError naming `where` (e.g. 'file:index'), the record id and the field.
+  """
+  record = dict(record)
+  where = _where(record, where)
+  for field, kind in _COMMON_REQUIRED.items():
+    _check_scalar(record, where, field, kind)
+  if record['schema_version'] != SCHEMA_VERSION:
+    _fail(where, 'schema_version', f'expected {SCHEMA_VERSION}, got {record["schema_version"]} '
+                                   '(re-run tools/preprocess.py with this version)')
+  kind = record['kind']
+  if kind == SFT:
+    arrays = {f: _check_array(record, where, f, dtype, 1) for f, dtype in _SFT_REQUIRED.items()}
+    length = len(arrays['input_ids'])
+    for field in ('labels', 'segments'):
+      if len(arrays[field]) != length:
+        _fail(where, field, f'length {len(arrays[field])} differs from input_ids ({length})')
+    if length == 0:
+      _fail(where, 'input_ids', 'empty')
+  elif kind == PREFERENCE:
+    arrays = {f: _check_array(record, where, f, dtype, 1)
+              for f, dtype in _PREFERENCE_REQUIRED.items()}
+    for field, kind_ in _PREFERENCE_SCALARS.items():
+      _check_scalar(record, where, field, kind_)
+    for side in ('chosen', 'rejected'):
+      if not len(arrays[f'{side}_ids']):
+        _fail(where, f'{side}_ids', 'empty')
+      if len(arrays[f'{side}_segments']) != len(arrays[f'{side}_ids']):
+        _fail(where, f'{side}_segments', f'length differs from {side}_ids')
+    if not len(arrays['prompt_ids']):
+      _fail(where, 'prompt_ids', 'empty')
+  else:
+    _fail(where, 'kind', f'expected {SFT!r} or {PREFERENCE!r}, got {kind!r}')
+  _check_media(record, where)
+  return record
+
+
+def decode_record(blob: bytes, where: str | None = None) -> dict[str, Any]:
+  """The record dict of one blob (arrays are read-only views of `blob`).
+
+  Raises RecordError naming `where`, the record id (when readable) and the bad field.
+  """
+  try:
+    record = unpack(blob)
+  except Exception as e:  # msgpack raises several unrelated types on garbage
+    raise RecordError(f'{where or "record"}: not a saber_jax record blob '
+                      f'({type(e).__name__}: {e})') from None
+  return validate_record(record, where)
+
+
+def _media_fields(input_features, frames, video_fps, image) -> dict[str, Any]:
+  media = {}
+  if input_features is not None:
+    media['input_features'] = np.asarray(input_features, np.float32)
+  if frames is not None:
+    media['frames'] = np.asarray(frames)
+    media['video_fps'] = float(video_fps) if video_fps is not None else None
+  if image is not None:
+    media['image'] = np.asarray(image)
+  return media
+
+
+def encode_sft_record(*, id: str, lang: str, input_ids, labels, segments, duration: float,
+                      subset: str = '', input_features=None, frames=None,
+                      video_fps: float | None = None, image=None,
+                      use_audio_in_video: bool = False) -> bytes:
+  """One SFT record blob (see the module docstring); validated before it is written."""
+  record = dict(kind=SFT, schema_version=SCHEMA_VERSION, id=id, lang=lang, subset=subset,
+                duration=float(duration), use_audio_in_video=bool(use_audio_in_video),
+                input_ids=np.asarray(input_ids, np.int32), labels=np.asarray(labels, np.int32),
+                segments=np.asarray(segments, np.int8),
+                **_media_fields(input_features, frames, video_fps, image))
+  return pack(validate_record(record, 'encode_sft_record'))
+
+
+def encode_preference_record(*, id: str, lang: str, prompt_ids, chosen_ids, rejected_ids,
+                             chosen_segments, rejected_segments, chosen: str, rejected: str,
+                             duration: float, clip_id: str | None = None, subset: str = '',
+                             chosen_score: float | None = None,
+                             rejected_score: float | None = None, margin: float | None = None,
+                             ref_chosen_logps: float | None = None,
+                             ref_rejected_logps: float | None = None, input_features=None,
+                             frames=None, video_fps: float | None = None, image=None,
+                             use_audio_in_video: bool = False) -> bytes:
+  """One preference record blob; None scores / log-probs are stored as NaN."""
+  nan = lambda x: math.nan if x is None else float(x)
+  record = dict(
+      kind=PREFERENCE, schema_version=SCHEMA_VERSION, id=id, clip_id=id if clip_id is None else clip_id,
+      lang=lang, subset=subset, duration=float(duration), use_audio_in_video=bool(use_audio_in_video),
+      prompt_ids=np.asarray(prompt_ids, np.int32), chosen_ids=np.asarray(chosen_ids, np.int32),
+      rejected_ids=np.asarray(rejected_ids, np.int32),
+      chosen_segments=np.asarray(chosen_segments, np.int8),
+      rejected_segments=np.asarray(rejected_segments, np.int8), chosen=chosen, rejected=rejected,
+      chosen_score=nan(chosen_score), rejected_score=nan(rejected_score), margin=nan(margin),
+      ref_chosen_logps=nan(ref_chosen_logps), ref_rejected_logps=nan(ref_rejected_logps),
+      **_media_fields(input_features, frames, video_fps, image))
+  return pack(validate_record(record, 'encode_preference_record'))
+
+
+def prompt_length(sft_record: Mapping[str, Any]) -> int:
+  """Tokens before the response of an SFT record: the leading run of labels == -100."""
+  trained = np.flatnonzero(np.asarray(sft_record['labels']) != sed.IGNORE_INDEX)
+  return int(trained[0]) if len(trained) else len(sft_record['labels'])
+
+
+def preference_from_sft(sft_record: Mapping[str, Any], tokenizer, *, chosen: str, rejected: str,
+                        pair_id: str | None = None, subset: str | None = None,
+                        chosen_score: float | None = None, rejected_score: float | None = None,
+                        margin: float | None = None) -> bytes:
+  """A preference record over the prompt and media of a decoded SFT record.
+
+  The responses are tokenized as SFT responses are (sed.tokenize_response with the
+  '<|im_end|>\\n' suffix), with segments from the SED headers found in each text
+  (sed.split_sed_response). Raises ValueError for a response that is empty or starts
+  with whitespace (it would tokenize differently after 'assistant\\n').
+  """
+  lang = sft_record['lang']
+  sides = {}
+  for side, text in (('chosen', chosen), ('rejected', rejected)):
+    try:
+      sides[side] = sed.tokenize_response(tokenizer, sed.split_sed_response(text, lang))
+    except ValueError as e:
+      raise ValueError(f'pair {pair_id or sft_record["id"]!r}: {side}: {e}') from None
+  media = {k: sft_record[k] for k in _MEDIA_FIELDS if k in sft_record}
+  return encode_preference_record(
+      id=pair_id or sft_record['id'], clip_id=sft_record['id'], lang=lang,
+      subset=sft_record['subset'] if subset is None else subset,
+      duration=sft_record['duration'], use_audio_in_video=sft_record['use_audio_in_video'],
+      prompt_ids=np.asarray(sft_record['input_ids'])[:prompt_length(sft_record)],
+      chosen_ids=sides['chosen'][0], chosen_segments=sides['chosen'][1],
+      rejected_ids=sides['rejected'][0], rejected_segments=sides['rejected'][1],
+      chosen=chosen, rejected=rejected, chosen_score=chosen_score,
+      rejected_score=rejected_score, margin=margin, **media)
+
+
+# --------------------------------------------------------------------------- ArrayRecord
+
+
+def shard_name(prefix: str, index: int, count: int) -> str:
+  """'{prefix}-{index:05d}-of-{count:05d}.array_record'."""
+  if not 0 <= index < count:
+    raise ValueError(f'shard index {index} is not in [0, {count})')
+  return f'{prefix}-{index:05d}-of-{count:05d}{SHARD_SUFFIX}'
+
+
+def shard_paths(prefix: str) -> list[str]:
+  """All shards of `prefix`, in index order; every one of the count must exist.
+
+  Raises FileNotFoundError naming the missing shards (an unfinished preprocessing run)
+  or ValueError when shards of different counts share the prefix.
+  """
+  pattern = re.compile(re.escape(os.path.basename(prefix)) + r'-(\d{5})-of-(\d{5})'
+                       + re.escape(SHARD_SUFFIX) + '$')
+  found = {}
+  for path in glob.glob(glob.escape(prefix) + '-*-of-*' + SHARD_SUFFIX):
+    match = pattern.match(os.path.basename(path))
+    if match:
+      found[int(match[1]), int(match[2])] = path
+  if not found:
+    raise FileNotFoundError(f'no shards {prefix}-?????-of-?????{SHARD_SUFFIX}')
+  counts = {count for _, count in found}
+  if len(counts) > 1:
+    raise ValueError(f'{prefix}: shards of different counts {sorted(counts)} share this prefix')
+  count = counts.pop()
+  missing = [shard_name(prefix, i, count) for i in range(count) if (i, count) not in found]
+  if missing:
+    raise FileNotFoundError(f'{prefix}: {len(missing)} of {count} shards missing, e.g. {missing[0]}')
+  return [found[i, count] for i in range(count)]
+
+
+def _array_record():
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  return array_record_module
+
+
+def write_records(path: str, blobs: Iterable[bytes], options: str = WRITER_OPTIONS) -> int:
+  """Writes blobs to one ArrayRecord file; returns how many.
+
+  The file is written as '{path}.tmp-{pid}' and renamed onto `path` only once closed, so
+  `path` either does not exist or is complete; a failure removes the temporary file.
+  """
+  tmp = f'{path}.tmp-{os.getpid()}'
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  writer = _array_record().ArrayRecordWriter(tmp, options)
+  count = 0
+  try:
+    for blob in blobs:
+      writer.write(blob)
+      count += 1
+    writer.close()
+    os.replace(tmp, path)
+  except BaseException:
+    if writer.is_open():
+      writer.close()
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+  return count
+
+
+def count_records(paths: str | Sequence[str]) -> int:
+  paths = [paths] if isinstance(paths, str) else list(paths)
+  total = 0
+  for path in paths:
+    reader = _array_record().ArrayRecordReader(path)
+    total += reader.num_records()
+    reader.close()
+  return total
+
+
+def read_records(paths: str | Sequence[str], chunk: int = 64) -> Iterator[tuple[str, bytes]]:
+  """Streams ('path:index', blob) of every record of the files, in order.
+
+  Reads `chunk` records at a time, so a shard is never held in memory whole.
+  """
+  paths = [paths] if isinstance(paths, str) else list(paths)
+  for path in paths:
+    reader = _array_record().ArrayRecordReader(path)
+    try:
+      total = reader.num_records()
+      for start in range(0, total, chunk):
+        for offset, blob in enumerate(reader.read(start, min(total, start + chunk))):
+          yield f'{path}:{start + offset}', blob
+    finally:
+      reader.close()
+
+
+def iter_records(paths: str | Sequence[str]) -> Iterator[dict[str, Any]]:
+  """Decoded records of the files, in order (errors name 'path:index')."""
+  for where, blob in read_records(paths):
+    yield decode_record(blob, where)
+
+
+def fill_reference_logps(paths: Sequence[str], logps: Mapping[Any, tuple[float, float]], *,
+                         key: str = 'id', out_dir: str | None = None,
+                         missing: str = 'error') -> dict[str, int]:
+  """Rewrites preference shards with `ref_chosen_logps` / `ref_rejected_logps` filled in.
+
+  Args:
+    paths: preference shards.
+    logps: pair -> (reference chosen log-prob, reference rejected log-prob), summed
+      over response tokens (what the reference pass computed).
+    key: what identifies a pair in `logps`: 'id' (the record id) or 'index' (its
+      position in `paths` taken in order, the pipeline's `pair_index`).
+    out_dir: where the new shards go (same file names); None rewrites them in place.
+    missing: a record whose id is not in `logps`: 'error' (RecordError naming it) or
+      'keep' (its current values stay, e.g. NaN for a pair the pipeline drops as too long).
+  Streams shard by shard: read, write a temporary file, rename (see `write_records`).
+  Returns counts {'filled', 'kept'}.
+  """
+  if missing not in ('error', 'keep'):
+    raise ValueError(f"missing must be 'error' or 'keep', got {missing!r}")
+  if key not in ('id', 'index'):
+    raise ValueError(f"key must be 'id' or 'index', got {key!r}")
+  counts = {'filled': 0, 'kept': 0}
+  seen: set[str] = set()
+  position = 0
+
+  def rewritten(path):
+    nonlocal position
+    for where, blob in read_records(path):
+      index, position = position, position + 1
+      record = decode_record(blob, where)
+      if record['kind'] != PREFERENCE:
+        raise RecordError(f'{where}: record {record["id"]!r}: field \'kind\': expected '
+                          f'{PREFERENCE!r}, got {record["kind"]!r}')
+      if record['id'] in seen:
+        raise RecordError(f'{where}: record {record["id"]!r}: field \'id\': duplicate pair id')
+      seen.add(record['id'])
+      pair = record['id'] if key == 'id' else index
+      if pair in logps:
+        chosen, rejected = logps[pair]
+        record['ref_chosen_logps'], record['ref_rejected_logps'] = float(chosen), float(rejected)
+        counts['filled'] += 1
+      elif missing == 'error':
+        raise RecordError(f'{where}: record {record["id"]!r}: no reference log-probs given '
+                          f'(looked up by {key} {pair!r})')
+      else:
+        counts['kept'] += 1
+      yield pack(validate_record(record, where))
+
+  for path in paths:
+    target = path if out_dir is None else os.path.join(out_dir, os.path.basename(path))
+    write_records(target, rewritten(path))
+  return counts

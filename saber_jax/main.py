@@ -1,0 +1,55 @@
+"""Run a SABER-LLM stage: `python -m saber_jax.main --config=configs/<x>.py [--config.k=v]`.
+
+config.mode: sft (SED fine-tuning), ref_logps (the frozen reference's log-probs written
+into the preference records), dpo (CA-DPO), pipeline (every stage in order; the demo
+config also makes its data) or generate (JSONL predictions for a record set).
+`--config.dry_run=True` compiles the step for the mesh without weights and prints its
+per-device memory.
+"""
+
+import os
+import sys
+
+if (any(a.startswith('--config.dry_run') and not a.endswith(('False', 'false', '0'))
+        for a in sys.argv) and 'XLA_FLAGS' not in os.environ):
+  # A dry run on a CPU-only host still plans for 8 accelerators.
+  os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+
+from absl import app, logging  # noqa: E402
+import jax  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from saber_jax.train import stages  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/demo.py', 'run config file')
+
+
+def initialize_distributed(config) -> None:
+  """`jax.distributed.initialize()` when the config or the environment asks for it: an
+  explicit coordinator, SLURM, or a TPU pod / cloud environment JAX detects itself."""
+  d = config.distributed
+  if d.initialize == 'never':
+    return
+  if d.coordinator_address:
+    jax.distributed.initialize(coordinator_address=d.coordinator_address,
+                               num_processes=d.num_processes or None,
+                               process_id=None if d.process_id < 0 else d.process_id)
+  elif d.initialize == 'always' or 'SLURM_NTASKS' in os.environ \
+      or 'JAX_COORDINATOR_ADDRESS' in os.environ:
+    jax.distributed.initialize()
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  logging.set_verbosity(logging.WARNING)     # Orbax logs every save step at INFO
+  initialize_distributed(config)
+  if jax.process_index() == 0:
+    print(f'saber_jax: mode={config.mode} devices={jax.device_count()} '
+          f'({jax.devices()[0].platform}) processes={jax.process_count()} '
+          f'workdir={config.workdir}', flush=True)
+  stages.run(config)
+
+
+if __name__ == '__main__':
+  app.run(main)

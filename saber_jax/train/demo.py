@@ -1,0 +1,83 @@
+"""`mode=pipeline`: every stage of SABER-LLM in order, each printing the command-line
+tool it runs so the same steps can be run by hand at scale.
+
+  1. make_demo_data.py   generated clips (mp4 with audio, wav) and annotations (en, zh)
+  2. preprocess.py       SFT records (log-mel, frames, SED target tokens)
+  3. SED fine-tuning
+  4. make_pairs.py       offline preference pairs (gold answer vs a perturbed one)
+     make_preference_records.py   pairs joined with the prompts and media of the SFT records
+  5. reference log-probs of the SED model
+  6. CA-DPO
+
+A stage whose output exists is skipped, so an interrupted pipeline resumes.
+"""
+
+import copy
+import os
+import subprocess
+import sys
+
+import jax
+
+from saber_jax.train import checkpoint, stages
+
+TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__)))), 'tools')
+
+
+def run_tool(name: str, *args: str) -> None:
+  """Run `tools/<name>` on process 0 (the data tools are single-host programs)."""
+  command = [sys.executable, os.path.join(TOOLS, name), *map(str, args)]
+  if jax.process_index() == 0:
+    print('$ python tools/' + ' '.join([name, *map(str, args)]), flush=True)
+    subprocess.run(command, check=True)
+
+
+def with_overrides(config, overrides):
+  """A copy of `config` with the fields of the nested `overrides` replaced."""
+  config = copy.deepcopy(config)
+
+  def merge(node, changes):
+    for key, value in changes.items():
+      if hasattr(value, 'items'):
+        merge(node[key], value)
+      else:
+        node[key] = value
+  merge(config, overrides)
+  return config
+
+
+def _done(path: str) -> bool:
+  return os.path.exists(path)
+
+
+def run_pipeline(config) -> None:
+  data = os.path.join(config.workdir, 'data')
+  raw, sft_dir = os.path.join(data, 'raw'), os.path.join(data, 'sft')
+  pairs_dir, pref_dir = os.path.join(data, 'pairs'), os.path.join(data, 'pref')
+  if not _done(os.path.join(raw, 'annotations.jsonl')):
+    run_tool('make_demo_data.py', '--out', raw, '--n', config.pipeline.num_clips,
+             '--seed', config.seed)
+  run_tool('preprocess.py', '--manifest', os.path.join(raw, 'clips.jsonl'),
+           '--annotations', os.path.join(raw, 'annotations.jsonl'), '--out', sft_dir,
+           '--quiet')
+  sft_records = os.path.join(sft_dir, 'sft')
+  sft_config = with_overrides(config, config.pipeline.sft)
+  sft_final = os.path.join(stages.stage_dir(config, 'sft'), 'final')
+  if not _done(os.path.join(sft_final, checkpoint.CONFIG_FILE)):
+    stages.train_stage(sft_config, 'sft', sft_records, config.init_from)
+  if not _done(os.path.join(pairs_dir, 'pairs.jsonl')):
+    run_tool('make_pairs.py', '--strategy', 'perturb', '--annotations',
+             os.path.join(raw, 'annotations.jsonl'), '--out', pairs_dir, '--seed', config.seed)
+  run_tool('make_preference_records.py', '--pairs', os.path.join(pairs_dir, 'pairs.jsonl'),
+           '--sft_records', sft_records, '--out', pref_dir)
+  dpo_config = with_overrides(config, config.pipeline.dpo)
+  ref_dir = stages.stage_dir(config, 'ref_logps')
+  if not _done(os.path.join(ref_dir, stages.DONE)):
+    stages.ref_logps_stage(dpo_config, os.path.join(pref_dir, 'pref'), sft_final)
+  if not _done(os.path.join(stages.stage_dir(config, 'dpo'), 'final', checkpoint.CONFIG_FILE)):
+    stages.train_stage(dpo_config, 'dpo', os.path.join(ref_dir, 'pref'), sft_final)
+  if jax.process_index() == 0:
+    print(f'pipeline done: metrics in {os.path.join(config.workdir, "metrics.jsonl")}, '
+          f'final params in {os.path.join(stages.stage_dir(config, "dpo"), "final")}',
+          flush=True)

@@ -1,0 +1,80 @@
+"""Compile a stage's train step for the configured mesh without materialising anything, and
+read its per-device memory from XLA: does it fit the accelerator?
+
+The example batch is the largest SABER clip: 30 s of video at 2 fps (40 frames at the
+50176-pixel budget) with its audio interleaved, padded to `dry_run_seq_len` tokens.
+"""
+
+import jax
+import numpy as np
+
+from saber_jax import sharding
+from saber_jax.data.prompt import expand_placeholders
+from saber_jax.models.config import ThinkerConfig
+from saber_jax.models.thinker import model_inputs
+from saber_jax.train import trainer
+
+CLIP_SECONDS = 30
+GRID = (20, 16, 16)                # 40 frames of 224 x 224 -> 20 x 16 x 16 patches
+
+
+def example_inputs(model_config: ThinkerConfig, seq_len: int) -> dict:
+  """One data shard's inputs: one row with the longest clip and its SED target."""
+  mel_frames = CLIP_SECONDS * 100
+  media = expand_placeholders(audio_lengths=[mel_frames], video_grids=[GRID],
+                              video_second_per_grid=[1.0], use_audio_in_video=True)
+  if len(media) >= seq_len:
+    raise ValueError(f'dry_run_seq_len {seq_len} is shorter than the clip ({len(media)} tokens)')
+  input_ids = np.full((1, seq_len), 100, np.int64)
+  input_ids[0, 4:4 + len(media)] = media
+  t, h, w = GRID
+  v = model_config.vision
+  batch = dict(
+      input_ids=input_ids, attention_mask=np.ones_like(input_ids),
+      input_features=np.zeros((1, model_config.audio.num_mel_bins, mel_frames), np.float32),
+      feature_attention_mask=np.ones((1, mel_frames), np.int64),
+      pixel_values_videos=np.zeros((t * h * w, v.in_channels * v.temporal_patch_size
+                                    * v.patch_size ** 2), np.float32),
+      video_grid_thw=np.array([GRID]), video_second_per_grid=np.array([1.0]),
+      use_audio_in_video=True)
+  inputs = model_inputs(model_config, batch)
+  labels = np.where(np.arange(seq_len) >= seq_len // 2, input_ids, -100).astype(np.int32)
+  return dict(inputs, labels=labels, segments=np.ones_like(labels))
+
+
+def global_shapes(shard: dict, num_shards: int, rows_per_shard: int) -> dict:
+  """ShapeDtypeStructs of a global batch made of `num_shards` copies of one shard."""
+  def scale(path, x):
+    x = np.asarray(x)
+    key = getattr(path[0], 'key', None)
+    if key in ('audio', 'vision'):
+      factor, axis = num_shards, 0
+    else:
+      factor, axis = num_shards * rows_per_shard, 1 if key == 'position_ids' else 0
+    shape = list(x.shape)
+    shape[axis] *= factor
+    return jax.ShapeDtypeStruct(tuple(shape), x.dtype)
+  return jax.tree_util.tree_map_with_path(scale, shard)
+
+
+def dry_run(config, stage: str = 'sft') -> float:
+  """Lower and compile the step on the configured mesh; returns and prints the per-device
+  memory in GiB (arguments + outputs + temporaries, donated buffers counted once)."""
+  mesh = sharding.make_mesh(config.mesh)
+  setup = trainer.plan(config, stage, mesh)
+  num_shards = mesh.shape['data'] * mesh.shape['fsdp']
+  shard = example_inputs(setup.model_config, config.dry_run_seq_len)
+  if stage == 'dpo':
+    shard = dict(shard, ref_chosen_logps=np.zeros(1, np.float32),
+                 ref_rejected_logps=np.zeros(1, np.float32))
+  shapes = sharding.global_batch_shapes(global_shapes(shard, num_shards, 1), mesh)
+  compiled = setup.step_fn.lower(setup.abstract_state, shapes).compile()
+  memory = compiled.memory_analysis()
+  used = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+          - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
+  gib = used / 2**30
+  print(f'[dry run] {stage} trainable={config.trainable} mesh={dict(mesh.shape)} '
+        f'seq_len={config.dry_run_seq_len}: arguments {memory.argument_size_in_bytes / 2**30:.2f}'
+        f' GiB, temporaries {memory.temp_size_in_bytes / 2**30:.2f} GiB')
+  print(f'per_device_memory_gib={gib:.2f}', flush=True)
+  return gib

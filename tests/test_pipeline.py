@@ -1,0 +1,312 @@
+"""The Grain pipelines over real preprocessed records: deterministic per seed, epochs
+reshuffled, exact resume from a saved state, disjoint process shards, bucketed shapes,
+preference pairs kept together, and batches the tiny thinker runs on."""
+
+import collections
+import dataclasses
+import functools
+import json
+import math
+import pathlib
+import sys
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from saber_jax import losses
+from saber_jax.data import pipeline, prompt, records
+from saber_jax.models import thinker
+from saber_jax.models.config import AudioConfig, TextConfig, ThinkerConfig, VisionConfig
+from saber_jax.train import steps
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / 'tools'))
+import make_demo_data  # noqa: E402
+import preprocess  # noqa: E402
+
+NUM_CLIPS = 12
+# Real Omni token ids (up to 151656) need the real vocabulary size; everything else is tiny.
+TINY = ThinkerConfig(
+    audio=AudioConfig(d_model=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32,
+                      n_window=50, output_dim=32),
+    vision=VisionConfig(depth=2, hidden_size=16, intermediate_size=32, num_heads=2,
+                        fullatt_block_indexes=(1,), out_hidden_size=32),
+    text=TextConfig(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                    num_attention_heads=2, num_key_value_heads=1, mrope_section=(2, 3, 3)))
+BASE = pipeline.DataConfig(batch_size=4, num_data_shards=2, length_buckets=(384, 512),
+                           min_patches=64, min_frame_len=16, min_vision_blocks=2, read_threads=1)
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+  """(SFT shard paths, preference shard paths, clip id of each SFT row's ids)."""
+  root = tmp_path_factory.mktemp('pipeline')
+  manifest, labels = make_demo_data.make_demo_data(str(root / 'clips'), n=NUM_CLIPS, seed=1)
+  preprocess.main(['--manifest', manifest, '--annotations', labels, '--out', str(root / 'sft'),
+                   '--num_shards', '2', '--quiet'])
+  sft = records.shard_paths(str(root / 'sft' / 'sft'))
+  sft_records = list(records.iter_records(sft))
+  assert len(sft_records) == NUM_CLIPS
+  tokenizer = prompt.load_tokenizer()
+  texts = [tokenizer.decode(r['labels'][r['labels'] != -100]).removesuffix('<|im_end|>\n')
+           for r in sft_records]
+  pairs = [records.preference_from_sft(r, tokenizer, chosen=texts[i], pair_id=f'{r["id"]}#0',
+                                       rejected=texts[(i + 1) % NUM_CLIPS])
+           for i, r in enumerate(sft_records)]
+  pref = [records.shard_name(str(root / 'pairs'), i, 2) for i in range(2)]
+  records.write_records(pref[0], pairs[:7])
+  records.write_records(pref[1], pairs[7:])
+  by_ids = {tuple(r['input_ids'].tolist()): r['id'] for r in sft_records}
+  return sft, pref, by_ids
+
+
+def _row_ids(batch, by_ids):
+  """Clip id of each row that holds an example (None for empty rows)."""
+  out = []
+  for ids, mask, keep in zip(batch['input_ids'], batch['attention_mask'], batch['example_mask']):
+    out.append(by_ids[tuple(ids[mask].tolist())] if keep else None)
+  return out
+
+
+def _take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+def _assert_batches_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    assert x.dtype == y.dtype and x.shape == y.shape
+    np.testing.assert_array_equal(x, y)
+
+
+def test_bucket_ladder():
+  assert [pipeline.bucket_size(n, 64) for n in (1, 64, 65, 96, 97, 129, 200)] == [
+      64, 64, 96, 96, 128, 192, 256]
+  assert [pipeline.bucket_size(n, 64, steps=1) for n in (1, 65, 129)] == [64, 128, 256]
+  assert pipeline.bucket_size(97, 10, steps=4, multiple=4) == 100   # 10,12,15,17,20,...,80,100
+  assert pipeline.bucket_size(0, 2) == 2
+
+
+def test_data_options_read_a_config_dict():
+  config = ml_collections.ConfigDict(dict(batch_size=6, num_data_shards=3, length_buckets=[128, 256],
+                                          other_field='ignored'))
+  options = pipeline.data_options(config)
+  assert (options.batch_size, options.num_data_shards, options.length_buckets) == (6, 3, (128, 256))
+  assert options.overlong == 'truncate'
+  with pytest.raises(ValueError, match='multiple of num_data_shards'):
+    pipeline.data_options(dict(batch_size=5, num_data_shards=2))
+
+
+def test_same_seed_same_batches_and_each_epoch_reshuffled(data):
+  sft, _, by_ids = data
+  config = dataclasses.replace(BASE, num_epochs=2)
+  make = lambda seed: pipeline.sft_batches(TINY, config, sft, seed=seed, shard_index=0, shard_count=1)
+  first, second = list(make(7)), list(make(7))
+  steps_per_epoch = pipeline.steps_per_epoch(NUM_CLIPS, config, shard_count=1)
+  assert len(first) == len(second) == 2 * steps_per_epoch == 6
+  for a, b in zip(first, second):
+    _assert_batches_equal(a, b)
+  order = [i for b in first for i in _row_ids(b, by_ids)]
+  epochs = order[:NUM_CLIPS], order[NUM_CLIPS:]
+  assert sorted(epochs[0]) == sorted(epochs[1]) == sorted(by_ids.values())
+  assert epochs[0] != epochs[1]
+  other = [i for b in make(8) for i in _row_ids(b, by_ids)]
+  assert other != order and sorted(other) == sorted(order)
+
+
+@pytest.mark.parametrize('restore_at', [2, 3])   # mid-epoch, and at the epoch boundary
+def test_restored_state_continues_with_the_next_batch(data, restore_at):
+  sft, _, _ = data
+  config = dataclasses.replace(BASE, num_epochs=2)
+  make = lambda: pipeline.sft_batches(TINY, config, sft, seed=1, shard_index=0, shard_count=1)
+  reference = list(make())
+  running = make()
+  _take(running, restore_at)
+  state = json.loads(json.dumps(running.get_state()))   # what grain.checkpoint writes
+  resumed = make()
+  resumed.set_state(state)
+  rest = list(resumed)
+  assert len(rest) == len(reference) - restore_at
+  for a, b in zip(rest, reference[restore_at:]):
+    _assert_batches_equal(a, b)
+
+
+def test_processes_see_disjoint_halves_that_cover_everything(data):
+  sft, _, by_ids = data
+  config = dataclasses.replace(BASE, batch_size=2, num_data_shards=1, num_epochs=1)
+  seen = [[i for b in pipeline.sft_batches(TINY, config, sft, seed=5, shard_index=p, shard_count=2)
+           for i in _row_ids(b, by_ids)] for p in range(2)]
+  assert len(seen[0]) == len(seen[1]) == NUM_CLIPS // 2
+  assert not set(seen[0]) & set(seen[1])
+  assert sorted(seen[0] + seen[1]) == sorted(by_ids.values())
+
+
+@functools.cache
+def _ladder(minimum, steps=2, multiple=1, top=1 << 14):
+  """Every size `bucket_size` can give below `top`."""
+  return frozenset(pipeline.bucket_size(n, minimum, steps, multiple) for n in range(top))
+
+
+def test_batch_shapes_fall_in_the_buckets(data):
+  sft, _, _ = data
+  config = dataclasses.replace(BASE, num_epochs=3)
+  batches = list(pipeline.sft_batches(TINY, config, sft, seed=0, shard_index=0, shard_count=1))
+  shapes = set()
+  for b in batches:
+    rows, length = b['input_ids'].shape
+    assert rows == config.batch_size and length in config.length_buckets
+    assert b['labels'].shape == b['segments'].shape == (rows, length)
+    assert b['position_ids'].shape == (3, rows, length)
+    assert np.all(b['labels'][~b['attention_mask']] == -100)
+    audio, vision = b['audio'], b['vision']
+    shards, chunks = audio['chunks'].shape[:2]
+    assert shards == config.num_data_shards and chunks in _ladder(config.min_audio_chunks, top=64)
+    assert audio['slots'].shape[1] == chunks * TINY.audio.n_window // 2
+    assert vision['pixel_values'].shape[1] in _ladder(config.min_patches, multiple=4)
+    assert vision['window_blocks'].shape[1] in _ladder(config.min_vision_blocks)
+    assert vision['window_blocks'].shape[2] == (112 // 28) ** 2 * 4
+    assert vision['frame_blocks'].shape[1] in _ladder(config.min_vision_blocks)
+    assert vision['frame_blocks'].shape[2] in _ladder(config.min_frame_len, multiple=4, top=1024)
+    # Every placeholder of a shard's rows is filled by one of that shard's feature rows.
+    per_shard = rows // shards
+    for s in range(shards):
+      ids = b['input_ids'][s * per_shard:(s + 1) * per_shard]
+      assert audio['pool_index'][s][audio['slots'][s] < ids.size].shape[0] == np.sum(
+          ids == TINY.audio_token_id)
+      assert np.sum(vision['token_mask'][s]) == np.sum(ids == TINY.video_token_id)
+    shapes.add(tuple(x.shape for x in jax.tree.leaves(b)))
+  assert len(shapes) <= 3   # 12 clips of 1.5-4 s: a couple of buckets, not one shape per batch
+
+
+def test_batches_run_through_the_tiny_thinker(data):
+  sft, _, _ = data
+  batch = next(pipeline.sft_batches(TINY, BASE, sft, seed=0, shard_index=0, shard_count=1))
+  params = jax.jit(lambda key: nn.unbox(thinker.init_params(TINY, key)))(jax.random.key(0))
+
+  @jax.jit
+  def loss_fn(params, batch):
+    hidden = thinker.Thinker(TINY).apply({'params': params},
+                                         {k: batch[k] for k in steps.MODEL_KEYS})
+    return losses.sed_loss_from_hidden(hidden, params['text']['lm_head']['kernel'],
+                                       batch['labels'], batch['segments'])
+
+  loss, metrics = loss_fn(params, batch)
+  assert np.isfinite(float(loss)) and 0 < float(loss) < 2 * math.log(TINY.text.vocab_size)
+  assert int(metrics['tokens']) > 0
+  assert {int(metrics[f'tokens/{s}']) > 0 for s in ('visual', 'acoustic', 'reasoning')} == {True}
+
+
+def test_worker_processes_give_the_same_batches_and_resume(data):
+  sft, _, _ = data
+  config = dataclasses.replace(BASE, num_epochs=1)
+  make = lambda workers: pipeline.sft_batches(
+      TINY, dataclasses.replace(config, worker_count=workers), sft, seed=2, shard_index=0,
+      shard_count=1)
+  reference = list(make(0))
+  workers = make(2)
+  got = [next(workers)]
+  state = json.loads(json.dumps(workers.get_state()))
+  got += list(workers)
+  for a, b in zip(got, reference):
+    _assert_batches_equal(a, b)
+  assert len(got) == len(reference)
+  resumed = make(2)
+  resumed.set_state(state)
+  for a, b in zip(resumed, reference[1:]):
+    _assert_batches_equal(a, b)
+  del got, a, b
+
+
+@pytest.mark.parametrize('overlong', ['truncate', 'drop'])
+def test_overlong_rows_are_truncated_or_dropped_and_flagged(data, overlong):
+  sft, _, by_ids = data
+  limit = 256
+  expected = collections.Counter()
+  for r in records.iter_records(sft):
+    if len(r['input_ids']) <= limit:
+      expected['kept'] += 1
+    elif overlong == 'truncate' and records.prompt_length(r) < limit:
+      expected['truncated'] += 1
+    else:
+      expected['dropped'] += 1
+  assert expected['dropped'] and (overlong == 'drop' or expected['truncated'])
+  config = dataclasses.replace(BASE, length_buckets=(limit,), overlong=overlong, num_epochs=1)
+  got = collections.Counter()
+  for b in pipeline.sft_batches(TINY, config, sft, seed=0, shard_index=0, shard_count=1):
+    assert b['input_ids'].shape[1] == limit
+    for row in range(len(b['input_ids'])):
+      valid, labels = b['attention_mask'][row], b['labels'][row]
+      if not b['example_mask'][row]:
+        got['dropped'] += 1
+        assert valid.sum() == 1 and np.all(labels == -100) and not b['truncated'][row]
+      elif b['truncated'][row]:
+        got['truncated'] += 1
+        assert valid.all() and np.any(labels != -100)
+      else:
+        got['kept'] += 1
+  assert got == expected
+
+
+def test_preference_pairs_share_prompt_and_media_and_carry_reference_logps(data, tmp_path):
+  _, pref, _ = data
+  config = dataclasses.replace(BASE, batch_size=2, num_epochs=1, shuffle=False)
+  with pytest.raises(records.RecordError, match=r"record 'demo-\d+#0': field 'ref_chosen_logps'"):
+    next(pipeline.preference_batches(TINY, config, pref, seed=0, shard_index=0, shard_count=1))
+
+  # The reference pass: every pair once over two processes, padded to whole batches.
+  logps, seen = {}, []
+  for process in range(2):
+    for b in pipeline.reference_batches(TINY, config, pref, shard_index=process, shard_count=2):
+      assert b['input_ids'].shape[0] == 2 * config.batch_size
+      assert b['pair_index'].shape == (config.batch_size,)
+      for pair, index in enumerate(b['pair_index']):
+        assert b['example_mask'][2 * pair] == b['example_mask'][2 * pair + 1] == (index >= 0)
+        if index >= 0:
+          seen.append(int(index))
+          # A stand-in for the reference model: any number that identifies the pair.
+          logps[int(index)] = (-float(index) - 0.5, -float(index) - 100.0)
+  assert sorted(seen) == list(range(NUM_CLIPS))
+  filled = [str(tmp_path / pathlib.Path(p).name) for p in pref]
+  records.fill_reference_logps(pref, logps, key='index', out_dir=str(tmp_path))
+
+  pairs = list(records.iter_records(filled))
+  batches = list(pipeline.preference_batches(TINY, config, filled, seed=0, shard_index=0,
+                                             shard_count=1))
+  assert len(batches) == NUM_CLIPS // config.batch_size
+  for k, b in enumerate(batches):
+    for pair in range(config.batch_size):
+      record = pairs[k * config.batch_size + pair]   # shuffle=False: file order
+      chosen, rejected = 2 * pair, 2 * pair + 1
+      n_prompt = len(record['prompt_ids'])
+      for row, side in ((chosen, 'chosen'), (rejected, 'rejected')):
+        ids = b['input_ids'][row][b['attention_mask'][row]]
+        np.testing.assert_array_equal(ids, np.concatenate([record['prompt_ids'], record[f'{side}_ids']]))
+        assert np.all(b['labels'][row][:n_prompt] == -100)
+        np.testing.assert_array_equal(b['segments'][row][n_prompt:len(ids)], record[f'{side}_segments'])
+      assert b['ref_chosen_logps'][pair] == np.float32(record['ref_chosen_logps'])
+      assert b['ref_rejected_logps'][pair] == np.float32(record['ref_rejected_logps'])
+    # Both rows of a pair fill their placeholders from the same shard: 2 rows per shard here.
+    assert b['audio']['chunks'].shape[0] == config.num_data_shards
+  assert batches[0]['ref_chosen_logps'].dtype == np.float32
+
+
+def test_orbax_checkpoint_restores_the_iterator(data, tmp_path):
+  """The trainer's checkpoints (Orbax + grain.checkpoint) carry the iterator position."""
+  from saber_jax.train import checkpoint
+  sft, _, _ = data
+  make = lambda: pipeline.sft_batches(TINY, BASE, sft, seed=4, shard_index=0, shard_count=1)
+  running = make()
+  _take(running, 2)
+  state = {'w': jax.numpy.ones(3)}
+  manager = checkpoint.manager(str(tmp_path), keep=1, every_steps=1, async_save=False)
+  checkpoint.save(manager, 2, state, running, force=True)
+  manager.wait_until_finished()
+  want = next(running)
+  resumed = make()
+  checkpoint.restore(manager, jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state), resumed)
+  manager.close()
+  _assert_batches_equal(next(resumed), want)

@@ -1,0 +1,207 @@
+"""tools/preprocess.py on real media: every good clip becomes a record, every bad clip or
+annotation line a reject with its reason, counts add up, re-runs and shards never
+duplicate; tools/make_demo_data.py is deterministic."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from media_helpers import sine, write_video
+from saber_jax.data import annotation, media, prompt, records, sed
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / 'tools'))
+import make_demo_data  # noqa: E402
+import preprocess  # noqa: E402
+
+GOOD = ['demo-0000', 'demo-0001', 'demo-0002', 'demo-0003']
+EXPECTED_REJECTS = {
+    'demo-0004': 'bad_annotation', 'demo-0005': 'no_annotation',
+    'bad-corrupt': 'unreadable_media', 'bad-empty-wav': 'unreadable_media',
+    'bad-long': 'too_long', 'bad-lowres': 'low_resolution', 'bad-missing': 'missing_file',
+    'bad-silent': 'no_audio', 'bad-lang': 'bad_manifest', None: 'bad_manifest',
+    'demo-0001': 'duplicate_clip', 'ghost': 'annotation_without_clip',
+}
+
+
+@pytest.fixture(scope='module')
+def dataset(tmp_path_factory):
+  """Six demo clips plus every kind of bad input; returns (manifest, annotations)."""
+  root = tmp_path_factory.mktemp('clips')
+  manifest, labels = make_demo_data.make_demo_data(str(root), n=6, seed=0)
+  clips = [json.loads(line) for line in open(manifest)]
+  anns = {json.loads(line)['id']: json.loads(line) for line in open(labels)}
+  spare = anns['demo-0000']['annotation']
+
+  rng = np.random.default_rng(0)
+  frames = lambda n, h, w: np.stack([make_demo_data.draw_frame('happy', (90, 90, 200), k / 10)
+                                     for k in range(n)])[:, :h, :w]
+  (root / 'media' / 'corrupt.mp4').write_bytes(rng.integers(0, 256, 4096, dtype=np.uint8).tobytes())
+  (root / 'media' / 'empty.wav').write_bytes(b'')
+  make_demo_data.write_mp4(str(root / 'media' / 'silent.mp4'), frames(20, 128, 160), None)
+  write_video(root / 'media' / 'long.mp4', frames(40, 128, 160), fps=1,
+              audio=sine(220, 40, 16000), audio_rate=16000)
+  small = frames(10, 48, 64)
+  write_video(root / 'media' / 'lowres.mp4', small, fps=10, audio=sine(220, 1, 16000),
+              audio_rate=16000)
+  bad = [('bad-corrupt', {'video': 'media/corrupt.mp4'}),
+         ('bad-empty-wav', {'video': 'media/silent.mp4', 'audio': 'media/empty.wav'}),
+         ('bad-long', {'video': str(root / 'media' / 'long.mp4')}),   # an absolute path
+         ('bad-lowres', {'video': 'media/lowres.mp4'}),
+         ('bad-missing', {'video': 'media/nowhere.mp4'}),
+         ('bad-silent', {'video': 'media/silent.mp4'})]
+  clips += [{'id': clip_id, 'lang': 'en', **paths} for clip_id, paths in bad]
+  clips += [{'id': 'bad-lang', 'video': 'media/silent.mp4', 'lang': 'fr'},
+            {'id': 'demo-0001', 'video': 'media/silent.mp4', 'lang': 'en'}]   # a duplicate id
+  for clip_id, _ in bad:
+    anns[clip_id] = {'id': clip_id, 'annotation': spare}
+  del anns['demo-0004']['annotation']['sentiment_analysis']
+  del anns['demo-0005']
+  anns['ghost'] = {'id': 'ghost', 'annotation': spare}
+  with open(manifest, 'w') as f:
+    f.writelines(json.dumps(c) + '\n' for c in clips)
+    f.write('{"id": broken json\n\n')
+  with open(labels, 'w') as f:
+    f.writelines(json.dumps(a, ensure_ascii=False) + '\n' for a in anns.values())
+  return manifest, labels
+
+
+def _run(dataset, out, *extra):
+  manifest, labels = dataset
+  return preprocess.main(['--manifest', manifest, '--annotations', labels, '--out', str(out),
+                          '--quiet', *extra])
+
+
+def _rejects(out):
+  return [json.loads(line) for line in open(os.path.join(out, 'rejects.jsonl'))]
+
+
+def _record_ids(out):
+  return [r['id'] for r in records.iter_records(records.shard_paths(os.path.join(out, 'sft')))]
+
+
+def test_every_clip_is_a_record_or_a_reject_with_its_reason(dataset, tmp_path):
+  stats = _run(dataset, tmp_path)
+  assert sorted(_record_ids(tmp_path)) == GOOD
+  rejects = _rejects(tmp_path)
+  assert sorted(((r['id'], r['reason']) for r in rejects), key=str) == sorted(
+      EXPECTED_REJECTS.items(), key=str)
+  assert all(r['message'] for r in rejects)
+  by_id = {r['id']: r['message'] for r in rejects}
+  assert "field 'sentiment_analysis'" in by_id['demo-0004']
+  assert 'empty.wav: empty file' in by_id['bad-empty-wav']
+  assert '40.00 s > 30.0 s' in by_id['bad-long']
+
+  manifest_lines = sum(1 for line in open(dataset[0]) if line.strip())
+  assert stats['clips'] == manifest_lines == sum(stats['outcomes'].values())
+  assert stats['records'] == stats['outcomes']['ok'] == len(GOOD)
+  assert stats['rejects'] == len(rejects) == (
+      stats['clips'] - stats['records'] + sum(stats['annotation_rejects'].values()))
+  assert stats['tokens']['total']['count'] == len(GOOD) and stats['complete']
+  assert sum(stats['total_tokens_histogram'].values()) == len(GOOD)
+  assert stats['duration_seconds']['max'] <= 4.0
+
+
+def test_records_hold_the_clip_and_its_sed_target(dataset, tmp_path):
+  _run(dataset, tmp_path)
+  tokenizer = prompt.load_tokenizer()
+  clips = {}
+  for line in open(dataset[0]):
+    if line.startswith('{"id": "demo'):
+      clips.setdefault(json.loads(line)['id'], json.loads(line))   # the first of a duplicate id
+  anns = dict(annotation.read_annotations(dataset[1]))
+  base = os.path.dirname(dataset[0])
+  for record in records.iter_records(records.shard_paths(str(tmp_path / 'sft'))):
+    clip = clips[record['id']]
+    assert (record['lang'], record['subset']) == (clip['lang'], clip['subset'])
+    # Audio: the separate wav when the manifest names one, else the mp4's own track.
+    waveform = media.load_audio(os.path.join(base, clip.get('audio', clip['video'])))
+    assert record['input_features'].shape == (128, media.feature_length(len(waveform)))
+    frames = record['frames']
+    assert frames.shape[1] % 28 == 0 and frames.shape[2] % 28 == 0 and len(frames) % 2 == 0
+    assert frames.shape[1] * frames.shape[2] <= media.VIDEO_MAX_PIXELS
+    ids, labels = record['input_ids'], record['labels']
+    n_audio = prompt.audio_token_count(record['input_features'].shape[1])
+    n_video = len(frames) // 2 * (frames.shape[1] // 28) * (frames.shape[2] // 28)
+    assert np.sum(ids == prompt.OmniTokenIds.audio) == n_audio
+    assert np.sum(ids == prompt.OmniTokenIds.video) == n_video
+    assert record['use_audio_in_video'] and record['video_fps'] == 2.0
+    # The trained tokens spell the SED target of the clip's annotation, in its language.
+    target = sed.response_text(sed.sed_target(anns[record['id']], clip['lang']))
+    assert tokenizer.decode(labels[labels != -100]) == target + '<|im_end|>\n'
+    assert np.all(labels[:records.prompt_length(record)] == -100)
+    assert set(record['segments'][labels != -100].tolist()) == {1, 2, 3}
+
+
+def test_rerun_does_nothing_new(dataset, tmp_path):
+  _run(dataset, tmp_path)
+  shard = tmp_path / 'sft-00000-of-00001.array_record'
+  before = shard.stat().st_mtime_ns, _rejects(tmp_path)
+  stats = _run(dataset, tmp_path)
+  assert (shard.stat().st_mtime_ns, _rejects(tmp_path)) == before
+  assert stats['records'] == len(GOOD) and sorted(_record_ids(tmp_path)) == GOOD
+
+
+def test_shards_on_separate_runs_cover_every_clip_once(dataset, tmp_path):
+  one = _run(dataset, tmp_path / 'one')
+  out = tmp_path / 'two'
+  # Shard 1 as its own program with a process pool, shard 0 in this process: as on two machines.
+  manifest, labels = dataset
+  subprocess.run([sys.executable, str(ROOT / 'tools' / 'preprocess.py'), '--manifest', manifest,
+                  '--annotations', labels, '--out', str(out), '--num_shards', '2',
+                  '--shard_index', '1', '--workers', '2', '--quiet'], check=True)
+  partial = json.load(open(out / 'stats.json'))
+  assert partial['shards_done'] == [1] and not partial['complete']
+  two = _run(dataset, out, '--num_shards', '2', '--shard_index', '0')
+  per_shard = [[r['id'] for r in records.iter_records(str(out / records.shard_name('sft', i, 2)))]
+               for i in range(2)]
+  assert all(per_shard) and not set(per_shard[0]) & set(per_shard[1])
+  assert sorted(per_shard[0] + per_shard[1]) == GOOD
+  assert two['complete'] and two['outcomes'] == one['outcomes']
+  assert two['annotation_rejects'] == one['annotation_rejects']
+  key = lambda r: (str(r['id']), r['reason'])
+  assert sorted(_rejects(out), key=key) == sorted(_rejects(tmp_path / 'one'), key=key)
+
+  # A run killed before shard 1 finished: its marker is missing, a temporary file lingers.
+  os.remove(out / 'parts' / 'stats-00001-of-00002.json')
+  (out / 'sft-00001-of-00002.array_record.tmp-999').write_bytes(b'partial')
+  shard0 = out / 'sft-00000-of-00002.array_record'
+  mtime0 = shard0.stat().st_mtime_ns
+  again = _run(dataset, out, '--num_shards', '2')
+  assert shard0.stat().st_mtime_ns == mtime0           # the finished shard is not redone
+  assert sorted(_record_ids(out)) == GOOD              # nothing duplicated
+  assert again['outcomes'] == one['outcomes'] and again['complete']
+
+
+def test_demo_data_is_deterministic_and_labels_follow_the_content(tmp_path):
+  first = make_demo_data.make_demo_data(str(tmp_path / 'a'), n=8, seed=3)
+  second = make_demo_data.make_demo_data(str(tmp_path / 'b'), n=8, seed=3)
+  other = make_demo_data.make_demo_data(str(tmp_path / 'c'), n=8, seed=4)
+  read = lambda path: open(path, encoding='utf-8').read()
+  assert read(first[0]) == read(second[0]) and read(first[1]) == read(second[1])
+  assert read(first[1]) != read(other[1])
+  clips = [json.loads(line) for line in open(first[0])]
+  anns = [json.loads(line)['annotation'] for line in open(first[1])]
+  assert {c['lang'] for c in clips} == {'en', 'zh'}
+  for clip, ann in zip(clips, anns):
+    annotation.validate_annotation(ann, clip['id'])
+    lang = clip['lang']
+    assert (clip['subset'] == 'consistent') == (clip['face'] == clip['voice'])
+    assert ann['facial_exp_desc'] == make_demo_data.TEXT[lang]['face'][clip['face']]
+    assert ann['audio_desc']['acoustic_feat'] == make_demo_data.TEXT[lang]['voice'][clip['voice']]
+    info = media.probe(tmp_path / 'a' / clip['video'])
+    assert info.has_video and (info.width, info.height) == (160, 128)
+    assert info.has_audio == ('audio' not in clip)
+    # The voice is what the annotation says: loudness alone tells the four voices apart.
+    waveform = media.load_audio(tmp_path / 'a' / clip.get('audio', clip['video']))
+    assert abs(len(waveform) / 16000 - info.duration) < 0.1
+    rms = float(np.sqrt(np.mean(waveform ** 2)))
+    bounds = {'sad': (0.05, 0.09), 'neutral': (0.10, 0.145), 'happy': (0.145, 0.19),
+              'angry': (0.19, 0.3)}
+    low, high = bounds[clip['voice']]
+    assert low < rms < high, (clip['voice'], rms)

@@ -1,0 +1,212 @@
+"""Record blobs round-trip, bad blobs fail naming the record and field, and shards are
+written atomically."""
+
+import math
+import os
+
+import msgpack
+import numpy as np
+import pytest
+
+from saber_jax.data import annotation, prompt, records, sed
+
+
+def _sft_fields(rng, clip_id='clip-1', with_image=False):
+  length = 37
+  labels = np.full(length, sed.IGNORE_INDEX, np.int32)
+  labels[20:] = rng.integers(0, 1000, length - 20)
+  fields = dict(
+      id=clip_id, lang='en', subset='consistent', duration=3.25,
+      input_ids=rng.integers(0, 151000, length).astype(np.int32), labels=labels,
+      segments=np.repeat(np.array([0, 1, 2, 3], np.int8), [20, 6, 6, 5]),
+      input_features=rng.standard_normal((128, 53)).astype(np.float32),
+      frames=rng.integers(0, 256, (4, 56, 84, 3)).astype(np.uint8), video_fps=2.0,
+      use_audio_in_video=True)
+  if with_image:
+    fields['image'] = rng.integers(0, 256, (30, 40, 3)).astype(np.uint8)
+  return fields
+
+
+def _assert_same(decoded, fields):
+  for key, value in fields.items():
+    if isinstance(value, np.ndarray):
+      assert decoded[key].dtype == value.dtype and decoded[key].shape == value.shape, key
+      np.testing.assert_array_equal(decoded[key], value)
+    else:
+      assert decoded[key] == value and type(decoded[key]) is type(value), key
+
+
+def test_sft_record_round_trips_every_field():
+  fields = _sft_fields(np.random.default_rng(0), with_image=True)
+  decoded = records.decode_record(records.encode_sft_record(**fields))
+  _assert_same(decoded, fields)
+  assert decoded['kind'] == records.SFT and decoded['schema_version'] == records.SCHEMA_VERSION
+
+
+def test_audio_only_record_has_no_video_fields():
+  fields = _sft_fields(np.random.default_rng(1))
+  del fields['frames'], fields['video_fps']
+  fields['use_audio_in_video'] = False
+  decoded = records.decode_record(records.encode_sft_record(**fields))
+  assert 'frames' not in decoded and 'video_fps' not in decoded
+  _assert_same(decoded, fields)
+
+
+def test_preference_record_round_trips_and_defaults_to_nan():
+  rng = np.random.default_rng(2)
+  fields = dict(id='pair-1', clip_id='clip-1', lang='zh', subset='inconsistent', duration=1.5,
+                prompt_ids=rng.integers(0, 1000, 12).astype(np.int32),
+                chosen_ids=rng.integers(0, 1000, 5).astype(np.int32),
+                rejected_ids=rng.integers(0, 1000, 7).astype(np.int32),
+                chosen_segments=np.array([1, 1, 2, 3, 3], np.int8),
+                rejected_segments=np.full(7, 3, np.int8), chosen='好', rejected='坏',
+                chosen_score=8.5, rejected_score=2.0, margin=6.5,
+                input_features=rng.standard_normal((128, 9)).astype(np.float32))
+  decoded = records.decode_record(records.encode_preference_record(**fields))
+  _assert_same(decoded, fields)
+  assert math.isnan(decoded['ref_chosen_logps']) and math.isnan(decoded['ref_rejected_logps'])
+
+
+@pytest.mark.parametrize('blob', [b'', b'\xc1garbage', msgpack.packb([1, 2, 3])])
+def test_malformed_blob_is_a_record_error_naming_where(blob):
+  with pytest.raises(records.RecordError, match=r'shard-3\.array_record:17: not a saber_jax record'):
+    records.decode_record(blob, 'shard-3.array_record:17')
+
+
+@pytest.mark.parametrize('change, field', [
+    (lambda r: r.pop('labels'), 'labels'),
+    (lambda r: r.update(labels=r['labels'][:-1]), 'labels'),
+    (lambda r: r.update(input_ids=r['input_ids'].astype(np.int64)), 'input_ids'),
+    (lambda r: r.update(frames=r['frames'][..., 0]), 'frames'),
+    (lambda r: r.pop('video_fps'), 'video_fps'),
+    (lambda r: r.update(schema_version=records.SCHEMA_VERSION + 1), 'schema_version'),
+    (lambda r: r.update(kind='mystery'), 'kind'),
+    (lambda r: r.update(duration='3 s'), 'duration'),
+    (lambda r: r.pop('input_features'), 'use_audio_in_video'),
+])
+def test_bad_field_is_named_with_the_record_id(change, field):
+  record = records.unpack(records.encode_sft_record(**_sft_fields(np.random.default_rng(3))))
+  record = {k: np.array(v) if isinstance(v, np.ndarray) else v for k, v in record.items()}
+  change(record)
+  with pytest.raises(records.RecordError, match=rf"f.rec:4: record 'clip-1': field '{field}'"):
+    records.decode_record(records.pack(record), 'f.rec:4')
+
+
+def test_encoder_refuses_what_the_decoder_would_refuse():
+  fields = _sft_fields(np.random.default_rng(4))
+  fields['segments'] = fields['segments'][:5]
+  with pytest.raises(records.RecordError, match="field 'segments'"):
+    records.encode_sft_record(**fields)
+
+
+def test_preference_from_sft_keeps_the_sft_tokenization():
+  """With the SFT target as the chosen text, prompt + chosen reproduces the SFT row."""
+  tokenizer = prompt.load_tokenizer()
+  ann = annotation.validate_annotation({
+      'video_desc': 'A kitchen.', 'audio_desc': {'speech_content': 'Hello there.',
+                                                 'acoustic_feat': 'Calm, low voice.'},
+      'facial_exp_desc': 'A slight smile.', 'body_lang_desc': 'Arms crossed.',
+      'sentiment_analysis': 'Mildly positive.'}, 'c1')
+  target = sed.sed_target(ann, 'en')
+  prompt_ids = prompt.build_prompt(tokenizer, text=sed.sed_instruction('en'), audio_lengths=[120])
+  example = sed.build_sft_example(tokenizer, prompt_ids, target)
+  rng = np.random.default_rng(5)
+  sft = records.decode_record(records.encode_sft_record(
+      id='c1', lang='en', duration=1.2, **example,
+      input_features=rng.standard_normal((128, 120)).astype(np.float32)))
+  assert records.prompt_length(sft) == len(prompt_ids)
+  pair = records.decode_record(records.preference_from_sft(
+      sft, tokenizer, chosen=sed.response_text(target), rejected='Holistic reasoning:\nAngry.',
+      pair_id='c1#0', chosen_score=9, rejected_score=1, margin=8))
+  np.testing.assert_array_equal(pair['prompt_ids'], prompt_ids)
+  np.testing.assert_array_equal(np.concatenate([pair['prompt_ids'], pair['chosen_ids']]),
+                                example['input_ids'])
+  np.testing.assert_array_equal(pair['chosen_segments'], example['segments'][len(prompt_ids):])
+  assert set(pair['rejected_segments'].tolist()) == {sed.REASONING}
+  assert tokenizer.decode(pair['rejected_ids']) == 'Holistic reasoning:\nAngry.<|im_end|>\n'
+  np.testing.assert_array_equal(pair['input_features'], sft['input_features'])
+  assert (pair['id'], pair['clip_id'], pair['margin']) == ('c1#0', 'c1', 8.0)
+  with pytest.raises(ValueError, match="pair 'c1#1': rejected"):
+    records.preference_from_sft(sft, tokenizer, chosen='ok', rejected=' leading space',
+                                pair_id='c1#1')
+
+
+def _blobs(n, prefix='r'):
+  rng = np.random.default_rng(6)
+  return [records.encode_sft_record(**_sft_fields(rng, f'{prefix}{i}')) for i in range(n)]
+
+
+def test_shards_read_back_in_order(tmp_path):
+  prefix = str(tmp_path / 'sft')
+  blobs = _blobs(5)
+  for index, part in enumerate((blobs[:3], blobs[3:])):
+    assert records.write_records(records.shard_name(prefix, index, 2), part) == len(part)
+  paths = records.shard_paths(prefix)
+  assert [os.path.basename(p) for p in paths] == ['sft-00000-of-00002.array_record',
+                                                  'sft-00001-of-00002.array_record']
+  assert records.count_records(paths) == 5
+  read = list(records.read_records(paths, chunk=2))
+  assert [blob for _, blob in read] == blobs
+  assert read[4][0] == f'{paths[1]}:1'
+  assert [r['id'] for r in records.iter_records(paths)] == [f'r{i}' for i in range(5)]
+
+
+def test_missing_shard_is_named(tmp_path):
+  prefix = str(tmp_path / 'sft')
+  records.write_records(records.shard_name(prefix, 1, 3), _blobs(1))
+  with pytest.raises(FileNotFoundError, match=r'2 of 3 shards missing, e\.g\. .*sft-00000-of-00003'):
+    records.shard_paths(prefix)
+
+
+def test_a_failed_write_leaves_no_shard_and_keeps_the_old_one(tmp_path):
+  path = str(tmp_path / records.shard_name('sft', 0, 1))
+  blobs = _blobs(3)
+
+  def dies_midway():
+    yield blobs[0]
+    yield blobs[1]
+    raise KeyboardInterrupt  # a killed writer
+
+  with pytest.raises(KeyboardInterrupt):
+    records.write_records(path, dies_midway())
+  assert os.listdir(tmp_path) == []          # neither the shard nor a temporary file
+  records.write_records(path, blobs[:1])
+  with pytest.raises(KeyboardInterrupt):
+    records.write_records(path, dies_midway())
+  assert os.listdir(tmp_path) == [os.path.basename(path)]
+  assert [b for _, b in records.read_records(path)] == blobs[:1]
+
+
+def _pairs(n):
+  rng = np.random.default_rng(7)
+  return [records.encode_preference_record(
+      id=f'p{i}', lang='en', duration=1.0, prompt_ids=[1, 2, 3], chosen_ids=[4, 5],
+      rejected_ids=[6], chosen_segments=[3, 3], rejected_segments=[3], chosen='a', rejected='b',
+      input_features=rng.standard_normal((128, 4)).astype(np.float32)) for i in range(n)]
+
+
+def test_fill_reference_logps_rewrites_shards(tmp_path):
+  prefix = str(tmp_path / 'pairs')
+  paths = [records.shard_name(prefix, i, 2) for i in range(2)]
+  pairs = _pairs(5)
+  records.write_records(paths[0], pairs[:2])
+  records.write_records(paths[1], pairs[2:])
+  out = tmp_path / 'filled'
+  logps = {f'p{i}': (-10.0 - i, -20.0 - i) for i in range(5)}
+  assert records.fill_reference_logps(paths, logps, out_dir=str(out)) == {'filled': 5, 'kept': 0}
+  filled = list(records.iter_records(records.shard_paths(str(out / 'pairs'))))
+  assert [(r['id'], r['ref_chosen_logps'], r['ref_rejected_logps']) for r in filled] == [
+      (f'p{i}', -10.0 - i, -20.0 - i) for i in range(5)]
+  assert all(math.isnan(r['ref_chosen_logps']) for r in records.iter_records(paths))  # inputs kept
+  np.testing.assert_array_equal(filled[3]['input_features'],
+                                records.decode_record(pairs[3])['input_features'])
+
+  # In place, by position in the files, keeping the pairs that have no value.
+  counts = records.fill_reference_logps(paths, {0: (-1.0, -2.0), 4: (-3.0, -4.0)}, key='index',
+                                        missing='keep')
+  assert counts == {'filled': 2, 'kept': 3}
+  values = [r['ref_chosen_logps'] for r in records.iter_records(paths)]
+  assert values[0] == -1.0 and values[4] == -3.0 and all(math.isnan(v) for v in values[1:4])
+  with pytest.raises(records.RecordError, match="record 'p1': no reference log-probs given"):
+    records.fill_reference_logps(paths, {'p0': (0.0, 0.0)})
+  assert sorted(os.listdir(tmp_path)) == ['filled', *[os.path.basename(p) for p in paths]]

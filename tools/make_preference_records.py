@@ -1,0 +1,88 @@
+"""Preference records for CA-DPO: each pair of a pairs JSONL (make_pairs.py) joined with the
+prompt and media of its clip's SFT record (preprocess.py).
+
+  python tools/make_preference_records.py --pairs pairs/pairs.jsonl \
+      --sft_records records/sft --out pref/
+
+Writes `OUT/pref-00000-of-00001.array_record` (ref log-probs empty until the reference
+pass), `OUT/rejects.jsonl` (pairs that cannot become a record, with the reason) and
+`OUT/stats.json`. A pair's `id` is its clip id; the record id is `<clip id>#<k>`.
+A finished output (stats.json present) is left alone unless --force.
+"""
+
+import argparse
+import collections
+import json
+import os
+
+import tqdm
+
+from saber_jax.data import prompt, records
+
+
+def read_pairs(path: str) -> dict[str, list[dict]]:
+  """Pairs grouped by clip id, in file order; a malformed line names the file and line."""
+  by_clip = collections.defaultdict(list)
+  with open(path) as f:
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        pair = json.loads(line)
+        by_clip[str(pair['id'])].append(pair)
+      except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f'{path}:{number}: not a pair object with an "id": {e}') from None
+  return by_clip
+
+
+def make_records(pairs_path: str, sft_records: str, out: str, tokenizer) -> dict:
+  pairs = read_pairs(pairs_path)
+  rejects, made = [], collections.Counter()
+
+  def blobs():
+    for where, blob in records.read_records(records.shard_paths(sft_records)):
+      record = records.decode_record(blob, where)
+      for k, pair in enumerate(pairs.pop(record['id'], [])):
+        try:
+          yield records.preference_from_sft(
+              record, tokenizer, chosen=pair['chosen'], rejected=pair['rejected'],
+              pair_id=f'{record["id"]}#{k}', subset=pair.get('subset'),
+              chosen_score=pair.get('chosen_score'), rejected_score=pair.get('rejected_score'),
+              margin=pair.get('margin'))
+          made[record.get('subset') or 'all'] += 1
+        except (KeyError, ValueError) as e:
+          rejects.append({'id': f'{record["id"]}#{k}', 'reason': f'{type(e).__name__}: {e}'})
+
+  os.makedirs(out, exist_ok=True)
+  records.write_records(os.path.join(out, records.shard_name('pref', 0, 1)),
+                        tqdm.tqdm(blobs(), desc='pairs', unit=' records'))
+  for clip_id, left in pairs.items():
+    rejects += [{'id': f'{clip_id}#{k}', 'reason': 'no SFT record for this clip'}
+                for k in range(len(left))]
+  with open(os.path.join(out, 'rejects.jsonl'), 'w') as f:
+    f.writelines(json.dumps(r, ensure_ascii=False) + '\n' for r in rejects)
+  stats = {'records': sum(made.values()), 'by_subset': dict(made), 'rejected': len(rejects)}
+  with open(os.path.join(out, 'stats.json'), 'w') as f:
+    json.dump(stats, f, indent=2)
+  return stats
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--pairs', required=True, help='pairs JSONL of make_pairs.py')
+  parser.add_argument('--sft_records', required=True, help='SFT shard prefix or files')
+  parser.add_argument('--out', required=True)
+  parser.add_argument('--tokenizer', default=None, help='HF tokenizer dir (default: offline Qwen)')
+  parser.add_argument('--force', action='store_true')
+  args = parser.parse_args(argv)
+  if os.path.exists(os.path.join(args.out, 'stats.json')) and not args.force:
+    print(f'{args.out} is done (stats.json present); --force to rebuild')
+    return
+  stats = make_records(args.pairs, args.sft_records, args.out,
+                       prompt.load_tokenizer(args.tokenizer))
+  print(json.dumps(stats))
+
+
+if __name__ == '__main__':
+  main()
