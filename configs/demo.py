@@ -20,7 +20,12 @@ def get_config(arg=None):
   c.model.remat = 'none'
   c.mesh = (-1, 1, 1)
   c.data.batch_size = 8
-  c.data.length_buckets = (512, 1024)
+  # One shape per stage, so each compiles once: the demo clips fit these sizes.
+  c.data.length_buckets = (512,)
+  c.data.min_audio_chunks = 16
+  c.data.min_patches = 3072
+  c.data.min_vision_blocks = 128
+  c.data.min_frame_len = 128
   c.data.num_epochs = None            # repeat; the steps below bound each stage
   c.checkpoint.every_steps = 20
   c.log_every = 5
@@ -29,6 +34,6 @@ def get_config(arg=None):
   c.pipeline = ml_collections.ConfigDict(dict(
       num_clips=32,
       # Each stage's changes to the fields above.
-      sft=dict(optim=dict(lr=3e-3, total_steps=60, warmup_steps=5)),
-      dpo=dict(optim=dict(lr=5e-4, total_steps=30, warmup_steps=3), data=dict(batch_size=4))))
+      sft=dict(optim=dict(lr=3e-3, total_steps=40, warmup_steps=4)),
+      dpo=dict(optim=dict(lr=5e-4, total_steps=20, warmup_steps=2), data=dict(batch_size=4))))
   return c

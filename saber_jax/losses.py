@@ -64,12 +64,21 @@ def _map_over_sequence(chunk_fn: Callable, seq_len: int, chunk_size: int, *array
   Full chunks go through `lax.map` with dynamic slices (no copy or pad of the big
   input); a shorter tail chunk is handled by one extra call. `chunk_fn` is wrapped in
   `jax.checkpoint`, so the backward pass recomputes each chunk's float32 logits instead
-  of keeping all of them alive.
+  of keeping all of them alive. The last array holds the targets: a chunk with no
+  trained target (all prompt or padding) skips the vocabulary projection, forward and
+  backward, and scores 0.
   """
   if chunk_size <= 0:
     raise ValueError(f'chunk_size must be positive, got {chunk_size}')
   chunk_size = min(chunk_size, seq_len)
-  chunk_fn = jax.checkpoint(chunk_fn)
+  out_dtype = _at_least_f32(arrays[0].dtype)
+  scored = chunk_fn
+
+  @jax.checkpoint           # outside the cond, so the backward keeps only the inputs
+  def chunk_fn(*chunks):
+    targets = chunks[-1]
+    return jax.lax.cond(jnp.any(targets != IGNORE_INDEX), scored,
+                        lambda *_: jnp.zeros(targets.shape, out_dtype), *chunks)
   num_full = seq_len // chunk_size
   pieces = []
   if num_full:

@@ -30,6 +30,8 @@ def initialize_distributed(config) -> None:
   d = config.distributed
   if d.initialize == 'never':
     return
+  # CPU processes (tests, laptops) reduce over gloo; GPUs and TPUs use their own.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   if d.coordinator_address:
     jax.distributed.initialize(coordinator_address=d.coordinator_address,
                                num_processes=d.num_processes or None,
@@ -43,6 +45,9 @@ def main(argv):
   del argv
   config = _CONFIG.value
   logging.set_verbosity(logging.WARNING)     # Orbax logs every save step at INFO
+  if config.compilation_cache:
+    # Restarts and later stages reuse compiled steps instead of compiling again.
+    jax.config.update('jax_compilation_cache_dir', os.path.expanduser(config.compilation_cache))
   initialize_distributed(config)
   if jax.process_index() == 0:
     print(f'saber_jax: mode={config.mode} devices={jax.device_count()} '

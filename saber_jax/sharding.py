@@ -7,11 +7,13 @@ mesh shape. The mesh uses `AxisType.Auto`: shardings are declared on params and 
 and XLA propagates them through the step.
 """
 
+import hashlib
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
@@ -92,7 +94,19 @@ def _batch_axis(path) -> int:
 
 def global_batch(batch: dict, mesh: Mesh) -> dict:
   """Host-local numpy batch -> global arrays, rows (and media shards) split over the
-  batch axes ('data', 'fsdp') when they divide them, replicated otherwise."""
+  batch axes ('data', 'fsdp') when they divide them, replicated otherwise. With several
+  processes every one must bring the same shapes (one bucket per step)."""
+  if jax.process_count() > 1:
+    shapes = [(jax.tree_util.keystr(p), np.shape(x)) for p, x in
+              jax.tree_util.tree_leaves_with_path(batch)]
+    signature = np.frombuffer(hashlib.sha256(repr(shapes).encode()).digest(), np.uint8)
+    try:
+      multihost_utils.assert_equal(signature)
+    except AssertionError:
+      raise ValueError(f'process {jax.process_index()} has batch shapes {shapes} unlike '
+                       'another process: use one length bucket and media floors that fit '
+                       'every clip (data.length_buckets, data.min_*)') from None
+
   def place(path, x):
     x = np.asarray(x)
     axis = _batch_axis(path)

@@ -8,7 +8,8 @@ import numpy as np
 import torch
 from transformers import Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration
 
-from saber_jax.models.rope import audio_token_count, chunk_bounds
+from saber_jax.models.audio import audio_token_count
+from saber_jax.models.rope import chunk_bounds
 
 AUD, IMG, VID, A_BOS, A_EOS, USER, V_BOS, V_EOS = 1, 2, 3, 4, 5, 6, 7, 8
 FIRST_TEXT_ID = 10

@@ -29,6 +29,9 @@ from typing import Sequence
 
 import numpy as np
 
+from saber_jax.models.audio import audio_token_count
+from saber_jax.models.rope import chunk_bounds
+
 # What the HF chat template inserts when the conversation has no system message, and
 # the default system of ms-swift's qwen2_5_omni template (QwenTemplateMeta), which the
 # SABER release's `swift infer` script uses (it passes no --system).
@@ -196,16 +199,6 @@ def load_tokenizer(path: str | os.PathLike | None = None):
 
 # ------------------------------------------------------------------ placeholder expansion
 
-def audio_token_count(mel_frames: int) -> int:
-  """<|AUDIO|> tokens for a clip of `mel_frames` valid frames.
-
-  Conv stride 2 then pooling stride 2; mirrors `_get_feat_extract_output_lengths`.
-  """
-  if mel_frames < 1:
-    raise ValueError(f'an audio clip needs at least 1 mel frame, got {mel_frames}')
-  return ((mel_frames - 1) // 2 + 1 - 2) // 2 + 1
-
-
 def vision_token_count(grid_thw: Sequence[int], merge_size: int = 2) -> int:
   """Placeholder tokens of one image / video grid (t, h, w in patches): t*h*w / merge^2."""
   t, h, w = (int(x) for x in grid_thw)
@@ -228,23 +221,6 @@ def video_token_times(grid_thw: Sequence[int], second_per_grid: float, merge_siz
   return np.repeat(np.arange(t), per_frame) * second_per_grid * position_id_per_seconds
 
 
-def chunk_bounds(values: np.ndarray, tokens_per_chunk: int) -> list[tuple[int, int]]:
-  """[start, end) slices of the ascending `values`, one per TMRoPE chunk.
-
-  A slice ends where a value reaches the running limit c, 2c, 3c, ... (c =
-  `tokens_per_chunk`); the limit grows by c per slice, so values that jump over
-  several windows open one slice each until the limit catches up. Mirrors
-  `Qwen2_5OmniProcessor.get_chunked_index` exactly, that quirk included.
-  """
-  bounds, start, limit = [], 0, tokens_per_chunk
-  for i, value in enumerate(values):
-    if value >= limit:
-      bounds.append((start, i))
-      start, limit = i, limit + tokens_per_chunk
-  bounds.append((start, len(values)))
-  return bounds
-
-
 def audio_block(mel_frames: int, ids: OmniTokenIds = OmniTokenIds()) -> list[int]:
   return [ids.audio_bos] + [ids.audio] * audio_token_count(mel_frames) + [ids.audio_eos]
 
@@ -265,8 +241,8 @@ def video_block(grid_thw: Sequence[int], *, second_per_grid: float | None = None
     raise ValueError('a video with its audio track needs second_per_grid to interleave the two')
   per_chunk = int(position_id_per_seconds * seconds_per_chunk)
   video_chunks = chunk_bounds(video_token_times(grid_thw, second_per_grid, merge_size,
-                                                position_id_per_seconds), per_chunk)
-  audio_chunks = chunk_bounds(np.arange(audio_token_count(audio_mel_frames)), per_chunk)
+                                                position_id_per_seconds), per_chunk, 0)
+  audio_chunks = chunk_bounds(np.arange(audio_token_count(audio_mel_frames)), per_chunk, 0)
   tokens = [ids.vision_bos, ids.audio_bos]
   for j in range(max(len(video_chunks), len(audio_chunks))):
     if j < len(video_chunks):

@@ -11,13 +11,9 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 import numpy as np
 
+from saber_jax.models.audio import audio_token_count
 from saber_jax.models.config import ThinkerConfig
 from saber_jax.models.layers import rotate_half
-
-
-def audio_token_count(num_frames):
-  """`<|AUDIO|>` tokens of a clip with `num_frames` valid mel frames (conv stride 2, pool 2)."""
-  return ((np.asarray(num_frames) - 1) // 2 + 1 - 2) // 2 + 1
 
 
 def chunk_bounds(values: np.ndarray, per_chunk: int, offset: int) -> list[tuple[int, int]]:

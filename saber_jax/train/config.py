@@ -15,6 +15,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.mode = 'sft'              # sft | ref_logps | dpo | pipeline | generate
   c.workdir = 'workdir'
   c.seed = 0
+  c.compilation_cache = '~/.cache/saber_jax/xla'   # persistent XLA cache; '' to disable
   c.dry_run = False           # compile the step on the mesh and report per-device memory
   c.dry_run_seq_len = 4096
 

@@ -1,0 +1,142 @@
+"""`python -m saber_jax.main` end to end, as real processes: kill-and-resume gives the same
+losses, two jax.distributed processes match one, the 7B dry run reports its memory, and
+the demo pipeline trains both stages."""
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / 'tools'))
+import make_demo_data  # noqa: E402
+import preprocess  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+# The demo config (tiny model) reduced to a short SFT run on fixed shapes.
+SFT_ARGS = ['--config=configs/demo.py', '--config.mode=sft', '--config.optim.lr=3e-3',
+            '--config.log_every=1', '--config.data.batch_size=4',
+            '--config.data.length_buckets=(1024,)', '--config.data.num_epochs=None']
+
+
+@pytest.fixture(scope='module')
+def sft_records(tmp_path_factory):
+  root = tmp_path_factory.mktemp('main')
+  manifest, labels = make_demo_data.make_demo_data(str(root / 'clips'), n=12, seed=3)
+  preprocess.main(['--manifest', manifest, '--annotations', labels, '--out', str(root / 'sft'),
+                   '--quiet'])
+  return str(root / 'sft' / 'sft')
+
+
+def _env(devices: int) -> dict:
+  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  env.pop('JAX_COORDINATOR_ADDRESS', None)
+  return env
+
+
+def _main(args, workdir, devices=1, **kwargs) -> subprocess.Popen:
+  return subprocess.Popen([sys.executable, '-m', 'saber_jax.main', *args,
+                           f'--config.workdir={workdir}'], cwd=ROOT, env=_env(devices),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def _run(args, workdir, devices=1, timeout=600) -> str:
+  process = _main(args, workdir, devices)
+  out, _ = process.communicate(timeout=timeout)
+  assert process.returncode == 0, out[-4000:]
+  return out
+
+
+def _losses(workdir, stage='sft') -> dict[int, float]:
+  """step -> loss of metrics.jsonl (the latest line of each step)."""
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    rows = [json.loads(line) for line in f]
+  return {r['step']: r['loss'] for r in rows if r['stage'] == stage}
+
+
+def test_killed_runs_resume_with_the_same_losses(sft_records, tmp_path):
+  args = SFT_ARGS + [f'--config.sft_records={sft_records}', '--config.optim.total_steps=8',
+                     '--config.checkpoint.every_steps=2']
+  _run(args, tmp_path / 'straight')
+  want = _losses(tmp_path / 'straight')
+  assert sorted(want) == list(range(1, 9))
+
+  # Kill with SIGKILL as soon as the step-4 checkpoint is being written (mid-save), then
+  # once more mid-run after it completed; each restart resumes from the last complete one.
+  workdir = tmp_path / 'killed'
+  checkpoints = workdir / 'sft' / 'checkpoints'
+  for wait_for in ('4.orbax-checkpoint-tmp', '6'):
+    process = _main(args, workdir)
+    deadline = time.time() + 400
+    while not any(p.name.startswith(wait_for) for p in checkpoints.glob('*')) \
+        and process.poll() is None and time.time() < deadline:
+      time.sleep(0.01)
+    assert process.poll() is None, process.communicate()[0][-3000:]
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+  out = _run(args, workdir)
+  assert 'resumed from step' in out
+  got = _losses(workdir)
+  assert sorted(got) == list(range(1, 9))
+  for step in want:
+    assert got[step] == pytest.approx(want[step], rel=1e-6), step
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one(sft_records, tmp_path):
+  args = SFT_ARGS + [f'--config.sft_records={sft_records}', '--config.optim.total_steps=3',
+                     '--config.checkpoint.every_steps=100']
+  # One process with 8 devices and batch 4 vs two processes of 4 devices with batch 2 each:
+  # the same 4 examples per step (one global shuffle, split by process).
+  _run(args + ['--config.data.batch_size=4', '--config.mesh=(4,1,2)'], tmp_path / 'one',
+       devices=8)
+  port = _free_port()
+  processes = [
+      _main(args + ['--config.data.batch_size=2', '--config.mesh=(4,1,2)',
+                    f'--config.distributed.coordinator_address=127.0.0.1:{port}',
+                    '--config.distributed.num_processes=2',
+                    f'--config.distributed.process_id={i}'], tmp_path / 'two', devices=4)
+      for i in range(2)]
+  outputs = [p.communicate(timeout=600)[0] for p in processes]
+  for p, out in zip(processes, outputs):
+    assert p.returncode == 0, out[-4000:]
+  assert 'processes=2' in outputs[0]
+  want, got = _losses(tmp_path / 'one'), _losses(tmp_path / 'two')
+  assert sorted(got) == [1, 2, 3]
+  for step in want:
+    assert got[step] == pytest.approx(want[step], rel=1e-5), step
+
+
+@pytest.mark.parametrize('trainable', ['full', 'lora'])
+def test_7b_dry_run_prints_per_device_memory(trainable, tmp_path):
+  out = _run([f'--config=configs/sed_sft_7b.py:{trainable}', '--config.dry_run=True',
+              '--config.optim.total_steps=10'], tmp_path, devices=8)
+  line = [l for l in out.splitlines() if l.startswith('per_device_memory_gib=')]
+  assert line, out[-3000:]
+  assert 1.0 < float(line[0].split('=')[1]) < 80.0
+
+
+def test_demo_pipeline_trains_both_stages(tmp_path):
+  start = time.time()
+  _run(['--config=configs/demo.py'], tmp_path, timeout=900)
+  elapsed = time.time() - start
+  with open(tmp_path / 'metrics.jsonl') as f:
+    rows = [json.loads(line) for line in f]
+  sft = [r for r in rows if r['stage'] == 'sft']
+  dpo = [r for r in rows if r['stage'] == 'dpo']
+  assert sft[-1]['loss'] < 0.5 * sft[0]['loss']
+  assert dpo[-1]['rewards/accuracies'] > 0.5
+  assert (tmp_path / 'dpo' / 'final' / 'thinker_config.json').exists()
+  print(f'demo pipeline: {elapsed:.0f} s')
