@@ -19,7 +19,7 @@ def get_config(arg=None):
   c.model.dtype = 'float32'
   c.model.remat = 'none'
   c.mesh = (-1, 1, 1)
-  c.data.batch_size = 8
+  c.data.batch_size = 4
   # One shape per stage, so each compiles once: the demo clips fit these sizes.
   c.data.length_buckets = (512,)
   c.data.min_audio_chunks = 16
@@ -28,12 +28,12 @@ def get_config(arg=None):
   c.data.min_frame_len = 128
   c.data.num_epochs = None            # repeat; the steps below bound each stage
   c.checkpoint.every_steps = 20
-  c.log_every = 5
+  c.log_every = 4
   c.logps_chunk_size = 128
   c.optim.weight_decay = 0.0
   c.pipeline = ml_collections.ConfigDict(dict(
       num_clips=32,
       # Each stage's changes to the fields above.
       sft=dict(optim=dict(lr=3e-3, total_steps=40, warmup_steps=4)),
-      dpo=dict(optim=dict(lr=5e-4, total_steps=20, warmup_steps=2), data=dict(batch_size=4))))
+      dpo=dict(optim=dict(lr=2e-4, total_steps=16, warmup_steps=2))))
   return c

@@ -60,24 +60,6 @@ def _unflatten(items: Iterable[tuple[tuple[str, ...], object]]) -> dict:
   return tree
 
 
-def _flatten(tree, prefix=()) -> Iterator[tuple[tuple[str, ...], object]]:
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      yield from _flatten(value, prefix + (key,))
-    else:
-      yield prefix + (key,), value
-
-
-def _unflatten(items: Iterable[tuple[tuple[str, ...], object]]) -> dict:
-  tree = {}
-  for path, value in items:
-    node = tree
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = value
-  return tree
-
-
 # --- safetensors files, read through a memory map (numpy alone has no bfloat16 reader) ---
 
 _DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': ml_dtypes.bfloat16,

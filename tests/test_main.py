@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 # The demo config (tiny model) reduced to a short SFT run on fixed shapes.
 SFT_ARGS = ['--config=configs/demo.py', '--config.mode=sft', '--config.optim.lr=3e-3',
             '--config.log_every=1', '--config.data.batch_size=4',
-            '--config.data.length_buckets=(1024,)', '--config.data.num_epochs=None']
+            '--config.data.length_buckets=(1024,)']
 
 
 @pytest.fixture(scope='module')

@@ -1,7 +1,7 @@
 """Training logs: a progress line, `workdir/metrics.jsonl` and TensorBoard event files.
 
 Only process 0 writes; every line of metrics.jsonl is one JSON object with `stage`,
-`step`, `loss` and the loss metrics.
+`step`, `loss` and the loss metrics, each the mean over the steps since the last line.
 """
 
 import json
@@ -25,6 +25,7 @@ class MetricLogger:
     self.enabled = jax.process_index() == 0
     self.start = self.last_time = time.time()
     self.last_step, self.tokens = None, 0
+    self.sums, self.count = {}, 0
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
       self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
@@ -33,15 +34,22 @@ class MetricLogger:
   def count_tokens(self, tokens: int):
     self.tokens += tokens
 
-  def write(self, step: int, metrics: dict) -> dict:
-    """Log the metrics of `step` (a dict of scalars, on host); returns the logged record."""
+  def add(self, metrics: dict):
+    """One step's metrics (host scalars); `write` logs their mean since the last write."""
+    for key, value in metrics.items():
+      self.sums[key] = self.sums.get(key, 0.0) + np.asarray(value, np.float64)
+    self.count += 1
+
+  def write(self, step: int, extra: dict) -> dict:
+    """Log the mean metrics of the steps since the last write, plus `extra`, at `step`."""
     now = time.time()
     steps = step - (self.last_step if self.last_step is not None else step - 1)
     elapsed = max(now - self.last_time, 1e-9)
-    record = {'stage': self.stage, 'step': step,
-              **{k: _scalar(v) for k, v in metrics.items()},
+    means = {k: _scalar(v / max(self.count, 1)) for k, v in self.sums.items()}
+    record = {'stage': self.stage, 'step': step, **means, **extra,
               'step_time_s': elapsed / max(steps, 1), 'tokens_per_s': self.tokens / elapsed}
     self.last_time, self.last_step, self.tokens = now, step, 0
+    self.sums, self.count = {}, 0
     if not self.enabled:
       return record
     self.jsonl.write(json.dumps(record) + '\n')

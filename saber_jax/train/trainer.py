@@ -143,20 +143,23 @@ def train(config, setup: Setup, batches: Iterator[dict], data_iterator, workdir:
     print(f'[{stage}] resumed from step {int(jax.device_get(state.step))}', flush=True)
   step = int(jax.device_get(state.step))
   logger = MetricLogger(config.workdir, stage, total_steps)
+  schedule = optim.learning_rate_schedule(config.optim)
   try:
     while step < total_steps:
       batch = next(batches)
       logger.count_tokens(int(np.sum(batch['labels'] != -100)))
       state, metrics = setup.step_fn(state, sharding.global_batch(batch, setup.mesh))
+      metrics = jax.device_get(metrics)
       step += 1
-      if not bool(jax.device_get(metrics['finite'])):
+      if not metrics['finite']:
         message = (f'[{stage}] non-finite loss or gradient at step {step} '
-                   f'(loss {float(metrics["loss"])}, grad norm {float(metrics["grad_norm"])})')
+                   f'(loss {metrics["loss"]}, grad norm {metrics["grad_norm"]})')
         if config.nonfinite != 'skip':
           raise NonFiniteError(message + '; stopping. The last checkpoint is intact.')
         print(message + '; update skipped.', flush=True)
+      logger.add(metrics)
       if step % config.log_every == 0 or step == total_steps:
-        logger.write(step, jax.device_get(metrics))
+        logger.write(step, {'lr': float(schedule((step - 1) // config.optim.grad_accum_steps))})
       checkpoint.save(mngr, step, state, data_iterator, force=step == total_steps)
     mngr.wait_until_finished()
   finally:

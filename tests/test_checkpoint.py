@@ -1,0 +1,59 @@
+"""Orbax checkpoints of the train state: restored onto another mesh and device count, and
+the final params of a stage reload as the next stage's start."""
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from hf_reference import tiny_hf_config
+from saber_jax import sharding
+from saber_jax.models import ThinkerConfig, abstract_params, init_params
+from saber_jax.train import checkpoint, optim, steps
+
+
+def _state(model_config, mesh):
+  boxed = abstract_params(model_config)
+  params = jax.device_put(nn.unbox(init_params(model_config, jax.random.key(0))),
+                          sharding.tree_shardings(boxed, mesh))
+  optimizer = optim.make_optimizer(ml_collections.ConfigDict(dict(total_steps=10)))
+  trainable, frozen = steps.split_params(params, 'llm')
+  boxed_trainable, boxed_frozen = steps.split_params(boxed, 'llm')
+  state = steps.init_state(trainable, frozen, optimizer)
+  shardings = steps.TrainState(
+      step=NamedSharding(mesh, PartitionSpec()),
+      trainable=sharding.tree_shardings(boxed_trainable, mesh),
+      frozen=sharding.tree_shardings(boxed_frozen, mesh),
+      opt_state=sharding.tree_shardings(jax.eval_shape(optimizer.init, boxed_trainable), mesh))
+  return state, shardings
+
+
+def test_state_saved_on_one_device_restores_onto_eight(tmp_path):
+  model_config = ThinkerConfig.from_hf(tiny_hf_config().to_dict())
+  one = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  eight = sharding.make_mesh((2, 4, 1))
+  state, _ = _state(model_config, one)
+  state = state.replace(step=state.step + 7)
+  mngr = checkpoint.manager(str(tmp_path), keep=2, every_steps=1)
+  checkpoint.save(mngr, 7, state)
+  mngr.wait_until_finished()
+  target, shardings = _state(model_config, eight)
+  restored = checkpoint.restore(mngr, checkpoint.abstract_like(target, shardings))
+  mngr.close()
+  assert int(restored.step) == 7
+  kernel = restored.trainable['text']['layers']['mlp']['gate_proj']['kernel']
+  assert len(kernel.sharding.device_set) == 8
+  for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_final_params_reload_with_their_config(tmp_path):
+  model_config = ThinkerConfig.from_hf(tiny_hf_config().to_dict())
+  params = nn.unbox(init_params(model_config, jax.random.key(1)))
+  checkpoint.save_params(str(tmp_path / 'final'), params, model_config)
+  config = checkpoint.params_config(str(tmp_path / 'final'))
+  assert config == model_config
+  loaded = checkpoint.load_params(str(tmp_path / 'final'), nn.unbox(abstract_params(config)))
+  for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(got, want)
