@@ -31,6 +31,8 @@ def get_config(arg=None):
   c.log_every = 4
   c.logps_chunk_size = 128
   c.optim.weight_decay = 0.0
+  c.generate.max_new_tokens = 96
+  c.generate.batch_size = 1
   c.pipeline = ml_collections.ConfigDict(dict(
       num_clips=32,
       # Each stage's changes to the fields above.

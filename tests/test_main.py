@@ -136,7 +136,9 @@ def test_demo_pipeline_trains_both_stages(tmp_path):
     rows = [json.loads(line) for line in f]
   sft = [r for r in rows if r['stage'] == 'sft']
   dpo = [r for r in rows if r['stage'] == 'dpo']
-  assert sft[-1]['loss'] < 0.5 * sft[0]['loss']
+  assert sft[-1]['loss'] < 0.6 * sft[0]['loss']
   assert dpo[-1]['rewards/accuracies'] > 0.5
   assert (tmp_path / 'dpo' / 'final' / 'thinker_config.json').exists()
+  for stage in ('sft', 'dpo'):          # one clip's answer shown after each stage
+    assert (tmp_path / f'answers_after_{stage}.jsonl').read_text().strip()
   print(f'demo pipeline: {elapsed:.0f} s')

@@ -380,7 +380,7 @@ def collate(examples: Sequence[Example | None], *, model_config: ThinkerConfig,
 # ------------------------------------------------------------------------- datasets
 
 
-def _resolve_paths(paths: str | Sequence[str]) -> list[str]:
+def resolve_paths(paths: str | Sequence[str]) -> list[str]:
   if isinstance(paths, str):
     return records.shard_paths(paths)
   paths = list(paths)
@@ -421,7 +421,7 @@ def _dataset(model_config, data_config, paths, kind, *, seed, shard_index, shard
              reference=False) -> grain.IterDataset:
   options = data_options(data_config)
   shard_index, shard_count = _process(shard_index, shard_count)
-  loader = RecordLoader(_resolve_paths(paths), kind, model_config, options,
+  loader = RecordLoader(resolve_paths(paths), kind, model_config, options,
                         require_reference=kind == records.PREFERENCE and not reference)
   n, per_step = len(loader), options.batch_size * shard_count
   if reference:
@@ -492,3 +492,21 @@ def reference_batches(model_config: ThinkerConfig, data_config: Any,
   key='index')`."""
   return iter(_dataset(model_config, data_config, paths, records.PREFERENCE, seed=0,
                        shard_index=shard_index, shard_count=shard_count, reference=True))
+
+
+def prompt_batch(record_list: Sequence[dict], model_config: ThinkerConfig,
+                 where: str = 'records') -> dict[str, Any]:
+  """The prompts of decoded records (an SFT record's tokens before its first trained label,
+  a preference record's `prompt_ids`) with their media, as one right-padded
+  processor-style batch: what generation starts from."""
+  examples = []
+  for record in record_list:
+    prompt = (np.asarray(record['prompt_ids']) if record['kind'] == records.PREFERENCE
+              else np.asarray(record['input_ids'])[:records.prompt_length(record)])
+    row = dict(input_ids=prompt, labels=np.full(len(prompt), sed.IGNORE_INDEX, np.int32),
+               segments=np.zeros(len(prompt), np.int8))
+    examples.append(Example([row], _media_of(record, model_config, where), False, index=-1))
+  length = max(len(e.rows[0]['input_ids']) for e in examples)
+  batch = _group_batch(examples, 1, length)
+  del batch['labels'], batch['segments']
+  return batch

@@ -33,7 +33,12 @@ class Thinker(nn.Module):
     self.text = TextModel(c.text, **kw)
 
   def __call__(self, inputs: Mapping[str, Any]):
-    """Hidden states [B, L, H] of the `model_inputs` arrays.
+    """Hidden states [B, L, H] of the `model_inputs` arrays."""
+    return self.text(self.embed(inputs), inputs['position_ids'],
+                     attention_mask(inputs['attention_mask']))
+
+  def embed(self, inputs: Mapping[str, Any]):
+    """Token embeddings [B, L, H] with the audio and vision features at their placeholders.
 
     Media arrays carry a leading data-shard axis S: shard s holds the media of rows
     [s * B / S, (s + 1) * B / S) with indices local to those rows, so under data
@@ -51,8 +56,7 @@ class Thinker(nn.Module):
         # Feature rows whose slot is one past the shard's end (padding) are dropped.
         x = jax.vmap(lambda xs, s, f: xs.at[s].set(f.astype(xs.dtype), mode='drop'))(
             x, slots, features)
-    x = x.reshape(batch, length, width)
-    return self.text(x, inputs['position_ids'], attention_mask(inputs['attention_mask']))
+    return x.reshape(batch, length, width)
 
   def logits(self, hidden):
     return self.text.logits(hidden)

@@ -46,6 +46,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.sft_records = ''          # SFT ArrayRecord shards (files, or the shard prefix)
   c.pref_records = ''         # preference ArrayRecord shards
 
+  # mode=generate: responses to the prompts of `records` (JSONL predictions in workdir);
+  # num_samples 10 at temperature 0.8 gives the samples CA-DPO pairs are judged from.
+  c.generate = ml_collections.ConfigDict(dict(
+      records='', batch_size=8, max_new_tokens=512, temperature=0.0, top_p=1.0, top_k=0,
+      num_samples=1, tokenizer=''))
+
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3))
   c.log_every = 10
   c.nonfinite = 'stop'        # stop | skip: what a non-finite loss or gradient does

@@ -8,6 +8,7 @@ tool it runs so the same steps can be run by hand at scale.
      make_preference_records.py   pairs joined with the prompts and media of the SFT records
   5. reference log-probs of the SED model
   6. CA-DPO
+After each training stage the model's answer for one clip is printed.
 
 A stage whose output exists is skipped, so an interrupted pipeline resumes.
 """
@@ -51,6 +52,15 @@ def _done(path: str) -> bool:
   return os.path.exists(path)
 
 
+def show_answer(config, stage: str, sft_records: str, params_dir: str) -> None:
+  """Print the model's greedy answer for the first clip, to see what a stage changed."""
+  out = os.path.join(config.workdir, f'answers_after_{stage}.jsonl')
+  answers = stages.generate_stage(config, sft_records, params_dir, out, limit=1)
+  if answers and jax.process_index() == 0:
+    print(f'--- {answers[0]["id"]} after {stage} ---\n{answers[0]["response"]}\n---',
+          flush=True)
+
+
 def run_pipeline(config) -> None:
   data = os.path.join(config.workdir, 'data')
   raw, sft_dir = os.path.join(data, 'raw'), os.path.join(data, 'sft')
@@ -66,6 +76,7 @@ def run_pipeline(config) -> None:
   sft_final = os.path.join(stages.stage_dir(config, 'sft'), 'final')
   if not _done(os.path.join(sft_final, checkpoint.CONFIG_FILE)):
     stages.train_stage(sft_config, 'sft', sft_records, config.init_from)
+    show_answer(config, 'sft', sft_records, sft_final)
   if not _done(os.path.join(pairs_dir, 'pairs.jsonl')):
     run_tool('make_pairs.py', '--strategy', 'perturb', '--annotations',
              os.path.join(raw, 'annotations.jsonl'), '--out', pairs_dir, '--seed', config.seed)
@@ -75,8 +86,10 @@ def run_pipeline(config) -> None:
   ref_dir = stages.stage_dir(config, 'ref_logps')
   if not _done(os.path.join(ref_dir, stages.DONE)):
     stages.ref_logps_stage(dpo_config, os.path.join(pref_dir, 'pref'), sft_final)
-  if not _done(os.path.join(stages.stage_dir(config, 'dpo'), 'final', checkpoint.CONFIG_FILE)):
+  dpo_final = os.path.join(stages.stage_dir(config, 'dpo'), 'final')
+  if not _done(os.path.join(dpo_final, checkpoint.CONFIG_FILE)):
     stages.train_stage(dpo_config, 'dpo', os.path.join(ref_dir, 'pref'), sft_final)
+    show_answer(config, 'dpo', sft_records, dpo_final)
   if jax.process_index() == 0:
     print(f'pipeline done: metrics in {os.path.join(config.workdir, "metrics.jsonl")}, '
           f'final params in {os.path.join(stages.stage_dir(config, "dpo"), "final")}',

@@ -1,0 +1,268 @@
+"""Batched sampling from the thinker with a KV cache (preference pairs, evaluation).
+
+The prompts are prefilled once (media scattered in, as in training) into a KV cache
+[layers, B, S, K, H] with S = prompt length + max_new_tokens, a fixed shape so the whole
+generation compiles once per prompt bucket. For `num_samples` > 1 the cache is repeated,
+not recomputed (CA-DPO draws k = 10 responses per clip at temperature 0.8). A
+`lax.while_loop` then decodes one token per step for every row, under one jit with no
+host round trip, and stops early once every row has emitted an end-of-sequence id.
+
+Prompts are left padded (right-padded batches are moved over on the host), so every row's
+last prompt token is in the last prompt slot and every step writes the same cache slot;
+each row keeps its own TMRoPE position (§3.5 of the thinker notes: valid tokens so far +
+rope delta, on all three axes). The batch axis leads everywhere, so the rows shard over the
+data axes as in training.
+"""
+
+import dataclasses
+import functools
+from typing import Any, Mapping, NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from saber_jax.models.config import ThinkerConfig
+from saber_jax.models.text import KVCache, cache_attention_mask
+from saber_jax.models.thinker import Thinker, model_inputs
+
+# <|im_end|> and <|endoftext|> of the Qwen2.5 tokenizer.
+EOS_TOKEN_IDS = (151645, 151643)
+PAD_TOKEN_ID = 151643
+
+
+# ------------------------------------------------------------------------------ sampling
+
+def filter_logits(logits, temperature: float, top_k: int = 0, top_p: float = 1.0):
+  """fp32 logits [B, V] scaled by 1 / temperature, -inf outside the top_k ids and then
+  outside the top_p nucleus: transformers' Temperature, TopK and TopP logits warpers, in
+  that order and with their tie rules (top-k keeps every id tied with the k-th)."""
+  logits = logits.astype(jnp.float32) / temperature
+  if top_k > 0:
+    kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][..., -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if top_p < 1.0:
+    # As TopPLogitsWarper: in ascending order drop ids whose cumulative probability is
+    # <= 1 - top_p, always keeping the most likely one; what is left is every id at or
+    # above the first kept logit.
+    ascending = jnp.sort(logits, axis=-1)
+    cumulative = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)
+    dropped = jnp.sum(cumulative[..., :-1] <= 1 - top_p, axis=-1, keepdims=True)
+    threshold = jnp.take_along_axis(ascending, dropped, axis=-1)
+    logits = jnp.where(logits < threshold, -jnp.inf, logits)
+  return logits
+
+
+def categorical(key, logits, block: int = 512):
+  """One id per row drawn from softmax(logits [B, V]): the distribution of
+  `jax.random.categorical`, drawn in two stages — a block of `block` ids by its total
+  probability (log-sum-exp), then an id inside that block — so a row takes V / block +
+  block Gumbel draws instead of V (on CPU the noise for a 152K vocabulary costs as much as
+  the lm_head). Ids of -inf logit are never drawn."""
+  rows, vocab = logits.shape
+  blocks = jnp.pad(logits, ((0, 0), (0, -vocab % block)), constant_values=-jnp.inf)
+  blocks = blocks.reshape(rows, -1, block)                              # [B, V / block, block]
+  block_key, id_key = jax.random.split(key)
+  which = jax.random.categorical(block_key, jax.nn.logsumexp(blocks, axis=-1), axis=-1)
+  inside = jnp.take_along_axis(blocks, which[:, None, None], axis=1)[:, 0]   # [B, block]
+  return which * block + jax.random.categorical(id_key, inside, axis=-1)
+
+
+def sample_logits(key, logits, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0):
+  """Next ids int32 [B] from logits [B, V]: argmax at temperature 0 (greedy), otherwise one
+  independent draw per row from softmax(`filter_logits`)."""
+  if temperature == 0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  return categorical(key, filter_logits(logits, temperature, top_k, top_p)).astype(jnp.int32)
+
+
+# ------------------------------------------------------------------------ host-side prep
+
+def left_pad(batch: Mapping[str, Any], length: int | None = None,
+             pad_token_id: int = PAD_TOKEN_ID) -> dict[str, Any]:
+  """The batch with each row's tokens moved to the right end (left padding), `length`
+  slots wide (default: as wide as now). `input_ids`, `attention_mask` and, when present,
+  `position_ids` [3, B, L] move; media inputs stay as they are (their order is kept)."""
+  input_ids = np.asarray(batch['input_ids'])
+  mask = batch.get('attention_mask')
+  mask = np.ones(input_ids.shape, bool) if mask is None else np.asarray(mask).astype(bool)
+  rows, width = input_ids.shape
+  length = width if length is None else length
+  counts = mask.sum(-1)
+  starts = np.argmax(mask, axis=-1)
+  for row in range(rows):
+    if not mask[row, starts[row]:starts[row] + counts[row]].all():
+      raise ValueError(f'row {row}: attention_mask has padding between prompt tokens')
+  if counts.max(initial=0) > length:
+    raise ValueError(f'a prompt has {counts.max()} tokens, more than the {length} slots asked for')
+  out = dict(batch)
+  out['input_ids'] = np.full((rows, length), pad_token_id, input_ids.dtype)
+  out['attention_mask'] = np.zeros((rows, length), np.int64)
+  positions = batch.get('position_ids')
+  if positions is not None:
+    positions = np.asarray(positions)
+    # Padding gets position 1, as in rope_index.
+    out['position_ids'] = np.ones((3, rows, length), positions.dtype)
+  for row in range(rows):
+    src = slice(starts[row], starts[row] + counts[row])
+    dst = slice(length - counts[row], length)
+    out['input_ids'][row, dst] = input_ids[row, src]
+    out['attention_mask'][row, dst] = 1
+    if positions is not None:
+      out['position_ids'][:, row, dst] = positions[:, row, src]
+  return out
+
+
+def first_new_positions(position_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+  """int32 [B]: the TMRoPE position of each row's first generated token, on all three
+  axes. `rope_index` defines rope_delta = max position + 1 - valid tokens, so (valid tokens
+  so far) + rope_delta is max position + 1 for the first new token, +1 per token after."""
+  valid = np.asarray(attention_mask).astype(bool)[None]
+  return (np.where(valid, np.asarray(position_ids), -1).max(axis=(0, 2)) + 1).astype(np.int32)
+
+
+# -------------------------------------------------------------------------- the decoder
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSettings:
+  """The static part of a generation (one compilation per distinct value); see `generate`."""
+  max_new_tokens: int
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+  num_samples: int = 1
+  eos_token_ids: tuple[int, ...] = EOS_TOKEN_IDS
+  pad_token_id: int = PAD_TOKEN_ID
+
+  def __post_init__(self):
+    if self.max_new_tokens < 1 or self.num_samples < 1:
+      raise ValueError(f'max_new_tokens ({self.max_new_tokens}) and num_samples '
+                       f'({self.num_samples}) must be positive')
+    if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+      raise ValueError(f'bad sampling settings: temperature={self.temperature}, '
+                       f'top_k={self.top_k}, top_p={self.top_p}')
+
+  def check_ids(self, vocab_size: int):
+    for name, ids in (('eos_token_ids', self.eos_token_ids),
+                      ('pad_token_id', (self.pad_token_id,))):
+      if any(not 0 <= i < vocab_size for i in ids):
+        raise ValueError(f'{name} {ids} outside the vocabulary of {vocab_size} ids')
+
+
+class _State(NamedTuple):
+  step: jax.Array          # int32 []: the index of the token drawn next
+  logits: jax.Array        # [R, V] the distribution of that token
+  tokens: jax.Array        # int32 [R, max_new_tokens], pad after each row's end
+  logprobs: jax.Array      # f32 [R, max_new_tokens] log p(token) under the model, 0 after the end
+  lengths: jax.Array       # int32 [R] tokens before the row's EOS (or all of them)
+  finished: jax.Array      # bool [R] the row has emitted an EOS
+  cache: KVCache
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def generate_inputs(config: ThinkerConfig, settings: DecodeSettings, params, inputs,
+                    first_positions, key) -> dict[str, jax.Array]:
+  """The jitted generation over `model_inputs` arrays of a left-padded batch (global
+  arrays sharded over the batch axes, or host arrays), for callers that place their own.
+
+  first_positions int32 [B] (`first_new_positions`), key a PRNG key. Returns what
+  `generate` does, as device arrays.
+  """
+  s = settings
+  s.check_ids(config.text.vocab_size)
+  model = Thinker(config)
+  run = functools.partial(model.apply, {'params': params})
+  text_decode = lambda m, *args: m.text.decode(*args)
+  n = s.num_samples
+
+  # Prefill: the whole prompt (media included) into slots [0, L).
+  x = run(inputs, method=Thinker.embed)                              # [B, L, H]
+  batch, prompt_len, _ = x.shape
+  valid_slots = jnp.concatenate([inputs['attention_mask'].astype(bool),
+                                 jnp.ones((batch, s.max_new_tokens), bool)], axis=1)
+  cache = KVCache.zeros(config.text, batch, prompt_len + s.max_new_tokens, x.dtype)
+  hidden, cache = run(x, inputs['position_ids'], cache_attention_mask(valid_slots, 0, prompt_len),
+                      cache, 0, method=text_decode)
+  logits = run(hidden[:, -1:], method=Thinker.logits)[:, 0].astype(jnp.float32)
+
+  # Every sample of a prompt continues from the same prefill.
+  repeat = lambda a, axis=0: jnp.repeat(a, n, axis=axis)
+  logits, valid_slots, first_positions = map(repeat, (logits, valid_slots, first_positions))
+  cache = KVCache(*(repeat(c, axis=1) for c in cache))
+  rows = batch * n
+  eos = jnp.asarray(s.eos_token_ids, jnp.int32)
+
+  def next_token(state: _State) -> _State:
+    t = state.step
+    token = sample_logits(jax.random.fold_in(key, t), state.logits, s.temperature, s.top_k,
+                          s.top_p)
+    is_eos = jnp.isin(token, eos) & ~state.finished
+    token = jnp.where(state.finished, s.pad_token_id, token)
+    # Log-probability under the model itself (temperature 1, unfiltered), for the records.
+    logprob = jnp.take_along_axis(jax.nn.log_softmax(state.logits), token[:, None], axis=-1)[:, 0]
+    logprob = jnp.where(state.finished, 0.0, logprob)
+    lengths = state.lengths + (~state.finished & ~is_eos)
+    # Feed the token into slot L + t for the next step's distribution (after the last
+    # token this forward is not needed: one step in max_new_tokens, for a simpler loop).
+    slot = prompt_len + t
+    positions = jnp.broadcast_to((first_positions + t)[None, :, None], (3, rows, 1))
+    hidden, cache = run(run(token[:, None], method=lambda m, ids: m.text.embed(ids)), positions,
+                        cache_attention_mask(valid_slots, slot, 1), state.cache, slot,
+                        method=text_decode)
+    logits = run(hidden, method=Thinker.logits)[:, 0].astype(jnp.float32)
+    return _State(t + 1, logits, state.tokens.at[:, t].set(token),
+                  state.logprobs.at[:, t].set(logprob), lengths, state.finished | is_eos, cache)
+
+  def going(state: _State):
+    return (state.step < s.max_new_tokens) & ~jnp.all(state.finished)
+
+  start = _State(jnp.int32(0), logits,
+                 jnp.full((rows, s.max_new_tokens), s.pad_token_id, jnp.int32),
+                 jnp.zeros((rows, s.max_new_tokens), jnp.float32), jnp.zeros(rows, jnp.int32),
+                 jnp.zeros(rows, bool), cache)
+  end = jax.lax.while_loop(going, next_token, start)
+  return dict(tokens=end.tokens, logprobs=end.logprobs, lengths=end.lengths,
+              finished=end.finished, steps=end.step)
+
+
+def generate(config: ThinkerConfig, params, batch: Mapping[str, Any], *, max_new_tokens: int,
+             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+             num_samples: int = 1, eos_token_ids: Sequence[int] = EOS_TOKEN_IDS,
+             pad_token_id: int = PAD_TOKEN_ID, seed: int = 0, prompt_length: int | None = None,
+             **bucket_sizes: int) -> dict[str, np.ndarray]:
+  """Responses to a processor-style batch (numpy arrays keyed as the Qwen2.5-Omni processor
+  output, optionally `position_ids` and `use_audio_in_video`; left or right padded).
+
+  temperature 0 is greedy decoding; otherwise samples are drawn from the temperature-scaled
+  distribution limited to the top_k ids (0: all) and the top_p nucleus (1.0: all).
+  `num_samples` responses per prompt. A row stops at its first id in `eos_token_ids` and
+  emits `pad_token_id` after it. `prompt_length` left-pads the prompts to a bucket and
+  `bucket_sizes` (`num_audio_chunks`, `num_patches`, ...) pad the media (see `model_inputs`),
+  so that batches of one bucket share a compilation.
+
+  Returns numpy arrays, row b * num_samples + j being sample j of prompt b:
+    tokens    int32 [B * num_samples, max_new_tokens], the EOS included, pad after it
+    logprobs  float32 [B * num_samples, max_new_tokens], log p(token) under the model
+              (temperature 1, no top-k/top-p), 0 after the EOS
+    lengths   int32 [B * num_samples], tokens before the EOS (max_new_tokens if none)
+    finished  bool [B * num_samples], an EOS was emitted
+    steps     int32 [], decoding steps run (fewer than max_new_tokens when every row
+              stopped early)
+  """
+  settings = DecodeSettings(max_new_tokens, float(temperature), int(top_k), float(top_p),
+                            int(num_samples), tuple(int(i) for i in eos_token_ids),
+                            int(pad_token_id))
+  settings.check_ids(config.text.vocab_size)
+  batch = left_pad(batch, prompt_length, pad_token_id)
+  inputs = model_inputs(config, batch, **bucket_sizes)
+  out = generate_inputs(config, settings, nn.unbox(params), inputs,
+                        first_new_positions(inputs['position_ids'], inputs['attention_mask']),
+                        jax.random.key(seed))
+  return jax.device_get(out)
+
+
+def decode_responses(tokenizer, tokens, lengths) -> list[str]:
+  """The text of each generated row: tokens [R, N] cut at lengths [R] (EOS not included)."""
+  tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+  return [tokenizer.decode(row[:n].tolist()) for row, n in zip(tokens, lengths)]
