@@ -37,7 +37,8 @@ PAD_TOKEN_ID = 151643
 def filter_logits(logits, temperature: float, top_k: int = 0, top_p: float = 1.0):
   """fp32 logits [B, V] scaled by 1 / temperature, -inf outside the top_k ids and then
   outside the top_p nucleus: transformers' Temperature, TopK and TopP logits warpers, in
-  that order and with their tie rules (top-k keeps every id tied with the k-th)."""
+  that order and with their tie rules (top-k keeps every id tied with the k-th). top_p
+  sorts the vocabulary: slow on CPU (~0.3 s for 10 rows of 152K ids), cheap on GPU/TPU."""
   logits = logits.astype(jnp.float32) / temperature
   if top_k > 0:
     kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][..., -1:]
