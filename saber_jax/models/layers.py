@@ -44,6 +44,25 @@ def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str,
                       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axis_name,)))
 
 
+class SwiGLU(nn.Module):
+  """down(silu(gate(x)) * up(x)): the MLP of the Qwen2 decoder and of the vision blocks."""
+  hidden_size: int
+  intermediate_size: int
+  use_bias: bool
+  axes: tuple[str, str]              # logical names of (hidden, intermediate)
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    embed, mlp = self.axes
+    proj = lambda n, axes, name: dense(n, axes, use_bias=self.use_bias, dtype=self.dtype,
+                                       param_dtype=self.param_dtype, name=name)
+    hidden = (jax.nn.silu(proj(self.intermediate_size, (embed, mlp), 'gate_proj')(x))
+              * proj(self.intermediate_size, (embed, mlp), 'up_proj')(x))
+    return proj(self.hidden_size, (mlp, embed), 'down_proj')(hidden)
+
+
 def gelu(x):
   """Exact (erf) GELU, as torch's default; `jax.nn.gelu` defaults to the tanh form."""
   return jax.nn.gelu(x, approximate=False)

@@ -67,21 +67,6 @@ class Attention(nn.Module):
     return out, new_rows
 
 
-class MLP(nn.Module):
-  config: TextConfig
-  dtype: layers.Dtype
-  param_dtype: layers.Dtype
-
-  @nn.compact
-  def __call__(self, x):
-    c = self.config
-    dense = lambda n, axes, name: layers.dense(n, axes, use_bias=False, dtype=self.dtype,
-                                               param_dtype=self.param_dtype, name=name)
-    hidden = (jax.nn.silu(dense(c.intermediate_size, ('embed', 'mlp'), 'gate_proj')(x))
-              * dense(c.intermediate_size, ('embed', 'mlp'), 'up_proj')(x))
-    return dense(c.hidden_size, ('mlp', 'embed'), 'down_proj')(hidden)
-
-
 class DecoderLayer(nn.Module):
   config: TextConfig
   dtype: layers.Dtype
@@ -97,7 +82,10 @@ class DecoderLayer(nn.Module):
     attended, new_rows = Attention(**kw, name='self_attn')(norm('input_layernorm')(x), cos, sin,
                                                            mask, cache, cache_index)
     x = x + attended
-    x = x + MLP(**kw, name='mlp')(norm('post_attention_layernorm')(x))
+    c = self.config
+    mlp = layers.SwiGLU(c.hidden_size, c.intermediate_size, use_bias=False, axes=('embed', 'mlp'),
+                        dtype=self.dtype, param_dtype=self.param_dtype, name='mlp')
+    x = x + mlp(norm('post_attention_layernorm')(x))
     return x, new_rows
 
 

@@ -248,21 +248,6 @@ class Attention(nn.Module):
     return dense(('vision_heads', 'vision_embed'), 'proj')(out.reshape(x.shape))
 
 
-class MLP(nn.Module):
-  config: VisionConfig
-  dtype: layers.Dtype
-  param_dtype: layers.Dtype
-
-  @nn.compact
-  def __call__(self, x):
-    c = self.config
-    dense = lambda n, axes, name: layers.dense(n, axes, use_bias=True, dtype=self.dtype,
-                                               param_dtype=self.param_dtype, name=name)
-    hidden = (jax.nn.silu(dense(c.intermediate_size, ('vision_embed', 'vision_mlp'), 'gate_proj')(x))
-              * dense(c.intermediate_size, ('vision_embed', 'vision_mlp'), 'up_proj')(x))
-    return dense(c.hidden_size, ('vision_mlp', 'vision_embed'), 'down_proj')(hidden)
-
-
 class Block(nn.Module):
   """One pre-norm ViT block. The carry holds the layer number, which picks the attention
   layout (per frame or per window) inside the scan."""
@@ -277,7 +262,11 @@ class Block(nn.Module):
     kw = dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype)
     full = jnp.isin(layer, jnp.asarray(self.config.fullatt_block_indexes, jnp.int32))
     x = x + Attention(**kw, name='attn')(norm('norm1')(x), rope, tables, full)
-    x = x + MLP(**kw, name='mlp')(norm('norm2')(x))
+    c = self.config
+    mlp = layers.SwiGLU(c.hidden_size, c.intermediate_size, use_bias=True,
+                        axes=('vision_embed', 'vision_mlp'), dtype=self.dtype,
+                        param_dtype=self.param_dtype, name='mlp')
+    x = x + mlp(norm('norm2')(x))
     return (x, layer + 1), None
 
 
