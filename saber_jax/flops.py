@@ -24,11 +24,16 @@ Conventions (as in the PaLM paper's MFU, appendix B, and MaxText):
 Model FLOPs vs hardware FLOPs. MFU uses model FLOPs; what the compiled step executes is
 more, and `step_flops(..., hardware=True)` adds the known extras:
 * rematerialisation repeats forward work in the backward pass: remat='full' repeats the
-  whole forward of every trained layer stack (+1x forward: 4x instead of 3x); remat='dots'
-  saves the dense-layer outputs but not the batched attention einsums (+1x attention);
-* the chunked loss (`losses.token_logps_from_hidden`) recomputes each chunk's logits in the
-  backward pass (+1x head forward) and projects whole chunks, so every position of a chunk
-  that holds a target is computed;
+  whole forward of every trained layer stack except each layer's last matmul (the MLP down
+  projection, whose output the backward does not need); remat='dots' saves the dense-layer
+  outputs but not the batched attention einsums (+1x attention);
+* the loss projects whole chunks: every position of a chunk that holds a target is
+  computed (targets are moved to the front of each row first, see `losses`). The SFT loss
+  forms the head's gradients in its forward pass: 3 head passes, the head's weight
+  gradient included even when the head is frozen. The DPO loss (a batch with
+  `ref_chosen_logps`) recomputes each chunk's logits in the backward pass: 4 passes (3
+  with a frozen head), except when the sequence fits in one chunk, where XLA reuses the
+  forward's logits;
 * the vision tower recomputes its block attention in the backward pass (+1x).
 Padding, and the masked half of the decoder's attention score matrix that XLA computes
 anyway, are still not counted there.
@@ -75,6 +80,8 @@ class BatchCounts:
   frame_patches      [F] patches of each frame (the full-attention blocks).
   head_chunk_positions  positions the chunked loss actually projects (whole chunks that
                      hold a target), for hardware FLOPs; defaults to head_positions.
+  recompute_head     the loss recomputes its logits in the backward pass (DPO over more
+                     than one chunk), for hardware FLOPs.
   """
   text_lengths: np.ndarray
   head_positions: int
@@ -84,6 +91,7 @@ class BatchCounts:
   window_patches: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, int))
   frame_patches: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, int))
   head_chunk_positions: int | None = None
+  recompute_head: bool = False
 
 
 # ----------------------------------------------------------------------------- forward
@@ -199,9 +207,11 @@ def training_flops(config: ThinkerConfig, counts: BatchCounts, trainable: str = 
     computed = counts.head_chunk_positions
     computed = counts.head_positions if computed is None else computed
     head_per_position = 2 * config.text.hidden_size * config.text.vocab_size
-    # Every chunk holding a target is projected forward, again in the backward pass, and
-    # back-propagated (input gradient, and the weight gradient unless frozen).
-    out['text']['head'] = head_per_position * computed * (multipliers['text']['*'] + 1)
+    if counts.recompute_head:       # forward, recompute, input gradient (+ weight gradient)
+      passes = multipliers['text']['*'] + 1
+    else:                           # logits, input gradient and weight gradient, one pass
+      passes = 3
+    out['text']['head'] = head_per_position * computed * passes
   return out
 
 
@@ -263,31 +273,31 @@ def _per_shard_blocks(blocks_mask, slots, patch_mask) -> np.ndarray:
   return blocks_mask.sum(-1)[real]
 
 
-def _head_chunk_positions(labels: np.ndarray, chunk_size: int | None, compact: bool) -> int:
-  """Positions the chunked loss projects: whole chunks (over the sequence, all rows at
-  once) that hold at least one target. With `compact`, targets come first in each row."""
+def _head_chunk_positions(labels: np.ndarray, chunk_size: int | None, padded: bool) -> int:
+  """Positions the chunked loss projects. Scored positions go to the front of each row
+  (`losses._targets_first`), the rows are cut into chunks of `chunk_size` and every chunk
+  that holds a target in any row is projected for all rows. `padded`: the last chunk is
+  padded to the full size (the SFT loss); otherwise it is the shorter tail (DPO)."""
   targets = np.concatenate([labels[:, 1:], np.full((labels.shape[0], 1), IGNORE_INDEX)], 1)
-  trained = targets != IGNORE_INDEX
-  if compact:
-    trained = np.sort(trained, axis=1)[:, ::-1]
-  rows, length = trained.shape
+  longest = int(np.max(np.sum(targets != IGNORE_INDEX, axis=1), initial=0))
+  rows, length = targets.shape
   size = length if chunk_size is None else min(chunk_size, length)
-  starts = range(0, length, size)
-  return int(sum(rows * min(size, length - s) for s in starts if trained[:, s:s + size].any()))
-
-
-COMPACT_LOSS_CHUNKS = False   # losses.token_logps_from_hidden moves targets to the front
+  chunks = -(-longest // size)
+  width = chunks * size if padded else min(chunks * size, length)
+  return rows * width
 
 
 def batch_counts(config: ThinkerConfig, batch: Mapping[str, Any],
                  chunk_size: int | None = None) -> BatchCounts:
   """The counts of a train-step batch: `input_ids`, `attention_mask`, optional `labels`
-  (without them every valid position counts for the head, as for a full forward) and the
-  `audio` / `vision` dicts of `thinker.model_inputs` (leading data-shard axis)."""
+  (without them every valid position counts for the head, as for a full forward), the
+  `audio` / `vision` dicts of `thinker.model_inputs` (leading data-shard axis) and, for
+  CA-DPO, `ref_chosen_logps`. `chunk_size` (the loss's) matters for hardware FLOPs only."""
   input_ids = np.asarray(batch['input_ids'])
   mask = batch.get('attention_mask')
   mask = np.ones(input_ids.shape, bool) if mask is None else np.asarray(mask).astype(bool)
   labels = batch.get('labels')
+  dpo = 'ref_chosen_logps' in batch
   if labels is None:
     head_positions = int(mask.sum())
     head_chunk_positions = int(input_ids.size)
@@ -296,9 +306,10 @@ def batch_counts(config: ThinkerConfig, batch: Mapping[str, Any],
     if labels.shape != input_ids.shape:
       raise ValueError(f'labels {labels.shape} and input_ids {input_ids.shape} disagree')
     head_positions = int(np.sum(labels[:, 1:] != IGNORE_INDEX))
-    head_chunk_positions = _head_chunk_positions(labels, chunk_size, COMPACT_LOSS_CHUNKS)
+    head_chunk_positions = _head_chunk_positions(labels, chunk_size, padded=not dpo)
+  one_chunk = chunk_size is None or chunk_size >= input_ids.shape[1]
   counts = dict(text_lengths=mask.sum(-1), head_positions=head_positions,
-                head_chunk_positions=head_chunk_positions)
+                head_chunk_positions=head_chunk_positions, recompute_head=dpo and not one_chunk)
   if 'audio' in batch:
     audio = batch['audio']
     counts.update(audio_chunk_frames=np.asarray(audio['chunk_lengths']).reshape(-1),

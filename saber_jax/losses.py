@@ -17,6 +17,7 @@ chunk by chunk over the sequence so no [B, L, V] float32 array (and no one-hot) 
 built: Qwen's vocabulary has 152K entries.
 """
 
+import functools
 from typing import Callable
 
 import jax
@@ -126,9 +127,11 @@ def token_logps(logits, labels, *, chunk_size: int = DEFAULT_CHUNK_SIZE):
 def token_logps_from_hidden(hidden, head_kernel, labels, *, chunk_size: int = DEFAULT_CHUNK_SIZE):
   """`token_logps(hidden @ head_kernel, labels)` without ever building the full logits.
 
-  Each chunk of hidden states goes through the LM head (float32 accumulation), is
-  reduced to one log-prob per position and dropped; under `jax.checkpoint` the backward
-  pass recomputes the chunk's logits instead of storing them.
+  The scored positions of each row are gathered to its front and projected through the LM
+  head chunk by chunk (float32 accumulation); each chunk's logits are reduced to one
+  log-prob per position and dropped. The backward pass recomputes a chunk's logits from
+  the hidden states and the saved log-normalisers (`_head_logps`), so memory stays
+  O(B * chunk_size * V) both ways.
 
   Args:
     hidden: [B, L, H] final (normed) hidden states.
@@ -139,17 +142,8 @@ def token_logps_from_hidden(hidden, head_kernel, labels, *, chunk_size: int = DE
   """
   labels = jnp.asarray(labels)
   _check_labels('hidden', hidden, labels)
-  if hidden.shape[-1] != head_kernel.shape[0]:
-    raise ValueError(f'hidden {hidden.shape} does not match head_kernel {head_kernel.shape} [H, V]')
-
-  def chunk_logps(hidden_chunk, targets_chunk):
-    logits = jnp.einsum('bch,hv->bcv', hidden_chunk, head_kernel,
-                        preferred_element_type=_at_least_f32(hidden_chunk.dtype))
-    return _logps_of_targets(logits, targets_chunk)
-
-  targets = _next_token_targets(labels)
-  per_token = _map_over_sequence(chunk_logps, labels.shape[1], chunk_size, hidden, targets)
-  return per_token[:, :-1]
+  _check_head(hidden, head_kernel)
+  return _head_logps(hidden, head_kernel, _next_token_targets(labels), chunk_size)[:, :-1]
 
 
 def response_mask(labels):
@@ -229,9 +223,190 @@ def sed_loss(logits, labels, segments, *, chunk_size: int = DEFAULT_CHUNK_SIZE, 
 
 def sed_loss_from_hidden(hidden, head_kernel, labels, segments, *,
                          chunk_size: int = DEFAULT_CHUNK_SIZE, normalizer=None):
-  """SED loss (Eq. 2) from final hidden states [B, L, H] and the LM head [H, V]."""
-  per_token = token_logps_from_hidden(hidden, head_kernel, labels, chunk_size=chunk_size)
-  return sed_loss_from_token_logps(per_token, labels, segments, normalizer=normalizer)
+  """SED loss (Eq. 2) from final hidden states [B, L, H] and the LM head [H, V].
+
+  Same value, metrics and gradients as `sed_loss(hidden @ head_kernel, ...)`. The loss is
+  linear in the token log-probs, so the head's gradients are formed in the same pass as
+  the log-probs (`_weighted_logp_sum`) and no chunk's logits are recomputed.
+  """
+  labels = jnp.asarray(labels)
+  _check_labels('hidden', hidden, labels)
+  _check_head(hidden, head_kernel)
+  targets = _next_token_targets(labels)
+  scored = targets != IGNORE_INDEX
+  denominator = jnp.maximum(jnp.sum(scored), 1) if normalizer is None else normalizer
+  weights = jnp.where(scored, 1.0, 0.0).astype(_at_least_f32(hidden.dtype)) / denominator
+  total, per_token = _weighted_logp_sum(hidden, head_kernel, targets, weights, chunk_size)
+  _, metrics = sed_loss_from_token_logps(jax.lax.stop_gradient(per_token)[:, :-1], labels,
+                                         segments, normalizer=normalizer)
+  return -total, metrics
+
+
+# ---------------------------------------------------------------------------
+# The chunked vocabulary projection behind the `*_from_hidden` functions.
+#
+# Scored positions (those with a target) are gathered to the front of each row, the rows
+# are cut into chunks of C positions (padded to whole chunks) and chunks with no target
+# are skipped, so the [H, V] projection runs about once per scored position, wherever the
+# responses sit. For a chunk with logits z, log-normaliser n and target one-hot y,
+# d log p(y) / dz = y - exp(z - n): the gradients follow from the chunk's logits without
+# autodiff through the softmax.
+
+
+def _check_head(hidden, head_kernel):
+  if hidden.shape[-1] != head_kernel.shape[0]:
+    raise ValueError(f'hidden {hidden.shape} does not match head_kernel {head_kernel.shape} [H, V]')
+
+
+def _targets_first(targets):
+  """Per row, the positions that have a target first (in order), then the rest:
+  (order, inverse) [B, L] with `x[order]` compacted and `compacted[inverse]` back. Rows
+  are never mixed, so a batch-sharded array stays local."""
+  order = jnp.argsort(targets == IGNORE_INDEX, axis=1, stable=True)
+  return order, jnp.argsort(order, axis=1)
+
+
+def _take_positions(x, positions):
+  """x [B, L, ...] at positions [B, L'] of each row -> [B, L', ...]."""
+  return jnp.take_along_axis(x, positions.reshape(positions.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def _over_scored_chunks(body, carry, chunk_size: int, targets, *arrays):
+  """Runs `body(carry, targets_chunk, *array_chunks) -> (carry, outputs)` over the scored
+  chunks of rows compacted by `_targets_first`; a chunk with no target is skipped (zero
+  outputs, carry unchanged). targets [B, L]; arrays [B, L, ...]. Returns (carry, outputs
+  [B, L, ...] in the original position order)."""
+  if chunk_size <= 0:
+    raise ValueError(f'chunk_size must be positive, got {chunk_size}')
+  batch, length = targets.shape
+  size = min(chunk_size, length)
+  num_chunks = -(-length // size)
+  order, inverse = _targets_first(targets)
+  pad = ((0, 0), (0, num_chunks * size - length))
+  compact_targets = jnp.pad(_take_positions(targets, order), pad, constant_values=IGNORE_INDEX)
+  compact = [_take_positions(x, jnp.pad(order, pad)) for x in arrays]   # padding: position 0
+
+  def skip(carry, *chunk):
+    outputs = jax.eval_shape(body, carry, *chunk)[1]
+    return carry, jax.tree.map(lambda o: jnp.zeros(o.shape, o.dtype), outputs)
+
+  def one_chunk(carry, index):
+    chunk = [jax.lax.dynamic_slice_in_dim(x, index * size, size, axis=1)
+             for x in (compact_targets, *compact)]
+    return jax.lax.cond(jnp.any(chunk[0] != IGNORE_INDEX), body, skip, carry, *chunk)
+
+  carry, outputs = jax.lax.scan(one_chunk, carry, jnp.arange(num_chunks))
+  unchunk = lambda y: _take_positions(
+      jnp.moveaxis(y, 0, 1).reshape(batch, num_chunks * size, *y.shape[3:]), inverse)
+  return carry, jax.tree.map(unchunk, outputs)
+
+
+def _target_columns(head_kernel, targets):
+  """The head's column of each target, [B, C, H] (column 0 where ignored)."""
+  return jnp.take(head_kernel, jnp.where(targets == IGNORE_INDEX, 0, targets), axis=1
+                  ).transpose(1, 2, 0)
+
+
+def _chunk_logits(hidden, head_kernel):
+  return jnp.einsum('bch,hv->bcv', hidden, head_kernel,
+                    preferred_element_type=_at_least_f32(hidden.dtype))
+
+
+def _chunk_scores(hidden, head_kernel, targets):
+  """One chunk's logits [B, C, V] (float32 or wider), log-normaliser [B, C] and
+  log p(target) [B, C] (0 where ignored)."""
+  logits = _chunk_logits(hidden, head_kernel)
+  log_normaliser = jax.nn.logsumexp(logits, axis=-1)
+  # The target logit as h . W[:, target]: no [B, C, V] one-hot or select is built.
+  picked = jnp.einsum('bch,bch->bc', hidden, _target_columns(head_kernel, targets),
+                      preferred_element_type=logits.dtype)
+  return logits, log_normaliser, jnp.where(targets != IGNORE_INDEX, picked - log_normaliser, 0.0)
+
+
+def _chunk_grads(hidden, head_kernel, targets, logits, log_normaliser, scale, d_kernel):
+  """Back through one chunk, given d loss / d log p(target) = scale [B, C] (0 where
+  ignored and on padding): d_logits = scale * (one-hot - softmax). The softmax part goes
+  through the two matmuls; the one-hot part is a gather (hidden gradient) and a
+  scatter-add (kernel gradient) of the target columns.
+  Returns (d_hidden [B, C, H], d_kernel plus this chunk's h^T d_logits)."""
+  acc = logits.dtype
+  scale = jnp.where(targets != IGNORE_INDEX, scale, 0.0).astype(acc)
+  d_softmax = (-scale[..., None] * jnp.exp(logits - log_normaliser[..., None])
+               ).astype(head_kernel.dtype)
+  d_hidden = (jnp.einsum('bcv,hv->bch', d_softmax, head_kernel, preferred_element_type=acc)
+              + scale[..., None] * _target_columns(head_kernel, targets).astype(acc))
+  hidden = hidden.astype(head_kernel.dtype)
+  d_kernel = d_kernel + jnp.einsum('bch,bcv->hv', hidden, d_softmax, preferred_element_type=acc)
+  columns = jnp.where(targets == IGNORE_INDEX, 0, targets).reshape(-1)
+  d_kernel = d_kernel.at[:, columns].add((scale[..., None] * hidden).reshape(-1, hidden.shape[-1]).T)
+  return d_hidden, d_kernel
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _head_logps(hidden, head_kernel, targets, chunk_size):
+  """log p(targets) [B, L] of hidden [B, L, H] through head_kernel [H, V]; 0 where
+  targets is IGNORE_INDEX. The backward pass recomputes each chunk's logits: one
+  projection forward, three backward (logits again, hidden and kernel gradients)."""
+  return _head_logps_fwd(hidden, head_kernel, targets, chunk_size)[0]
+
+
+def _head_logps_fwd(hidden, head_kernel, targets, chunk_size):
+  def body(carry, t, h):
+    _, log_normaliser, logps = _chunk_scores(h, head_kernel, t)
+    return carry, (logps, log_normaliser)
+  _, (logps, log_normaliser) = _over_scored_chunks(body, None, chunk_size, targets, hidden)
+  return logps, (hidden, head_kernel, targets, log_normaliser)
+
+
+def _head_logps_bwd(chunk_size, residuals, d_logps):
+  hidden, head_kernel, targets, log_normaliser = residuals
+  acc = _at_least_f32(hidden.dtype)
+
+  def body(d_kernel, t, h, n, ct):
+    d_h, d_kernel = _chunk_grads(h, head_kernel, t, _chunk_logits(h, head_kernel), n, ct, d_kernel)
+    return d_kernel, d_h
+  d_kernel, d_hidden = _over_scored_chunks(body, jnp.zeros(head_kernel.shape, acc), chunk_size,
+                                           targets, hidden, log_normaliser, d_logps)
+  return d_hidden.astype(hidden.dtype), d_kernel.astype(head_kernel.dtype), None
+
+
+_head_logps.defvjp(_head_logps_fwd, _head_logps_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _weighted_logp_sum(hidden, head_kernel, targets, weights, chunk_size):
+  """(sum_t weights_t * log p(targets_t), per-token log p [B, L]).
+
+  hidden [B, L, H]; head_kernel [H, V]; targets [B, L] (IGNORE_INDEX: not scored); weights
+  [B, L] float. The sum's gradients are built in the forward pass with the log-probs
+  (three projections per chunk, no recompute). The per-token output is for metrics: it
+  carries no gradient (its cotangent is dropped), so callers take it under stop_gradient.
+  """
+  per_token = _head_logps_fwd(hidden, head_kernel, targets, chunk_size)[0]
+  return jnp.sum(weights * per_token), per_token
+
+
+def _weighted_logp_sum_fwd(hidden, head_kernel, targets, weights, chunk_size):
+  acc = _at_least_f32(hidden.dtype)
+
+  def body(d_kernel, t, h, w):
+    logits, log_normaliser, logps = _chunk_scores(h, head_kernel, t)
+    d_h, d_kernel = _chunk_grads(h, head_kernel, t, logits, log_normaliser, w, d_kernel)
+    return d_kernel, (logps, d_h)
+  d_kernel, (per_token, d_hidden) = _over_scored_chunks(
+      body, jnp.zeros(head_kernel.shape, acc), chunk_size, targets, hidden, weights)
+  grads = (d_hidden.astype(hidden.dtype), d_kernel.astype(head_kernel.dtype))
+  return (jnp.sum(weights * per_token), per_token), (grads, per_token)
+
+
+def _weighted_logp_sum_bwd(chunk_size, residuals, cotangents):
+  (d_hidden, d_kernel), per_token = residuals
+  d_total, _ = cotangents
+  return ((d_total * d_hidden).astype(d_hidden.dtype), (d_total * d_kernel).astype(d_kernel.dtype),
+          None, (d_total * per_token).astype(per_token.dtype))
+
+
+_weighted_logp_sum.defvjp(_weighted_logp_sum_fwd, _weighted_logp_sum_bwd)
 
 
 # ---------------------------------------------------------------------------

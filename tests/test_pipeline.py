@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from saber_jax import losses
+from saber_jax import flops, losses
 from saber_jax.data import pipeline, prompt, records
 from saber_jax.models import thinker
 from saber_jax.models.config import AudioConfig, TextConfig, ThinkerConfig, VisionConfig
@@ -197,6 +197,9 @@ def test_batches_run_through_the_tiny_thinker(data):
   assert np.isfinite(float(loss)) and 0 < float(loss) < 2 * math.log(TINY.text.vocab_size)
   assert int(metrics['tokens']) > 0
   assert {int(metrics[f'tokens/{s}']) > 0 for s in ('visual', 'acoustic', 'reasoning')} == {True}
+  # The training log counts each pipeline batch's model FLOPs: every part is there.
+  parts = flops.training_flops(TINY, flops.batch_counts(TINY, batch))
+  assert all(flops.total({name: part}) > 0 for name, part in parts.items()), parts
 
 
 def test_worker_processes_give_the_same_batches_and_resume(data):

@@ -1,7 +1,9 @@
 """Training logs: a progress line, `workdir/metrics.jsonl` and TensorBoard event files.
 
 Only process 0 writes; every line of metrics.jsonl is one JSON object with `stage`,
-`step`, `loss` and the loss metrics, each the mean over the steps since the last line.
+`step`, `loss` and the loss metrics, each the mean over the steps since the last line,
+and the throughput over those steps: trained tokens per second, model FLOP/s per device
+(`saber_jax.flops`) and, on an accelerator whose peak `flops.peak_flops` knows, MFU.
 """
 
 import json
@@ -11,6 +13,8 @@ import time
 import jax
 import numpy as np
 from tensorboardX import SummaryWriter
+
+from saber_jax import flops
 
 
 def _scalar(value):
@@ -24,18 +28,19 @@ class MetricLogger:
     self.stage, self.total_steps = stage, total_steps
     self.enabled = jax.process_index() == 0
     self.start = self.last_time = time.time()
-    self.last_step, self.tokens = None, 0
+    self.last_step, self.tokens, self.flops = None, 0, 0.0
+    self.peak_flops = flops.peak_flops()
     self.sums, self.count = {}, 0
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
       self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
       self.tensorboard = SummaryWriter(os.path.join(workdir, 'tensorboard', stage))
 
-  def count_tokens(self, tokens: int):
+  def add(self, metrics: dict, tokens: int, model_flops: float):
+    """One step's metrics (host scalars), trained tokens and model FLOPs (of this
+    process's batch); `write` logs their means and rates since the last write."""
     self.tokens += tokens
-
-  def add(self, metrics: dict):
-    """One step's metrics (host scalars); `write` logs their mean since the last write."""
+    self.flops += model_flops
     for key, value in metrics.items():
       self.sums[key] = self.sums.get(key, 0.0) + np.asarray(value, np.float64)
     self.count += 1
@@ -46,9 +51,13 @@ class MetricLogger:
     steps = step - (self.last_step if self.last_step is not None else step - 1)
     elapsed = max(now - self.last_time, 1e-9)
     means = {k: _scalar(v / max(self.count, 1)) for k, v in self.sums.items()}
+    flops_per_device = self.flops / elapsed / jax.local_device_count()
     record = {'stage': self.stage, 'step': step, **means, **extra,
-              'step_time_s': elapsed / max(steps, 1), 'tokens_per_s': self.tokens / elapsed}
-    self.last_time, self.last_step, self.tokens = now, step, 0
+              'step_time_s': elapsed / max(steps, 1), 'tokens_per_s': self.tokens / elapsed,
+              'model_flops_per_s_per_device': flops_per_device}
+    if self.peak_flops:
+      record['mfu'] = flops.mfu(flops_per_device, self.peak_flops)
+    self.last_time, self.last_step, self.tokens, self.flops = now, step, 0, 0.0
     self.sums, self.count = {}, 0
     if not self.enabled:
       return record
@@ -58,9 +67,11 @@ class MetricLogger:
       if isinstance(value, (int, float)) and not isinstance(value, bool) and key != 'step':
         self.tensorboard.add_scalar(f'{self.stage}/{key}', value, step)
     eta = (self.total_steps - step) * record['step_time_s']
+    utilisation = f'MFU {record["mfu"]:.1%}' if 'mfu' in record else (
+        f'{flops_per_device / 1e9:.1f} GFLOP/s/device')
     print(f'[{self.stage}] step {step}/{self.total_steps}  loss {record["loss"]:.4f}  '
-          f'{record["tokens_per_s"]:.0f} tok/s  {record["step_time_s"]:.2f} s/step  '
-          f'ETA {eta / 60:.1f} min', flush=True)
+          f'{record["tokens_per_s"]:.0f} tok/s  {utilisation}  '
+          f'{record["step_time_s"]:.2f} s/step  ETA {eta / 60:.1f} min', flush=True)
     return record
 
   def close(self):

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from saber_jax import convert, sharding
+from saber_jax import convert, flops, sharding
 from saber_jax.models.config import ThinkerConfig
 from saber_jax.models.thinker import abstract_params, init_params
 from saber_jax.train import checkpoint, lora, optim, steps
@@ -147,7 +147,9 @@ def train(config, setup: Setup, batches: Iterator[dict], data_iterator, workdir:
   try:
     while step < total_steps:
       batch = next(batches)
-      logger.count_tokens(int(np.sum(batch['labels'] != -100)))
+      work = dict(tokens=int(np.sum(batch['labels'] != -100)),
+                  model_flops=flops.step_flops(setup.model_config, batch,
+                                               trainable=config.trainable))
       state, metrics = setup.step_fn(state, sharding.global_batch(batch, setup.mesh))
       metrics = jax.device_get(metrics)
       step += 1
@@ -157,7 +159,7 @@ def train(config, setup: Setup, batches: Iterator[dict], data_iterator, workdir:
         if config.nonfinite != 'skip':
           raise NonFiniteError(message + '; stopping. The last checkpoint is intact.')
         print(message + '; update skipped.', flush=True)
-      logger.add(metrics)
+      logger.add(metrics, **work)
       if step % config.log_every == 0 or step == total_steps:
         logger.write(step, {'lr': float(schedule((step - 1) // config.optim.grad_accum_steps))})
       checkpoint.save(mngr, step, state, data_iterator, force=step == total_steps)

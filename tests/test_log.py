@@ -1,0 +1,38 @@
+"""The training log: window means, throughput and MFU."""
+
+import json
+import time
+
+import jax
+import pytest
+
+from saber_jax.train.log import MetricLogger
+
+
+def test_writes_window_means_throughput_and_mfu(tmp_path, capsys):
+  logger = MetricLogger(str(tmp_path), 'sft', total_steps=4)
+  logger.peak_flops = 1e12                # as on an accelerator `flops.peak_flops` knows
+  for loss in (2.0, 4.0):
+    logger.add({'loss': loss}, tokens=100, model_flops=3e11)
+  time.sleep(0.05)
+  record = logger.write(2, {'lr': 0.1})
+  logger.close()
+  assert record['loss'] == 3.0 and record['lr'] == 0.1
+  elapsed = 200 / record['tokens_per_s']
+  per_device = record['model_flops_per_s_per_device']
+
+  assert per_device == pytest.approx(6e11 / elapsed / jax.local_device_count())
+  assert record['mfu'] == pytest.approx(per_device / 1e12)
+  assert 'MFU' in capsys.readouterr().out
+  with open(tmp_path / 'metrics.jsonl') as f:
+    assert json.loads(f.read())['mfu'] == pytest.approx(record['mfu'])
+
+
+def test_without_a_known_peak_logs_flops_but_no_mfu(tmp_path, capsys):
+  logger = MetricLogger(str(tmp_path), 'dpo', total_steps=1)
+  logger.peak_flops = None                # a CPU: no vendor peak
+  logger.add({'loss': 1.0}, tokens=10, model_flops=1e9)
+  record = logger.write(1, {})
+  logger.close()
+  assert 'mfu' not in record and record['model_flops_per_s_per_device'] > 0
+  assert 'GFLOP/s/device' in capsys.readouterr().out
