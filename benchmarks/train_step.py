@@ -38,7 +38,6 @@ import dataclasses
 import functools
 import json
 import os
-import sys
 import tempfile
 
 import numpy as np
@@ -250,24 +249,6 @@ def slice_batch(model_config, rows: int, length: int) -> dict:
   return dict(inputs, labels=labels, segments=np.where(labels >= 0, 3, 0).astype(np.int32))
 
 
-def _use_attention(implementation: str):
-  """Decoder attention through `implementation` ('cudnn': cuDNN flash attention; 'xla').
-  cuDNN is valid here only because the slice's rows are unpadded and causal: the dense
-  mask the model passes is replaced by `is_causal`. The batch has no media, so the
-  towers, which share `layers.attention`, never run."""
-  import jax
-  from saber_jax.models import layers
-  if not hasattr(layers, '_xla_attention'):
-    layers._xla_attention = layers.attention
-  if implementation == 'xla':
-    layers.attention = layers._xla_attention
-    return
-
-  def attention(q, k, v, mask=None, *, is_causal=False):
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation='cudnn')
-  layers.attention = attention
-
-
 def llm_slice(args) -> dict:
   import jax
   import ml_collections
@@ -281,6 +262,7 @@ def llm_slice(args) -> dict:
   attention = args.attention if args.attention != 'auto' else ('cudnn' if on_gpu else 'xla')
   if attention == 'cudnn' and not on_gpu:
     raise SystemExit('--attention=cudnn needs a GPU')
+  model_config = dataclasses.replace(model_config, attention=attention)
   optimizer = optim.make_optimizer(ml_collections.ConfigDict(dict(
       lr=1e-5, total_steps=1000, weight_decay=0.1, grad_clip_norm=1.0, trainable='llm')))
   step = jax.jit(functools.partial(
@@ -292,17 +274,7 @@ def llm_slice(args) -> dict:
   abstract_state = jax.eval_shape(lambda t, f: steps.init_state(t, f, optimizer), trainable,
                                   frozen)
   shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), batch)
-  _use_attention(attention)
-  try:
-    compiled = step.lower(abstract_state, shapes).compile()
-  except Exception as error:                 # cuDNN missing or this shape unsupported
-    if args.attention != 'auto' or attention == 'xla':
-      raise
-    print(f'cuDNN attention unavailable ({type(error).__name__}: {error}); using XLA',
-          file=sys.stderr)
-    attention = 'xla'
-    _use_attention(attention)
-    compiled = step.lower(abstract_state, shapes).compile()
+  compiled = step.lower(abstract_state, shapes).compile()
   memory = compiled.memory_analysis()
   model_flops = flops.step_flops(model_config, batch, trainable='llm')
   tokens = int(batch['attention_mask'].sum())

@@ -255,6 +255,8 @@ def generate(config: ThinkerConfig, params, batch: Mapping[str, Any], *, max_new
                             int(num_samples), tuple(int(i) for i in eos_token_ids),
                             int(pad_token_id))
   settings.check_ids(config.text.vocab_size)
+  # Decoding attends through the KV cache's mask; the left-padded prompts need 'xla'.
+  config = dataclasses.replace(config, attention='xla')
   batch = left_pad(batch, prompt_length, pad_token_id)
   inputs = model_inputs(config, batch, **bucket_sizes)
   out = generate_inputs(config, settings, nn.unbox(params), inputs,

@@ -14,7 +14,7 @@ from hf_reference import tiny_hf_config
 from saber_jax import flops, losses
 from saber_jax.models import ThinkerConfig, init_params
 from saber_jax.models.config import TextConfig
-from saber_jax.models.text import TextModel, attention_mask
+from saber_jax.models.text import TextModel
 from saber_jax.models.thinker import model_inputs
 from train_batches import ROWS, SIZES, _concat, _labels, make_batch
 
@@ -117,7 +117,7 @@ def _decoder_loss(remat: str):
   model = TextModel(TEXT, remat=remat)
   ids = jnp.zeros((ROWS_, LENGTH), jnp.int32)
   positions = jnp.broadcast_to(jnp.arange(LENGTH), (3, ROWS_, LENGTH))
-  mask = attention_mask(jnp.ones((ROWS_, LENGTH), bool))
+  mask = jnp.ones((ROWS_, LENGTH), bool)
 
   def hidden(params):
     return model.apply({'params': params}, model.apply({'params': params}, ids,

@@ -1,11 +1,15 @@
 """The Flax thinker equals transformers' Qwen2_5OmniThinkerForConditionalGeneration (fp32)."""
 
+import dataclasses
+
+import jax
 import numpy as np
 import pytest
 
 from hf_reference import hf_logits, make_batch, tiny_hf_model
 from saber_jax import convert
-from saber_jax.models import thinker_logits
+from saber_jax.models import layers, thinker_logits
+from saber_jax.models.thinker import model_inputs
 
 TOLERANCE = 1e-4
 
@@ -54,3 +58,32 @@ def test_logits_equal_transformers(reference, case):
   got = thinker_logits(config, params, batch)
   assert got.shape == want.shape and got.dtype == np.float32
   assert _max_error(want, got, batch['attention_mask']) < TOLERANCE
+
+
+def test_length_based_causal_attention_equals_transformers(reference, monkeypatch):
+  """attention='cudnn' feeds the decoder each row's length instead of a dense mask
+  (`layers.causal_attention`). cuDNN itself needs a GPU (the device check in the README
+  runs it); here the same call runs through XLA, so the routing and the lengths are
+  checked against transformers."""
+  model, _, config, params = reference
+  calls = []
+
+  def through_xla(q, k, v, lengths, implementation):
+    calls.append(implementation)
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=lengths,
+                                        key_value_seq_lengths=lengths, implementation='xla')
+  monkeypatch.setattr(layers, 'causal_attention', through_xla)
+  rows, kwargs = CASES['two_different_rows_right_padded']
+  batch = make_batch(rows, **kwargs)
+  got = thinker_logits(dataclasses.replace(config, attention='cudnn'), params, batch)
+  assert calls and set(calls) == {'cudnn'}
+  assert _max_error(hf_logits(model, batch), got, batch['attention_mask']) < TOLERANCE
+
+
+def test_cudnn_attention_needs_right_padding(reference):
+  _, _, config, _ = reference
+  rows, _ = CASES['two_different_rows_left_padded']
+  with pytest.raises(ValueError, match=r'right-padded rows .*rows \[\d'):
+    model_inputs(dataclasses.replace(config, attention='cudnn'), make_batch(rows))
+  with pytest.raises(ValueError, match='unknown attention'):
+    model_inputs(dataclasses.replace(config, attention='flash'), make_batch(rows))

@@ -62,7 +62,10 @@ class ThinkerConfig:
 
   `dtype` is the compute dtype, `param_dtype` the storage dtype of the weights, `remat`
   the rematerialisation policy of every scanned layer stack ('none', 'full' or
-  'dots', see `layers.remat_policy`).
+  'dots', see `layers.remat_policy`). `attention` is the decoder's attention outside
+  generation: 'xla' (an explicit mask: any padding, any device) or 'cudnn' (cuDNN flash
+  attention on NVIDIA GPUs, causal within each row's valid length: rows must be right
+  padded, as training batches are; `model_inputs` checks).
   """
   audio: AudioConfig = AudioConfig()
   vision: VisionConfig = VisionConfig()
@@ -79,6 +82,7 @@ class ThinkerConfig:
   dtype: str = 'float32'
   param_dtype: str = 'float32'
   remat: str = 'none'
+  attention: str = 'xla'
 
   @classmethod
   def qwen2_5_omni_7b(cls, **overrides) -> 'ThinkerConfig':

@@ -73,13 +73,30 @@ def rotate_half(x):
   return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
 
 
+ATTENTION_IMPLEMENTATIONS = ('xla', 'cudnn')
+
+
 def attention(q, k, v, mask=None, *, is_causal: bool = False):
-  """Softmax attention through `jax.nn.dot_product_attention` (XLA, or cuDNN flash on GPU).
+  """Softmax attention through `jax.nn.dot_product_attention` (XLA).
 
   q [B, T, N, H]; k, v [B, S, K, H] with N % K == 0 (grouped-query); mask bool,
   broadcastable to [B, N, T, S], True where a query may attend. Scale is H ** -0.5.
   """
   return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
+
+
+def causal_attention(q, k, v, lengths, implementation: str):
+  """Causal self-attention of right-padded rows: row b's first lengths[b] positions attend
+  among themselves; outputs at padding are not meaningful. q [B, L, N, H]; k, v
+  [B, L, K, H]; lengths int [B]. No [B, N, L, L] mask is built, so `implementation`
+  'cudnn' runs cuDNN's fused flash attention (bf16/fp16 on NVIDIA GPUs)."""
+  if implementation not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f'unknown attention {implementation!r}; expected one of '
+                     f'{ATTENTION_IMPLEMENTATIONS}')
+  lengths = lengths.astype(jnp.int32)
+  return jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=lengths,
+                                      key_value_seq_lengths=lengths,
+                                      implementation=implementation)
 
 
 def remat_policy(name: str):

@@ -39,11 +39,13 @@ class Attention(nn.Module):
   config: TextConfig
   dtype: layers.Dtype
   param_dtype: layers.Dtype
+  attention: str = 'xla'
 
   @nn.compact
   def __call__(self, x, cos, sin, mask, cache: KVCache | None = None, cache_index=None):
     """x [B, L, H] -> (out [B, L, H], new rows). Without a cache the queries attend to the
-    keys of x (mask [B, 1, L, L]) and the new rows are None. With one layer's cache
+    keys of x (mask [B, 1, L, L]; with `attention` 'cudnn', the right-padded rows' valid
+    lengths [B] instead, see `layers.causal_attention`) and the new rows are None. With one layer's cache
     [B, S, K, H], the keys and values of x take slots [cache_index, cache_index + L) and the
     queries attend over all S slots (mask [B, 1, L, S]); the new rows returned are those
     keys and values, KVCache [B, L, K, H], for the caller to write into its cache."""
@@ -61,7 +63,10 @@ class Attention(nn.Module):
     if cache is not None:
       new_rows = KVCache(k, v)
       k, v = cache.write(new_rows, cache_index, axis=1)
-    out = layers.attention(q, k, v, mask)
+    if cache is None and self.attention != 'xla':
+      out = layers.causal_attention(q, k, v, mask, self.attention)
+    else:
+      out = layers.attention(q, k, v, mask)
     out = layers.dense(c.hidden_size, ('heads', 'embed'), use_bias=False, dtype=self.dtype,
                        param_dtype=self.param_dtype, name='o_proj')(out.reshape(b, length, -1))
     return out, new_rows
@@ -71,6 +76,7 @@ class DecoderLayer(nn.Module):
   config: TextConfig
   dtype: layers.Dtype
   param_dtype: layers.Dtype
+  attention: str = 'xla'
 
   @nn.compact
   def __call__(self, x, cos, sin, mask, cache: KVCache | None = None, cache_index=None):
@@ -79,8 +85,8 @@ class DecoderLayer(nn.Module):
     norm = lambda name: layers.RMSNorm(self.config.rms_norm_eps, self.dtype, self.param_dtype,
                                        name=name)
     kw = dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype)
-    attended, new_rows = Attention(**kw, name='self_attn')(norm('input_layernorm')(x), cos, sin,
-                                                           mask, cache, cache_index)
+    attended, new_rows = Attention(**kw, attention=self.attention, name='self_attn')(
+        norm('input_layernorm')(x), cos, sin, mask, cache, cache_index)
     x = x + attended
     c = self.config
     mlp = layers.SwiGLU(c.hidden_size, c.intermediate_size, use_bias=False, axes=('embed', 'mlp'),
@@ -115,6 +121,7 @@ class TextModel(nn.Module):
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
   remat: str = 'none'
+  attention: str = 'xla'          # see ThinkerConfig.attention
 
   def setup(self):
     c = self.config
@@ -123,7 +130,7 @@ class TextModel(nn.Module):
         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                     ('vocab', 'embed')))
     stack = layers.layer_stack(DecoderLayer, c.num_hidden_layers, self.remat, broadcast_args=3)
-    self.layers = stack(c, self.dtype, self.param_dtype)
+    self.layers = stack(c, self.dtype, self.param_dtype, self.attention)
     self.norm = layers.RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype)
     if not c.tie_word_embeddings:
       self.lm_head = layers.dense(c.vocab_size, ('embed', 'vocab'), use_bias=False,
@@ -132,10 +139,12 @@ class TextModel(nn.Module):
   def embed(self, input_ids):
     return self.embed_tokens(input_ids)
 
-  def __call__(self, x, position_ids, mask):
-    """x [B, L, H] embeddings, position_ids [3, B, L], mask bool [B, 1, L, S] -> hidden [B, L, H]."""
+  def __call__(self, x, position_ids, valid):
+    """x [B, L, H] embeddings, position_ids [3, B, L], valid bool [B, L] (False at padding)
+    -> hidden [B, L, H]."""
     c = self.config
     cos, sin = mrope_cos_sin(position_ids, c.head_dim, c.rope_theta, c.mrope_section, self.dtype)
+    mask = attention_mask(valid) if self.attention == 'xla' else jnp.sum(valid, axis=-1)
     x, _ = self.layers(x.astype(self.dtype), cos, sin, mask)
     return self.norm(x)
 

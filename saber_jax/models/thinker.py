@@ -16,10 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from saber_jax.models import audio as audio_lib
+from saber_jax.models import layers
 from saber_jax.models import vision as vision_lib
 from saber_jax.models.config import ThinkerConfig
 from saber_jax.models.rope import rope_index
-from saber_jax.models.text import TextModel, attention_mask
+from saber_jax.models.text import TextModel
 
 
 class Thinker(nn.Module):
@@ -30,12 +31,11 @@ class Thinker(nn.Module):
     kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype), remat=c.remat)
     self.audio = audio_lib.AudioEncoder(c.audio, **kw)
     self.vision = vision_lib.VisionEncoder(c.vision, **kw)
-    self.text = TextModel(c.text, **kw)
+    self.text = TextModel(c.text, **kw, attention=c.attention)
 
   def __call__(self, inputs: Mapping[str, Any]):
     """Hidden states [B, L, H] of the `model_inputs` arrays."""
-    return self.text(self.embed(inputs), inputs['position_ids'],
-                     attention_mask(inputs['attention_mask']))
+    return self.text(self.embed(inputs), inputs['position_ids'], inputs['attention_mask'])
 
   def embed(self, inputs: Mapping[str, Any]):
     """Token embeddings [B, L, H] with the audio and vision features at their placeholders.
@@ -78,6 +78,21 @@ def _slots(valid: np.ndarray, positions: np.ndarray, size: int) -> np.ndarray:
   return slots
 
 
+def _check_padding_for_attention(config: ThinkerConfig, mask: np.ndarray):
+  """The 'cudnn' decoder attention knows each row by its length: padding must be at the end."""
+  if config.attention not in layers.ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f'unknown attention {config.attention!r}; expected one of '
+                     f'{layers.ATTENTION_IMPLEMENTATIONS}')
+  if config.attention == 'xla':
+    return
+  valid = mask.astype(bool)
+  prefix = np.arange(valid.shape[-1]) < valid.sum(-1, keepdims=True)
+  bad = np.flatnonzero(np.any(valid != prefix, axis=-1))
+  if bad.size:
+    raise ValueError(f'attention={config.attention!r} needs right-padded rows (padding only at '
+                     f'the end); rows {bad.tolist()} are not. Use attention="xla" for them.')
+
+
 def model_inputs(config: ThinkerConfig, batch: Mapping[str, Any], *,
                  num_audio_chunks: int | None = None, num_audio_tokens: int | None = None,
                  num_patches: int | None = None, **vision_sizes: int) -> dict[str, Any]:
@@ -89,6 +104,7 @@ def model_inputs(config: ThinkerConfig, batch: Mapping[str, Any], *,
   input_ids = np.asarray(batch['input_ids'])
   mask = batch.get('attention_mask')
   mask = np.ones_like(input_ids) if mask is None else np.asarray(mask)
+  _check_padding_for_attention(config, mask)
   position_ids = batch.get('position_ids')
   if position_ids is None:
     position_ids, _ = rope_index(config, {**batch, 'attention_mask': mask})

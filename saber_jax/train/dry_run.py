@@ -61,6 +61,9 @@ def dry_run(config, stage: str = 'sft') -> float:
   """Lower and compile the step on the configured mesh; returns and prints the per-device
   memory in GiB (arguments + outputs + temporaries, donated buffers counted once)."""
   mesh = sharding.make_mesh(config.mesh)
+  if not config.optim.total_steps:        # no data to count steps from; memory is the same
+    config = config.copy_and_resolve_references()
+    config.optim.total_steps = 100
   setup = trainer.plan(config, stage, mesh)
   num_shards = mesh.shape['data'] * mesh.shape['fsdp']
   shard = example_inputs(setup.model_config, config.dry_run_seq_len)

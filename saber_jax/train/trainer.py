@@ -29,7 +29,11 @@ def model_config_of(config) -> ThinkerConfig:
   m = config.model
   base = (ThinkerConfig.from_hf(m.hf_config) if m.get('hf_config')
           else getattr(ThinkerConfig, m.name)())
-  return dataclasses.replace(base, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+  attention = m.attention
+  if attention == 'auto':
+    attention = 'cudnn' if jax.default_backend() == 'gpu' else 'xla'
+  return dataclasses.replace(base, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
+                             attention=attention)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
