@@ -164,6 +164,13 @@ def available_memory_bytes() -> int:
 #   its peak resident memory.
 
 
+def setup_peak():
+  """The peak worker: each STEP measures the 2048^2 fp32 `jnp.dot` peak (best of 5) at
+  that moment, next to the measured sides' steps."""
+  matmul_peak(2048, 'float32', repeats=2)
+  return {}, lambda: dict(peak_flops=matmul_peak(2048, 'float32', repeats=5))
+
+
 def serve(setup):
   """The worker side: `setup()` returns (info dict, step function -> dict of metrics)."""
   info, step = setup()

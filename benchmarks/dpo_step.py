@@ -104,11 +104,6 @@ def setup_variant(args):
   return info, one_step
 
 
-def setup_peak(args):
-  common.matmul_peak(2048, 'float32', repeats=2)
-  return {}, lambda: dict(peak_flops=common.matmul_peak(2048, 'float32', repeats=5))
-
-
 def bench(args) -> dict:
   model_config = common.BENCH_CONFIG
   spec = common.BatchSpec(audio_frames=(1000,) * (2 * args.pairs))
@@ -189,7 +184,7 @@ def main():
   parser.add_argument('--batch', help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.side:
-    common.serve(lambda: (setup_peak if args.side == 'peak' else setup_variant)(args))
+    common.serve(common.setup_peak if args.side == 'peak' else lambda: setup_variant(args))
     return
   result = bench(args)
   print_table(result)

@@ -138,12 +138,6 @@ def setup_torch(args):
   return info, lambda: dict(loss=step())
 
 
-def setup_peak(args):
-  """Each STEP measures the 2048^2 fp32 jnp.dot peak (best of a few) at that moment."""
-  common.matmul_peak(2048, 'float32', repeats=2)
-  return {}, lambda: dict(peak_flops=common.matmul_peak(2048, 'float32', repeats=5))
-
-
 # ----------------------------------------------------------------------------- driver
 
 # Both workers alive at once need about this much free memory (measured peaks: saber_jax
@@ -339,7 +333,8 @@ def main():
   parser.add_argument('--batch', help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.side:
-    common.serve(lambda: dict(jax=setup_jax, torch=setup_torch, peak=setup_peak)[args.side](args))
+    common.serve(common.setup_peak if args.side == 'peak' else
+                 lambda: dict(jax=setup_jax, torch=setup_torch)[args.side](args))
     return
   if args.config == '7b-llm-slice':
     result = llm_slice(args)

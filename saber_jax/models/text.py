@@ -45,10 +45,11 @@ class Attention(nn.Module):
   def __call__(self, x, cos, sin, mask, cache: KVCache | None = None, cache_index=None):
     """x [B, L, H] -> (out [B, L, H], new rows). Without a cache the queries attend to the
     keys of x (mask [B, 1, L, L]; with `attention` 'cudnn', the right-padded rows' valid
-    lengths [B] instead, see `layers.causal_attention`) and the new rows are None. With one layer's cache
-    [B, S, K, H], the keys and values of x take slots [cache_index, cache_index + L) and the
-    queries attend over all S slots (mask [B, 1, L, S]); the new rows returned are those
-    keys and values, KVCache [B, L, K, H], for the caller to write into its cache."""
+    lengths [B] instead, see `layers.causal_attention`) and the new rows are None. With
+    one layer's cache [B, S, K, H], the keys and values of x take slots [cache_index,
+    cache_index + L) and the queries attend over all S slots (mask [B, 1, L, S]); the new
+    rows returned are those keys and values, KVCache [B, L, K, H], for the caller to write
+    into its cache."""
     c = self.config
     b, length, _ = x.shape
     hd = c.head_dim
