@@ -164,11 +164,22 @@ def available_memory_bytes() -> int:
 #   its peak resident memory.
 
 
+def full_fp32_matmuls():
+  """float32 matmuls in full float32 (on GPUs JAX would otherwise use TF32), as the
+  PyTorch side runs them: the two sides compute the same thing. CPUs are left as they are."""
+  import jax
+  if jax.default_backend() != 'cpu':
+    jax.config.update('jax_default_matmul_precision', 'highest')
+
+
 def setup_peak():
-  """The peak worker: each STEP measures the 2048^2 fp32 `jnp.dot` peak (best of 5) at
-  that moment, next to the measured sides' steps."""
-  matmul_peak(2048, 'float32', repeats=2)
-  return {}, lambda: dict(peak_flops=matmul_peak(2048, 'float32', repeats=5))
+  """The peak worker: each STEP measures the fp32 `jnp.dot` peak (best of 5) at that
+  moment, next to the measured sides' steps: 2048^2 on a CPU, 8192^2 on a GPU."""
+  import jax
+  full_fp32_matmuls()
+  n = 2048 if jax.default_backend() == 'cpu' else 8192
+  matmul_peak(n, 'float32', repeats=2)
+  return {}, lambda: dict(peak_flops=matmul_peak(n, 'float32', repeats=5))
 
 
 def serve(setup):
@@ -199,7 +210,9 @@ class Worker:
     self.stderr = tempfile.TemporaryFile(mode='w+')
     self.proc = subprocess.Popen([sys.executable, script, *args], stdin=subprocess.PIPE,
                                  stdout=subprocess.PIPE, stderr=self.stderr, text=True,
-                                 env=dict(os.environ, PYTHONUNBUFFERED='1'))
+                                 # The sides share one GPU: JAX must not take 75% of it.
+                                 env=dict(os.environ, PYTHONUNBUFFERED='1',
+                                          XLA_PYTHON_CLIENT_PREALLOCATE='false'))
     self.info = self._read('READY')
 
   def step(self) -> dict:

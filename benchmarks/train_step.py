@@ -11,7 +11,9 @@ transformers checkpoint; saber_jax converts it with `convert.load_hf`), see the 
 inputs and run AdamW (lr 1e-5, weight decay 0.1 except biases and norms, global-norm
 clipping at 1): saber_jax as one jitted, state-donating step in fp32, transformers in
 eager PyTorch fp32 (sdpa attention) with torch.optim.AdamW. Their first-step losses must
-agree, which checks that the two sides compute the same thing.
+agree, which checks that the two sides compute the same thing. On a GPU both sides run
+there (float32 matmuls in full float32, no TF32) and each also reports its allocator's
+peak GPU memory.
 
 Each side runs in its own worker process (peak host memory is that process's `ru_maxrss`,
 loading included) and the driver steps them in turn ("lockstep": one step of saber_jax,
@@ -80,6 +82,7 @@ def setup_jax(args):
   import jax
   from saber_jax import convert, flops
   from saber_jax.train import steps
+  common.full_fp32_matmuls()
   model_config, params = convert.load_hf(args.model_dir)
   model_config = dataclasses.replace(model_config, remat=args.remat)
   batch = jax_batch(model_config, common.load_batch(args.batch))
@@ -100,6 +103,8 @@ def setup_jax(args):
     state, metrics = step(state, device_batch)
     jax.block_until_ready(metrics['loss'])
   one_step()                                  # warm-up, as the torch side
+  stats = jax.devices()[0].memory_stats() or {}
+  info['device_peak_bytes'] = stats.get('peak_bytes_in_use')     # None on a CPU
   return info, one_step
 
 
@@ -110,8 +115,10 @@ def setup_torch(args):
   import torch
   from transformers import Qwen2_5OmniThinkerForConditionalGeneration
   torch.set_num_threads(args.torch_threads)
+  device = 'cuda' if torch.cuda.is_available() else 'cpu'
+  torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # true fp32
   model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(
-      args.model_dir, dtype=torch.float32, attn_implementation='sdpa')
+      args.model_dir, dtype=torch.float32, attn_implementation='sdpa').to(device)
   model.train()
   # Decay as saber_jax's optim.weight_decay_mask: not biases, not norm weights.
   no_decay = lambda name: name.endswith('bias') or 'norm' in name or 'ln_' in name
@@ -121,7 +128,7 @@ def setup_torch(args):
        dict(params=[p for n, p in named if no_decay(n)], weight_decay=0.0)],
       lr=1e-5, betas=(0.9, 0.999), eps=1e-8)
   raw = common.load_batch(args.batch)
-  inputs = {k: torch.as_tensor(v) for k, v in raw.items()
+  inputs = {k: torch.as_tensor(v).to(device) for k, v in raw.items()
             if k not in ('use_audio_in_video', 'segments')}
 
   def step() -> float:
@@ -135,7 +142,8 @@ def setup_torch(args):
   info = dict(loss=step(), tokens=int(raw['attention_mask'].sum()),
               threads=torch.get_num_threads())
   step()                                      # warm-up: Adam's moments exist from here
-  return info, lambda: dict(loss=step())
+  info['device_peak_bytes'] = torch.cuda.max_memory_allocated() if device == 'cuda' else None
+  return info, lambda: dict(loss=step())      # .item() waits for the GPU
 
 
 # ----------------------------------------------------------------------------- driver
@@ -192,10 +200,16 @@ def summarize(repeats: list[dict]) -> dict:
       torch_mfu=over_repeats(lambda r: flops / r['torch']['wall_s'] / r['peak_torch']),
       jax_max_rss_gib=common.gib(rss('jax')), torch_max_rss_gib=common.gib(rss('torch')),
       jax_xla_temp_gib=common.gib(jax0['xla_temp_bytes']),
+      jax_device_peak_gib=_gib_or_none(jax0['device_peak_bytes']),
+      torch_device_peak_gib=_gib_or_none(torch0['device_peak_bytes']),
       jax_loss=jax0['loss'], torch_loss=torch0['loss'], torch_threads=torch0['threads'],
       jax_step_s_all=[[r['jax']['wall_s'] for r in rep['rounds']] for rep in repeats],
       torch_step_s_all=[[r['torch']['wall_s'] for r in rep['rounds']] for rep in repeats],
       peak_flops_all=[[r['peak_jax'] for r in rep['rounds']] for rep in repeats])
+
+
+def _gib_or_none(num_bytes):
+  return None if num_bytes is None else common.gib(num_bytes)
 
 
 def print_table(r: dict):
@@ -208,6 +222,9 @@ def print_table(r: dict):
   print(f"{'CPU seconds per step':24}{r['jax_cpu_s_per_step']:12.1f}{r['torch_cpu_s_per_step']:14.1f}")
   print(f"{'MFU (measured peak)':24}{r['mfu']:12.2f}{r['torch_mfu']:14.2f}")
   print(f"{'peak host memory (GiB)':24}{r['jax_max_rss_gib']:12.2f}{r['torch_max_rss_gib']:14.2f}")
+  if r['jax_device_peak_gib'] is not None:
+    print(f"{'peak GPU memory (GiB)':24}{r['jax_device_peak_gib']:12.2f}"
+          f"{r['torch_device_peak_gib']:14.2f}")
   print(f"{'first-step loss':24}{r['jax_loss']:12.5f}{r['torch_loss']:14.5f}")
   print(f"speedup {r['speedup']:.2f}x (paired per step {r['paired_speedup']:.2f}x); model "
         f"FLOPs/step {r['model_flops_per_step'] / 1e9:.1f} G (hardware "
