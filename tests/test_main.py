@@ -138,6 +138,8 @@ def test_demo_pipeline_trains_both_stages(tmp_path):
   dpo = [r for r in rows if r['stage'] == 'dpo']
   assert sft[-1]['loss'] < 0.6 * sft[0]['loss']
   assert dpo[-1]['rewards/accuracies'] > 0.5
+  assert all(r['model_flops_per_s_per_device'] > 0 for r in rows)   # no vendor peak on CPU
+  assert not any('mfu' in r for r in rows)
   assert (tmp_path / 'dpo' / 'final' / 'thinker_config.json').exists()
   for stage in ('sft', 'dpo'):          # one clip's answer shown after each stage
     assert (tmp_path / f'answers_after_{stage}.jsonl').read_text().strip()
