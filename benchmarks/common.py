@@ -90,6 +90,16 @@ def processor_batch(config: ThinkerConfig, spec: BatchSpec = BatchSpec(), seed: 
       use_audio_in_video=True, labels=labels, segments=segments)
 
 
+def jax_batch(model_config: ThinkerConfig, raw: dict) -> dict:
+  """The train step's batch of a `processor_batch`: the thinker's `model_inputs` plus
+  int32 labels and segments."""
+  from saber_jax.models.thinker import model_inputs
+  raw = dict(raw)
+  labels, segments = raw.pop('labels'), raw.pop('segments')
+  return dict(model_inputs(model_config, raw), labels=labels.astype(np.int32),
+              segments=segments.astype(np.int32))
+
+
 def save_batch(path: str, batch: dict):
   np.savez(path, **{k: np.asarray(v) for k, v in batch.items()})
 

@@ -59,9 +59,8 @@ def setup_variant(args):
   from saber_jax import flops
   from saber_jax.models.thinker import init_params
   from saber_jax.train import optim, steps
-  from train_step import jax_batch
   model_config = dataclasses.replace(common.BENCH_CONFIG, remat=args.remat)
-  batch = jax_batch(model_config, common.load_batch(args.batch))
+  batch = common.jax_batch(model_config, common.load_batch(args.batch))
   init = jax.jit(lambda key: nn.unbox(init_params(model_config, key)))
   policy = init(jax.random.key(0))
   reference = init(jax.random.key(0))        # the SFT model: same values, its own buffers

@@ -17,9 +17,10 @@ peak GPU memory.
 
 Each side runs in its own worker process (peak host memory is that process's `ru_maxrss`,
 loading included) and the driver steps them in turn ("lockstep": one step of saber_jax,
-one of transformers, order alternating, with the 2048^2 fp32 `jnp.dot` peak measured next
-to them), so on a shared machine both sides see the same load; when free memory does not
-allow both workers at once, each runs its steps in turn (`"lockstep": false`). Each
+one of transformers, order alternating, with the fp32 `jnp.dot` peak (2048^2; 8192^2 on
+a GPU) measured next to them), so on a shared machine both sides see the same load; when
+free memory does not allow both workers at once, each runs its steps in turn
+(`"lockstep": false`). Each
 worker runs its first step (compilation for saber_jax; the losses are compared) and one
 warm-up step before the timed ones. Times are medians over a repeat's steps, then the
 median over `--repeats` fresh pairs of workers; `paired_speedup` is the median of the
@@ -67,15 +68,6 @@ def _jax_step(model_config, chunk_size: int, trainable: str = 'full'):
                                    skip_nonfinite=False), donate_argnums=0)
 
 
-def jax_batch(model_config, raw: dict) -> dict:
-  """The train step's batch: the thinker's `model_inputs` plus int32 labels/segments."""
-  from saber_jax.models.thinker import model_inputs
-  raw = dict(raw)
-  labels, segments = raw.pop('labels'), raw.pop('segments')
-  return dict(model_inputs(model_config, raw), labels=labels.astype(np.int32),
-              segments=segments.astype(np.int32))
-
-
 def setup_jax(args):
   """Worker setup: the converted weights, the compiled step (state donated) and its first
   step; each STEP then runs one more step."""
@@ -85,7 +77,7 @@ def setup_jax(args):
   common.full_fp32_matmuls()
   model_config, params = convert.load_hf(args.model_dir)
   model_config = dataclasses.replace(model_config, remat=args.remat)
-  batch = jax_batch(model_config, common.load_batch(args.batch))
+  batch = common.jax_batch(model_config, common.load_batch(args.batch))
   state = steps.init_state(params, {}, _optimizer())
   del params
   device_batch = jax.device_put(batch)

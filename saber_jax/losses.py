@@ -301,10 +301,14 @@ def _over_scored_chunks(body, carry, chunk_size: int, targets, *arrays):
   return carry, jax.tree.map(unchunk, outputs)
 
 
+def _column_index(targets):
+  """Each target's column of the head; column 0 where ignored (weighted by 0 there)."""
+  return jnp.where(targets == IGNORE_INDEX, 0, targets)
+
+
 def _target_columns(head_kernel, targets):
   """The head's column of each target, [B, C, H] (column 0 where ignored)."""
-  return jnp.take(head_kernel, jnp.where(targets == IGNORE_INDEX, 0, targets), axis=1
-                  ).transpose(1, 2, 0)
+  return jnp.take(head_kernel, _column_index(targets), axis=1).transpose(1, 2, 0)
 
 
 def _chunk_logits(hidden, head_kernel):
@@ -337,7 +341,7 @@ def _chunk_grads(hidden, head_kernel, targets, logits, log_normaliser, scale, d_
               + scale[..., None] * _target_columns(head_kernel, targets).astype(acc))
   hidden = hidden.astype(head_kernel.dtype)
   d_kernel = d_kernel + jnp.einsum('bch,bcv->hv', hidden, d_softmax, preferred_element_type=acc)
-  columns = jnp.where(targets == IGNORE_INDEX, 0, targets).reshape(-1)
+  columns = _column_index(targets).reshape(-1)
   d_kernel = d_kernel.at[:, columns].add((scale[..., None] * hidden).reshape(-1, hidden.shape[-1]).T)
   return d_hidden, d_kernel
 

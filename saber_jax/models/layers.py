@@ -90,9 +90,6 @@ def causal_attention(q, k, v, lengths, implementation: str):
   among themselves; outputs at padding are not meaningful. q [B, L, N, H]; k, v
   [B, L, K, H]; lengths int [B]. No [B, N, L, L] mask is built, so `implementation`
   'cudnn' runs cuDNN's fused flash attention (bf16/fp16 on NVIDIA GPUs)."""
-  if implementation not in ATTENTION_IMPLEMENTATIONS:
-    raise ValueError(f'unknown attention {implementation!r}; expected one of '
-                     f'{ATTENTION_IMPLEMENTATIONS}')
   lengths = lengths.astype(jnp.int32)
   return jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=lengths,
                                       key_value_seq_lengths=lengths,

@@ -151,10 +151,11 @@ def train(config, setup: Setup, batches: Iterator[dict], data_iterator, workdir:
   try:
     while step < total_steps:
       batch = next(batches)
+      state, metrics = setup.step_fn(state, sharding.global_batch(batch, setup.mesh))
+      # Counted on the host while the (asynchronously dispatched) step runs.
       work = dict(tokens=int(np.sum(batch['labels'] != -100)),
                   model_flops=flops.step_flops(setup.model_config, batch,
                                                trainable=config.trainable))
-      state, metrics = setup.step_fn(state, sharding.global_batch(batch, setup.mesh))
       metrics = jax.device_get(metrics)
       step += 1
       if not metrics['finite']:
