@@ -24,16 +24,16 @@ optional). Each writes OUT/summary.json, OUT/report.md and PNG bar charts; judge
 subcommands keep per-item results in OUT/judgments.jsonl (resumable; failures in
 OUT/errors.jsonl, retried on the next run).
 
-  python tools/evaluate.py saber-test --predictions preds.jsonl \\
+  saber-evaluate saber-test --predictions preds.jsonl \\
       --references saber_test/test_set.jsonl --out eval/saber_test --model Qwen/Qwen2.5-72B-Instruct
-  python tools/evaluate.py emobench --predictions emobench_preds.jsonl --out eval/emobench
+  saber-evaluate emobench --predictions emobench_preds.jsonl --out eval/emobench
 """
 
 import argparse
 import json
 import os
 
-import _common
+from saber_jax.cli import _common
 from saber_jax import judge as judge_lib
 from saber_jax import metrics
 

@@ -13,14 +13,14 @@ Output: OUT/judgments.jsonl (resumable; failures in OUT/errors.jsonl),
 OUT/test_set.jsonl (the input record plus "subset" and "intensity", ranked within each
 class; the reference file for `evaluate.py saber-test`), OUT/summary.json.
 
-  python tools/build_test_set.py --annotations qc/kept.jsonl --out saber_test/ \\
+  saber-build-test-set --annotations qc/kept.jsonl --out saber_test/ \\
       --per-class 900 --base-url http://localhost:8000/v1 --model Qwen/Qwen2.5-72B-Instruct
 """
 
 import argparse
 import os
 
-import _common
+from saber_jax.cli import _common
 from saber_jax import judge as judge_lib
 from saber_jax import metrics
 

@@ -1,6 +1,6 @@
 """Turn clips + SABER annotations into SFT records (ArrayRecord shards) for training.
 
-  python tools/preprocess.py --manifest clips.jsonl --annotations ann.jsonl --out DIR \\
+  saber-preprocess --manifest clips.jsonl --annotations ann.jsonl --out DIR \\
       [--num_shards N [--shard_index I]] [--workers W] [--tokenizer PATH]
 
 Inputs
@@ -48,21 +48,16 @@ import json
 import math
 import multiprocessing
 import os
-import pathlib
 import sys
 import traceback
 
-_ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(_ROOT) not in sys.path:
-  sys.path.insert(0, str(_ROOT))
+import tqdm
 
-import tqdm  # noqa: E402
-
-from saber_jax.data import annotation as annotation_lib  # noqa: E402
-from saber_jax.data import media  # noqa: E402
-from saber_jax.data import prompt as prompt_lib  # noqa: E402
-from saber_jax.data import records  # noqa: E402
-from saber_jax.data import sed  # noqa: E402
+from saber_jax.data import annotation as annotation_lib
+from saber_jax.data import media
+from saber_jax.data import prompt as prompt_lib
+from saber_jax.data import records
+from saber_jax.data import sed
 
 LANGS = ('en', 'zh')
 RECORD_PREFIX = 'sft'

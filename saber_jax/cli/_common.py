@@ -1,22 +1,12 @@
-"""Argument parsing and small helpers shared by the judge-driven tools.
-
-Importing this module puts the repository root on sys.path, so
-`python tools/<tool>.py` works from a checkout without installing saber_jax.
-"""
+"""Argument parsing and small helpers shared by the judge-driven tools."""
 
 import argparse
 import json
 import os
-import pathlib
-import sys
 from typing import Iterable, Iterator, Mapping
 
-_ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(_ROOT) not in sys.path:
-  sys.path.insert(0, str(_ROOT))
-
-from saber_jax import judge as judge_lib  # noqa: E402
-from saber_jax.data import annotation as annotation_lib  # noqa: E402
+from saber_jax import judge as judge_lib
+from saber_jax.data import annotation as annotation_lib
 
 
 def add_judge_args(parser: argparse.ArgumentParser, *, timeout: float = 60.0,
@@ -154,7 +144,7 @@ ANNOTATION_SPEC = judge_lib.obj(
 )
 
 def check_annotation(annotation, clip_id=None, source: str | None = None) -> dict:
-  """The one schema check for annotations in tools/: saber_jax.data.annotation's
+  """The one schema check for annotations in the tools: saber_jax.data.annotation's
   validate_annotation (silent clips allowed), returned as the nested dict with
   stripped texts. Raises judge.InvalidReply naming source, clip and field."""
   try:

@@ -31,9 +31,9 @@ Output OUT/pairs.jsonl, one preference pair per line:
 (judge: plus chosen_index / rejected_index and "prompt" when given; perturb: scores
 and margin are null, plus "perturbation" and "donor_id"), and OUT/summary.json.
 
-  python tools/make_pairs.py --samples samples.jsonl --annotations kept.jsonl --out pairs/ \\
+  saber-make-pairs --samples samples.jsonl --annotations kept.jsonl --out pairs/ \\
       --base-url http://localhost:8000/v1 --model Qwen/Qwen2.5-72B-Instruct
-  python tools/make_pairs.py --strategy perturb --annotations kept.jsonl --out pairs/ --seed 0
+  saber-make-pairs --strategy perturb --annotations kept.jsonl --out pairs/ --seed 0
 """
 
 import argparse
@@ -43,7 +43,7 @@ import os
 import random
 import re
 
-import _common
+from saber_jax.cli import _common
 from saber_jax import judge as judge_lib
 from saber_jax import metrics
 from saber_jax.data import annotation as annotation_lib

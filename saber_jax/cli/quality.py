@@ -23,14 +23,14 @@ wer_unit, consistent, consistency_reason} and, when dropped, "drop_reasons"), an
 OUT/summary.json. Clips whose judge call failed are in neither file until a rerun
 succeeds ("pending").
 
-  python tools/quality.py --annotations ann/annotations.jsonl --out qc/ \\
+  saber-quality --annotations ann/annotations.jsonl --out qc/ \\
       --descriptions captions.jsonl --base-url http://localhost:8000/v1 --model Qwen/Qwen2.5-72B-Instruct
 """
 
 import argparse
 import os
 
-import _common
+from saber_jax.cli import _common
 from saber_jax import judge as judge_lib
 from saber_jax import metrics
 

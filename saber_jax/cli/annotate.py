@@ -15,7 +15,7 @@ Output: OUT/annotations.jsonl, the manifest record plus
 validated (exact keys, non-empty, written in the clip's language); failures in
 OUT/errors.jsonl, retried on the next run.
 
-  python tools/annotate.py --manifest clips.jsonl --out ann/ \\
+  saber-annotate --manifest clips.jsonl --out ann/ \\
       --base-url http://localhost:8000/v1 --model Qwen/Qwen2.5-Omni-7B
 """
 
@@ -26,7 +26,7 @@ import os
 import re
 import wave
 
-import _common
+from saber_jax.cli import _common
 from saber_jax import judge as judge_lib
 
 # ----------------------------------------------------------------------------- prompts
