@@ -267,7 +267,7 @@ def llm_slice(args) -> dict:
     raise SystemExit('--attention=cudnn needs a GPU')
   model_config = dataclasses.replace(model_config, attention=attention)
   optimizer = optim.make_optimizer(ml_collections.ConfigDict(dict(
-      lr=1e-5, total_steps=1000, weight_decay=0.1, grad_clip_norm=1.0, trainable='llm')))
+      lr=1e-5, total_steps=1000, weight_decay=0.1, grad_clip_norm=1.0)))
   step = jax.jit(functools.partial(
       steps.train_step, loss_fn=functools.partial(steps.sft_loss, model_config=model_config,
                                                   chunk_size=args.chunk_size),

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import tqdm
+from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import Mesh, NamedSharding
 
 from saber_jax import sharding as sharding_lib
@@ -40,24 +41,6 @@ def match_rule(rules: Sequence[Rule], name: str) -> tuple[str, int | None, tuple
       layer = m.groupdict().get('layer')
       return path, None if layer is None else int(layer), perm
   raise KeyError(name)
-
-
-def _flatten(tree, prefix=()) -> Iterator[tuple[tuple[str, ...], object]]:
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      yield from _flatten(value, prefix + (key,))
-    else:
-      yield prefix + (key,), value
-
-
-def _unflatten(items: Iterable[tuple[tuple[str, ...], object]]) -> dict:
-  tree = {}
-  for path, value in items:
-    node = tree
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = value
-  return tree
 
 
 # --- safetensors files, read through a memory map (numpy alone has no bfloat16 reader) ---
@@ -138,9 +121,8 @@ class _ParamBuffers:
   sharded device buffers when shardings are given (stacked layers updated in place)."""
 
   def __init__(self, abstract: dict, dtype, shardings: dict | None):
-    self.shapes = {'/'.join(p): tuple(v.shape) for p, v in _flatten(abstract)}
-    self.shardings = None if shardings is None else {'/'.join(p): s for p, s in
-                                                     _flatten(shardings)}
+    self.shapes = {p: tuple(v.shape) for p, v in flatten_dict(abstract, sep='/').items()}
+    self.shardings = None if shardings is None else flatten_dict(shardings, sep='/')
     self.dtype = jnp.dtype(dtype)
     self.buffers, self.filled = {}, {}
 
@@ -180,7 +162,7 @@ class _ParamBuffers:
         problems.append(f'{path} (layers {sorted(set(range(shape[0])) - done)})')
     if problems:
       raise KeyError(f'checkpoint is missing parameters: {problems}')
-    return _unflatten((tuple(p.split('/')), v) for p, v in self.buffers.items())
+    return unflatten_dict(self.buffers, sep='/')
 
 
 def _put_tensor(buffers: _ParamBuffers, rules: Sequence[Rule], prefix: str, name: str,

@@ -2,8 +2,11 @@
 
 import wave
 
+import av
+import librosa
 import numpy as np
 import pytest
+import soundfile
 from transformers import WhisperFeatureExtractor
 from transformers.audio_utils import mel_filter_bank
 from transformers.models.qwen2_vl import image_processing_pil_qwen2_vl as hf_qwen2_vl
@@ -105,7 +108,7 @@ def _assert_lossless_tone(waveform, seconds):
   expected = sine(TONE_HZ, seconds, 16000)
   assert waveform.dtype == np.float32 and waveform.ndim == 1
   assert waveform.size == expected.size
-  # 16-bit quantisation (3e-5) plus swresample's passband ripple; the edges hold the
+  # 16-bit quantisation (3e-5) plus soxr_hq's passband ripple; the edges hold the
   # resampler's start-up and the signal's hard stop.
   inner = slice(400, -400)
   np.testing.assert_allclose(waveform[inner], expected[inner], rtol=0, atol=1e-4)
@@ -149,6 +152,65 @@ def test_load_audio_lossy_file(tmp_path, suffix, codec, rate):
   path = tmp_path / f'tone.{suffix}'
   write_audio(path, sine(TONE_HZ, 2.0, rate), rate, codec, channels=2)
   _assert_lossy_tone(media.load_audio(path), 2.0)
+
+
+def _two_channel_signal(seconds, rate):
+  """float32 [2, n]: a different chirp plus noise on each channel, within [-0.6, 0.6]."""
+  rng = np.random.default_rng(rate)
+  t = np.arange(round(seconds * rate)) / rate
+  sweep = 0.4 * np.sin(2 * np.pi * (100 + 1500 * t) * t)
+  tone = 0.4 * np.sin(2 * np.pi * 3000 * t + 1.0)
+  noise = rng.standard_normal((2, t.size)) * 0.05
+  return (np.stack([sweep, tone]) + noise).astype(np.float32)
+
+
+@pytest.mark.parametrize('channels', [1, 2])
+@pytest.mark.parametrize('rate', [8000, 22050, 44100, 48000])
+@pytest.mark.parametrize('suffix,codec', [('wav', 'pcm_s16le'), ('flac', 'flac'),
+                                          ('mp3', 'libmp3lame')])
+def test_load_audio_and_log_mel_equal_librosa_and_whisper(tmp_path, suffix, codec, rate, channels,
+                                                          omni_feature_extractor):
+  # The SABER authors' features: librosa.load(path, sr=16000) (ms-swift, qwen-omni-utils),
+  # then the Omni processor's WhisperFeatureExtractor.
+  path = tmp_path / f'clip.{suffix}'
+  write_audio(path, _two_channel_signal(1.3, rate)[:channels], rate, codec, channels)
+  expected_waveform, _ = librosa.load(path, sr=16000)
+  waveform = media.load_audio(path)
+  assert waveform.dtype == np.float32
+  np.testing.assert_array_equal(waveform, expected_waveform)
+  expected, num_valid = reference_log_mel(omni_feature_extractor, expected_waveform)
+  np.testing.assert_allclose(media.log_mel(waveform), expected[:, :num_valid], rtol=0, atol=1e-4)
+
+
+def _decoded_audio_track(path):
+  """float32 [channels, n] and rate of a file's first audio stream, decoded frame by frame."""
+  with av.open(str(path)) as container:
+    stream = container.streams.audio[0]
+    frames = [frame.to_ndarray() for frame in container.decode(stream)]
+    assert stream.codec_context.format.name == 'fltp'  # aac decodes to planar float
+    return np.concatenate(frames, axis=1), stream.codec_context.sample_rate
+
+
+def test_load_audio_of_video_containers_equals_librosa_on_the_same_samples(tmp_path):
+  # librosa cannot open mp4: its audio track is decoded with PyAV, then downmixed and
+  # resampled as librosa.load does. The same samples in a float wav must load identically.
+  signal = _two_channel_signal(1.3, 44100)
+  mp4 = tmp_path / 'clip.mp4'
+  write_video(mp4, index_frames(4, 56, 56), 4, audio=signal, audio_rate=44100)
+  samples, rate = _decoded_audio_track(mp4)
+  assert samples.shape[0] == 2 and rate == 44100
+  wav = tmp_path / 'same_samples.wav'
+  soundfile.write(wav, samples.T, rate, subtype='FLOAT')
+  np.testing.assert_array_equal(media.load_audio(mp4), librosa.load(wav, sr=16000)[0])
+
+  # An integer (flac) track in mkv against the same PCM in a wav that libsndfile decodes:
+  # the two decoders must agree on the int -> float scaling too.
+  mkv = tmp_path / 'clip.mkv'
+  write_video(mkv, index_frames(4, 56, 56), 4, 'libx264', audio=signal, audio_rate=48000,
+              audio_codec='flac')
+  pcm = tmp_path / 'same_pcm.wav'
+  write_audio(pcm, signal, 48000, 'pcm_s16le', channels=2)
+  np.testing.assert_array_equal(media.load_audio(mkv), librosa.load(pcm, sr=16000)[0])
 
 
 VIDEO_FORMATS = [('mp4', 'libx264', 'aac'), ('mp4', 'mpeg4', 'aac'),

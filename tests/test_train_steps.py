@@ -57,7 +57,7 @@ def test_sft_steps_lower_the_loss_and_touch_only_trainable_params(model_config, 
   lora_config = ml_collections.ConfigDict(dict(rank=4, alpha=8.0))
   lora_params = (lora.init_lora(jax.random.key(1), params, rank=4) if mode == 'lora' else None)
   trainable, frozen = steps.split_params(params, mode, lora_params)
-  optimizer = optim.make_optimizer(_optim_config(trainable=mode))
+  optimizer = optim.make_optimizer(_optim_config())
   state = steps.init_state(trainable, frozen, optimizer)
   loss_fn = lambda t, f, b: steps.sft_loss(t, f, b, model_config=model_config,
                                           lora_config=lora_config)

@@ -1,16 +1,17 @@
 """Media decoding and model features for the Qwen2.5-Omni thinker (host side, numpy only).
 
 Four jobs, each a small function:
-- decode: `probe`, `load_audio` (mono float32 at 16 kHz) and `load_video` (uint8 frames
-  sampled and resized the way qwen-omni-utils' `fetch_video` does), all through PyAV;
+- decode: `probe`, `load_audio` (mono float32 at 16 kHz, as `librosa.load`) and
+  `load_video` (uint8 frames sampled and resized the way qwen-omni-utils' `fetch_video`
+  does), through libsndfile and PyAV;
 - audio features: `log_mel`, the Whisper log-mel of the Qwen2.5-Omni feature extractor
   restricted to the valid frames;
 - vision features: `video_patches` / `image_patches`, the flattened patch rows and grids
   of transformers' Qwen2-VL video and image processors;
 - the shared sizing rule `smart_resize`.
 
-Reference versions: transformers 5.24 (`WhisperFeatureExtractor`, `Qwen2VLVideoProcessor`,
-`Qwen2VLImageProcessorPil`) and qwen-omni-utils (`smart_nframes`, `fetch_video`), the
+Reference versions: librosa 0.11 (`load`), transformers 5.24 (`WhisperFeatureExtractor`,
+`Qwen2VLVideoProcessor`, `Qwen2VLImageProcessorPil`) and qwen-omni-utils (`smart_nframes`, `fetch_video`), the
 helper ms-swift calls when the SABER authors run Qwen2.5-Omni.
 """
 
@@ -20,7 +21,9 @@ import math
 import os
 
 import av
+import librosa
 import numpy as np
+import soundfile
 from PIL import Image
 
 # Audio: the Qwen2.5-Omni preprocessor (WhisperFeatureExtractor, feature_size 128,
@@ -76,12 +79,16 @@ class MediaInfo:
 # ----------------------------------------------------------------------------- decoding
 
 
-def _open(path):
-  path = os.fspath(path)
+def _check_file(path):
   if not os.path.exists(path):
     raise MediaError(f'{path}: no such file')
   if os.path.getsize(path) == 0:
     raise MediaError(f'{path}: empty file')
+
+
+def _open(path):
+  path = os.fspath(path)
+  _check_file(path)
   try:
     return av.open(path)
   except av.FFmpegError as e:
@@ -121,9 +128,11 @@ def probe(path) -> MediaInfo:
 def load_audio(path, sampling_rate: int = SAMPLING_RATE) -> np.ndarray:
   """Decodes the first audio stream of a file to mono float32 at `sampling_rate`.
 
-  Works for audio files (wav, flac, mp3, ...) and the audio track of videos (mp4, mkv,
-  webm). Channels are averaged (as librosa.load, which ms-swift uses); resampling is
-  FFmpeg's swresample through PyAV.
+  What `librosa.load(path, sr=sampling_rate)` returns (the SABER authors' loader, through
+  ms-swift and qwen-omni-utils): native-rate float32 samples, the channel mean, soxr_hq
+  resampling. Files libsndfile reads (wav, flac, mp3, ogg) are decoded by it as librosa
+  does; the audio track of other containers (mp4, m4a, mkv, webm) is decoded by PyAV and
+  then goes through the same downmix and resampling.
 
   Returns:
     waveform: float32 [n], nominally in [-1, 1].
@@ -132,27 +141,48 @@ def load_audio(path, sampling_rate: int = SAMPLING_RATE) -> np.ndarray:
       error, or a stream without samples.
   """
   path = os.fspath(path)
+  _check_file(path)
+  try:
+    source = soundfile.SoundFile(path)
+  except soundfile.LibsndfileError:  # not a format libsndfile reads: a video container
+    samples, native_rate = _decode_audio_track(path)
+  else:
+    with source:
+      try:
+        samples = source.read(dtype='float32', always_2d=True).T  # [channels, n]
+      except RuntimeError as e:
+        raise MediaError(f'{path}: audio stream cannot be decoded ({e})') from e
+      native_rate = source.samplerate
+  if samples.shape[1] == 0:
+    raise MediaError(f'{path}: audio stream holds no samples')
+  try:
+    return librosa.resample(librosa.to_mono(samples), orig_sr=native_rate,
+                            target_sr=sampling_rate, res_type='soxr_hq')
+  except librosa.ParameterError as e:  # e.g. NaN in a float wav
+    raise MediaError(f'{path}: unusable audio samples ({e})') from e
+
+
+def _decode_audio_track(path) -> tuple[np.ndarray, int]:
+  """PyAV decode of a file's first audio stream: (float32 [channels, n], native rate)."""
   container = _open(path)
   chunks = []
   with container:
     if not container.streams.audio:
       raise MediaError(f'{path}: no audio stream')
     stream = container.streams.audio[0]
-    # Planar float keeps the input channel layout, so the downmix below is a plain mean.
-    resampler = av.AudioResampler(format='fltp', rate=sampling_rate)
+    # Planar float at the native rate and layout: the samples librosa would see.
+    resampler = av.AudioResampler(format='fltp')
     try:
       for frame in container.decode(stream):
         frame.pts = None  # PyAV's resampler rejects timestamp jumps; timing is implied
-        for out in resampler.resample(frame):
-          chunks.append(out.to_ndarray().mean(axis=0))
-      for out in resampler.resample(None):
-        chunks.append(out.to_ndarray().mean(axis=0))
+        chunks += [out.to_ndarray() for out in resampler.resample(frame)]
+      chunks += [out.to_ndarray() for out in resampler.resample(None)]
     except (av.FFmpegError, ValueError) as e:  # ValueError: format change mid-stream
       raise MediaError(f'{path}: audio stream cannot be decoded ({e})') from e
-  waveform = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
-  if waveform.size == 0:
-    raise MediaError(f'{path}: audio stream holds no samples')
-  return waveform
+    native_rate = stream.codec_context.sample_rate
+  channels = stream.codec_context.channels
+  samples = np.concatenate(chunks, axis=1) if chunks else np.zeros((channels, 0), np.float32)
+  return samples, native_rate
 
 
 def smart_resize(height: int, width: int, factor: int = PATCH_SIZE * MERGE_SIZE,
@@ -291,31 +321,14 @@ def load_video(path, fps: float = VIDEO_FPS, max_frames: int = VIDEO_MAX_FRAMES,
 
 @functools.cache
 def mel_filterbank(num_mel_bins: int = NUM_MEL_BINS, n_fft: int = N_FFT,
-                   sampling_rate: int = SAMPLING_RATE,
-                   max_frequency: float = 8000.0) -> np.ndarray:
-  """Slaney-style mel filterbank from 0 Hz to `max_frequency` (Whisper's, librosa's).
-
-  Triangles on the Slaney mel scale (linear below 1 kHz, logarithmic above), each scaled
-  by 2 / bandwidth so that every filter has about the same energy.
+                   sampling_rate: int = SAMPLING_RATE) -> np.ndarray:
+  """Whisper's mel filterbank: librosa's Slaney mel, Slaney-normalised, 0 Hz to Nyquist.
 
   Returns:
     filters: float64 [n_fft // 2 + 1, num_mel_bins], read-only (it is cached).
   """
-  def hz_to_mel(hz):
-    hz = np.asarray(hz, np.float64)
-    return np.where(hz < 1000.0, 3.0 * hz / 200.0,
-                    15.0 + np.log(np.maximum(hz, 1e-12) / 1000.0) * 27.0 / np.log(6.4))
-
-  def mel_to_hz(mel):
-    return np.where(mel < 15.0, 200.0 * mel / 3.0,
-                    1000.0 * np.exp(np.log(6.4) / 27.0 * (mel - 15.0)))
-
-  edges = mel_to_hz(np.linspace(hz_to_mel(0.0), hz_to_mel(max_frequency), num_mel_bins + 2))
-  bins = np.linspace(0, sampling_rate // 2, n_fft // 2 + 1)
-  rising = (bins[:, None] - edges[None, :-2]) / (edges[1:-1] - edges[:-2])
-  falling = (edges[None, 2:] - bins[:, None]) / (edges[2:] - edges[1:-1])
-  filters = np.maximum(0.0, np.minimum(rising, falling))
-  filters *= 2.0 / (edges[2:] - edges[:-2])
+  filters = librosa.filters.mel(sr=sampling_rate, n_fft=n_fft, n_mels=num_mel_bins,
+                                htk=False, norm='slaney', dtype=np.float64).T
   filters.flags.writeable = False
   return filters
 

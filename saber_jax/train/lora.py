@@ -27,10 +27,6 @@ DEFAULT_TARGETS = (
 )
 
 
-def _path_names(path) -> tuple[str, ...]:
-  return tuple(str(getattr(key, 'key', getattr(key, 'name', key))) for key in path)
-
-
 def target_kernel_paths(params, targets: Sequence[str] = DEFAULT_TARGETS) -> list[tuple[str, ...]]:
   """Paths (tuples of keys, ending in 'kernel') of the kernels LoRA adapts, in tree order."""
   if isinstance(targets, str):
@@ -38,15 +34,15 @@ def target_kernel_paths(params, targets: Sequence[str] = DEFAULT_TARGETS) -> lis
   patterns = [re.compile(t) for t in targets]
   paths = []
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-    names = _path_names(path)
-    if names[-1] != 'kernel' or not any(p.search('/'.join(names)) for p in patterns):
+    name = jax.tree_util.keystr(path, simple=True, separator='/')
+    if not name.endswith('/kernel') or not any(p.search(name) for p in patterns):
       continue
     if leaf.ndim < 2:
-      raise ValueError(f"LoRA target {'/'.join(names)} has shape {leaf.shape}; expected "
-                       '[..., in, out]')
-    paths.append(names)
+      raise ValueError(f'LoRA target {name} has shape {leaf.shape}; expected [..., in, out]')
+    paths.append(tuple(name.split('/')))
   if not paths:
-    examples = ['/'.join(_path_names(p)) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+    examples = [jax.tree_util.keystr(p, simple=True, separator='/')
+                for p, _ in jax.tree_util.tree_leaves_with_path(params)]
     raise ValueError(f'LoRA targets {list(targets)} matched no kernel; param paths include '
                      f'{examples[:8]}')
   return paths

@@ -1,6 +1,6 @@
-"""The optimizer: AdamW with linear warmup + cosine decay, global-norm clipping, gradient
-accumulation, and a trainable mask that gives frozen parameters neither updates nor
-optimizer state.
+"""The optimizer: AdamW with linear warmup + cosine decay, global-norm clipping and gradient
+accumulation. It sees only the trainable params (`steps.split_params`), so frozen ones get
+neither updates nor optimizer state.
 
 The optimizer section of a config (`config.optim`, an `ml_collections.ConfigDict`):
 
@@ -14,7 +14,6 @@ The optimizer section of a config (`config.optim`, an `ml_collections.ConfigDict
   b1, b2, eps     Adam moments and denominator epsilon.
   grad_clip_norm  clip the global norm of the (accumulated) gradient; 0 or None: off.
   grad_accum_steps  micro-steps per update (optax.MultiSteps, gradient mean).
-  trainable       'full' | 'llm' | 'lora', see `trainable_mask`.
   mu_dtype        dtype of Adam's first moment (None: the parameter dtype).
 
 The schedule counts optimizer updates: with accumulation the lr at micro-step s is
@@ -30,10 +29,6 @@ import jax
 import ml_collections
 import optax
 
-TRAINABLE_MODES = ('full', 'llm', 'lora')
-# Top-level keys of the trees the modes select from (see `trainable_mask`).
-TEXT_KEY = 'text'
-LORA_KEY = 'lora'
 # Leaves exempt from weight decay: biases and norm scales (Flax names them `bias` and
 # `scale`), and anything under a norm module, as transformers' get_decay_parameter_names.
 _NO_DECAY_LEAF_NAMES = ('bias', 'scale')
@@ -54,7 +49,6 @@ def default_config() -> ml_collections.ConfigDict:
       'eps': 1e-8,
       'grad_clip_norm': 1.0,
       'grad_accum_steps': 1,
-      'trainable': 'full',
       'mu_dtype': None,
   })
 
@@ -77,9 +71,6 @@ def _resolve(config) -> ml_collections.ConfigDict:
                      f'(got {resolved.warmup_steps} and {resolved.warmup_ratio})')
   if resolved.grad_accum_steps < 1:
     raise ValueError(f'optim.grad_accum_steps must be >= 1, got {resolved.grad_accum_steps}')
-  if resolved.trainable not in TRAINABLE_MODES:
-    raise ValueError(f'optim.trainable must be one of {list(TRAINABLE_MODES)}, '
-                     f'got {resolved.trainable!r}')
   return resolved
 
 
@@ -105,68 +96,31 @@ def learning_rate_schedule(config) -> optax.Schedule:
       decay_steps=config.total_steps, end_value=config.lr * config.min_lr_ratio)
 
 
-def _path_names(path) -> list[str]:
-  return [str(getattr(key, 'key', getattr(key, 'name', key))) for key in path]
-
-
 def weight_decay_mask(params):
   """True where weight decay applies: every leaf except those named `bias` or `scale`
   and those under a module whose name contains 'norm'. Decided by name, not ndim,
   because scanned layers stack biases and norm scales into 2-D [layers, features]
   arrays. Embeddings, kernels and LoRA `a`/`b` decay, as in transformers/PEFT."""
   def decays(path, _):
-    names = _path_names(path)
+    names = jax.tree_util.keystr(path, simple=True, separator='/').split('/')
     return not (names[-1] in _NO_DECAY_LEAF_NAMES or any(_NORM_MODULE.search(n) for n in names[:-1]))
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def trainable_mask(params, mode: str):
-  """A tree of bools over `params` (the tree the optimizer sees): True where it trains.
-
-    full: every leaf.
-    llm:  leaves under the top-level key 'text' (the language model); the audio tower
-          'audio' and vision tower 'vision' stay frozen.
-    lora: leaves under the top-level key 'lora'. The trainer optimises
-          `{'lora': lora_params}` (optionally with the frozen base next to it under
-          other keys) and merges it into the base params in the forward pass.
-  """
-  if mode not in TRAINABLE_MODES:
-    raise ValueError(f'trainable mode must be one of {list(TRAINABLE_MODES)}, got {mode!r}')
-  if mode == 'full':
-    return jax.tree.map(lambda _: True, params)
-  top_key = TEXT_KEY if mode == 'llm' else LORA_KEY
-  if not isinstance(params, dict) or top_key not in params:
-    keys = sorted(params) if isinstance(params, dict) else type(params).__name__
-    raise ValueError(f"trainable={mode!r} trains the top-level key {top_key!r}, but the "
-                     f'tree has top-level keys {keys}')
-  return {key: jax.tree.map(lambda _, k=key: k == top_key, subtree)
-          for key, subtree in params.items()}
-
-
-def _trainable_labels(mode):
-  def labels(params):
-    mask = trainable_mask(params, mode)
-    return jax.tree.map(lambda trains: 'trainable' if trains else 'frozen', mask)
-  return labels
-
-
 def make_optimizer(config) -> optax.GradientTransformation:
-  """AdamW + warmup/cosine + global-norm clipping + accumulation, frozen leaves masked.
+  """AdamW + warmup/cosine + global-norm clipping + accumulation of the trainable params.
 
-  Layout: multi_transform{trainable: MultiSteps(chain(clip, adamw)), frozen: set_to_zero}.
-  Accumulation sits inside the trainable branch, so neither the accumulator nor Adam's
-  moments are allocated for frozen leaves; clipping sees the mean gradient of the
-  accumulated micro-steps over trainable leaves only (as torch's clip_grad_norm_ after
-  accumulation). Updates on non-final micro-steps are zero.
+  Layout: MultiSteps(chain(clip, adamw)). Clipping sees the mean gradient of the
+  accumulated micro-steps (as torch's clip_grad_norm_ after accumulation). Updates on
+  non-final micro-steps are zero.
   """
   config = _resolve(config)
   adamw = optax.adamw(learning_rate_schedule(config), b1=config.b1, b2=config.b2,
                       eps=config.eps, weight_decay=config.weight_decay,
                       mask=weight_decay_mask, mu_dtype=config.mu_dtype)
-  steps = [optax.clip_by_global_norm(config.grad_clip_norm)] if config.grad_clip_norm else []
-  trainable = optax.chain(*steps, adamw)
+  clip = [optax.clip_by_global_norm(config.grad_clip_norm)] if config.grad_clip_norm else []
+  optimizer = optax.chain(*clip, adamw)
   if config.grad_accum_steps > 1:
-    trainable = optax.MultiSteps(trainable, every_k_schedule=config.grad_accum_steps
+    optimizer = optax.MultiSteps(optimizer, every_k_schedule=config.grad_accum_steps
                                  ).gradient_transformation()
-  return optax.multi_transform({'trainable': trainable, 'frozen': optax.set_to_zero()},
-                               _trainable_labels(config.trainable))
+  return optimizer
