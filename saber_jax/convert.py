@@ -9,10 +9,12 @@ final shape (placed on their sharding when a mesh is given), so a 7B is never he
 """
 
 import functools
+import glob
 import json
 import math
 import os
 import re
+import shutil
 from typing import Iterable, Iterator, Sequence
 
 import flax.linen as nn
@@ -326,8 +328,40 @@ def save_hf(config: ThinkerConfig, params: dict, path: str, *, prefix: str = '',
             max_shard_bytes: int = 4 << 30, progress: bool = False):
   """Write `config.json` and safetensors that transformers loads back
   (`Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained`). `prefix='thinker.'` gives
-  the hub's layout. Files above `max_shard_bytes` are split, with an index."""
-  os.makedirs(path, exist_ok=True)
+  the hub's layout. Files above `max_shard_bytes` are split, with an index.
+
+  An earlier export in `path` is replaced whole: the new one is written to a sibling
+  temporary directory that then takes the folder's place, so no stale shard or index is
+  left beside the new weights and a killed export leaves the old one intact. Files there
+  that are not weights or config (a tokenizer, a README) are carried over."""
+  path = os.path.abspath(path)
+  for stale in glob.glob(glob.escape(path) + '.tmp-*') + glob.glob(glob.escape(path) + '.old-*'):
+    shutil.rmtree(stale, ignore_errors=True)   # left by a killed export
+  tmp, old = f'{path}.tmp-{os.getpid()}', f'{path}.old-{os.getpid()}'
+  os.makedirs(tmp)
+  try:
+    _write_hf(config, params, tmp, prefix, max_shard_bytes, progress)
+    if not os.path.isdir(path):
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      os.replace(tmp, path)
+      return
+    for name in os.listdir(path):
+      if not _is_export_file(name):
+        source = os.path.join(path, name)
+        (shutil.copytree if os.path.isdir(source) else shutil.copy2)(source, os.path.join(tmp, name))
+    os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _is_export_file(name: str) -> bool:
+  return (name == 'config.json' or name.endswith(('.safetensors', '.safetensors.index.json'))
+          or (name.startswith('pytorch_model') and name.endswith(('.bin', '.bin.index.json'))))
+
+
+def _write_hf(config, params, path, prefix, max_shard_bytes, progress):
   with open(os.path.join(path, 'config.json'), 'w') as f:
     json.dump(config.to_hf(), f, indent=2)
   shards, current, size = [], {}, 0
