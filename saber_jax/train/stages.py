@@ -60,6 +60,7 @@ def train_stage(config, stage: str, record_paths, init_from: str) -> str:
   iterator = iter(make(model_config, data, paths, seed=config.seed))
   setup = trainer.plan(config, stage, mesh)
   workdir = stage_dir(config, stage)
+  trainer.claim_workdir(config, workdir, stage, paths, init_from)
   setup = trainer.train(config, setup, iterator, iterator, workdir, stage, micro_steps,
                         init_from=init_from)
   final = os.path.join(workdir, 'final')
