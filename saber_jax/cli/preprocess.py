@@ -76,10 +76,12 @@ def _reject(clip_id, reason, message):
 # --------------------------------------------------------------------------- inputs
 
 
-def _manifest_entry(line: str, base: str, where: str) -> dict:
+def _manifest_entry(line: bytes, base: str, where: str) -> dict:
   """A parsed manifest line (paths made absolute); Reject('bad_manifest') when unusable."""
   try:
-    entry = json.loads(line)
+    entry = json.loads(line.decode('utf-8'))
+  except UnicodeDecodeError as e:
+    raise Reject('bad_manifest', f'{where}: not UTF-8 text (byte {e.start} of the line)') from None
   except json.JSONDecodeError as e:
     raise Reject('bad_manifest', f'{where}: invalid JSON ({e.msg} at column {e.colno})') from None
   if not isinstance(entry, dict):
@@ -112,13 +114,13 @@ def read_manifest(path: str, shard_index: int, num_shards: int):
   """(entries, rejects) of this shard, entries in line order; duplicates are rejects."""
   base = os.path.dirname(os.path.abspath(path))
   entries, rejects, seen = [], [], set()
-  with open(path, encoding='utf-8') as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
+  with open(path, 'rb') as f:   # decoded line by line: one bad byte is one bad line
+    for number, raw in enumerate(f, 1):
+      if not raw.strip():
         continue
       where = f'{path}:{number}'
       try:
-        entry = _manifest_entry(line, base, where)
+        entry = _manifest_entry(raw, base, where)
       except Reject as e:
         if shard_index == 0:  # lines without a usable id are reported once, by shard 0
           rejects.append(_reject(_loose_id(line), e.reason, e.message))
@@ -137,7 +139,7 @@ def _loose_id(line):
   try:
     value = json.loads(line).get('id')
     return value if isinstance(value, (str, int)) and not isinstance(value, bool) else None
-  except (json.JSONDecodeError, AttributeError):
+  except (ValueError, AttributeError):   # not JSON, not UTF-8, not an object
     return None
 
 
