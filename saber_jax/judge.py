@@ -31,6 +31,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import openai
 import tqdm
 
+from saber_jax import fingerprint
+
 # ----------------------------------------------------------------------------- field specs
 
 
@@ -145,6 +147,7 @@ def validate(value: Any, spec: Field, path: str = '$') -> Any:
   raise ValueError(f'unknown field kind {kind!r}')
 
 
+_BEARER = re.compile(r'Bearer\s+[^\s"\'\\]+')
 _THINK = re.compile(r'<think>.*?</think>', re.S)
 _FENCE = re.compile(r'^```(?:json)?\s*(.*?)\s*```$', re.S)
 
@@ -266,6 +269,19 @@ class Judge:
     self._sleep = sleep
     self._rng = random.Random(seed)
     self._rng_lock = threading.Lock()
+    self._secrets = [api_key] if api_key != 'EMPTY' and len(api_key) >= 4 else []
+
+  def redact(self, text: str | None) -> str | None:
+    """`text` without the API key (a server may echo the request's headers in an error)."""
+    if text is None:
+      return None
+    for secret in self._secrets:
+      text = text.replace(secret, '<redacted>')
+    return _BEARER.sub('Bearer <redacted>', text)
+
+  def _describe(self, exc: Exception) -> str:
+    where = f' (calling {self.config.base_url})' if isinstance(exc, openai.APIConnectionError) else ''
+    return self.redact(f'{type(exc).__name__}: {exc}{where}')
 
   def _request(self, messages: list[dict], name: str, spec: Field,
                temperature: float | None) -> dict:
@@ -306,9 +322,8 @@ class Judge:
       except openai.APIError as exc:
         kind = retryable_kind(exc)
         if kind is None:
-          raise JudgeError('http_error', f'{type(exc).__name__}: {exc}',
-                           attempts=attempt + 1) from exc
-        last = JudgeError(kind, f'{type(exc).__name__}: {exc}', attempts=attempt + 1)
+          raise JudgeError('http_error', self._describe(exc), attempts=attempt + 1) from None
+        last = JudgeError(kind, self._describe(exc), attempts=attempt + 1)
         if attempt + 1 < attempts:
           self._backoff(attempt, exc)
         continue
@@ -321,7 +336,8 @@ class Judge:
           value = value if checked is None else checked
         return JudgeReply(value, raw, attempt + 1)
       except InvalidReply as exc:
-        last = JudgeError('invalid_reply', str(exc), raw=raw, attempts=attempt + 1)
+        last = JudgeError('invalid_reply', self.redact(str(exc)), raw=self.redact(raw),
+                          attempts=attempt + 1)
         # Re-ask with the reason: at temperature 0 the same prompt would give the same
         # reply again. Only the latest bad reply is kept, so the context stays short.
         conversation = list(messages) + [
@@ -506,20 +522,36 @@ def finished_ids(out_path: str) -> set[str]:
   return {record_id(r, out_path) for r in read_jsonl(out_path)}
 
 
+def fingerprint_path(out_path: str) -> str:
+  return os.path.splitext(out_path)[0] + '.' + fingerprint.FILE
+
+
 def run_jobs(items: Iterable[Mapping], process: Callable[[Mapping], dict], *,
              out_path: str, errors_path: str, concurrency: int = 4,
              max_items: int | None = None, total: int | None = None,
-             desc: str = 'judge', log: Callable[[str], None] | None = None) -> RunSummary:
+             desc: str = 'judge', log: Callable[[str], None] | None = None,
+             produced_by: Mapping | None = None, overwrite: bool = False) -> RunSummary:
   """Runs `process` on each item not yet in `out_path`, at most `concurrency` at once.
 
-  items: records with an 'id' (streamed; at most 2 * concurrency held in flight).
+  items: records with an 'id' (streamed; at most 2 * concurrency held in flight); the
+  tools check their input's ids are unique before calling (see cli/_common.run_judged).
   process(item) -> result dict, written with the item's id; JudgeError / ItemError
   become lines in `errors_path`; any other exception stops the run (a bug, not data).
   max_items: stop after starting this many new items (smoke runs, tests).
+  produced_by: what produces the results (inputs, judge, settings), kept beside
+  `out_path`; resuming an output produced otherwise raises fingerprint.Mismatch naming
+  what differs, unless `overwrite` deletes it (and its errors) first.
   """
   if concurrency < 1:
     raise ValueError(f'concurrency must be >= 1, got {concurrency}')
   log = log or (lambda s: print(s, file=sys.stderr))
+  if produced_by is not None:
+    def clear():
+      for path in (out_path, errors_path):
+        if os.path.exists(path):
+          os.remove(path)
+    fingerprint.ensure(fingerprint_path(out_path), produced_by, overwrite=overwrite, clear=clear,
+                       has_output=any(os.path.exists(p) for p in (out_path, errors_path)))
   done_before = finished_ids(out_path)
   repair_tail(errors_path)
   previously_failed = compact_errors(errors_path, done_before)

@@ -5,6 +5,7 @@ import json
 import os
 from typing import Iterable, Iterator, Mapping
 
+from saber_jax import fingerprint
 from saber_jax import judge as judge_lib
 
 
@@ -17,10 +18,10 @@ def add_judge_args(parser: argparse.ArgumentParser, *, timeout: float = 60.0,
   g.add_argument('--model', required=True, help='model name the server knows')
   g.add_argument('--temperature', type=float, default=0.0)
   g.add_argument('--max-tokens', type=int, default=None)
-  g.add_argument('--timeout', type=float, default=timeout, help='seconds per request')
-  g.add_argument('--max-retries', type=int, default=3,
+  g.add_argument('--timeout', type=positive(float), default=timeout, help='seconds per request')
+  g.add_argument('--max-retries', type=at_least(0), default=3,
                  help='retries after the first attempt (transport errors and unusable replies)')
-  g.add_argument('--backoff', type=float, default=1.0,
+  g.add_argument('--backoff', type=at_least(0, float), default=1.0,
                  help='first backoff window in seconds; doubles per retry, with jitter')
   g.add_argument('--response-format', choices=('json_schema', 'json_object', 'none'),
                  default='json_schema', help='json_object / none for servers without json_schema')
@@ -29,12 +30,82 @@ def add_judge_args(parser: argparse.ArgumentParser, *, timeout: float = 60.0,
 
 def add_run_args(parser: argparse.ArgumentParser, concurrency: int = 8) -> None:
   g = parser.add_argument_group('run')
-  g.add_argument('--concurrency', type=int, default=concurrency, help='requests in flight')
-  g.add_argument('--max-items', type=int, default=None,
+  g.add_argument('--concurrency', type=at_least(1), default=concurrency, help='requests in flight')
+  g.add_argument('--max-items', type=at_least(0), default=None,
                  help='start at most this many new items (smoke runs)')
-  g.add_argument('--shard-index', type=int, default=0)
-  g.add_argument('--num-shards', type=int, default=1,
+  g.add_argument('--shard-index', type=at_least(0), default=0)
+  g.add_argument('--num-shards', type=at_least(1), default=1,
                  help='process only input lines i with i %% num_shards == shard_index')
+  g.add_argument('--overwrite', action='store_true',
+                 help='delete results made from other inputs, judge or settings and start '
+                      'fresh (by default such a rerun is an error naming what differs)')
+
+
+def at_least(minimum, kind=int):
+  """An argparse type: `kind` values >= minimum, else a usage error naming the bound."""
+  def parse(text):
+    try:
+      value = kind(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f'expected {kind.__name__}, got {text!r}') from None
+    if value < minimum:
+      raise argparse.ArgumentTypeError(f'must be >= {minimum}, got {text}')
+    return value
+  parse.__name__ = kind.__name__
+  return parse
+
+
+def positive(kind=float):
+  def parse(text):
+    value = at_least(0, kind)(text)
+    if value == 0:
+      raise argparse.ArgumentTypeError(f'must be > 0, got {text}')
+    return value
+  parse.__name__ = kind.__name__
+  return parse
+
+
+# Arguments that change how a run goes, not what it produces.
+_RUN_ONLY = ('out', 'concurrency', 'max_items', 'timeout', 'max_retries', 'backoff', 'base_url',
+             'overwrite')
+
+
+def produced_by(args: argparse.Namespace) -> dict:
+  """The fingerprint of a judged run: every argument that changes its results, input
+  files by identity (path, size, modification time)."""
+  return {k: fingerprint.file_identity(v) if isinstance(v, str) and os.path.isfile(v) else v
+          for k, v in sorted(vars(args).items()) if k not in _RUN_ONLY}
+
+
+def check_unique_ids(path: str) -> None:
+  """Exits naming the file and both records when an id appears twice in an input."""
+  first: dict[str, int] = {}
+  for n, r in enumerate(judge_lib.read_jsonl(path), 1):
+    rid = judge_lib.record_id(r, f'{path} record {n}')
+    if rid in first:
+      raise SystemExit(f'error: {path}: duplicate id {rid!r} (records {first[rid]} and {n}); '
+                       'nothing was sent to the judge')
+    first[rid] = n
+
+
+def run_judged(args: argparse.Namespace, items, process, *, input_path: str, out_path: str,
+               desc: str, total: int | None = None) -> judge_lib.RunSummary:
+  """`judge.run_jobs` over the items of `input_path` with the tool's fingerprint; exits
+  with an error (status 1) before any request when an input id repeats or the output
+  belongs to other inputs or settings, and after the run when every item failed."""
+  try:
+    check_unique_ids(input_path)
+    run = judge_lib.run_jobs(items, process, out_path=out_path,
+                             errors_path=os.path.join(args.out, 'errors.jsonl'),
+                             concurrency=args.concurrency, max_items=args.max_items,
+                             total=total, desc=desc, produced_by=produced_by(args),
+                             overwrite=args.overwrite)
+  except (fingerprint.Mismatch, ValueError) as e:
+    raise SystemExit(f'error: {e}') from None
+  if run.failed and not (run.done or run.skipped):
+    raise SystemExit(f'error: {desc}: every item failed ({run.failed}); the reasons are in '
+                     f'{run.errors_path}')
+  return run
 
 
 def judge_from_args(args: argparse.Namespace) -> judge_lib.Judge:

@@ -232,11 +232,9 @@ def main(argv=None) -> judge_lib.RunSummary:
   args = parse_args(argv)
   judge = _common.judge_from_args(args)
   items = _common.sharded(judge_lib.read_jsonl(args.manifest), args)
-  return judge_lib.run_jobs(
-      items, make_processor(args, judge, os.path.dirname(os.path.abspath(args.manifest))),
-      out_path=os.path.join(args.out, 'annotations.jsonl'),
-      errors_path=os.path.join(args.out, 'errors.jsonl'),
-      concurrency=args.concurrency, max_items=args.max_items,
+  return _common.run_judged(
+      args, items, make_processor(args, judge, os.path.dirname(os.path.abspath(args.manifest))),
+      input_path=args.manifest, out_path=os.path.join(args.out, 'annotations.jsonl'),
       total=_common.shard_total(args.manifest, args), desc='annotate')
 
 

@@ -69,9 +69,7 @@ def main(argv=None) -> dict:
     reply = judge.ask(relation_messages(item['annotation']), RELATION_SPEC, name='av_relation')
     return {**reply.value, 'raw': reply.raw}
 
-  run = judge_lib.run_jobs(items(), process, out_path=judged_path,
-                           errors_path=os.path.join(args.out, 'errors.jsonl'),
-                           concurrency=args.concurrency, max_items=args.max_items,
+  run = _common.run_judged(args, items(), process, input_path=args.annotations, out_path=judged_path,
                            total=_common.shard_total(args.annotations, args), desc='relation')
   # Judgments of clips no longer in the input (an edited annotations file) are ignored.
   present = {judge_lib.record_id(r, f'{args.annotations} record {n + 1}')

@@ -195,9 +195,8 @@ def _run_judged(args, references: dict, process, desc: str) -> judge_lib.RunSumm
       raise judge_lib.ItemError('bad_input', f"{args.references}: no reference for id {item['id']!r}")
     return process(item, references[item['id']])
 
-  return judge_lib.run_jobs(items(), guarded, out_path=os.path.join(args.out, 'judgments.jsonl'),
-                            errors_path=os.path.join(args.out, 'errors.jsonl'),
-                            concurrency=args.concurrency, max_items=args.max_items,
+  return _common.run_judged(args, items(), guarded, input_path=args.predictions,
+                            out_path=os.path.join(args.out, 'judgments.jsonl'),
                             total=_common.shard_total(args.predictions, args), desc=desc)
 
 

@@ -293,9 +293,8 @@ def judge_pairs(args) -> dict:
     return {'record_id': item['record_id'], 'index': item['index'], **reply.value,
             'score': response_score(reply.value), 'raw': reply.raw}
 
-  run = judge_lib.run_jobs(items(), process, out_path=scores_path,
-                           errors_path=os.path.join(args.out, 'errors.jsonl'),
-                           concurrency=args.concurrency, max_items=args.max_items, desc='score')
+  run = _common.run_judged(args, items(), process, input_path=args.samples, out_path=scores_path,
+                           desc='score')
   scored: dict[str, dict[int, float]] = {}
   if os.path.exists(scores_path):
     for s in judge_lib.read_jsonl(scores_path):

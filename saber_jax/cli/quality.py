@@ -134,10 +134,8 @@ def main(argv=None) -> dict:
                         CONSISTENCY_SPEC, name='consistency')
       return {**reply.value, 'raw': reply.raw}
 
-    run = judge_lib.run_jobs(items(), process, out_path=judged_path,
-                             errors_path=os.path.join(args.out, 'errors.jsonl'),
-                             concurrency=args.concurrency, max_items=args.max_items,
-                             desc='consistency')
+    run = _common.run_judged(args, items(), process, input_path=args.annotations,
+                             out_path=judged_path, desc='consistency')
   judged = {}
   if args.descriptions and os.path.exists(judged_path):
     judged = {judge_lib.record_id(r, judged_path): r for r in judge_lib.read_jsonl(judged_path)}
