@@ -65,16 +65,15 @@ def positive(kind=float):
   return parse
 
 
-# Arguments that change how a run goes, not what it produces.
-_RUN_ONLY = ('out', 'concurrency', 'max_items', 'timeout', 'max_retries', 'backoff', 'base_url',
-             'overwrite')
-
-
-def produced_by(args: argparse.Namespace) -> dict:
-  """The fingerprint of a judged run: every argument that changes its results, input
-  files by identity (path, size, modification time)."""
-  return {k: fingerprint.file_identity(v) if isinstance(v, str) and os.path.isfile(v) else v
-          for k, v in sorted(vars(args).items()) if k not in _RUN_ONLY}
+def produced_by(args: argparse.Namespace, input_path: str, also: tuple[str, ...]) -> dict:
+  """The fingerprint of a judged run: the judge, the input file, the shard and the
+  arguments named in `also` (files by identity: path, size, modification time)."""
+  value = lambda v: fingerprint.file_identity(v) if isinstance(v, str) and os.path.isfile(v) else v
+  return {'judge': {k: getattr(args, k) for k in ('model', 'temperature', 'max_tokens',
+                                                  'response_format')},
+          'input': fingerprint.file_identity(input_path),
+          'shard': [args.shard_index, args.num_shards],
+          **{name: value(getattr(args, name)) for name in also}}
 
 
 def check_unique_ids(path: str) -> None:
@@ -89,16 +88,18 @@ def check_unique_ids(path: str) -> None:
 
 
 def run_judged(args: argparse.Namespace, items, process, *, input_path: str, out_path: str,
-               desc: str, total: int | None = None) -> judge_lib.RunSummary:
-  """`judge.run_jobs` over the items of `input_path` with the tool's fingerprint; exits
-  with an error (status 1) before any request when an input id repeats or the output
-  belongs to other inputs or settings, and after the run when every item failed."""
+               desc: str, total: int | None = None,
+               also: tuple[str, ...] = ()) -> judge_lib.RunSummary:
+  """`judge.run_jobs` over the items of `input_path`, fingerprinted by `produced_by`
+  (`also`: the other arguments that change the judge's results); exits with an error
+  (status 1) before any request when an input id repeats or the output belongs to other
+  inputs or settings, and after the run when every item failed."""
   try:
     check_unique_ids(input_path)
     run = judge_lib.run_jobs(items, process, out_path=out_path,
                              errors_path=os.path.join(args.out, 'errors.jsonl'),
                              concurrency=args.concurrency, max_items=args.max_items,
-                             total=total, desc=desc, produced_by=produced_by(args),
+                             total=total, desc=desc, produced_by=produced_by(args, input_path, also),
                              overwrite=args.overwrite)
   except (fingerprint.Mismatch, ValueError) as e:
     raise SystemExit(f'error: {e}') from None

@@ -235,7 +235,8 @@ def main(argv=None) -> judge_lib.RunSummary:
   return _common.run_judged(
       args, items, make_processor(args, judge, os.path.dirname(os.path.abspath(args.manifest))),
       input_path=args.manifest, out_path=os.path.join(args.out, 'annotations.jsonl'),
-      total=_common.shard_total(args.manifest, args), desc='annotate')
+      total=_common.shard_total(args.manifest, args), desc='annotate',
+      also=('num_frames', 'frame_size', 'sample_rate', 'no_audio'))
 
 
 if __name__ == '__main__':

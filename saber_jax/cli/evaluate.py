@@ -197,7 +197,8 @@ def _run_judged(args, references: dict, process, desc: str) -> judge_lib.RunSumm
 
   return _common.run_judged(args, items(), guarded, input_path=args.predictions,
                             out_path=os.path.join(args.out, 'judgments.jsonl'),
-                            total=_common.shard_total(args.predictions, args), desc=desc)
+                            total=_common.shard_total(args.predictions, args), desc=desc,
+                            also=('references', 'command') + (('lang',) if 'lang' in args else ()))
 
 
 def _judgments(args) -> list[dict]:

@@ -294,7 +294,7 @@ def judge_pairs(args) -> dict:
             'score': response_score(reply.value), 'raw': reply.raw}
 
   run = _common.run_judged(args, items(), process, input_path=args.samples, out_path=scores_path,
-                           desc='score')
+                           desc='score', also=('annotations',))
   scored: dict[str, dict[int, float]] = {}
   if os.path.exists(scores_path):
     for s in judge_lib.read_jsonl(scores_path):

@@ -135,7 +135,7 @@ def main(argv=None) -> dict:
       return {**reply.value, 'raw': reply.raw}
 
     run = _common.run_judged(args, items(), process, input_path=args.annotations,
-                             out_path=judged_path, desc='consistency')
+                             out_path=judged_path, desc='consistency', also=('descriptions',))
   judged = {}
   if args.descriptions and os.path.exists(judged_path):
     judged = {judge_lib.record_id(r, judged_path): r for r in judge_lib.read_jsonl(judged_path)}
