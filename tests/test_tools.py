@@ -19,7 +19,8 @@ import wave
 import pytest
 
 from judge_server import Reply, judge_server, user_text  # noqa: F401 (fixture)
-from saber_jax import judge as J
+from saber_jax import jsonl
+from saber_jax.judge import replies
 from saber_jax.cli import annotate, build_test_set, evaluate, make_pairs, quality
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -27,7 +28,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def judge_args(server, *, timeout=0.5, retries=2, concurrency=2):
   return ['--base-url', server.base_url, '--model', 'test-judge', '--timeout', str(timeout),
-          '--max-retries', str(retries), '--backoff', '0.01', '--concurrency', str(concurrency)]
+          '--max-retries', str(retries), '--concurrency', str(concurrency)]
 
 
 def write_jsonl(path, records):
@@ -38,7 +39,7 @@ def write_jsonl(path, records):
 
 
 def read(path):
-  return list(J.read_jsonl(str(path)))
+  return list(jsonl.read_jsonl(str(path)))
 
 
 def marker_of(text):
@@ -147,9 +148,9 @@ def test_sample_indices_and_pure_message_building():
 def test_language_check():
   annotate.check_language(ZH_ANNOTATION, 'zh')
   annotate.check_language(annotation('x'), 'en')
-  with pytest.raises(J.InvalidReply, match='Chinese'):
+  with pytest.raises(replies.InvalidReply, match='Chinese'):
     annotate.check_language(annotation('x'), 'zh')
-  with pytest.raises(J.InvalidReply, match='English'):
+  with pytest.raises(replies.InvalidReply, match='English'):
     annotate.check_language(ZH_ANNOTATION, 'en')
 
 
@@ -315,7 +316,7 @@ def test_build_test_set_end_to_end(judge_server, tmp_path):
   assert [(r['id'], r['subset'], r['intensity']) for r in rows] == [('c1', 'consistent', 8), ('i1', 'inconsistent', 9)]
   assert rows[0]['annotation'] == annotation('c1')
   (err,) = read(out / 'errors.jsonl')
-  assert err['id'] == 'i2' and 'outside [0, 10]' in err['message']
+  assert err['id'] == 'i2' and err['message'] == '$.intensity: Input should be less than or equal to 10 (got 11)'
 
   plan.plan['i2'] = ['ok']
   n_requests = len(server.requests)

@@ -5,8 +5,8 @@ import json
 import os
 from typing import Iterable, Iterator, Mapping
 
-from saber_jax import fingerprint
-from saber_jax import judge as judge_lib
+from saber_jax import fingerprint, jsonl
+from saber_jax.judge import replies, runs
 
 
 def add_judge_args(parser: argparse.ArgumentParser, *, timeout: float = 60.0,
@@ -20,9 +20,8 @@ def add_judge_args(parser: argparse.ArgumentParser, *, timeout: float = 60.0,
   g.add_argument('--max-tokens', type=int, default=None)
   g.add_argument('--timeout', type=positive(float), default=timeout, help='seconds per request')
   g.add_argument('--max-retries', type=at_least(0), default=3,
-                 help='retries after the first attempt (transport errors and unusable replies)')
-  g.add_argument('--backoff', type=at_least(0, float), default=1.0,
-                 help='first backoff window in seconds; doubles per retry, with jitter')
+                 help='retries of a transport error (by the openai SDK, with backoff) and '
+                      're-asks of an unusable reply')
   g.add_argument('--response-format', choices=('json_schema', 'json_object', 'none'),
                  default='json_schema', help='json_object / none for servers without json_schema')
   add_run_args(parser, concurrency)
@@ -79,8 +78,8 @@ def produced_by(args: argparse.Namespace, input_path: str, also: tuple[str, ...]
 def check_unique_ids(path: str) -> None:
   """Exits naming the file and both records when an id appears twice in an input."""
   first: dict[str, int] = {}
-  for n, r in enumerate(judge_lib.read_jsonl(path), 1):
-    rid = judge_lib.record_id(r, f'{path} record {n}')
+  for n, r in enumerate(jsonl.read_jsonl(path), 1):
+    rid = jsonl.record_id(r, f'{path} record {n}')
     if rid in first:
       raise SystemExit(f'error: {path}: duplicate id {rid!r} (records {first[rid]} and {n}); '
                        'nothing was sent to the judge')
@@ -89,14 +88,14 @@ def check_unique_ids(path: str) -> None:
 
 def run_judged(args: argparse.Namespace, items, process, *, input_path: str, out_path: str,
                desc: str, total: int | None = None,
-               also: tuple[str, ...] = ()) -> judge_lib.RunSummary:
+               also: tuple[str, ...] = ()) -> runs.RunSummary:
   """`judge.run_jobs` over the items of `input_path`, fingerprinted by `produced_by`
   (`also`: the other arguments that change the judge's results); exits with an error
   (status 1) before any request when an input id repeats or the output belongs to other
   inputs or settings, and after the run when every item failed."""
   try:
     check_unique_ids(input_path)
-    run = judge_lib.run_jobs(items, process, out_path=out_path,
+    run = runs.run_jobs(items, process, out_path=out_path,
                              errors_path=os.path.join(args.out, 'errors.jsonl'),
                              concurrency=args.concurrency, max_items=args.max_items,
                              total=total, desc=desc, produced_by=produced_by(args, input_path, also),
@@ -109,11 +108,13 @@ def run_judged(args: argparse.Namespace, items, process, *, input_path: str, out
   return run
 
 
-def judge_from_args(args: argparse.Namespace) -> judge_lib.Judge:
-  return judge_lib.Judge(judge_lib.JudgeConfig(
+def judge_from_args(args: argparse.Namespace):
+  """The `client.Judge` the judge arguments describe (the openai SDK is imported here)."""
+  from saber_jax.judge import client
+  return client.Judge(client.JudgeConfig(
       base_url=args.base_url, model=args.model, temperature=args.temperature,
       max_tokens=args.max_tokens, timeout=args.timeout, max_retries=args.max_retries,
-      backoff=args.backoff, response_format=args.response_format))
+      response_format=args.response_format))
 
 
 def sharded(records: Iterable[dict], args: argparse.Namespace) -> Iterator[dict]:
@@ -128,8 +129,8 @@ def load_by_id(path: str, required: tuple[str, ...] = (), ids: set[str] | None =
   """id -> record for a JSONL file (only `ids` when given); each kept record must have
   the `required` fields. Duplicate ids are an error naming the file."""
   out = {}
-  for n, r in enumerate(judge_lib.read_jsonl(path), 1):
-    rid = judge_lib.record_id(r, f'{path} record {n}')
+  for n, r in enumerate(jsonl.read_jsonl(path), 1):
+    rid = jsonl.record_id(r, f'{path} record {n}')
     if ids is not None and rid not in ids:
       continue
     for field in required:
@@ -205,11 +206,14 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 # The SABER six-dimension annotation (see saber_jax/data/annotation.py). This spec is
 # what the annotator is asked for (exact keys, sent as the json_schema); the content
 # rules are the shared ones, applied by `annotation.checked_annotation`.
-ANNOTATION_SPEC = judge_lib.obj(
-    video_desc=judge_lib.string(non_empty=True),
-    audio_desc=judge_lib.obj(speech_content=judge_lib.string(),
-                             acoustic_feat=judge_lib.string(non_empty=True)),
-    facial_exp_desc=judge_lib.string(non_empty=True),
-    body_lang_desc=judge_lib.string(non_empty=True),
-    sentiment_analysis=judge_lib.string(non_empty=True),
-)
+class AudioDescription(replies.Reply):
+  speech_content: str
+  acoustic_feat: replies.NonEmpty
+
+
+class AnnotationReply(replies.Reply):
+  video_desc: replies.NonEmpty
+  audio_desc: AudioDescription
+  facial_exp_desc: replies.NonEmpty
+  body_lang_desc: replies.NonEmpty
+  sentiment_analysis: replies.NonEmpty
