@@ -89,7 +89,8 @@ def read_safetensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
     if name == '__metadata__':
       continue
     try:
-      dtype, shape, (start, end) = np.dtype(_DTYPES[info['dtype']]), info['shape'], info['data_offsets']
+      dtype, shape = np.dtype(_DTYPES[info['dtype']]), info['shape']
+      start, end = info['data_offsets']
     except (KeyError, TypeError, ValueError) as e:
       raise ValueError(f'{path}: tensor {name!r} has a malformed header entry {info!r}') from e
     if end - start != dtype.itemsize * math.prod(shape):
@@ -348,7 +349,8 @@ def save_hf(config: ThinkerConfig, params: dict, path: str, *, prefix: str = '',
     for name in os.listdir(path):
       if not _is_export_file(name):
         source = os.path.join(path, name)
-        (shutil.copytree if os.path.isdir(source) else shutil.copy2)(source, os.path.join(tmp, name))
+        copy = shutil.copytree if os.path.isdir(source) else shutil.copy2
+        copy(source, os.path.join(tmp, name))
     os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old)

@@ -55,6 +55,7 @@ def at_least(minimum, kind=int):
 
 
 def positive(kind=float):
+  """An argparse type: `kind` values > 0."""
   def parse(text):
     value = at_least(0, kind)(text)
     if value == 0:
@@ -89,17 +90,17 @@ def check_unique_ids(path: str) -> None:
 def run_judged(args: argparse.Namespace, items, process, *, input_path: str, out_path: str,
                desc: str, total: int | None = None,
                also: tuple[str, ...] = ()) -> runs.RunSummary:
-  """`judge.run_jobs` over the items of `input_path`, fingerprinted by `produced_by`
+  """`runs.run_jobs` over the items of `input_path`, fingerprinted by `produced_by`
   (`also`: the other arguments that change the judge's results); exits with an error
   (status 1) before any request when an input id repeats or the output belongs to other
   inputs or settings, and after the run when every item failed."""
   try:
     check_unique_ids(input_path)
     run = runs.run_jobs(items, process, out_path=out_path,
-                             errors_path=os.path.join(args.out, 'errors.jsonl'),
-                             concurrency=args.concurrency, max_items=args.max_items,
-                             total=total, desc=desc, produced_by=produced_by(args, input_path, also),
-                             overwrite=args.overwrite)
+                        errors_path=os.path.join(args.out, 'errors.jsonl'),
+                        concurrency=args.concurrency, max_items=args.max_items, total=total,
+                        desc=desc, produced_by=produced_by(args, input_path, also),
+                        overwrite=args.overwrite)
   except (fingerprint.Mismatch, ValueError) as e:
     raise SystemExit(f'error: {e}') from None
   if run.failed and not (run.done or run.skipped):

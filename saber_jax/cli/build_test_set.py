@@ -71,8 +71,9 @@ def main(argv=None) -> dict:
     reply = judge.ask(relation_messages(item['annotation']), Relation, name='av_relation')
     return {**reply.value, 'raw': reply.raw}
 
-  run = _common.run_judged(args, items(), process, input_path=args.annotations, out_path=judged_path,
-                           total=_common.shard_total(args.annotations, args), desc='relation')
+  run = _common.run_judged(args, items(), process, input_path=args.annotations,
+                           out_path=judged_path, desc='relation',
+                           total=_common.shard_total(args.annotations, args))
   # Judgments of clips no longer in the input (an edited annotations file) are ignored.
   present = {jsonl.record_id(r, f'{args.annotations} record {n + 1}')
              for n, r in enumerate(_common.sharded(jsonl.read_jsonl(args.annotations), args))}

@@ -83,7 +83,8 @@ class Judge:
     return _BEARER.sub('Bearer <redacted>', text)
 
   def _describe(self, exc: Exception) -> str:
-    where = f' (calling {self.config.base_url})' if isinstance(exc, openai.APIConnectionError) else ''
+    refused = isinstance(exc, openai.APIConnectionError)
+    where = f' (calling {self.config.base_url})' if refused else ''
     return self.redact(f'{type(exc).__name__}: {exc}{where}')
 
   def _request(self, messages: list[dict], name: str, model: type[replies.Reply],

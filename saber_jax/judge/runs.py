@@ -88,8 +88,9 @@ def run_jobs(items: Iterable[Mapping], process: Callable[[Mapping], dict], *,
 
   items: records with an 'id' (streamed; at most 2 * concurrency held in flight); the
   tools check their input's ids are unique before calling (see cli/_common.run_judged).
-  process(item) -> result dict, written with the item's id; ItemFailures (a JudgeError, an ItemError)
-  become lines in `errors_path`; any other exception stops the run (a bug, not data).
+  process(item) -> result dict, written with the item's id; an ItemFailure (a
+  JudgeError, an ItemError) becomes a line in `errors_path`; any other exception stops
+  the run (a bug, not data).
   max_items: stop after starting this many new items (smoke runs, tests).
   produced_by: what produces the results (inputs, judge, settings), kept beside
   `out_path`; resuming an output produced otherwise raises fingerprint.Mismatch naming
