@@ -135,6 +135,12 @@ def final_params(setup: Setup, lora_config) -> dict:
                                                                                s.frozen)
 
 
+def weights_identity(config, init_from: str | None) -> dict:
+  """What a run's starting weights are, for fingerprints: the model and `init_from`'s files."""
+  return {'model': {k: config.model.get(k) for k in ('name', 'hf_config', 'dtype', 'param_dtype')},
+          'init_from': fingerprint.tree_identity(init_from) if init_from else None}
+
+
 def claim_workdir(config, workdir: str, stage: str, record_paths, init_from: str | None):
   """Checks a stage's workdir belongs to this run (`fingerprint.json`: the records, the
   start weights and every setting that changes the result); a mismatch is an error naming
@@ -144,9 +150,8 @@ def claim_workdir(config, workdir: str, stage: str, record_paths, init_from: str
                   'num_data_shards', 'batch_size')
   produced_by = {
       'stage': stage, 'records': fingerprint.files_identity(record_paths),
-      'init_from': fingerprint.tree_identity(init_from) if init_from else None,
-      'model': {k: c.model.get(k) for k in ('name', 'hf_config', 'dtype', 'param_dtype')},
-      'trainable': c.trainable, 'lora': c.lora if c.trainable == 'lora' else None,
+      **weights_identity(c, init_from), 'trainable': c.trainable,
+      'lora': c.lora if c.trainable == 'lora' else None,
       'optim': c.optim, 'dpo': c.dpo if stage == 'dpo' else None, 'seed': c.seed,
       'nonfinite': c.nonfinite,
       'data': {**{k: v for k, v in c.data.items() if k not in runtime_only},
