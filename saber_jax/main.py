@@ -20,11 +20,11 @@ import jax  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from saber_jax import configs  # noqa: E402
-from saber_jax.train import demo, dry_run, stages  # noqa: E402
+from saber_jax.train import config as config_lib, demo, dry_run, stages  # noqa: E402
 
 CONFIGS = os.path.dirname(os.path.abspath(configs.__file__))
-_CONFIG = config_flags.DEFINE_config_file('config', os.path.join(CONFIGS, 'demo.py'),
-                                          'run config file')
+DEFAULT_CONFIG = os.path.join(CONFIGS, 'demo.py')
+_CONFIG = config_flags.DEFINE_config_file('config', DEFAULT_CONFIG, 'run config file')
 
 
 def with_packaged_configs(argv: list[str]) -> list[str]:
@@ -80,6 +80,7 @@ def run(config) -> None:
 def main(argv):
   del argv
   config = _CONFIG.value
+  config_lib.validate(config)
   logging.set_verbosity(logging.WARNING)     # Orbax logs every save step at INFO
   if config.compilation_cache:
     # Restarts and later stages reuse compiled steps instead of compiling again.
@@ -93,4 +94,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, argv=with_packaged_configs(sys.argv))
+  argv = with_packaged_configs(sys.argv)
+  config_lib.check_overrides(argv, DEFAULT_CONFIG)
+  app.run(main, argv=argv)

@@ -5,7 +5,8 @@ import json
 import os
 from typing import Iterable, Iterator, Mapping
 
-from saber_jax import judge as judge_lib
+from saber_jax import fingerprint, jsonl
+from saber_jax.judge import replies, runs
 
 
 def add_judge_args(parser: argparse.ArgumentParser, *, timeout: float = 60.0,
@@ -17,11 +18,10 @@ def add_judge_args(parser: argparse.ArgumentParser, *, timeout: float = 60.0,
   g.add_argument('--model', required=True, help='model name the server knows')
   g.add_argument('--temperature', type=float, default=0.0)
   g.add_argument('--max-tokens', type=int, default=None)
-  g.add_argument('--timeout', type=float, default=timeout, help='seconds per request')
-  g.add_argument('--max-retries', type=int, default=3,
-                 help='retries after the first attempt (transport errors and unusable replies)')
-  g.add_argument('--backoff', type=float, default=1.0,
-                 help='first backoff window in seconds; doubles per retry, with jitter')
+  g.add_argument('--timeout', type=positive(float), default=timeout, help='seconds per request')
+  g.add_argument('--max-retries', type=at_least(0), default=3,
+                 help='retries of a transport error (by the openai SDK, with backoff) and '
+                      're-asks of an unusable reply')
   g.add_argument('--response-format', choices=('json_schema', 'json_object', 'none'),
                  default='json_schema', help='json_object / none for servers without json_schema')
   add_run_args(parser, concurrency)
@@ -29,19 +29,93 @@ def add_judge_args(parser: argparse.ArgumentParser, *, timeout: float = 60.0,
 
 def add_run_args(parser: argparse.ArgumentParser, concurrency: int = 8) -> None:
   g = parser.add_argument_group('run')
-  g.add_argument('--concurrency', type=int, default=concurrency, help='requests in flight')
-  g.add_argument('--max-items', type=int, default=None,
+  g.add_argument('--concurrency', type=at_least(1), default=concurrency, help='requests in flight')
+  g.add_argument('--max-items', type=at_least(0), default=None,
                  help='start at most this many new items (smoke runs)')
-  g.add_argument('--shard-index', type=int, default=0)
-  g.add_argument('--num-shards', type=int, default=1,
+  g.add_argument('--shard-index', type=at_least(0), default=0)
+  g.add_argument('--num-shards', type=at_least(1), default=1,
                  help='process only input lines i with i %% num_shards == shard_index')
+  g.add_argument('--overwrite', action='store_true',
+                 help='delete results made from other inputs, judge or settings and start '
+                      'fresh (by default such a rerun is an error naming what differs)')
 
 
-def judge_from_args(args: argparse.Namespace) -> judge_lib.Judge:
-  return judge_lib.Judge(judge_lib.JudgeConfig(
+def at_least(minimum, kind=int):
+  """An argparse type: `kind` values >= minimum, else a usage error naming the bound."""
+  def parse(text):
+    try:
+      value = kind(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f'expected {kind.__name__}, got {text!r}') from None
+    if value < minimum:
+      raise argparse.ArgumentTypeError(f'must be >= {minimum}, got {text}')
+    return value
+  parse.__name__ = kind.__name__
+  return parse
+
+
+def positive(kind=float):
+  """An argparse type: `kind` values > 0."""
+  def parse(text):
+    value = at_least(0, kind)(text)
+    if value == 0:
+      raise argparse.ArgumentTypeError(f'must be > 0, got {text}')
+    return value
+  parse.__name__ = kind.__name__
+  return parse
+
+
+def produced_by(args: argparse.Namespace, input_path: str, also: tuple[str, ...]) -> dict:
+  """The fingerprint of a judged run: the judge, the input file, the shard and the
+  arguments named in `also` (files by identity: path, size, modification time)."""
+  value = lambda v: fingerprint.file_identity(v) if isinstance(v, str) and os.path.isfile(v) else v
+  return {'judge': {k: getattr(args, k) for k in ('model', 'temperature', 'max_tokens',
+                                                  'response_format')},
+          'input': fingerprint.file_identity(input_path),
+          'shard': [args.shard_index, args.num_shards],
+          **{name: value(getattr(args, name)) for name in also}}
+
+
+def check_unique_ids(path: str) -> None:
+  """Exits naming the file and both records when an id appears twice in an input."""
+  first: dict[str, int] = {}
+  for n, r in enumerate(jsonl.read_jsonl(path), 1):
+    rid = jsonl.record_id(r, f'{path} record {n}')
+    if rid in first:
+      raise SystemExit(f'error: {path}: duplicate id {rid!r} (records {first[rid]} and {n}); '
+                       'nothing was sent to the judge')
+    first[rid] = n
+
+
+def run_judged(args: argparse.Namespace, items, process, *, input_path: str, out_path: str,
+               desc: str, total: int | None = None,
+               also: tuple[str, ...] = ()) -> runs.RunSummary:
+  """`runs.run_jobs` over the items of `input_path`, fingerprinted by `produced_by`
+  (`also`: the other arguments that change the judge's results); exits with an error
+  (status 1) before any request when an input id repeats or the output belongs to other
+  inputs or settings, and after the run when every item failed."""
+  try:
+    check_unique_ids(input_path)
+    run = runs.run_jobs(items, process, out_path=out_path,
+                        errors_path=os.path.join(args.out, 'errors.jsonl'),
+                        concurrency=args.concurrency, max_items=args.max_items, total=total,
+                        desc=desc, produced_by=produced_by(args, input_path, also),
+                        overwrite=args.overwrite)
+  except (fingerprint.Mismatch, ValueError) as e:
+    raise SystemExit(f'error: {e}') from None
+  if run.failed and not (run.done or run.skipped):
+    raise SystemExit(f'error: {desc}: every item failed ({run.failed}); the reasons are in '
+                     f'{run.errors_path}')
+  return run
+
+
+def judge_from_args(args: argparse.Namespace):
+  """The `client.Judge` the judge arguments describe (the openai SDK is imported here)."""
+  from saber_jax.judge import client
+  return client.Judge(client.JudgeConfig(
       base_url=args.base_url, model=args.model, temperature=args.temperature,
       max_tokens=args.max_tokens, timeout=args.timeout, max_retries=args.max_retries,
-      backoff=args.backoff, response_format=args.response_format))
+      response_format=args.response_format))
 
 
 def sharded(records: Iterable[dict], args: argparse.Namespace) -> Iterator[dict]:
@@ -56,8 +130,8 @@ def load_by_id(path: str, required: tuple[str, ...] = (), ids: set[str] | None =
   """id -> record for a JSONL file (only `ids` when given); each kept record must have
   the `required` fields. Duplicate ids are an error naming the file."""
   out = {}
-  for n, r in enumerate(judge_lib.read_jsonl(path), 1):
-    rid = judge_lib.record_id(r, f'{path} record {n}')
+  for n, r in enumerate(jsonl.read_jsonl(path), 1):
+    rid = jsonl.record_id(r, f'{path} record {n}')
     if ids is not None and rid not in ids:
       continue
     for field in required:
@@ -133,11 +207,14 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 # The SABER six-dimension annotation (see saber_jax/data/annotation.py). This spec is
 # what the annotator is asked for (exact keys, sent as the json_schema); the content
 # rules are the shared ones, applied by `annotation.checked_annotation`.
-ANNOTATION_SPEC = judge_lib.obj(
-    video_desc=judge_lib.string(non_empty=True),
-    audio_desc=judge_lib.obj(speech_content=judge_lib.string(),
-                             acoustic_feat=judge_lib.string(non_empty=True)),
-    facial_exp_desc=judge_lib.string(non_empty=True),
-    body_lang_desc=judge_lib.string(non_empty=True),
-    sentiment_analysis=judge_lib.string(non_empty=True),
-)
+class AudioDescription(replies.Reply):
+  speech_content: str
+  acoustic_feat: replies.NonEmpty
+
+
+class AnnotationReply(replies.Reply):
+  video_desc: replies.NonEmpty
+  audio_desc: AudioDescription
+  facial_exp_desc: replies.NonEmpty
+  body_lang_desc: replies.NonEmpty
+  sentiment_analysis: replies.NonEmpty

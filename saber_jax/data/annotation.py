@@ -172,15 +172,17 @@ def read_annotations(path: str | os.PathLike, *, shard_index: int = 0, num_shard
   if not 0 <= shard_index < num_shards:
     raise ValueError(f'shard_index must be in [0, {num_shards}), got {shard_index}')
   path = os.fspath(path)
-  with open(path, encoding='utf-8') as f:
-    for index, line in enumerate(f):
-      if index % num_shards != shard_index or not line.strip():
+  with open(path, 'rb') as f:   # decoded line by line: one bad byte is one bad line
+    for index, raw in enumerate(f):
+      if index % num_shards != shard_index or not raw.strip():
         continue
       source = f'{path}:{index + 1}'
       clip_id = None
       try:
         try:
-          record = json.loads(line)
+          record = json.loads(raw.decode('utf-8'))
+        except UnicodeDecodeError as e:
+          raise AnnotationError(f'not UTF-8 text (byte {e.start} of the line)') from None
         except json.JSONDecodeError as e:
           raise AnnotationError(f'invalid JSON at column {e.colno}: {e.msg}') from None
         if not isinstance(record, Mapping):

@@ -3,7 +3,8 @@
 The recipe `saber-preprocess` runs on every manifest line (and what a user calls to build
 a record of their own). Filters, in order (the first that applies is the clip's reject
 reason): no_annotation / bad_annotation, missing_file / unreadable_media, no_video /
-no_audio (SABER needs both tracks), too_short / too_long (outside 0.5-30 s), low_resolution
+no_audio (SABER needs both tracks), too_short / too_long (video or decoded audio outside
+0.5-30 s), av_mismatch (decoded audio and video lengths differ by more than 1 s), low_resolution
 (short side < 112 px: four merge units of 28 px; below that a face spans a handful of
 14-px patches).
 """
@@ -24,6 +25,7 @@ class Settings:
   """The paper's filters and the feature settings of a record."""
   min_seconds: float = 0.5
   max_seconds: float = 30.0
+  max_av_gap_seconds: float = 1.0   # decoded audio vs video length (encoder priming, a last frame)
   min_side: int = 112
   fps: float = media.VIDEO_FPS
   max_frames: int = media.VIDEO_MAX_FRAMES
@@ -90,9 +92,16 @@ def build_record(entry: dict, annotation, settings: Settings, tokenizer) -> tupl
   audio_seconds = len(waveform) / media.SAMPLING_RATE
   if audio_seconds < settings.min_seconds:
     raise Reject('too_short', f'{audio_path}: {audio_seconds:.2f} s of audio < {settings.min_seconds} s')
+  if audio_seconds > settings.max_seconds:
+    raise Reject('too_long', f'{audio_path}: {audio_seconds:.2f} s of audio > {settings.max_seconds} s')
+  frames, sample_fps = _decode(media.load_video, entry['video'], fps=settings.fps,
+                               max_frames=settings.max_frames, max_pixels=settings.max_pixels)
+  video_seconds = len(frames) / sample_fps      # the frames the file really holds
+  if abs(audio_seconds - video_seconds) > settings.max_av_gap_seconds:
+    raise Reject('av_mismatch', f'{audio_path}: {audio_seconds:.2f} s of audio, '
+                                f'{entry["video"]}: {video_seconds:.2f} s of video; they differ '
+                                f'by more than {settings.max_av_gap_seconds} s')
   features = media.log_mel(waveform)
-  frames, _ = _decode(media.load_video, entry['video'], fps=settings.fps,
-                      max_frames=settings.max_frames, max_pixels=settings.max_pixels)
   grid = (math.ceil(len(frames) / media.TEMPORAL_PATCH_SIZE), frames.shape[1] // media.PATCH_SIZE,
           frames.shape[2] // media.PATCH_SIZE)
   # The processor's video_second_per_grid: temporal_patch_size / the fps it was called with

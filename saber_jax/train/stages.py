@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from saber_jax import generate, sharding
+from saber_jax import fingerprint, generate, sharding
 from saber_jax.data import pipeline, prompt, records
 from saber_jax.train import checkpoint, steps, trainer
 
@@ -60,6 +60,7 @@ def train_stage(config, stage: str, record_paths, init_from: str) -> str:
   iterator = iter(make(model_config, data, paths, seed=config.seed))
   setup = trainer.plan(config, stage, mesh)
   workdir = stage_dir(config, stage)
+  trainer.claim_workdir(config, workdir, stage, paths, init_from)
   setup = trainer.train(config, setup, iterator, iterator, workdir, stage, micro_steps,
                         init_from=init_from)
   final = os.path.join(workdir, 'final')
@@ -103,7 +104,16 @@ def ref_logps_stage(config, record_paths, init_from: str) -> str:
 def generate_stage(config, record_paths, init_from: str, out_path: str,
                    limit: int | None = None) -> list[dict]:
   """Responses of the model at `init_from` to the prompts of the records, appended to the
-  JSONL `out_path` as {"id", "response"}; ids already there are skipped (resumable)."""
+  JSONL `out_path` as {"id", "response"}; ids already there are skipped (resumable) when
+  `<out_path stem>.fingerprint.json` says they came from the same records, weights and
+  generation settings (else an error naming what differs, or `config.overwrite`)."""
+  paths = pipeline.resolve_paths(record_paths)
+  produced_by = {'records': fingerprint.files_identity(paths), 'seed': config.seed,
+                 **trainer.weights_identity(config, init_from), 'generate': config.generate}
+  fingerprint.ensure(os.path.splitext(out_path)[0] + '.' + fingerprint.FILE, produced_by,
+                     has_output=os.path.exists(out_path), overwrite=config.get('overwrite', False),
+                     clear=lambda: os.remove(out_path), overwrite_hint='--config.overwrite=True',
+                     writer=jax.process_index() == 0)
   model_config = trainer.model_config_of(config)
   mesh = sharding.make_mesh(config.mesh)
   params = trainer.initial_params(config, model_config, mesh, init_from)
@@ -114,7 +124,7 @@ def generate_stage(config, record_paths, init_from: str, out_path: str,
       done = {json.loads(line)['id'] for line in f if line.strip()}
   todo = [(where, r) for where, r in
           ((w, records.decode_record(b, w)) for w, b in
-           records.read_records(pipeline.resolve_paths(record_paths)))
+           records.read_records(paths))
           if r['id'] not in done][:limit]
   g = config.generate
   written = []

@@ -117,7 +117,9 @@ def apply_gradients(state: TrainState, grads, loss, optimizer: optax.GradientTra
   trainable = optax.apply_updates(state.trainable, updates)
   new = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)
   if skip_nonfinite:
-    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+    # The step still counts (its batch was consumed), so a resumed loop and the state
+    # agree on where they are.
+    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state).replace(step=new.step)
   return new, {'grad_norm': grad_norm, 'finite': finite}
 
 
