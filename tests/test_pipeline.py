@@ -251,9 +251,13 @@ def test_overlong_rows_are_truncated_or_dropped_and_flagged(data, overlong):
   assert got == expected
 
 
-def test_preference_pairs_share_prompt_and_media_and_carry_reference_logps(data, tmp_path):
+@pytest.mark.parametrize('shared_prompt', [True, False])
+def test_preference_pairs_share_prompt_and_media_and_carry_reference_logps(data, tmp_path,
+                                                                           shared_prompt):
   _, pref, _ = data
-  config = dataclasses.replace(BASE, batch_size=2, num_epochs=1, shuffle=False)
+  config = dataclasses.replace(BASE, batch_size=2, num_epochs=1, shuffle=False,
+                               shared_prompt=shared_prompt)
+  rows_per_pair = 1 if shared_prompt else 2
   with pytest.raises(records.RecordError, match=r"record 'demo-\d+#0': field 'ref_chosen_logps'"):
     next(pipeline.preference_batches(TINY, config, pref, seed=0, shard_index=0, shard_count=1))
 
@@ -261,10 +265,10 @@ def test_preference_pairs_share_prompt_and_media_and_carry_reference_logps(data,
   logps, seen = {}, []
   for process in range(2):
     for b in pipeline.reference_batches(TINY, config, pref, shard_index=process, shard_count=2):
-      assert b['input_ids'].shape[0] == 2 * config.batch_size
+      assert b['input_ids'].shape[0] == rows_per_pair * config.batch_size
       assert b['pair_index'].shape == (config.batch_size,)
       for pair, index in enumerate(b['pair_index']):
-        assert b['example_mask'][2 * pair] == b['example_mask'][2 * pair + 1] == (index >= 0)
+        assert np.all(b['example_mask'].reshape(-1, rows_per_pair)[pair] == (index >= 0))
         if index >= 0:
           seen.append(int(index))
           # A stand-in for the reference model: any number that identifies the pair.
@@ -280,16 +284,20 @@ def test_preference_pairs_share_prompt_and_media_and_carry_reference_logps(data,
   for k, b in enumerate(batches):
     for pair in range(config.batch_size):
       record = pairs[k * config.batch_size + pair]   # shuffle=False: file order
-      chosen, rejected = 2 * pair, 2 * pair + 1
       n_prompt = len(record['prompt_ids'])
-      for row, side in ((chosen, 'chosen'), (rejected, 'rejected')):
-        ids = b['input_ids'][row][b['attention_mask'][row]]
-        np.testing.assert_array_equal(ids, np.concatenate([record['prompt_ids'], record[f'{side}_ids']]))
-        assert np.all(b['labels'][row][:n_prompt] == -100)
-        np.testing.assert_array_equal(b['segments'][row][n_prompt:len(ids)], record[f'{side}_segments'])
+      for answer, side in ((losses.CHOSEN, 'chosen'), (losses.REJECTED, 'rejected')):
+        row = pair if shared_prompt else 2 * pair + answer - losses.CHOSEN
+        # The prompt and this answer: the whole row in two rows, a part of the shared one.
+        sees = np.isin(b['pair_segments'][row], (1, answer))
+        assert np.all(b['attention_mask'][row] == (b['pair_segments'][row] > 0))
+        np.testing.assert_array_equal(b['input_ids'][row][sees],
+                                      np.concatenate([record['prompt_ids'], record[f'{side}_ids']]))
+        assert np.all(b['labels'][row][sees][:n_prompt] == -100)
+        np.testing.assert_array_equal(b['labels'][row][sees][n_prompt:], record[f'{side}_ids'])
+        np.testing.assert_array_equal(b['segments'][row][sees][n_prompt:], record[f'{side}_segments'])
       assert b['ref_chosen_logps'][pair] == np.float32(record['ref_chosen_logps'])
       assert b['ref_rejected_logps'][pair] == np.float32(record['ref_rejected_logps'])
-    # Both rows of a pair fill their placeholders from the same shard: 2 rows per shard here.
+    # A pair's media are in its rows' shard (and once per pair in the shared layout).
     assert b['audio']['chunks'].shape[0] == config.num_data_shards
   assert batches[0]['ref_chosen_logps'].dtype == np.float32
 
