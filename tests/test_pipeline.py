@@ -290,16 +290,35 @@ def test_preference_pairs_share_prompt_and_media_and_carry_reference_logps(data,
         # The prompt and this answer: the whole row in two rows, a part of the shared one.
         sees = np.isin(b['pair_segments'][row], (1, answer))
         assert np.all(b['attention_mask'][row] == (b['pair_segments'][row] > 0))
+        kept = int(sees.sum()) - n_prompt        # fewer than the answer's tokens if truncated
+        assert kept > 0 and (kept < len(record[f'{side}_ids'])) <= b['truncated'][row]
         np.testing.assert_array_equal(b['input_ids'][row][sees],
-                                      np.concatenate([record['prompt_ids'], record[f'{side}_ids']]))
+                                      np.concatenate([record['prompt_ids'],
+                                                      record[f'{side}_ids'][:kept]]))
         assert np.all(b['labels'][row][sees][:n_prompt] == -100)
-        np.testing.assert_array_equal(b['labels'][row][sees][n_prompt:], record[f'{side}_ids'])
-        np.testing.assert_array_equal(b['segments'][row][sees][n_prompt:], record[f'{side}_segments'])
+        np.testing.assert_array_equal(b['labels'][row][sees][n_prompt:], record[f'{side}_ids'][:kept])
+        np.testing.assert_array_equal(b['segments'][row][sees][n_prompt:],
+                                      record[f'{side}_segments'][:kept])
       assert b['ref_chosen_logps'][pair] == np.float32(record['ref_chosen_logps'])
       assert b['ref_rejected_logps'][pair] == np.float32(record['ref_rejected_logps'])
     # A pair's media are in its rows' shard (and once per pair in the shared layout).
     assert b['audio']['chunks'].shape[0] == config.num_data_shards
   assert batches[0]['ref_chosen_logps'].dtype == np.float32
+
+
+def test_overlong_pair_row_cuts_the_longer_answer_first():
+  record = dict(kind=records.PREFERENCE, prompt_ids=np.arange(100, 110),
+                chosen_ids=np.arange(200, 205), chosen_segments=np.ones(5, np.int8),
+                rejected_ids=np.arange(300, 320), rejected_segments=np.ones(20, np.int8))
+  rows = pipeline._rows_of(record, shared_prompt=True)
+  assert len(rows) == 1 and len(rows[0]['input_ids']) == 9 + (1 + 5) + (1 + 20)
+  (row,), truncated = pipeline._fit_rows(rows, 25, 'truncate')
+  # 25 = 9 shared prompt tokens + (last prompt token + 5 chosen) + (last prompt token + 9 rejected)
+  assert truncated and len(row['input_ids']) == 25
+  np.testing.assert_array_equal(row['input_ids'][9:], [109, *range(200, 205), 109, *range(300, 309)])
+  np.testing.assert_array_equal(row['pair_segments'], [1] * 9 + [2] * 6 + [3] * 10)
+  assert pipeline._fit_rows(rows, 12, 'truncate') == (None, False)   # no room for an answer
+  assert pipeline._fit_rows(rows, 25, 'drop') == (None, False)
 
 
 def test_orbax_checkpoint_restores_the_iterator(data, tmp_path):
