@@ -204,19 +204,7 @@ def test_pair_rows_hold_prompt_once_with_two_row_positions(model_config, pair_ex
   assert not shared['example_mask'][7] and not two['example_mask'][14:].any()
 
 
-@pytest.mark.parametrize('mode', ['full', 'lora'])
-def test_shared_prompt_dpo_step_equals_two_rows(model_config, params, pair_examples, mode):
-  from saber_jax.train import lora
-  lora_config = ml_collections.ConfigDict(dict(rank=4, alpha=8.0)) if mode == 'lora' else None
-  lora_params = None
-  if mode == 'lora':   # non-zero B so the adapters change the forward
-    lora_params = jax.tree.map(lambda x: x + 0.05, lora.init_lora(jax.random.key(1), params, rank=4))
-  trainable, frozen = steps.split_params(params, mode, lora_params)
-  want, want_grads = _dpo_values(model_config, trainable, frozen,
-                                 _pair_batch(model_config, pair_examples, False, 1), lora_config)
-  assert float(want['rewards/accuracies']) not in (0.0, 1.0)   # a real mix of pairs
-  got, grads = _dpo_values(model_config, trainable, frozen,
-                           _pair_batch(model_config, pair_examples, True, 1), lora_config)
+def _assert_same_step(got, grads, want, want_grads):
   assert set(got) == set(want)
   for name in want:
     _assert_close(got[name], want[name], name)
@@ -224,15 +212,40 @@ def test_shared_prompt_dpo_step_equals_two_rows(model_config, params, pair_examp
     _assert_close(g, w, jax.tree_util.keystr(path))
 
 
-def test_shared_prompt_dpo_step_on_a_2x4_mesh_equals_two_rows(model_config, params,
-                                                              pair_examples):
+@pytest.fixture(scope='module')
+def two_row_step(model_config, params, pair_examples):
+  """The two-row step's values and gradients (all params trained, 1 device)."""
   want, want_grads = _dpo_values(model_config, params, {},
                                  _pair_batch(model_config, pair_examples, False, 1))
+  assert float(want['rewards/accuracies']) not in (0.0, 1.0)   # a real mix of pairs
+  return want, want_grads
+
+
+@pytest.mark.slow
+def test_shared_prompt_dpo_step_equals_two_rows(model_config, params, pair_examples,
+                                                two_row_step):
+  got, grads = _dpo_values(model_config, params, {},
+                           _pair_batch(model_config, pair_examples, True, 1))
+  _assert_same_step(got, grads, *two_row_step)
+
+
+@pytest.mark.slow
+def test_shared_prompt_dpo_step_equals_two_rows_under_lora(model_config, params, pair_examples):
+  from saber_jax.train import lora
+  lora_config = ml_collections.ConfigDict(dict(rank=4, alpha=8.0))
+  # Non-zero B, so the adapters change the forward.
+  lora_params = jax.tree.map(lambda x: x + 0.05, lora.init_lora(jax.random.key(1), params, rank=4))
+  trainable, frozen = steps.split_params(params, 'lora', lora_params)
+  values = [_dpo_values(model_config, trainable, frozen,
+                        _pair_batch(model_config, pair_examples, shared, 1), lora_config)
+            for shared in (True, False)]
+  _assert_same_step(*values[0], *values[1])
+
+
+@pytest.mark.slow
+def test_shared_prompt_dpo_step_on_a_2x4_mesh_equals_two_rows(model_config, params,
+                                                              pair_examples, two_row_step):
   mesh = sharding.make_mesh((2, 4, 1))
   placed = jax.device_put(params, sharding.tree_shardings(abstract_params(model_config), mesh))
   batch = sharding.global_batch(_pair_batch(model_config, pair_examples, True, 8), mesh)
-  got, grads = _dpo_values(model_config, placed, {}, batch)
-  for name in want:
-    _assert_close(got[name], want[name], name)
-  for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(want_grads)):
-    _assert_close(g, w, jax.tree_util.keystr(path))
+  _assert_same_step(*_dpo_values(model_config, placed, {}, batch), *two_row_step)
