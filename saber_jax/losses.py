@@ -12,9 +12,9 @@ functions shift internally: the logits at position t score the label at t + 1. P
 outputs therefore have L - 1 positions, `[B, L-1]`, exactly as TRL's
 `selective_log_softmax(logits[:, :-1], input_ids[:, 1:])`.
 
-Everything is computed in float32 (float64 stays float64) whatever the input dtype. Log-probs are computed
-chunk by chunk over the sequence (`saber_jax.lm_head`), so no [B, L, V] float32 array (and
-no one-hot) is ever built: Qwen's vocabulary has 152K entries.
+Everything is computed in float32 (float64 stays float64) whatever the input dtype.
+Log-probs are computed chunk by chunk over the sequence (`saber_jax.lm_head`), so no
+[B, L, V] float32 array (and no one-hot) is ever built: Qwen's vocabulary has 152K entries.
 """
 
 import jax
@@ -65,7 +65,8 @@ def token_logps(logits, labels, *, chunk_size: int = DEFAULT_CHUNK_SIZE):
   labels = jnp.asarray(labels)
   _check_labels('logits', logits, labels)
   targets = _next_token_targets(labels)
-  per_token = lm_head.map_over_sequence(lm_head.logps_of_targets, labels.shape[1], chunk_size, logits, targets)
+  per_token = lm_head.map_over_sequence(lm_head.logps_of_targets, labels.shape[1], chunk_size,
+                                        logits, targets)
   return per_token[:, :-1]
 
 
