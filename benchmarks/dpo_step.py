@@ -181,7 +181,8 @@ def summarize(repeats: list[dict], pairs: int, variants) -> dict:
   if 'shared' in out and 'two_rows' in out:
     out.update(shared_prompt_speedup=out['two_rows']['step_s'] / out['shared']['step_s'],
                shared_prompt_memory_saved_gib=memory('two_rows') - memory('shared'),
-               shared_prompt_rss_saved_gib=out['two_rows']['max_rss_gib'] - out['shared']['max_rss_gib'])
+               shared_prompt_rss_saved_gib=(out['two_rows']['max_rss_gib']
+                                            - out['shared']['max_rss_gib']))
   if 'shared' in out and 'in_step' in out:
     out.update(precompute_speedup=out['in_step']['step_s'] / out['shared']['step_s'],
                precompute_memory_saved_gib=memory('in_step') - memory('shared'))

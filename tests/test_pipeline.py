@@ -296,7 +296,8 @@ def test_preference_pairs_share_prompt_and_media_and_carry_reference_logps(data,
                                       np.concatenate([record['prompt_ids'],
                                                       record[f'{side}_ids'][:kept]]))
         assert np.all(b['labels'][row][sees][:n_prompt] == -100)
-        np.testing.assert_array_equal(b['labels'][row][sees][n_prompt:], record[f'{side}_ids'][:kept])
+        np.testing.assert_array_equal(b['labels'][row][sees][n_prompt:],
+                                      record[f'{side}_ids'][:kept])
         np.testing.assert_array_equal(b['segments'][row][sees][n_prompt:],
                                       record[f'{side}_segments'][:kept])
       assert b['ref_chosen_logps'][pair] == np.float32(record['ref_chosen_logps'])
@@ -315,7 +316,8 @@ def test_overlong_pair_row_cuts_the_longer_answer_first():
   (row,), truncated = pipeline._fit_rows(rows, 25, 'truncate')
   # 25 = 9 shared prompt tokens + (last prompt token + 5 chosen) + (last prompt token + 9 rejected)
   assert truncated and len(row['input_ids']) == 25
-  np.testing.assert_array_equal(row['input_ids'][9:], [109, *range(200, 205), 109, *range(300, 309)])
+  np.testing.assert_array_equal(row['input_ids'][9:],
+                                [109, *range(200, 205), 109, *range(300, 309)])
   np.testing.assert_array_equal(row['pair_segments'], [1] * 9 + [2] * 6 + [3] * 10)
   assert pipeline._fit_rows(rows, 12, 'truncate') == (None, False)   # no room for an answer
   assert pipeline._fit_rows(rows, 25, 'drop') == (None, False)

@@ -30,8 +30,8 @@ is False), and in the reference pass `pair_index` int64 [P] (the pair's position
 record files, -1 for padding). Pair i is row i `[prompt | chosen | rejected]`
 (`shared_prompt`, the default: the prompt and media once; TMRoPE positions of the
 rejected answer continue from the prompt as the chosen ones do) or rows 2i and 2i + 1
-`[prompt | chosen]`, `[prompt | rejected]`; a pair never straddles two data shards. The number of distinct shapes is bounded by the
-product of the bucket ladders.
+`[prompt | chosen]`, `[prompt | rejected]`; a pair never straddles two data shards.
+The number of distinct shapes is bounded by the product of the bucket ladders.
 
 Rows longer than the largest bucket are truncated (`overlong='truncate'`: the response
 is cut, the prompt and media are kept; an example whose prompt alone does not fit is
