@@ -47,7 +47,10 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.optim = optim.default_config()
   c.optim.total_steps = 0     # 0: epochs x batches per epoch of the training data
-  c.dpo = ml_collections.ConfigDict(dict(beta=0.1, label_smoothing=0.0, loss_type='sigmoid'))
+  # loss_type: sigmoid (Eq. 3) | sigmoid_norm | ipo | hinge | robust (losses.ca_dpo_loss);
+  # sft_weight alpha adds alpha * NLL(chosen) (ms-swift's rpo_alpha, TRL's 'sft' loss).
+  c.dpo = ml_collections.ConfigDict(dict(beta=0.1, label_smoothing=0.0, loss_type='sigmoid',
+                                         sft_weight=0.0))
 
   c.data = ml_collections.ConfigDict(dataclasses.asdict(pipeline.DataConfig()))
   c.data.num_epochs = 1

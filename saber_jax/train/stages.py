@@ -7,11 +7,11 @@ filled into `ref_logps/`.
 """
 
 import copy
-import functools
 import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -74,8 +74,8 @@ def ref_logps_stage(config, record_paths, init_from: str) -> str:
   mesh = sharding.make_mesh(config.mesh)
   model_config = trainer.model_config_of(config)
   params = trainer.initial_params(config, model_config, mesh, init_from)
-  logps_fn = jax.jit(functools.partial(steps.sequence_logps, model_config=model_config,
-                                       chunk_size=config.logps_chunk_size))
+  logps_fn = jax.jit(lambda params, batch: jnp.stack(steps.pair_logps(
+      params, batch, model_config=model_config, chunk_size=config.logps_chunk_size), axis=-1))
   paths = pipeline.resolve_paths(record_paths)
   values = {}
   for batch in pipeline.reference_batches(model_config, data_config(config, mesh), paths):
@@ -83,8 +83,8 @@ def ref_logps_stage(config, record_paths, init_from: str) -> str:
     logps = logps_fn(params, sharding.global_batch(batch, mesh))
     logps = np.asarray(multihost_utils.process_allgather(logps, tiled=True)).reshape(-1, 2)
     pair_index = np.asarray(multihost_utils.process_allgather(pair_index, tiled=True))
-    mask = np.asarray(multihost_utils.process_allgather(batch['example_mask'][0::2],
-                                                        tiled=True))
+    pair_mask = batch['example_mask'].reshape(len(pair_index), -1)[:, 0]
+    mask = np.asarray(multihost_utils.process_allgather(pair_mask, tiled=True))
     for index, (chosen, rejected), real in zip(pair_index, logps, mask):
       if index >= 0 and real:
         values[int(index)] = (float(chosen), float(rejected))
