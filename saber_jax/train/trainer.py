@@ -14,6 +14,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from saber_jax import convert, flops, sharding
+from saber_jax.data import pipeline
 from saber_jax.models.config import ThinkerConfig
 from saber_jax.models.thinker import abstract_params, init_params
 from saber_jax.train import checkpoint, lora, optim, steps
@@ -151,6 +152,7 @@ def train(config, setup: Setup, batches: Iterator[dict], data_iterator, workdir:
   try:
     while step < total_steps:
       batch = next(batches)
+      fill = batch.pop(pipeline.FILL, None)   # the global batch's padding, not a model input
       state, metrics = setup.step_fn(state, sharding.global_batch(batch, setup.mesh))
       # Counted on the host while the (asynchronously dispatched) step runs.
       work = dict(tokens=int(np.sum(batch['labels'] != -100)),
@@ -164,7 +166,7 @@ def train(config, setup: Setup, batches: Iterator[dict], data_iterator, workdir:
         if config.nonfinite != 'skip':
           raise NonFiniteError(message + '; stopping. The last checkpoint is intact.')
         print(message + '; update skipped.', flush=True)
-      logger.add(metrics, **work)
+      logger.add(metrics, **work, fill=fill)
       if step % config.log_every == 0 or step == total_steps:
         logger.write(step, {'lr': float(schedule((step - 1) // config.optim.grad_accum_steps))})
       checkpoint.save(mngr, step, state, data_iterator, force=step == total_steps)
