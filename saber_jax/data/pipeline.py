@@ -72,9 +72,11 @@ class DataConfig:
     preference batch has 2 * batch_size rows).
   num_data_shards: row groups per batch, each with its own media arrays (the data-
     parallel devices of this process); must divide batch_size.
-  length_buckets: padded text lengths; the largest is the longest row kept.
+  length_buckets: padded text lengths; the largest is the longest row kept. Steps of
+    256 tokens: with size-grouped batches they keep ~90% of text positions real.
   overlong: 'truncate' or 'drop' rows longer than max(length_buckets).
-  bucket_steps: buckets per doubling of a media size (1: powers of two; 2: also 1.5x).
+  bucket_steps: buckets per doubling of a media size (1: powers of two; 2: also 1.5x;
+    4: also 1.25x, 1.5x, 1.75x).
   min_audio_chunks, min_patches, min_vision_blocks, min_frame_len: floors of the media
     buckets (chunks of 2 * n_window mel frames; vision patches; attention windows and
     frames; patches per frame).
@@ -87,9 +89,9 @@ class DataConfig:
   """
   batch_size: int = 8
   num_data_shards: int = 1
-  length_buckets: tuple[int, ...] = (256, 512, 1024, 2048, 4096)
+  length_buckets: tuple[int, ...] = tuple(range(256, 4097, 256))
   overlong: str = 'truncate'
-  bucket_steps: int = 2
+  bucket_steps: int = 4
   min_audio_chunks: int = 2
   min_patches: int = 256
   min_vision_blocks: int = 4
@@ -529,8 +531,19 @@ class BatchPlan:
         rng = np.random.default_rng([self.seed, epoch]) if shuffle else None
         order = group_by_size(self._key(), self.batch_size,
                               self.options.group_batches if shuffle else 0, rng)
+        if shuffle and self.options.group_batches:
+          order = order[:, self._deal()]
       self._epoch = (epoch, order)
     return self._epoch[1]
+
+  def _deal(self) -> np.ndarray:
+    """Positions of a size-sorted batch dealt to the row groups in snake order (0..G-1,
+    G-1..0, ...), so every group (device) gets about the same media to encode."""
+    per_group = self.batch_size // self.num_groups
+    rounds = np.arange(per_group)[None, :]
+    groups = np.arange(self.num_groups)[:, None]
+    return (rounds * self.num_groups + np.where(rounds % 2, self.num_groups - 1 - groups,
+                                                groups)).ravel()
 
   def examples(self, step: int) -> np.ndarray:
     """Record positions [batch_size] of global batch `step` (counted over all epochs)."""
