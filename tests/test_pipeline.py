@@ -146,7 +146,7 @@ def test_processes_see_disjoint_halves_that_cover_everything(data):
 
 
 @functools.cache
-def _ladder(minimum, steps=2, multiple=1, top=1 << 14):
+def _ladder(minimum, steps=pipeline.DataConfig.bucket_steps, multiple=1, top=1 << 14):
   """Every size `bucket_size` can give below `top`."""
   return frozenset(pipeline.bucket_size(n, minimum, steps, multiple) for n in range(top))
 
