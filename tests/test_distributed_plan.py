@@ -1,0 +1,175 @@
+"""Pod-scale input, end to end as real `jax.distributed` processes (gloo on loopback, 8
+CPU devices in all): on records whose text and media sizes differ a lot, with the default
+bucket ladders and no media floors, 2 and 4 processes train exactly like one process
+(SFT and CA-DPO: losses, metrics, final params), and a killed 2-process run resumes with
+exactly the next global batch."""
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from saber_jax.data import prompt, records
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+NUM_RECORDS = 18            # 2 global batches of 8 per epoch, 2 left over (other ones each epoch)
+STEPS = 5
+# The demo config's tiny model; default data ladders and floors (demo.py raises them).
+ARGS = ['--config=configs/demo.py', '--config.log_every=1', '--config.mesh=(4,1,2)',
+        f'--config.optim.total_steps={STEPS}', '--config.optim.warmup_steps=1',
+        '--config.data.length_buckets=' + str(tuple(range(256, 4097, 256))).replace(' ', ''),
+        '--config.data.min_audio_chunks=2', '--config.data.min_patches=256',
+        '--config.data.min_vision_blocks=4', '--config.data.min_frame_len=64']
+TIMING = {'step_time_s', 'tokens_per_s', 'model_flops_per_s_per_device', 'mfu', 'lr'}
+
+
+def _write(folder, n=NUM_RECORDS, seed=0) -> tuple[str, str]:
+  """SFT and preference shards of clips from 0.5 to 12 s (text ~60-650 tokens)."""
+  tokenizer = prompt.load_tokenizer()
+  rng = np.random.default_rng(seed)
+  sft, pref = [], []
+  for i in range(n):
+    seconds = float(rng.uniform(0.5, 12))
+    mel = int(seconds * 100)
+    frames = 2 * max(1, round(seconds / 2))
+    height, width = [(56, 56), (56, 112), (112, 84)][i % 3]
+    grid = (frames // 2, height // 14, width // 14)
+    prompt_ids = prompt.build_prompt(tokenizer, text='How does this person feel?',
+                                     audio_lengths=[mel], video_grids=[grid],
+                                     video_second_per_grid=[1.0], use_audio_in_video=True)
+    media = dict(input_features=rng.standard_normal((128, mel)).astype(np.float32),
+                 frames=rng.integers(0, 256, (frames, height, width, 3), dtype=np.uint8),
+                 video_fps=2.0, use_audio_in_video=True, duration=seconds, lang='en')
+    answers = [rng.integers(0, 151000, int(rng.integers(5, 200))).astype(np.int32)
+               for _ in range(2)]
+    sft.append(records.encode_sft_record(
+        id=f'c{i}', input_ids=np.concatenate([prompt_ids, answers[0]]),
+        labels=np.concatenate([np.full(len(prompt_ids), -100, np.int32), answers[0]]),
+        segments=np.concatenate([np.zeros(len(prompt_ids), np.int8),
+                                 np.full(len(answers[0]), 3, np.int8)]), **media))
+    pref.append(records.encode_preference_record(
+        id=f'p{i}', prompt_ids=prompt_ids, chosen_ids=answers[0], rejected_ids=answers[1],
+        chosen_segments=np.full(len(answers[0]), 3, np.int8),
+        rejected_segments=np.full(len(answers[1]), 3, np.int8), chosen='a', rejected='b',
+        ref_chosen_logps=float(-2000 * rng.uniform()), ref_rejected_logps=float(-2000 * rng.uniform()),
+        **media))
+  prefixes = str(folder / 'sft'), str(folder / 'pref')
+  for prefix, blobs in zip(prefixes, (sft, pref)):
+    half = len(blobs) // 2
+    for index, part in enumerate((blobs[:half], blobs[half:])):
+      records.write_records(records.shard_name(prefix, index, 2), part)
+  return prefixes
+
+
+@pytest.fixture(scope='module')
+def record_sets(tmp_path_factory):
+  return _write(tmp_path_factory.mktemp('plan_records'))
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _launch(args, workdir, processes: int) -> list[subprocess.Popen]:
+  """`processes` jax.distributed processes sharing 8 CPU devices, 8 examples per step."""
+  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={8 // processes}')
+  env.pop('JAX_COORDINATOR_ADDRESS', None)
+  args = args + [f'--config.workdir={workdir}', f'--config.data.batch_size={8 // processes}']
+  if processes > 1:
+    port = _free_port()
+    args += [f'--config.distributed.coordinator_address=127.0.0.1:{port}',
+             f'--config.distributed.num_processes={processes}']
+  return [subprocess.Popen(
+      [sys.executable, '-m', 'saber_jax.main', *args,
+       *([f'--config.distributed.process_id={i}'] if processes > 1 else [])],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+          for i in range(processes)]
+
+
+def _run(args, workdir, processes) -> str:
+  launched = _launch(args, workdir, processes)
+  outputs = [p.communicate(timeout=600)[0] for p in launched]
+  for p, out in zip(launched, outputs):
+    assert p.returncode == 0, out[-4000:]
+  return outputs[0]
+
+
+def _log(workdir, stage) -> dict[int, dict]:
+  """step -> the metrics.jsonl line of that step (the latest one), timing left out."""
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    rows = [json.loads(line) for line in f]
+  return {r['step']: {k: v for k, v in r.items() if k not in TIMING}
+          for r in rows if r['stage'] == stage}
+
+
+def _params(workdir, stage) -> dict:
+  with ocp.StandardCheckpointer() as checkpointer:
+    return checkpointer.restore(os.path.join(workdir, stage, 'final', 'params'))
+
+
+def _assert_same_run(got_dir, want_dir, stage):
+  got, want = _log(got_dir, stage), _log(want_dir, stage)
+  assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
+  for step in want:
+    assert got[step].keys() == want[step].keys(), step
+    for key, value in want[step].items():
+      assert got[step][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (step, key)
+  import jax  # the test process needs no devices until here
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(_params(got_dir, stage)),
+                          jax.tree.leaves(_params(want_dir, stage))):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def test_sft_on_2_and_4_processes_matches_1_and_a_killed_run_resumes(record_sets, tmp_path):
+  args = ARGS + ['--config.mode=sft', f'--config.sft_records={record_sets[0]}',
+                 '--config.optim.lr=3e-3', '--config.checkpoint.every_steps=1']
+  start = time.time()
+  _run(args, tmp_path / 'one', 1)
+  log = _log(tmp_path / 'one', 'sft')
+  fills = [log[s]['data/text_fill'] for s in log]
+  assert all(0 < f <= 1 for f in fills) and len({l['loss'] for l in log.values()}) == STEPS
+  out = _run(args, tmp_path / 'two', 2)
+  assert 'processes=2' in out
+  _assert_same_run(tmp_path / 'two', tmp_path / 'one', 'sft')
+  _run(args, tmp_path / 'four', 4)
+  _assert_same_run(tmp_path / 'four', tmp_path / 'one', 'sft')
+
+  # Two processes killed (SIGKILL) once step 2 is checkpointed, then restarted.
+  workdir = tmp_path / 'killed'
+  launched = _launch(args, workdir, 2)
+  deadline = time.time() + 400
+  checkpoints = workdir / 'sft' / 'checkpoints'
+  while not (checkpoints / '2').is_dir() and time.time() < deadline and all(
+      p.poll() is None for p in launched):
+    time.sleep(0.01)
+  assert all(p.poll() is None for p in launched), launched[0].communicate()[0][-3000:]
+  for p in launched:
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+  assert 'resumed from step' in _run(args, workdir, 2)
+  _assert_same_run(workdir, tmp_path / 'one', 'sft')
+  print(f'sft: {time.time() - start:.0f} s')
+
+
+def test_dpo_on_2_and_4_processes_matches_1(record_sets, tmp_path):
+  args = ARGS + ['--config.mode=dpo', f'--config.pref_records={record_sets[1]}',
+                 '--config.optim.lr=2e-4', '--config.checkpoint.every_steps=100']
+  start = time.time()
+  _run(args, tmp_path / 'one', 1)
+  for processes in (2, 4):
+    _run(args, tmp_path / str(processes), processes)
+    _assert_same_run(tmp_path / str(processes), tmp_path / 'one', 'dpo')
+  print(f'dpo: {time.time() - start:.0f} s')
