@@ -474,7 +474,8 @@ def example_needs(sizes: np.ndarray, kind: str, model_config: ThinkerConfig,
       num_frames=copies * (video_t + image_t),
       frame_len=np.where(kept, np.maximum(video_h * video_w, image_h * image_w), 0))
   needs['media_real'] = copies * field['mel_frames'] + needs['num_patches']
-  return needs
+  # int32 keeps a few ints per record (the plan travels to every Grain worker).
+  return {k: v if k == 'kept' else v.astype(np.int32) for k, v in needs.items()}
 
 
 def group_by_size(keys: np.ndarray, batch_size: int, window: int,
@@ -517,7 +518,8 @@ class BatchPlan:
 
   def _key(self) -> np.ndarray:
     # Text length first (media placeholders are part of it), then the vision size.
-    return self.needs['length'] * (1 << 24) + np.minimum(self.needs['num_patches'], (1 << 24) - 1)
+    length, patches = (self.needs[k].astype(np.int64) for k in ('length', 'num_patches'))
+    return length * (1 << 24) + np.minimum(patches, (1 << 24) - 1)
 
   def epoch(self, epoch: int) -> np.ndarray:
     """Record positions [steps_per_epoch, batch_size] of one epoch (-1: padding)."""
