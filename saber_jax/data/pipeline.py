@@ -152,7 +152,8 @@ def length_bucket(length: int, buckets: Sequence[int]) -> int:
 
 
 def _rows_of(record: dict) -> list[dict[str, np.ndarray]]:
-  """Token rows of a record: one for SFT, (chosen, rejected) for a preference pair."""
+  """Token rows of a record: one for SFT, (chosen, rejected) for a preference pair (the
+  batch plan sizes them with `_row_lengths`: change both together)."""
   if record['kind'] == records.SFT:
     return [{k: np.asarray(record[k]) for k in ('input_ids', 'labels', 'segments')}]
   prompt = np.asarray(record['prompt_ids'])
@@ -514,7 +515,7 @@ class BatchPlan:
     self.steps_per_epoch = -(-n // batch_size) if reference else n // batch_size
     if not self.steps_per_epoch:
       raise ValueError(f'{n} records are fewer than one global batch of {batch_size}')
-    self._epoch = (None, None)
+    self._orders = {}   # epoch -> its order; the current and the previous epoch
 
   def _key(self) -> np.ndarray:
     # Text length first (media placeholders are part of it), then the vision size.
@@ -523,20 +524,22 @@ class BatchPlan:
 
   def epoch(self, epoch: int) -> np.ndarray:
     """Record positions [steps_per_epoch, batch_size] of one epoch (-1: padding)."""
-    if self._epoch[0] != epoch:
-      if self.reference:
-        order = np.argsort(self._key(), kind='stable')
-        order = np.pad(order, (0, self.steps_per_epoch * self.batch_size - len(order)),
-                       constant_values=-1).reshape(-1, self.batch_size)
-      else:
-        shuffle = self.options.shuffle   # off: file order, ungrouped
-        rng = np.random.default_rng([self.seed, epoch]) if shuffle else None
-        order = group_by_size(self._key(), self.batch_size,
-                              self.options.group_batches if shuffle else 0, rng)
-        if shuffle and self.options.group_batches:
-          order = order[:, self._deal()]
-      self._epoch = (epoch, order)
-    return self._epoch[1]
+    order = self._orders.get(epoch)   # one read: Grain's threads share this cache
+    if order is not None:
+      return order
+    if self.reference:
+      order = np.argsort(self._key(), kind='stable')
+      order = np.pad(order, (0, self.steps_per_epoch * self.batch_size - len(order)),
+                     constant_values=-1).reshape(-1, self.batch_size)
+    else:
+      shuffle = self.options.shuffle   # off: file order, ungrouped
+      rng = np.random.default_rng([self.seed, epoch]) if shuffle else None
+      order = group_by_size(self._key(), self.batch_size,
+                            self.options.group_batches if shuffle else 0, rng)
+      if shuffle and self.options.group_batches:
+        order = order[:, self._deal()]
+    self._orders = {**{e: o for e, o in self._orders.items() if e == epoch - 1}, epoch: order}
+    return order
 
   def _deal(self) -> np.ndarray:
     """Positions of a size-sorted batch dealt to the row groups in snake order (0..G-1,
