@@ -95,7 +95,7 @@ def _batch_axis(path) -> int:
 def global_batch(batch: dict, mesh: Mesh) -> dict:
   """Host-local numpy batch -> global arrays, rows (and media shards) split over the
   batch axes ('data', 'fsdp') when they divide them, replicated otherwise. With several
-  processes every one must bring the same shapes (one bucket per step)."""
+  processes every one brings the same shapes (the batch plan gives them alike)."""
   if jax.process_count() > 1:
     shapes = [(jax.tree_util.keystr(p), np.shape(x)) for p, x in
               jax.tree_util.tree_leaves_with_path(batch)]
@@ -104,8 +104,8 @@ def global_batch(batch: dict, mesh: Mesh) -> dict:
       multihost_utils.assert_equal(signature)
     except AssertionError:
       raise ValueError(f'process {jax.process_index()} has batch shapes {shapes} unlike '
-                       'another process: use one length bucket and media floors that fit '
-                       'every clip (data.length_buckets, data.min_*)') from None
+                       'another process: their batch plans differ (other seeds, data '
+                       'configs or record files?)') from None
 
   def place(path, x):
     x = np.asarray(x)

@@ -80,6 +80,7 @@ def ref_logps_stage(config, record_paths, init_from: str) -> str:
   values = {}
   for batch in pipeline.reference_batches(model_config, data_config(config, mesh), paths):
     pair_index = batch.pop('pair_index')
+    batch.pop(pipeline.FILL)
     logps = logps_fn(params, sharding.global_batch(batch, mesh))
     logps = np.asarray(multihost_utils.process_allgather(logps, tiled=True)).reshape(-1, 2)
     pair_index = np.asarray(multihost_utils.process_allgather(pair_index, tiled=True))
