@@ -51,7 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
   # num_samples 10 at temperature 0.8 gives the samples CA-DPO pairs are judged from.
   c.generate = ml_collections.ConfigDict(dict(
       records='', batch_size=8, max_new_tokens=512, temperature=0.0, top_p=1.0, top_k=0,
-      num_samples=1, tokenizer=''))
+      num_samples=1, tokenizer='', window_batches=32))
 
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3))
   c.log_every = 10

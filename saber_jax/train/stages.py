@@ -8,15 +8,14 @@ filled into `ref_logps/`.
 
 import copy
 import functools
-import json
 import os
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from saber_jax import generate, sharding
-from saber_jax.data import pipeline, prompt, records
+from saber_jax import sampling, sharding
+from saber_jax.data import pipeline, records
 from saber_jax.train import checkpoint, dry_run, steps, trainer
 
 
@@ -123,36 +122,6 @@ def run(config) -> None:
 
 def generate_stage(config, record_paths, init_from: str, out_path: str,
                    limit: int | None = None) -> list[dict]:
-  """Responses of the model at `init_from` to the prompts of the records, appended to the
-  JSONL `out_path` as {"id", "response"}; ids already there are skipped (resumable)."""
-  model_config = trainer.model_config_of(config)
-  mesh = sharding.make_mesh(config.mesh)
-  params = trainer.initial_params(config, model_config, mesh, init_from)
-  tokenizer = prompt.load_tokenizer(config.generate.tokenizer or None)
-  done = set()
-  if os.path.exists(out_path):
-    with open(out_path) as f:
-      done = {json.loads(line)['id'] for line in f if line.strip()}
-  todo = [(where, r) for where, r in
-          ((w, records.decode_record(b, w)) for w, b in
-           records.read_records(pipeline.resolve_paths(record_paths)))
-          if r['id'] not in done][:limit]
-  g = config.generate
-  written = []
-  with open(out_path, 'a') as out:
-    for start in range(0, len(todo), g.batch_size):
-      chunk = [r for _, r in todo[start:start + g.batch_size]]
-      batch = pipeline.prompt_batch(chunk, model_config, todo[start][0])
-      result = generate.generate(model_config, params, batch, max_new_tokens=g.max_new_tokens,
-                                 temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
-                                 num_samples=g.num_samples, seed=config.seed + start)
-      texts = generate.decode_responses(tokenizer, result['tokens'], result['lengths'])
-      for i, record in enumerate(chunk):
-        samples = texts[i * g.num_samples:(i + 1) * g.num_samples]
-        line = {'id': record['id'], 'response': samples[0]}
-        if g.num_samples > 1:
-          line['responses'] = samples
-        out.write(json.dumps(line, ensure_ascii=False) + '\n')
-        out.flush()
-        written.append(line)
-  return written
+  """Responses to the prompts of the records in the JSONL `out_path`: see
+  `saber_jax.sampling.generate_stage`."""
+  return sampling.generate_stage(config, record_paths, init_from, out_path, limit)
