@@ -122,10 +122,11 @@ def errors_path(out_path: str) -> str:
 
 
 def finished_ids(out_path: str) -> set[str]:
-  """Ids done or given up on: in `out_path`, in any process's part file, in errors.jsonl."""
+  """Ids done or given up on: in `out_path`, in any process's part file, in errors.jsonl
+  (by 'path:index' for a record whose id could not be read)."""
   paths = [out_path, errors_path(out_path)] + glob.glob(glob.escape(out_path) + '.part*')
-  return {str(line['id']) for path in paths for line in read_jsonl_lines(path)
-          if line.get('id') is not None}
+  return {str(line['id']) if line.get('id') is not None else line.get('where')
+          for path in paths for line in read_jsonl_lines(path)} - {None}
 
 
 def merge_parts(out_path: str) -> int:
@@ -296,6 +297,9 @@ def sample_records(config, model_config: ThinkerConfig, params, mesh, record_pat
     for where, blob in _own_records(pipeline.resolve_paths(record_paths), process, count):
       if limit is not None and taken >= limit:
         return
+      if where in done:
+        stats.skipped += 1
+        continue
       try:
         record = records.decode_record(blob, where)
       except records.RecordError as e:
