@@ -400,15 +400,14 @@ def generate_stage(config, record_paths, init_from: str, out_path: str,
   start, compiled = time.perf_counter(), generate.generate_inputs._cache_size()
   kept, stats = sample_records(config, model_config, params, mesh, record_paths, out_path,
                                tokenizer, limit)
+  waste = 1 - stats.useful_row_steps / max(stats.row_steps, 1)
+  print(f'[generate] process {jax.process_index()}: {stats.written} prompts in {stats.batches} '
+        f'batches of {len(stats.shapes)} shapes, {time.perf_counter() - start:.1f} s, '
+        f'{generate.generate_inputs._cache_size() - compiled} compilations; '
+        f'{stats.skipped} already done, {stats.errors} errors, {stats.padding_rows} padding '
+        f'rows, {waste:.0%} of decode row-steps after a row ended', flush=True)
   multihost_utils.sync_global_devices('generate: parts written')
   if jax.process_index() == 0:
-    total = merge_parts(out_path)
-    waste = 1 - stats.useful_row_steps / max(stats.row_steps, 1)
-    print(f'[generate] {stats.written} prompts in {stats.batches} batches '
-          f'({time.perf_counter() - start:.1f} s, '
-          f'{generate.generate_inputs._cache_size() - compiled} compilations; process 0), '
-          f'{stats.skipped} already done, {stats.errors} errors, {stats.padding_rows} '
-          f'padding rows, {waste:.0%} of decode row-steps after a row ended; '
-          f'{total} lines in {out_path}', flush=True)
+    print(f'[generate] {merge_parts(out_path)} lines in {out_path}', flush=True)
   multihost_utils.sync_global_devices('generate: merged')
   return kept

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -241,11 +242,15 @@ def test_two_processes_killed_and_restarted_write_each_id_once_with_the_same_sam
     p.send_signal(signal.SIGKILL)
     p.wait()
   assert not (tmp_path / 'predictions.jsonl').exists()
+  before = sum(len(list(sampling.read_jsonl_lines(str(p))))
+               for p in tmp_path.glob('predictions.jsonl.part*'))
   processes = _launch(tmp_path, prefix, _free_port())
   outputs = [p.communicate(timeout=600)[0] for p in processes]
   for p, out in zip(processes, outputs):
     assert p.returncode == 0, out[-4000:]
-  assert 'already done' in outputs[0] and not list(tmp_path.glob('*.part*'))
+  written = [int(re.search(r'process \d: (\d+) prompts', out).group(1)) for out in outputs]
+  assert before >= 1 and sum(written) == NUM_CLIPS - before      # nothing done twice
+  assert not list(tmp_path.glob('*.part*'))
   lines = [json.loads(line) for line in (tmp_path / 'predictions.jsonl').read_text().splitlines()]
   got = {line['id']: line for line in lines}
   assert len(got) == len(lines)
