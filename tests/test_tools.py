@@ -413,11 +413,11 @@ def test_make_pairs_incomplete_prompt_waits_for_its_scores(judge_server, tmp_pat
 
 
 def test_make_pairs_never_chooses_a_truncated_response(judge_server, tmp_path):
-  # Scores r0 3, r1 6, r2 9, r3 12 (over 2): r3 is best but was cut at max_new_tokens.
+  # Scores r0 1, r1 2, r2 3, r3 4: r3 is best but was cut at max_new_tokens.
   samples = write_jsonl(tmp_path / 's.jsonl', [{'id': 'p', 'responses': [f'[[p#{i}]] r' for i in range(4)],
                                                 'finished': [True, True, True, False]}])
   annotations = write_jsonl(tmp_path / 'a.jsonl', [{'id': 'p', 'annotation': annotation('p')}])
-  plan = Plan(lambda body, tag: json.dumps({'logical_consistency': (int(tag[-1]) + 1) * 3,
+  plan = Plan(lambda body, tag: json.dumps({'logical_consistency': (int(tag[-1]) + 1) * 2,
                                             'evidence_alignment': 0}), {})
   server = judge_server(lambda body: plan({**body, 'messages': [
       {'role': 'user', 'content': user_text(body).split('Response to grade:')[1]}]}))
