@@ -43,8 +43,10 @@ from jax.experimental import multihost_utils
 
 from saber_jax import generate, sharding
 from saber_jax.data import pipeline, records
+from saber_jax.data import prompt as prompt_lib
 from saber_jax.models import thinker
 from saber_jax.models.config import ThinkerConfig
+from saber_jax.train import trainer
 
 SIZE_KEYS = ('num_audio_chunks', 'num_audio_tokens', 'num_patches', 'num_windows',
              'window_len', 'num_frames', 'frame_len')
@@ -390,8 +392,6 @@ def generate_stage(config, record_paths, init_from: str, out_path: str,
   `out_path` (see the module docstring); finished ids are skipped, so a killed run resumes.
   `limit`: at most this many new prompts per process, and their lines are returned (the
   demo's one answer); otherwise returns []."""
-  from saber_jax.data import prompt as prompt_lib
-  from saber_jax.train import trainer
   os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
   model_config = trainer.model_config_of(config)
   mesh = sharding.make_mesh(config.mesh)
