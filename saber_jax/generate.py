@@ -22,7 +22,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
+from saber_jax import sharding
 from saber_jax.models.config import ThinkerConfig
 from saber_jax.models.text import KVCache, cache_attention_mask
 from saber_jax.models.thinker import Thinker, model_inputs
@@ -165,6 +167,17 @@ class DecodeSettings:
         raise ValueError(f'{name} {ids} outside the vocabulary of {vocab_size} ids')
 
 
+def _rows_split(x):
+  """x with its rows split over the batch axes of the mesh in context (`jax.set_mesh`),
+  as the inputs are: without it XLA may compute the vocabulary projection on every
+  device for all rows (hidden gathered, full logits all-reduced each step)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  rows = sharding.mesh_spec((x.shape[0],), ('batch',), mesh)[0]
+  return jax.lax.with_sharding_constraint(x, PartitionSpec(rows, *[None] * (x.ndim - 1)))
+
+
 class _State(NamedTuple):
   step: jax.Array          # int32 []: the index of the token drawn next
   logits: jax.Array        # [R, V] the distribution of that token
@@ -200,7 +213,7 @@ def generate_inputs(config: ThinkerConfig, settings: DecodeSettings, params, inp
   cache = KVCache.zeros(config.text, batch, prompt_len + s.max_new_tokens, x.dtype)
   hidden, cache = run(x, inputs['position_ids'], cache_attention_mask(valid_slots, 0, prompt_len),
                       cache, 0, method=text_decode)
-  logits = run(hidden[:, -1:], method=Thinker.logits)[:, 0].astype(jnp.float32)
+  logits = run(_rows_split(hidden[:, -1:]), method=Thinker.logits)[:, 0].astype(jnp.float32)
 
   # Every sample of a prompt continues from the same prefill.
   repeat = lambda a, axis=0: jnp.repeat(a, n, axis=axis)
@@ -228,7 +241,7 @@ def generate_inputs(config: ThinkerConfig, settings: DecodeSettings, params, inp
     hidden, cache = run(run(token[:, None], method=lambda m, ids: m.text.embed(ids)), positions,
                         cache_attention_mask(valid_slots, slot, 1), state.cache, slot,
                         method=text_decode)
-    logits = run(hidden, method=Thinker.logits)[:, 0].astype(jnp.float32)
+    logits = run(_rows_split(hidden), method=Thinker.logits)[:, 0].astype(jnp.float32)
     return _State(t + 1, logits, state.tokens.at[:, t].set(token),
                   state.logprobs.at[:, t].set(logprob), lengths, state.finished | is_eos, cache)
 
@@ -239,6 +252,7 @@ def generate_inputs(config: ThinkerConfig, settings: DecodeSettings, params, inp
                  jnp.full((rows, s.max_new_tokens), s.pad_token_id, jnp.int32),
                  jnp.zeros((rows, s.max_new_tokens), jnp.float32), jnp.zeros(rows, jnp.int32),
                  jnp.zeros(rows, bool), cache)
+  start = start._replace(logits=_rows_split(start.logits))
   end = jax.lax.while_loop(going, next_token, start)
   return dict(tokens=end.tokens, logprobs=end.logprobs, lengths=end.lengths,
               finished=end.finished, steps=end.step)

@@ -323,8 +323,9 @@ def sample_records(config, model_config: ThinkerConfig, params, mesh, record_pat
     host = batch_inputs(batch, groups, shape, model_config, settings.pad_token_id)
     placed = sharding.global_batch(host, mesh)
     stats.shapes.add(tuple(int(x) for x in shape))
-    out = generate.generate_inputs(model_config, settings, params, placed['inputs'],
-                                   placed['first'], key, placed['streams'])
+    with jax.set_mesh(mesh):           # rows stay split through the decode loop
+      out = generate.generate_inputs(model_config, settings, params, placed['inputs'],
+                                     placed['first'], key, placed['streams'])
     out = {k: local_rows(v) if v.ndim else np.asarray(v) for k, v in out.items()}
     write(batch, out)
 

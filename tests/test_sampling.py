@@ -179,8 +179,10 @@ def test_torn_tail_is_cut_and_finished_ids_read_every_part(tmp_path):
 @pytest.mark.parametrize('mesh_shape', [(-1, 1, 1), (1, -1, 1)])
 def test_rows_shard_over_eight_devices_a_quarter_of_the_flops_or_less(mesh_shape):
   """The compiled generation (prefill + decode loop) of 8 prompts x 2 samples: per-device
-  FLOPs on 8 devices <= 1/4 of one device's, the rows and KV cache split, not replicated."""
-  config = ThinkerConfig.from_hf(tiny_hf_config().to_dict())
+  FLOPs on 8 devices <= 1/4 of one device's, the rows and KV cache split, not replicated,
+  and no all-reduce of logits (FSDP gathers the weights instead)."""
+  vocab = 4096
+  config = ThinkerConfig.from_hf(tiny_hf_config(vocab_size=vocab).to_dict())
   batch = make_batch([[('text', 5 + i)] for i in range(8)])
   inputs = model_inputs(config, generate.left_pad(batch))
   first = generate.first_new_positions(inputs['position_ids'], inputs['attention_mask'])
@@ -193,14 +195,17 @@ def test_rows_shard_over_eight_devices_a_quarter_of_the_flops_or_less(mesh_shape
                           nn.unbox(boxed), sharding.tree_shardings(boxed, mesh))
     placed = sharding.global_batch(dict(inputs=inputs, first=first,
                                         streams=np.arange(8, dtype=np.uint32)), mesh)
-    compiled = generate.generate_inputs.lower(config, settings, params, placed['inputs'],
-                                              placed['first'], jax.random.key(0),
-                                              placed['streams']).compile()
-    return compiled.cost_analysis()['flops']
+    with jax.set_mesh(mesh):
+      compiled = generate.generate_inputs.lower(config, settings, params, placed['inputs'],
+                                                placed['first'], jax.random.key(0),
+                                                placed['streams']).compile()
+    return compiled.cost_analysis()['flops'], compiled.as_text()
 
-  one = flops(sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
-  eight = flops(sharding.make_mesh(mesh_shape))
+  one, _ = flops(sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
+  eight, hlo = flops(sharding.make_mesh(mesh_shape))
   assert eight <= one / 4, (one, eight)
+  reduced = re.findall(r'= (\S+) all-reduce\(', hlo)
+  assert reduced and not [shape for shape in reduced if f',{vocab}]' in shape], reduced
 
 
 def _free_port() -> int:
