@@ -49,6 +49,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   # mode=generate: responses to the prompts of `records` (JSONL predictions in workdir);
   # num_samples 10 at temperature 0.8 gives the samples CA-DPO pairs are judged from.
+  # batch_size: prompts per process and batch; window_batches: prompts are sorted by size
+  # within windows of this many batches (saber_jax/sampling.py).
   c.generate = ml_collections.ConfigDict(dict(
       records='', batch_size=8, max_new_tokens=512, temperature=0.0, top_p=1.0, top_k=0,
       num_samples=1, tokenizer='', window_batches=32))
