@@ -25,7 +25,9 @@ Output, one line per record, in `<out>.part<process>` while running and merged i
 A torn last line (a kill mid-write) is dropped on restart. A batch that fails is split
 down to single prompts (one process only; with several, a device failure stops the run);
 a prompt that still fails, or a record that cannot be decoded, goes to `errors.jsonl`
-next to `<out>` ({"id", "where", "reason"}) and is skipped, also on later runs.
+next to `<out>` ({"id", "where", "reason"}) and is skipped, also on later runs. When
+every prompt of a batch fails before any batch of the run has worked, the run stops
+with the error instead (a broken setup, not bad clips).
 """
 
 import dataclasses
@@ -355,18 +357,28 @@ def sample_records(config, model_config: ThinkerConfig, params, mesh, record_pat
     if limit is not None:
       kept.extend(lines)
 
-  def run_or_split(batch: list[Prompt | None]) -> None:
-    """One process: a failing batch is halved (padding keeps its size) down to one prompt."""
+  def run_or_split(batch: list[Prompt | None], failed: list) -> None:
+    """One process: a failing batch is halved (padding keeps its size) down to one
+    prompt; the prompts that fail alone are added to `failed` with the error."""
     real = [p for p in batch if p is not None]
     try:
       run(batch, *collate(batch))
     except Exception as e:  # noqa: BLE001 - any failure of one batch: isolate the prompt
       if len(real) == 1:
-        error(real[0].id, real[0].where, f'{type(e).__name__}: {e}')
+        failed.append((real[0], e))
         return
       half = len(real) // 2
       for part in (real[:half], real[half:]):
-        run_or_split(part + [None] * (len(batch) - len(part)))
+        run_or_split(part + [None] * (len(batch) - len(part)), failed)
+
+  def run_batch(batch: list[Prompt | None]) -> None:
+    failed = []
+    run_or_split(batch, failed)
+    if failed and len(failed) == sum(p is not None for p in batch) and not stats.written:
+      # Nothing has worked yet: a fault of the setup, not of these clips; keep them.
+      raise failed[-1][1]
+    for p, e in failed:
+      error(p.id, p.where, f'{type(e).__name__}: {e}')
 
   batches = windows(prompts(), g.batch_size, int(g.get('window_batches', 32)))
   while True:
@@ -375,7 +387,7 @@ def sample_records(config, model_config: ThinkerConfig, params, mesh, record_pat
     if count == 1:
       if not any(batch):
         break
-      run_or_split(batch)
+      run_batch(batch)
       continue
     # Several processes step together: every one runs each step, with padding rows when
     # it has no prompts left, until none has.
