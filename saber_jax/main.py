@@ -19,7 +19,7 @@ from absl import app, logging  # noqa: E402
 import jax  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from saber_jax import configs  # noqa: E402
+from saber_jax import configs, sampling  # noqa: E402
 from saber_jax.train import config as config_lib, demo, dry_run, stages  # noqa: E402
 
 CONFIGS = os.path.dirname(os.path.abspath(configs.__file__))
@@ -69,8 +69,8 @@ def run(config) -> None:
   elif config.mode == 'dpo':
     stages.train_stage(config, 'dpo', config.pref_records, config.init_from)
   elif config.mode == 'generate':
-    stages.generate_stage(config, config.generate.records, config.init_from,
-                          os.path.join(config.workdir, 'predictions.jsonl'))
+    sampling.generate_stage(config, config.generate.records, config.init_from,
+                            os.path.join(config.workdir, 'predictions.jsonl'))
   elif config.mode == 'pipeline':
     demo.run_pipeline(config)
   else:

@@ -7,9 +7,7 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import pathlib
-import sys
 
 import flax.linen as nn
 import jax

@@ -59,9 +59,11 @@ def base_config() -> ml_collections.ConfigDict:
 
   # mode=generate: responses to the prompts of `records` (JSONL predictions in workdir);
   # num_samples 10 at temperature 0.8 gives the samples CA-DPO pairs are judged from.
+  # batch_size: prompts per process and batch; window_batches: prompts are sorted by size
+  # within windows of this many batches (saber_jax/sampling.py).
   c.generate = ml_collections.ConfigDict(dict(
       records='', batch_size=8, max_new_tokens=512, temperature=0.0, top_p=1.0, top_k=0,
-      num_samples=1, tokenizer=''))
+      num_samples=1, tokenizer='', window_batches=32))
 
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3))
   c.log_every = 10
