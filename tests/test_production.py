@@ -75,6 +75,7 @@ def test_bf16_compute_loss_and_gradients_stay_close_to_fp32(model_config, params
   assert _relative_error(grads, want_grads) < 3e-2
 
 
+@pytest.mark.slow
 def test_dpo_loss_and_gradients_equal_on_one_device_and_a_2x4_mesh(model_config, params):
   # 8 data shards of one (chosen, rejected) pair each: rows 2i and 2i + 1.
   batch = sft_batch(model_config, 8, rows=[r for r in ROWS for _ in range(4)])
