@@ -23,9 +23,10 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-IGNORE_INDEX = -100
+from saber_jax.data.sed import IGNORE_INDEX, SECTION_IDS
+
 # `segments` values (see DESIGN.md, "Batches"); 0 is the prompt.
-SEGMENT_NAMES = {1: 'visual', 2: 'acoustic', 3: 'reasoning'}
+SEGMENT_NAMES = {segment_id: name for name, segment_id in SECTION_IDS.items()}
 DPO_LOSS_TYPES = ('sigmoid', 'ipo', 'hinge', 'robust')
 DEFAULT_CHUNK_SIZE = 512
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from saber_jax import sharding
 from saber_jax.data.prompt import expand_placeholders
+from saber_jax.data.sed import IGNORE_INDEX
 from saber_jax.models.config import ThinkerConfig
 from saber_jax.models.thinker import model_inputs
 from saber_jax.train import trainer
@@ -38,7 +39,7 @@ def example_inputs(model_config: ThinkerConfig, seq_len: int, rows: int = 1) -> 
       video_grid_thw=np.array([GRID] * rows), video_second_per_grid=np.array([1.0] * rows),
       use_audio_in_video=True)
   inputs = model_inputs(model_config, batch)
-  labels = np.where(np.arange(seq_len) >= seq_len // 2, input_ids, -100).astype(np.int32)
+  labels = np.where(np.arange(seq_len) >= seq_len // 2, input_ids, IGNORE_INDEX).astype(np.int32)
   return dict(inputs, labels=labels, segments=np.ones_like(labels))
 
 
