@@ -1,42 +1,84 @@
-"""What precomputing the reference log-probs saves in a CA-DPO step.
+"""What the CA-DPO step saves by computing each pair's prompt once, and by precomputing
+the reference log-probs.
 
-  python benchmarks/dpo_step.py [--pairs 1] [--repeats 3] [--steps 3] [--json]
+  python benchmarks/dpo_step.py [--pairs 1] [--repeats 2] [--steps 2] [--json]
 
-Two saber_jax DPO steps (forward and backward of the policy on chosen and rejected,
-AdamW update) on the benchmark-sized thinker (`common.BENCH_CONFIG`) and SABER-shaped
-pairs (one 10 s clip with 8 video frames per row, a ~440-token response):
+saber_jax DPO steps (forward and backward of the policy on chosen and rejected, AdamW
+update) on the benchmark-sized thinker (`common.BENCH_CONFIG`) and SABER-shaped pairs: a
+20 s clip (2000 mel frames, ~500 audio tokens; 40 frames at 2 fps, 224 x 224, 1280 video
+tokens, interleaved with the audio), ~150 prompt text tokens, answers of 300 and 450
+tokens. Batches come from the data pipeline's `collate` (length buckets every 256 tokens):
 
-* `precomputed` — the saber_jax way (`steps.dpo_loss`): the frozen reference model's
-  log-probs were computed once, before training (`mode=ref_logps`), and arrive with the
-  batch; the step runs the policy only.
-* `in_step` — the reference model is held next to the policy and runs its forward on
-  every step (as a DPO trainer without precomputation does); its log-probs are
-  stop-gradient inputs to the same loss.
+* `shared` — the saber_jax default: one row `[prompt | chosen | rejected]` per pair (the
+  towers and the prompt's decoder pass once), reference log-probs read from the batch.
+* `two_rows` — chosen and rejected as two full rows `[prompt | answer]` (towers and prompt
+  twice), reference log-probs read from the batch.
+* `in_step` — the shared layout with a reference model next to the policy, running its
+  forward on every step (a DPO trainer without `mode=ref_logps`).
 
 Each variant runs in its own worker process, stepped in turn ("lockstep", see
-`train_step.py`); reported are tokens/s (valid tokens of the batch), model FLOPs per step
-(`saber_jax.flops`: the reference forward adds one forward pass), XLA's memory analysis of
-the compiled step (arguments and temporaries) and the process's peak host memory.
+`train_step.py`); reported are step time, tokens/s (valid tokens of the batch), model
+FLOPs per step (`saber_jax.flops`), XLA's memory analysis of the compiled step
+(arguments and temporaries) and the process's peak host memory. The variants' first
+policy log-probs must agree. `--json`: the last line holds `shared_prompt_speedup`
+(two_rows / shared step time) and `precompute_speedup` (in_step / shared).
 """
 
 import argparse
 import dataclasses
 import functools
 import json
-import os
-import sys
-import tempfile
 
 import numpy as np
 
 import common
 
-VARIANTS = ('precomputed', 'in_step')
+VARIANTS = ('shared', 'two_rows', 'in_step')
+CLIP_MEL_FRAMES = 2000                 # 20 s of audio
+VIDEO_GRID = (20, 16, 16)              # 40 frames at 2 fps, 224 x 224
+PROMPT_TOKENS = 150
+ANSWER_TOKENS = (300, 450)             # chosen, rejected
 
 
 def _dpo_config():
   import ml_collections
-  return ml_collections.ConfigDict(dict(beta=0.1, label_smoothing=0.0, loss_type='sigmoid'))
+  return ml_collections.ConfigDict(dict(beta=0.1, label_smoothing=0.0, loss_type='sigmoid',
+                                        sft_weight=0.0))
+
+
+def pair_batch(model_config, pairs: int, shared: bool, seed: int = 0) -> dict:
+  """`pairs` SABER-shaped pairs through the pipeline's collate, in one layout (the same
+  tokens and media for both layouts)."""
+  from saber_jax.data import pipeline, records
+  from saber_jax.data.prompt import expand_placeholders
+  rng = np.random.default_rng(seed)
+  v = model_config.vision
+  text = lambda n: rng.integers(1000, 150000, n)
+  examples = []
+  for index in range(pairs):
+    clip = expand_placeholders(audio_lengths=[CLIP_MEL_FRAMES], video_grids=[VIDEO_GRID],
+                               video_second_per_grid=[1.0], use_audio_in_video=True)
+    record = dict(kind=records.PREFERENCE,
+                  prompt_ids=np.concatenate([text(PROMPT_TOKENS // 3), clip,
+                                             text(PROMPT_TOKENS - PROMPT_TOKENS // 3)]))
+    for side, n in zip(('chosen', 'rejected'), ANSWER_TOKENS):
+      record[f'{side}_ids'] = text(n)
+      record[f'{side}_segments'] = np.repeat(common.RESPONSE_SEGMENTS, -(-n // 3))[:n]
+    patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
+    media = dict(
+        use_audio_in_video=True,
+        audio=rng.standard_normal((model_config.audio.num_mel_bins, CLIP_MEL_FRAMES),
+                                  np.float32),
+        video=dict(pixel_values_videos=rng.standard_normal(
+                       (int(np.prod(VIDEO_GRID)), patch_dim), np.float32),
+                   video_grid_thw=np.array([VIDEO_GRID]),
+                   video_second_per_grid=np.array([1.0], np.float32)))
+    examples.append(pipeline.Example(pipeline._rows_of(record, shared), media, False, index,
+                                     (0.0, 0.0)))
+  options = pipeline.DataConfig(batch_size=pairs, shared_prompt=shared,
+                                length_buckets=tuple(range(256, 8193, 256)))
+  return pipeline.collate(examples, model_config=model_config, options=options,
+                          preference=True)
 
 
 def dpo_with_reference(trainable, frozen, batch, *, model_config, dpo_config, chunk_size):
@@ -44,10 +86,9 @@ def dpo_with_reference(trainable, frozen, batch, *, model_config, dpo_config, ch
   params held in the frozen tree, instead of read from the batch."""
   import jax
   from saber_jax.train import steps
-  ref = jax.lax.stop_gradient(steps.sequence_logps(frozen['reference'], batch,
-                                                   model_config=model_config,
-                                                   chunk_size=chunk_size))
-  batch = dict(batch, ref_chosen_logps=ref[0::2], ref_rejected_logps=ref[1::2])
+  chosen, rejected = jax.lax.stop_gradient(steps.pair_logps(
+      frozen['reference'], batch, model_config=model_config, chunk_size=chunk_size))
+  batch = dict(batch, ref_chosen_logps=chosen, ref_rejected_logps=rejected)
   return steps.dpo_loss(trainable, {}, batch, model_config=model_config,
                         dpo_config=dpo_config, chunk_size=chunk_size)
 
@@ -60,25 +101,25 @@ def setup_variant(args):
   from saber_jax.models.thinker import init_params
   from saber_jax.train import optim, steps
   model_config = dataclasses.replace(common.BENCH_CONFIG, remat=args.remat)
-  batch = common.jax_batch(model_config, common.load_batch(args.batch))
+  batch = pair_batch(model_config, args.pairs, shared=args.side != 'two_rows')
   init = jax.jit(lambda key: nn.unbox(init_params(model_config, key)))
   policy = init(jax.random.key(0))
   reference = init(jax.random.key(0))        # the SFT model: same values, its own buffers
-  ref_logps = jax.jit(functools.partial(steps.sequence_logps, model_config=model_config,
-                                        chunk_size=args.chunk_size))(reference, batch)
-  ref_logps = np.asarray(ref_logps)
+  logps_fn = jax.jit(functools.partial(steps.pair_logps, model_config=model_config,
+                                       chunk_size=args.chunk_size))
+  ref_logps = [np.asarray(x) for x in logps_fn(reference, batch)]
   optimizer = optim.make_optimizer(ml_collections.ConfigDict(dict(
       lr=1e-6, total_steps=1000, weight_decay=0.0, grad_clip_norm=1.0)))
   common_kw = dict(model_config=model_config, dpo_config=_dpo_config(),
                    chunk_size=args.chunk_size)
-  if args.side == 'precomputed':
-    loss_fn = functools.partial(steps.dpo_loss, **common_kw)
-    frozen = {}
-    batch = dict(batch, ref_chosen_logps=ref_logps[0::2], ref_rejected_logps=ref_logps[1::2])
-    del reference
-  else:
+  batch = dict(batch, ref_chosen_logps=ref_logps[0], ref_rejected_logps=ref_logps[1])
+  if args.side == 'in_step':
     loss_fn = functools.partial(dpo_with_reference, **common_kw)
     frozen = {'reference': reference}
+  else:
+    loss_fn = functools.partial(steps.dpo_loss, **common_kw)
+    frozen = {}
+    del reference
   state = steps.init_state(policy, frozen, optimizer)
   del policy
   step = jax.jit(functools.partial(steps.train_step, loss_fn=loss_fn, optimizer=optimizer,
@@ -87,11 +128,12 @@ def setup_variant(args):
   compiled = step.lower(state, device_batch).compile()
   memory = compiled.memory_analysis()
   state, metrics = compiled(state, device_batch)
-  counts_batch = dict(batch, ref_chosen_logps=ref_logps[0::2])    # a DPO batch for flops
-  model_flops = flops.step_flops(model_config, counts_batch)
+  model_flops = flops.step_flops(model_config, batch)
   if args.side == 'in_step':
     model_flops += flops.forward_step_flops(model_config, batch)
   info = dict(loss=float(metrics['loss']), tokens=int(batch['attention_mask'].sum()),
+              rows=int(batch['input_ids'].shape[0]), row_length=int(batch['input_ids'].shape[1]),
+              logps=[float(x) for x in np.concatenate(ref_logps)],
               model_flops=model_flops, xla_argument_bytes=memory.argument_size_in_bytes,
               xla_temp_bytes=memory.temp_size_in_bytes)
 
@@ -104,35 +146,24 @@ def setup_variant(args):
 
 
 def bench(args) -> dict:
-  model_config = common.BENCH_CONFIG
-  spec = common.BatchSpec(audio_frames=(1000,) * (2 * args.pairs))
-  with tempfile.TemporaryDirectory() as work:
-    batch_path = os.path.join(work, 'batch.npz')
-    raw = common.processor_batch(model_config, spec)
-    # Rows 2i and 2i + 1 are pair i: the same clip and prompt, two different responses.
-    for key in ('input_features', 'pixel_values_videos'):
-      per_row = len(raw[key]) // len(raw['input_ids'])
-      rows = raw[key].reshape(len(raw['input_ids']) // 2, 2, per_row, *raw[key].shape[1:])
-      raw[key] = np.repeat(rows[:, :1], 2, axis=1).reshape(raw[key].shape)
-    common.save_batch(batch_path, raw)
-    side_args = [f'--batch={batch_path}', f'--remat={args.remat}',
-                 f'--chunk_size={args.chunk_size}']
-    repeats = [common.run_repeat(__file__, {v: side_args for v in VARIANTS}, args.steps, repeat,
-                                 args.mode == 'lockstep') for repeat in range(args.repeats)]
-  return summarize(repeats, args.pairs)
+  side_args = [f'--pairs={args.pairs}', f'--remat={args.remat}', f'--chunk_size={args.chunk_size}']
+  repeats = [common.run_repeat(__file__, {v: side_args for v in args.variants}, args.steps,
+                               repeat, args.mode == 'lockstep') for repeat in range(args.repeats)]
+  return summarize(repeats, args.pairs, args.variants)
 
 
-def summarize(repeats: list[dict], pairs: int) -> dict:
+def summarize(repeats: list[dict], pairs: int, variants) -> dict:
   def over_repeats(fn):
     return common.median([common.median([fn(r) for r in rep['rounds']]) for rep in repeats])
   out = dict(machine=common.machine(), pairs=pairs, repeats=len(repeats),
              steps_per_repeat=len(repeats[0]['rounds']),
              lockstep=all(rep['lockstep'] for rep in repeats))
-  for variant in VARIANTS:
+  for variant in variants:
     info = repeats[0]['infos'][variant]
     step_s = over_repeats(lambda r: r[variant]['wall_s'])
     out[variant] = dict(
-        step_s=step_s, tokens_per_s=info['tokens'] / step_s,
+        step_s=step_s, tokens_per_s=info['tokens'] / step_s, tokens=info['tokens'],
+        rows=info['rows'], row_length=info['row_length'],
         model_flops_per_step=info['model_flops'],
         mfu=over_repeats(lambda r: info['model_flops'] / r[variant]['wall_s']
                          / r[f'peak_{variant}']),
@@ -140,53 +171,69 @@ def summarize(repeats: list[dict], pairs: int) -> dict:
         xla_temp_gib=common.gib(info['xla_temp_bytes']),
         max_rss_gib=common.gib(common.median([rep['infos'][variant]['max_rss_bytes']
                                               for rep in repeats])),
-        first_loss=info['loss'])
-  pre, ref = out['precomputed'], out['in_step']
-  if not np.isclose(pre['first_loss'], ref['first_loss'], rtol=1e-4, atol=1e-5):
-    raise AssertionError(f'the two variants disagree on the first loss: {pre["first_loss"]} vs '
-                         f'{ref["first_loss"]}')
-  out.update(speedup=ref['step_s'] / pre['step_s'],
-             time_saved=1 - pre['step_s'] / ref['step_s'],
-             memory_saved_gib=(ref['xla_argument_gib'] + ref['xla_temp_gib']
-                               - pre['xla_argument_gib'] - pre['xla_temp_gib']),
-             rss_saved_gib=ref['max_rss_gib'] - pre['max_rss_gib'])
+        first_loss=info['loss'], logps=info['logps'])
+  first = out[variants[0]]
+  for variant in variants[1:]:
+    if not np.allclose(out[variant]['logps'], first['logps'], rtol=1e-4, atol=1e-3):
+      raise AssertionError(f'{variant} and {variants[0]} disagree on the policy log-probs: '
+                           f'{out[variant]["logps"]} vs {first["logps"]}')
+  memory = lambda v: out[v]['xla_argument_gib'] + out[v]['xla_temp_gib']
+  if 'shared' in out and 'two_rows' in out:
+    out.update(shared_prompt_speedup=out['two_rows']['step_s'] / out['shared']['step_s'],
+               shared_prompt_memory_saved_gib=memory('two_rows') - memory('shared'),
+               shared_prompt_rss_saved_gib=(out['two_rows']['max_rss_gib']
+                                            - out['shared']['max_rss_gib']))
+  if 'shared' in out and 'in_step' in out:
+    out.update(precompute_speedup=out['in_step']['step_s'] / out['shared']['step_s'],
+               precompute_memory_saved_gib=memory('in_step') - memory('shared'))
   return out
 
 
-def print_table(r: dict):
+def print_table(r: dict, variants):
   print(f"DPO step, {r['machine']}; {r['pairs']} pair(s); median of {r['repeats']} repeats x "
         f"{r['steps_per_repeat']} steps ({'lockstep' if r['lockstep'] else 'sequential'})")
-  print(f"{'':30}{'precomputed':>14}{'reference in step':>20}")
-  rows = [('step time (s)', 'step_s', '.2f'), ('tokens/s', 'tokens_per_s', '.1f'),
-          ('model GFLOP/step', 'model_flops_per_step', '.1f'), ('MFU (measured peak)', 'mfu', '.2f'),
-          ('XLA arguments (GiB)', 'xla_argument_gib', '.2f'),
+  print(f"{'':30}" + ''.join(f'{v:>14}' for v in variants))
+  rows = [('rows x length', None, ''), ('step time (s)', 'step_s', '.2f'),
+          ('tokens/s', 'tokens_per_s', '.1f'), ('model GFLOP/step', 'model_flops_per_step', '.1f'),
+          ('MFU (measured peak)', 'mfu', '.2f'), ('XLA arguments (GiB)', 'xla_argument_gib', '.2f'),
           ('XLA temporaries (GiB)', 'xla_temp_gib', '.2f'),
           ('peak host memory (GiB)', 'max_rss_gib', '.2f'), ('first loss', 'first_loss', '.5f')]
   for label, key, fmt in rows:
-    scale = 1e-9 if key == 'model_flops_per_step' else 1
-    print(f"{label:30}{r['precomputed'][key] * scale:14{fmt}}{r['in_step'][key] * scale:20{fmt}}")
-  print(f"precomputing: {r['speedup']:.2f}x faster ({100 * r['time_saved']:.0f}% less time), "
-        f"{r['memory_saved_gib']:.2f} GiB less XLA memory, {r['rss_saved_gib']:.2f} GiB less "
-        f"peak host memory")
+    if key is None:
+      cells = [f"{r[v]['rows']} x {r[v]['row_length']}" for v in variants]
+    else:
+      scale = 1e-9 if key == 'model_flops_per_step' else 1
+      cells = [f'{r[v][key] * scale:{fmt}}' for v in variants]
+    print(f'{label:30}' + ''.join(f'{c:>14}' for c in cells))
+  if 'shared_prompt_speedup' in r:
+    print(f"prompt once: {r['shared_prompt_speedup']:.2f}x faster than two rows, "
+          f"{r['shared_prompt_memory_saved_gib']:.2f} GiB less XLA memory, "
+          f"{r['shared_prompt_rss_saved_gib']:.2f} GiB less peak host memory")
+  if 'precompute_speedup' in r:
+    print(f"precomputed reference: {r['precompute_speedup']:.2f}x faster than a reference "
+          f"forward in the step, {r['precompute_memory_saved_gib']:.2f} GiB less XLA memory")
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--pairs', type=int, default=1)
-  parser.add_argument('--repeats', type=int, default=3)
-  parser.add_argument('--steps', type=int, default=3, help='timed steps per repeat')
+  parser.add_argument('--repeats', type=int, default=2)
+  parser.add_argument('--steps', type=int, default=2, help='timed steps per repeat')
+  parser.add_argument('--variants', default=','.join(VARIANTS))
   parser.add_argument('--mode', default='lockstep', choices=['lockstep', 'sequential'])
   parser.add_argument('--remat', default='dots', choices=['none', 'full', 'dots'])
   parser.add_argument('--chunk_size', type=int, default=512)
   parser.add_argument('--json', action='store_true')
   parser.add_argument('--side', choices=[*VARIANTS, 'peak'], help=argparse.SUPPRESS)
-  parser.add_argument('--batch', help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.side:
     common.serve(common.setup_peak if args.side == 'peak' else lambda: setup_variant(args))
     return
+  args.variants = tuple(v for v in args.variants.split(',') if v)
+  if set(args.variants) - set(VARIANTS):
+    parser.error(f'--variants: choose from {VARIANTS}')
   result = bench(args)
-  print_table(result)
+  print_table(result, args.variants)
   if args.json:
     print(json.dumps(result))
 

@@ -9,9 +9,12 @@ final shape (placed on their sharding when a mesh is given), so a 7B is never he
 """
 
 import functools
+import glob
 import json
+import math
 import os
 import re
+import shutil
 from typing import Iterable, Iterator, Sequence
 
 import flax.linen as nn
@@ -51,16 +54,49 @@ _DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': ml_d
 
 
 def read_safetensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
-  """(name, array) of each tensor in a .safetensors file, without loading the file."""
-  data = np.memmap(path, np.uint8, mode='r')
+  """(name, array) of each tensor in a .safetensors file, without loading the file. A
+  truncated or malformed file is a ValueError naming the file (and the tensor)."""
+  data = np.memmap(path, np.uint8, mode='r') if os.path.getsize(path) else np.zeros(0, np.uint8)
+  if data.size < 8:
+    raise ValueError(f'{path}: not a safetensors file ({data.size} bytes, no header)')
   header_size = int(data[:8].view('<u8')[0])
-  header = json.loads(bytes(data[8:8 + header_size]))
   base = 8 + header_size
+  if base > data.size:
+    raise ValueError(f'{path}: truncated: the header claims {header_size} bytes, the file '
+                     f'has {data.size}')
+  try:
+    header = json.loads(bytes(data[8:base]))
+  except ValueError as e:
+    raise ValueError(f'{path}: the safetensors header is not JSON ({e})') from None
   for name, info in header.items():
     if name == '__metadata__':
       continue
-    start, end = info['data_offsets']
-    yield name, data[base + start:base + end].view(_DTYPES[info['dtype']]).reshape(info['shape'])
+    try:
+      dtype, shape = np.dtype(_DTYPES[info['dtype']]), info['shape']
+      start, end = info['data_offsets']
+    except (KeyError, TypeError, ValueError) as e:
+      raise ValueError(f'{path}: tensor {name!r} has a malformed header entry {info!r}') from e
+    if end - start != dtype.itemsize * math.prod(shape):
+      raise ValueError(f'{path}: tensor {name!r} of {info["dtype"]} {shape} spans '
+                       f'{end - start} bytes')
+    if base + end > data.size:
+      raise ValueError(f'{path}: truncated: tensor {name!r} ends at byte {base + end}, the '
+                       f'file has {data.size}')
+    yield name, data[base + start:base + end].view(dtype).reshape(shape)
+
+
+def nonfinite_paths(params) -> list[str]:
+  """The '/'-joined paths of the float leaves holding NaN or inf (one device round trip)."""
+  flat = [('/'.join(str(getattr(k, 'key', k)) for k in path), x)
+          for path, x in jax.tree_util.tree_flatten_with_path(params)[0]
+          if jnp.issubdtype(jnp.result_type(x), jnp.floating)]
+  finite = jax.device_get(_all_finite([x for _, x in flat]))
+  return [name for (name, _), ok in zip(flat, finite) if not ok]
+
+
+@jax.jit
+def _all_finite(leaves):
+  return [jnp.isfinite(x).all() for x in leaves]
 
 
 def is_hf_checkpoint(path: str) -> bool:
@@ -134,7 +170,12 @@ class _ParamBuffers:
     if value.shape != target:
       raise ValueError(f'checkpoint tensor {source!r} has shape {value.shape} after layout '
                        f'change; {path!r} expects {target}')
+    if layer is not None and not 0 <= layer < shape[0]:
+      raise KeyError(f'checkpoint tensor {source!r} is for layer {layer} of {path!r}; the '
+                     f'config has {shape[0]} layers')
     value = np.asarray(value, self.dtype)
+    if not np.isfinite(value).all():
+      raise ValueError(f'checkpoint tensor {source!r} holds non-finite values (NaN or inf)')
     sharding = None if self.shardings is None else self.shardings[path]
     if layer is None:
       self.buffers[path] = value if sharding is None else jax.device_put(value, sharding)
@@ -270,8 +311,41 @@ def save_hf(config: ThinkerConfig, params: dict, path: str, *, prefix: str = '',
             max_shard_bytes: int = 4 << 30, progress: bool = False):
   """Write `config.json` and safetensors that transformers loads back
   (`Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained`). `prefix='thinker.'` gives
-  the hub's layout. Files above `max_shard_bytes` are split, with an index."""
-  os.makedirs(path, exist_ok=True)
+  the hub's layout. Files above `max_shard_bytes` are split, with an index.
+
+  An earlier export in `path` is replaced whole: the new one is written to a sibling
+  temporary directory that then takes the folder's place, so no stale shard or index is
+  left beside the new weights and a killed export leaves the old one intact. Files there
+  that are not weights or config (a tokenizer, a README) are carried over."""
+  path = os.path.abspath(path)
+  for stale in glob.glob(glob.escape(path) + '.tmp-*') + glob.glob(glob.escape(path) + '.old-*'):
+    shutil.rmtree(stale, ignore_errors=True)   # left by a killed export
+  tmp, old = f'{path}.tmp-{os.getpid()}', f'{path}.old-{os.getpid()}'
+  os.makedirs(tmp)
+  try:
+    _write_hf(config, params, tmp, prefix, max_shard_bytes, progress)
+    if not os.path.isdir(path):
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      os.replace(tmp, path)
+      return
+    for name in os.listdir(path):
+      if not _is_export_file(name):
+        source = os.path.join(path, name)
+        copy = shutil.copytree if os.path.isdir(source) else shutil.copy2
+        copy(source, os.path.join(tmp, name))
+    os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _is_export_file(name: str) -> bool:
+  return (name == 'config.json' or name.endswith(('.safetensors', '.safetensors.index.json'))
+          or (name.startswith('pytorch_model') and name.endswith(('.bin', '.bin.index.json'))))
+
+
+def _write_hf(config, params, path, prefix, max_shard_bytes, progress):
   with open(os.path.join(path, 'config.json'), 'w') as f:
     json.dump(config.to_hf(), f, indent=2)
   shards, current, size = [], {}, 0

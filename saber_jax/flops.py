@@ -275,7 +275,7 @@ def _per_shard_blocks(blocks_mask, slots, patch_mask) -> np.ndarray:
 
 def _head_chunk_positions(labels: np.ndarray, chunk_size: int | None, padded: bool) -> int:
   """Positions the chunked loss projects. Scored positions go to the front of each row
-  (`losses._targets_first`), the rows are cut into chunks of `chunk_size` and every chunk
+  (`lm_head._targets_first`), the rows are cut into chunks of `chunk_size` and every chunk
   that holds a target in any row is projected for all rows. `padded`: the last chunk is
   padded to the full size (the SFT loss); otherwise it is the shorter tail (DPO)."""
   targets = np.concatenate([labels[:, 1:], np.full((labels.shape[0], 1), IGNORE_INDEX)], 1)

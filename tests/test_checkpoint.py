@@ -1,10 +1,14 @@
 """Orbax checkpoints of the train state: restored onto another mesh and device count, and
 the final params of a stage reload as the next stage's start."""
 
+import os
+
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from hf_reference import tiny_hf_config
@@ -57,3 +61,50 @@ def test_final_params_reload_with_their_config(tmp_path):
   loaded = checkpoint.load_params(str(tmp_path / 'final'), nn.unbox(abstract_params(config)))
   for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize('damaged_file', ['state/_METADATA',
+                                          'state/manifest.ocdbt'])
+def test_damaged_latest_checkpoint_is_named_and_the_newest_intact_one_restored(
+    tmp_path, capsys, damaged_file):
+  directory = tmp_path / 'checkpoints'
+  mngr = checkpoint.manager(str(directory), keep=3, every_steps=1)
+  for step in (1, 2):
+    checkpoint.save(mngr, step, {'w': jnp.full((4,), float(step))})
+  mngr.wait_until_finished()
+  mngr.close()
+  (directory / '2' / damaged_file).write_bytes(b'')
+  mngr = checkpoint.manager(str(directory), keep=3, every_steps=1)
+  abstract = {'w': jax.ShapeDtypeStruct((4,), jnp.float32,
+                                         sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))}
+  restored = checkpoint.restore(mngr, abstract)
+  np.testing.assert_array_equal(restored['w'], np.full((4,), 1.0))
+  assert f'checkpoint {directory / "2"} is damaged' in capsys.readouterr().err
+  assert mngr.all_steps() == [1] and len(os.listdir(f'{directory}.damaged')) == 1
+  # The run saves step 2 again where the damaged one was.
+  checkpoint.save(mngr, 2, {'w': jnp.full((4,), 5.0)})
+  mngr.wait_until_finished()
+  np.testing.assert_array_equal(checkpoint.restore(mngr, abstract)['w'], np.full((4,), 5.0))
+  mngr.close()
+
+
+def test_every_checkpoint_damaged_raises_naming_the_latest(tmp_path):
+  mngr = checkpoint.manager(str(tmp_path), keep=3, every_steps=1)
+  checkpoint.save(mngr, 3, {'w': jnp.ones(2)})
+  mngr.wait_until_finished()
+  (tmp_path / '3' / 'state' / '_METADATA').write_text('{not json')
+  abstract = {'w': jax.ShapeDtypeStruct((2,), jnp.float32,
+                                         sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))}
+  with pytest.raises(checkpoint.DamagedCheckpoint, match=f'checkpoint {tmp_path / "3"} is damaged'):
+    checkpoint.restore(mngr, abstract)
+  mngr.close()
+
+
+def test_nonfinite_saved_params_are_refused_naming_the_tensor(tmp_path):
+  model_config = ThinkerConfig.from_hf(tiny_hf_config().to_dict())
+  params = nn.unbox(init_params(model_config, jax.random.key(1)))
+  kernel = params['text']['layers']['mlp']['up_proj']['kernel']
+  params['text']['layers']['mlp']['up_proj']['kernel'] = kernel.at[1, 0, 0].set(jnp.nan)
+  checkpoint.save_params(str(tmp_path / 'final'), params, model_config)
+  with pytest.raises(ValueError, match=r"text/layers/mlp/up_proj/kernel.*non-finite"):
+    checkpoint.load_params(str(tmp_path / 'final'), nn.unbox(abstract_params(model_config)))

@@ -82,6 +82,62 @@ def test_unknown_and_missing_tensors_are_named(hf_checkpoint, tmp_path):
     convert.load_hf(str(tmp_path))
 
 
+def _checkpoint_with(tmp_path, path, tensors):
+  (tmp_path / 'config.json').write_text(open(os.path.join(path, 'config.json')).read())
+  convert.write_safetensors(str(tmp_path / 'model.safetensors'), tensors)
+  return str(tmp_path)
+
+
+def test_tensor_for_a_layer_the_config_lacks_is_named(hf_checkpoint, tmp_path):
+  _, path = hf_checkpoint
+  tensors = dict(convert.read_safetensors(os.path.join(path, 'model.safetensors')))
+  tensors['model.layers.7.mlp.up_proj.weight'] = tensors['model.layers.0.mlp.up_proj.weight']
+  with pytest.raises(KeyError, match=r"model.layers.7.mlp.up_proj.weight.*layer 7 of "
+                                     r"'text/layers/mlp/up_proj/kernel'; the config has 2"):
+    convert.load_hf(_checkpoint_with(tmp_path, path, tensors))
+
+
+def test_nonfinite_weight_is_refused_naming_the_tensor(hf_checkpoint, tmp_path):
+  _, path = hf_checkpoint
+  tensors = dict(convert.read_safetensors(os.path.join(path, 'model.safetensors')))
+  bad = np.array(tensors['model.layers.1.self_attn.k_proj.bias'])
+  bad[3] = np.inf
+  tensors['model.layers.1.self_attn.k_proj.bias'] = bad
+  with pytest.raises(ValueError, match=r"model.layers.1.self_attn.k_proj.bias in "
+                                       r"model.safetensors.*non-finite"):
+    convert.load_hf(_checkpoint_with(tmp_path, path, tensors))
+
+
+def test_truncated_safetensors_names_the_file_and_tensor(hf_checkpoint, tmp_path):
+  _, path = hf_checkpoint
+  data = open(os.path.join(path, 'model.safetensors'), 'rb').read()
+  (tmp_path / 'config.json').write_text(open(os.path.join(path, 'config.json')).read())
+  file = tmp_path / 'model.safetensors'
+  file.write_bytes(data[:len(data) - 100])
+  with pytest.raises(ValueError, match=rf"{file}: truncated: tensor '.*' ends at byte "
+                                       rf"{len(data)}, the file has {len(data) - 100}"):
+    convert.load_hf(str(tmp_path))
+  file.write_bytes(data[:20])
+  with pytest.raises(ValueError, match=rf'{file}: truncated: the header claims'):
+    convert.load_hf(str(tmp_path))
+
+
+def test_export_into_an_earlier_export_replaces_its_weights(hf_checkpoint, tmp_path):
+  _, path = hf_checkpoint
+  config, params = convert.load_hf(path)
+  out = tmp_path / 'export'
+  convert.save_hf(config, params, str(out), max_shard_bytes=200_000)
+  assert (out / 'model.safetensors.index.json').exists()
+  (out / 'tokenizer_config.json').write_text('{}')
+  doubled = jax.tree.map(lambda x: 2 * x, params)
+  convert.save_hf(config, doubled, str(out))
+  assert sorted(os.listdir(out)) == ['config.json', 'model.safetensors', 'tokenizer_config.json']
+  assert sorted(os.listdir(tmp_path)) == ['export']
+  _, reloaded = convert.load_hf(str(out))
+  for got, want in zip(jax.tree.leaves(reloaded), jax.tree.leaves(doubled)):
+    np.testing.assert_array_equal(got, want)
+
+
 def test_bfloat16_checkpoint_loads(hf_checkpoint, tmp_path):
   model, path = hf_checkpoint
   config, params = convert.load_hf(path)
@@ -132,11 +188,7 @@ def test_7b_parameter_count_equals_transformers():
 
 
 def test_convert_tool_round_trips_through_orbax_params(hf_checkpoint, batch, tmp_path):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(
-      'convert_hf', os.path.join(os.path.dirname(__file__), '..', 'tools', 'convert_hf.py'))
-  tool = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(tool)
+  from saber_jax.cli import convert_hf as tool
   model, path = hf_checkpoint
   tool.main(['to-params', '--hf', path, '--out', str(tmp_path / 'params')])
   tool.main(['to-hf', '--params', str(tmp_path / 'params'), '--out', str(tmp_path / 'hf')])

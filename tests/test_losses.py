@@ -289,10 +289,13 @@ def test_dpo_losses_equal_trl_formulas(loss_type, beta, eps):
 
 def test_dpo_rejects_unknown_loss_type_and_bad_arguments():
   x = jnp.zeros(2)
-  with pytest.raises(ValueError, match=r"'sigmoid', 'ipo', 'hinge', 'robust'"):
+  with pytest.raises(ValueError, match=r"'sigmoid', 'sigmoid_norm', 'ipo', 'hinge', 'robust'"):
     losses.ca_dpo_loss(x, x, x, x, loss_type='kto')
+  for loss_type in ('ipo', 'sigmoid_norm'):
+    with pytest.raises(ValueError, match='chosen_lengths'):
+      losses.ca_dpo_loss(x, x, x, x, loss_type=loss_type)
   with pytest.raises(ValueError, match='chosen_lengths'):
-    losses.ca_dpo_loss(x, x, x, x, loss_type='ipo')
+    losses.ca_dpo_loss(x, x, x, x, sft_weight=0.5)
   with pytest.raises(ValueError, match=r'\[0, 0.5\)'):
     losses.ca_dpo_loss(x, x, x, x, loss_type='robust', label_smoothing=0.5)
 
@@ -350,9 +353,10 @@ def test_token_logps_equal_trl_fused_lm_head(trl_setup):
       s['trl_log_probs'], rtol=1e-5, atol=1e-5)
 
 
-def run_trl_dpo_loss(s, loss_type, beta, label_smoothing):
+def run_trl_dpo_loss(s, loss_type, beta, label_smoothing, sft_weight=0.0):
   """TRL's DPOTrainer._compute_loss, called with the attributes it reads from the trainer
-  (precomputed reference log-probs, single process)."""
+  (precomputed reference log-probs, single process); sft_weight > 0 adds TRL's 'sft' loss
+  with that weight."""
   import collections
   import types
   import accelerate
@@ -360,7 +364,9 @@ def run_trl_dpo_loss(s, loss_type, beta, label_smoothing):
   trainer = types.SimpleNamespace(
       model=s['model'], accelerator=accelerate.Accelerator(cpu=True), aux_loss_enabled=False,
       ld_alpha=None, precompute_ref_logps=True, f_divergence_type='reverse_kl',
-      loss_types=[loss_type], loss_weights=[1.0], beta=beta, label_smoothing=label_smoothing,
+      loss_types=[loss_type] + ['sft'] * bool(sft_weight),
+      loss_weights=[1.0] + [sft_weight] * bool(sft_weight), beta=beta,
+      label_smoothing=label_smoothing,
       use_weighting=False, _total_train_tokens=0, _tp_size=1,
       _metrics={'train': collections.defaultdict(list), 'eval': collections.defaultdict(list)})
   with torch.no_grad():
@@ -368,18 +374,21 @@ def run_trl_dpo_loss(s, loss_type, beta, label_smoothing):
   return loss.item(), {name: values[-1] for name, values in trainer._metrics['eval'].items()}
 
 
-@pytest.mark.parametrize('loss_type,beta,eps', [
-    ('sigmoid', 0.1, 0.0), ('hinge', 0.1, 0.0), ('ipo', 0.5, 0.0), ('robust', 0.1, 0.1)])
-def test_dpo_equals_trl_dpo_trainer_compute_loss(trl_setup, loss_type, beta, eps):
+@pytest.mark.parametrize('loss_type,beta,eps,sft_weight', [
+    ('sigmoid', 0.1, 0.0, 0.0), ('hinge', 0.1, 0.0, 0.0), ('ipo', 0.5, 0.0, 0.0),
+    ('robust', 0.1, 0.1, 0.0), ('sigmoid_norm', 0.5, 0.0, 0.0), ('sigmoid', 0.1, 0.0, 0.7),
+    ('sigmoid_norm', 0.5, 0.0, 1.5)])
+def test_dpo_equals_trl_dpo_trainer_compute_loss(trl_setup, loss_type, beta, eps, sft_weight):
   s = trl_setup
-  expected_loss, expected_metrics = run_trl_dpo_loss(s, loss_type, beta, eps)
+  expected_loss, expected_metrics = run_trl_dpo_loss(s, loss_type, beta, eps, sft_weight)
   pairs = s['labels'].shape[0] // 2
   seq_logps = losses.sequence_logps_from_hidden(s['hidden'], s['head'], s['labels'], chunk_size=4)
   lengths = losses.response_lengths(s['labels'])
   loss, metrics = losses.ca_dpo_loss(
       seq_logps[:pairs], seq_logps[pairs:], s['inputs']['ref_chosen_logps'].numpy(),
       s['inputs']['ref_rejected_logps'].numpy(), beta=beta, label_smoothing=eps,
-      loss_type=loss_type, chosen_lengths=lengths[:pairs], rejected_lengths=lengths[pairs:])
+      loss_type=loss_type, chosen_lengths=lengths[:pairs], rejected_lengths=lengths[pairs:],
+      sft_weight=sft_weight)
   np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
   for name, value in metrics.items():
     np.testing.assert_allclose(value, expected_metrics[name], rtol=1e-5, atol=1e-6, err_msg=name)

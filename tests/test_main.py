@@ -14,9 +14,7 @@ import time
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / 'tools'))
-import make_demo_data  # noqa: E402
-import preprocess  # noqa: E402
+from saber_jax.cli import make_demo_data, preprocess  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -55,9 +53,11 @@ def _run(args, workdir, devices=1, timeout=600) -> str:
 
 
 def _losses(workdir, stage='sft') -> dict[int, float]:
-  """step -> loss of metrics.jsonl (the latest line of each step)."""
+  """step -> loss of metrics.jsonl, where each step appears once (after a resume too)."""
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     rows = [json.loads(line) for line in f]
+  steps = [r['step'] for r in rows if r['stage'] == stage]
+  assert len(steps) == len(set(steps)), steps
   return {r['step']: r['loss'] for r in rows if r['stage'] == stage}
 
 

@@ -23,9 +23,7 @@ from saber_jax.models.config import AudioConfig, TextConfig, ThinkerConfig, Visi
 from saber_jax.train import steps
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / 'tools'))
-import make_demo_data  # noqa: E402
-import preprocess  # noqa: E402
+from saber_jax.cli import make_demo_data, preprocess  # noqa: E402
 
 NUM_CLIPS = 12
 # Real Omni token ids (up to 151656) need the real vocabulary size; everything else is tiny.
@@ -189,7 +187,7 @@ def test_batches_run_through_the_tiny_thinker(data):
   @jax.jit
   def loss_fn(params, batch):
     hidden = thinker.Thinker(TINY).apply({'params': params},
-                                         {k: batch[k] for k in steps.MODEL_KEYS})
+                                         {k: batch[k] for k in steps.MODEL_KEYS if k in batch})
     return losses.sed_loss_from_hidden(hidden, params['text']['lm_head']['kernel'],
                                        batch['labels'], batch['segments'])
 
@@ -253,9 +251,13 @@ def test_overlong_rows_are_truncated_or_dropped_and_flagged(data, overlong):
   assert got == expected
 
 
-def test_preference_pairs_share_prompt_and_media_and_carry_reference_logps(data, tmp_path):
+@pytest.mark.parametrize('shared_prompt', [True, False])
+def test_preference_pairs_share_prompt_and_media_and_carry_reference_logps(data, tmp_path,
+                                                                           shared_prompt):
   _, pref, _ = data
-  config = dataclasses.replace(BASE, batch_size=2, num_epochs=1, shuffle=False)
+  config = dataclasses.replace(BASE, batch_size=2, num_epochs=1, shuffle=False,
+                               shared_prompt=shared_prompt)
+  rows_per_pair = 1 if shared_prompt else 2
   with pytest.raises(records.RecordError, match=r"record 'demo-\d+#0': field 'ref_chosen_logps'"):
     next(pipeline.preference_batches(TINY, config, pref, seed=0, shard_index=0, shard_count=1))
 
@@ -263,10 +265,10 @@ def test_preference_pairs_share_prompt_and_media_and_carry_reference_logps(data,
   logps, seen = {}, []
   for process in range(2):
     for b in pipeline.reference_batches(TINY, config, pref, shard_index=process, shard_count=2):
-      assert b['input_ids'].shape[0] == 2 * config.batch_size
+      assert b['input_ids'].shape[0] == rows_per_pair * config.batch_size
       assert b['pair_index'].shape == (config.batch_size,)
       for pair, index in enumerate(b['pair_index']):
-        assert b['example_mask'][2 * pair] == b['example_mask'][2 * pair + 1] == (index >= 0)
+        assert np.all(b['example_mask'].reshape(-1, rows_per_pair)[pair] == (index >= 0))
         if index >= 0:
           seen.append(int(index))
           # A stand-in for the reference model: any number that identifies the pair.
@@ -282,18 +284,43 @@ def test_preference_pairs_share_prompt_and_media_and_carry_reference_logps(data,
   for k, b in enumerate(batches):
     for pair in range(config.batch_size):
       record = pairs[k * config.batch_size + pair]   # shuffle=False: file order
-      chosen, rejected = 2 * pair, 2 * pair + 1
       n_prompt = len(record['prompt_ids'])
-      for row, side in ((chosen, 'chosen'), (rejected, 'rejected')):
-        ids = b['input_ids'][row][b['attention_mask'][row]]
-        np.testing.assert_array_equal(ids, np.concatenate([record['prompt_ids'], record[f'{side}_ids']]))
-        assert np.all(b['labels'][row][:n_prompt] == -100)
-        np.testing.assert_array_equal(b['segments'][row][n_prompt:len(ids)], record[f'{side}_segments'])
+      for answer, side in ((losses.CHOSEN, 'chosen'), (losses.REJECTED, 'rejected')):
+        row = pair if shared_prompt else 2 * pair + answer - losses.CHOSEN
+        # The prompt and this answer: the whole row in two rows, a part of the shared one.
+        sees = np.isin(b['pair_segments'][row], (1, answer))
+        assert np.all(b['attention_mask'][row] == (b['pair_segments'][row] > 0))
+        kept = int(sees.sum()) - n_prompt        # fewer than the answer's tokens if truncated
+        assert kept > 0 and (kept < len(record[f'{side}_ids'])) <= b['truncated'][row]
+        np.testing.assert_array_equal(b['input_ids'][row][sees],
+                                      np.concatenate([record['prompt_ids'],
+                                                      record[f'{side}_ids'][:kept]]))
+        assert np.all(b['labels'][row][sees][:n_prompt] == -100)
+        np.testing.assert_array_equal(b['labels'][row][sees][n_prompt:],
+                                      record[f'{side}_ids'][:kept])
+        np.testing.assert_array_equal(b['segments'][row][sees][n_prompt:],
+                                      record[f'{side}_segments'][:kept])
       assert b['ref_chosen_logps'][pair] == np.float32(record['ref_chosen_logps'])
       assert b['ref_rejected_logps'][pair] == np.float32(record['ref_rejected_logps'])
-    # Both rows of a pair fill their placeholders from the same shard: 2 rows per shard here.
+    # A pair's media are in its rows' shard (and once per pair in the shared layout).
     assert b['audio']['chunks'].shape[0] == config.num_data_shards
   assert batches[0]['ref_chosen_logps'].dtype == np.float32
+
+
+def test_overlong_pair_row_cuts_the_longer_answer_first():
+  record = dict(kind=records.PREFERENCE, prompt_ids=np.arange(100, 110),
+                chosen_ids=np.arange(200, 205), chosen_segments=np.ones(5, np.int8),
+                rejected_ids=np.arange(300, 320), rejected_segments=np.ones(20, np.int8))
+  rows = pipeline._rows_of(record, shared_prompt=True)
+  assert len(rows) == 1 and len(rows[0]['input_ids']) == 9 + (1 + 5) + (1 + 20)
+  (row,), truncated = pipeline._fit_rows(rows, 25, 'truncate')
+  # 25 = 9 shared prompt tokens + (last prompt token + 5 chosen) + (last prompt token + 9 rejected)
+  assert truncated and len(row['input_ids']) == 25
+  np.testing.assert_array_equal(row['input_ids'][9:],
+                                [109, *range(200, 205), 109, *range(300, 309)])
+  np.testing.assert_array_equal(row['pair_segments'], [1] * 9 + [2] * 6 + [3] * 10)
+  assert pipeline._fit_rows(rows, 12, 'truncate') == (None, False)   # no room for an answer
+  assert pipeline._fit_rows(rows, 25, 'drop') == (None, False)
 
 
 def test_orbax_checkpoint_restores_the_iterator(data, tmp_path):

@@ -1,32 +1,54 @@
-"""tools/preprocess.py on real media: every good clip becomes a record, every bad clip or
+"""saber-preprocess on real media: every good clip becomes a record, every bad clip or
 annotation line a reject with its reason, counts add up, re-runs and shards never
-duplicate; tools/make_demo_data.py is deterministic."""
+duplicate; saber-make-demo-data is deterministic."""
 
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
+import time
 
+import av
 import numpy as np
+import psutil
 import pytest
 
-from media_helpers import sine, write_video
+from media_helpers import sine, write_audio, write_video
 from saber_jax.data import annotation, media, prompt, records, sed
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / 'tools'))
-import make_demo_data  # noqa: E402
-import preprocess  # noqa: E402
+from saber_jax.cli import make_demo_data, preprocess  # noqa: E402
 
 GOOD = ['demo-0000', 'demo-0001', 'demo-0002', 'demo-0003']
 EXPECTED_REJECTS = {
     'demo-0004': 'bad_annotation', 'demo-0005': 'no_annotation',
     'bad-corrupt': 'unreadable_media', 'bad-empty-wav': 'unreadable_media',
     'bad-long': 'too_long', 'bad-lowres': 'low_resolution', 'bad-missing': 'missing_file',
-    'bad-silent': 'no_audio', 'bad-lang': 'bad_manifest', None: 'bad_manifest',
+    'bad-silent': 'no_audio', 'bad-lang': 'bad_manifest',
     'demo-0001': 'duplicate_clip', 'ghost': 'annotation_without_clip',
+    'bad-truncated': 'unreadable_media', 'bad-short-audio': 'av_mismatch',
+    'bad-long-audio': 'too_long',
 }
+# Lines without a readable id: broken JSON and a non-UTF-8 byte in the manifest, a
+# non-UTF-8 byte in the annotations.
+UNNAMED_REJECTS = [(None, 'bad_manifest'), (None, 'bad_manifest'), (None, 'bad_annotation')]
+
+
+def write_truncated_mp4(path, frames, fps):
+  """An mp4 whose index (moov, written first) claims every frame, cut after the middle
+  frame's packet: it opens and probes fine but decodes half the frames its header says."""
+  with av.open(str(path), 'w', options={'movflags': 'faststart'}) as container:
+    stream = container.add_stream('libx264', rate=fps)
+    stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], 'yuv420p'
+    for frame in frames:
+      container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format='rgb24')))
+    container.mux(stream.encode(None))
+  with av.open(str(path)) as container:
+    packets = [(p.pos, p.size) for p in container.demux(video=0) if p.size]
+  position, size = packets[len(packets) // 2]
+  path.write_bytes(path.read_bytes()[:position + size])
 
 
 @pytest.fixture(scope='module')
@@ -46,6 +68,9 @@ def dataset(tmp_path_factory):
   make_demo_data.write_mp4(str(root / 'media' / 'silent.mp4'), frames(20, 128, 160), None)
   write_video(root / 'media' / 'long.mp4', frames(40, 128, 160), fps=1,
               audio=sine(220, 40, 16000), audio_rate=16000)
+  write_truncated_mp4(root / 'media' / 'truncated.mp4', frames(30, 128, 160), fps=10)
+  for name, seconds in (('3s', 3.0), ('short', 0.6), ('long', 35.0)):
+    write_audio(root / 'media' / f'{name}.wav', sine(220, seconds, 16000), 16000)
   small = frames(10, 48, 64)
   write_video(root / 'media' / 'lowres.mp4', small, fps=10, audio=sine(220, 1, 16000),
               audio_rate=16000)
@@ -54,7 +79,10 @@ def dataset(tmp_path_factory):
          ('bad-long', {'video': str(root / 'media' / 'long.mp4')}),   # an absolute path
          ('bad-lowres', {'video': 'media/lowres.mp4'}),
          ('bad-missing', {'video': 'media/nowhere.mp4'}),
-         ('bad-silent', {'video': 'media/silent.mp4'})]
+         ('bad-silent', {'video': 'media/silent.mp4'}),
+         ('bad-truncated', {'video': 'media/truncated.mp4', 'audio': 'media/3s.wav'}),
+         ('bad-short-audio', {'video': 'media/silent.mp4', 'audio': 'media/short.wav'}),
+         ('bad-long-audio', {'video': 'media/silent.mp4', 'audio': 'media/long.wav'})]
   clips += [{'id': clip_id, 'lang': 'en', **paths} for clip_id, paths in bad]
   clips += [{'id': 'bad-lang', 'video': 'media/silent.mp4', 'lang': 'fr'},
             {'id': 'demo-0001', 'video': 'media/silent.mp4', 'lang': 'en'}]   # a duplicate id
@@ -66,8 +94,12 @@ def dataset(tmp_path_factory):
   with open(manifest, 'w') as f:
     f.writelines(json.dumps(c) + '\n' for c in clips)
     f.write('{"id": broken json\n\n')
+  with open(manifest, 'ab') as f:
+    f.write(b'{"id": "bad-\xff", "lang": "en", "video": "media/silent.mp4"}\n')
   with open(labels, 'w') as f:
     f.writelines(json.dumps(a, ensure_ascii=False) + '\n' for a in anns.values())
+  with open(labels, 'ab') as f:
+    f.write(b'{"id": "x", "annotation": "\xfe"}\n')
   return manifest, labels
 
 
@@ -90,14 +122,23 @@ def test_every_clip_is_a_record_or_a_reject_with_its_reason(dataset, tmp_path):
   assert sorted(_record_ids(tmp_path)) == GOOD
   rejects = _rejects(tmp_path)
   assert sorted(((r['id'], r['reason']) for r in rejects), key=str) == sorted(
-      EXPECTED_REJECTS.items(), key=str)
+      [*EXPECTED_REJECTS.items(), *UNNAMED_REJECTS], key=str)
   assert all(r['message'] for r in rejects)
   by_id = {r['id']: r['message'] for r in rejects}
   assert "field 'sentiment_analysis'" in by_id['demo-0004']
   assert 'empty.wav: empty file' in by_id['bad-empty-wav']
   assert '40.00 s > 30.0 s' in by_id['bad-long']
+  assert 'truncated.mp4: truncated or damaged: decodes' in by_id['bad-truncated']
+  assert 'short.wav: 0.60 s of audio, ' in by_id['bad-short-audio']
+  assert 'long.wav: 35.00 s of audio > 30.0 s' in by_id['bad-long-audio']
+  manifest_lines = open(dataset[0], 'rb').read().splitlines()
+  unnamed = [r['message'] for r in rejects if r['id'] is None]
+  assert any(m.startswith(f'{dataset[0]}:{len(manifest_lines)}: not UTF-8 text') for m in unnamed)
+  annotation_lines = len(open(dataset[1], 'rb').read().splitlines())
+  assert any(m.startswith(f'{dataset[1]}:{annotation_lines}') and 'not UTF-8 text' in m
+             for m in unnamed), unnamed
 
-  manifest_lines = sum(1 for line in open(dataset[0]) if line.strip())
+  manifest_lines = sum(1 for line in manifest_lines if line.strip())
   assert stats['clips'] == manifest_lines == sum(stats['outcomes'].values())
   assert stats['records'] == stats['outcomes']['ok'] == len(GOOD)
   assert stats['rejects'] == len(rejects) == (
@@ -111,7 +152,7 @@ def test_records_hold_the_clip_and_its_sed_target(dataset, tmp_path):
   _run(dataset, tmp_path)
   tokenizer = prompt.load_tokenizer()
   clips = {}
-  for line in open(dataset[0]):
+  for line in open(dataset[0], errors='replace'):
     if line.startswith('{"id": "demo'):
       clips.setdefault(json.loads(line)['id'], json.loads(line))   # the first of a duplicate id
   anns = dict(annotation.read_annotations(dataset[1]))
@@ -152,7 +193,7 @@ def test_shards_on_separate_runs_cover_every_clip_once(dataset, tmp_path):
   out = tmp_path / 'two'
   # Shard 1 as its own program with a process pool, shard 0 in this process: as on two machines.
   manifest, labels = dataset
-  subprocess.run([sys.executable, str(ROOT / 'tools' / 'preprocess.py'), '--manifest', manifest,
+  subprocess.run([sys.executable, '-m', 'saber_jax.cli.preprocess', '--manifest', manifest,
                   '--annotations', labels, '--out', str(out), '--num_shards', '2',
                   '--shard_index', '1', '--workers', '2', '--quiet'], check=True)
   partial = json.load(open(out / 'stats.json'))
@@ -176,6 +217,55 @@ def test_shards_on_separate_runs_cover_every_clip_once(dataset, tmp_path):
   assert shard0.stat().st_mtime_ns == mtime0           # the finished shard is not redone
   assert sorted(_record_ids(out)) == GOOD              # nothing duplicated
   assert again['outcomes'] == one['outcomes'] and again['complete']
+
+
+def test_rerun_after_clips_were_added_is_refused_or_starts_fresh(dataset, tmp_path, capsys):
+  manifest, labels = dataset
+  grown = os.path.join(os.path.dirname(manifest), 'grown.jsonl')   # media paths stay valid
+  lines = [l for l in open(manifest, 'rb') if l.startswith(b'{"id": "demo-000')]
+  open(grown, 'wb').writelines(lines[:3])
+  run = lambda *extra: preprocess.main(['--manifest', grown, '--annotations', labels,
+                                        '--out', str(tmp_path), '--quiet', *extra])
+  assert run()['records'] == 3
+  with open(grown, 'ab') as f:
+    f.write(lines[3])
+  with pytest.raises(SystemExit) as exit_info:
+    run()
+  assert exit_info.value.code == 1
+  error = capsys.readouterr().err
+  assert f'{tmp_path} holds an earlier output' in error
+  assert 'manifest.size: ' in error and '--overwrite' in error
+  stats = run('--overwrite')
+  assert stats['records'] == 4 and stats['complete'] and len(_record_ids(tmp_path)) == 4
+
+
+def _children(pid):
+  try:
+    return psutil.Process(pid).children(recursive=True)
+  except psutil.NoSuchProcess:
+    return []
+
+
+def test_sigkilled_run_leaves_no_workers_and_the_rerun_no_temporary_files(dataset, tmp_path):
+  manifest, labels = dataset
+  command = [sys.executable, '-m', 'saber_jax.cli.preprocess', '--manifest', manifest,
+             '--annotations', labels, '--out', str(tmp_path), '--workers', '2', '--quiet']
+  process = subprocess.Popen(command)
+  workers, deadline = [], time.time() + 300
+  while time.time() < deadline and process.poll() is None:
+    workers = _children(process.pid)
+    if len(workers) >= 2 and list(tmp_path.glob('*.tmp-*')):
+      break
+    time.sleep(0.05)
+  assert process.poll() is None and workers, 'the run ended before it could be killed'
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  _, alive = psutil.wait_procs(workers, timeout=10)
+  assert not alive, alive
+  assert list(tmp_path.glob('*.tmp-*'))                  # what the kill left behind
+  stats = _run(dataset, tmp_path)
+  assert stats['complete'] and sorted(_record_ids(tmp_path)) == GOOD
+  assert not list(tmp_path.rglob('*.tmp-*'))
 
 
 def test_demo_data_is_deterministic_and_labels_follow_the_content(tmp_path):

@@ -1,10 +1,9 @@
-"""tools/ end to end: each tool's main() against a real chat-completions server on
+"""The tools (saber_jax.cli) end to end: each tool's main() against a real chat-completions server on
 127.0.0.1 through the real openai client -- normal answers, malformed JSON,
 out-of-range values, timeouts, 429/500 then success, and interrupted runs resumed."""
 
 import base64
 import collections
-import importlib.util
 import io
 import json
 import os
@@ -20,30 +19,16 @@ import wave
 import pytest
 
 from judge_server import Reply, judge_server, user_text  # noqa: F401 (fixture)
-from saber_jax import judge as J
+from saber_jax import jsonl
+from saber_jax.judge import replies
+from saber_jax.cli import annotate, build_test_set, evaluate, make_pairs, quality
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-TOOLS = ROOT / 'tools'
-sys.path.insert(0, str(TOOLS))
-
-
-def load_tool(name):
-  spec = importlib.util.spec_from_file_location(f'saber_tool_{name}', TOOLS / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-annotate = load_tool('annotate')
-quality = load_tool('quality')
-build_test_set = load_tool('build_test_set')
-make_pairs = load_tool('make_pairs')
-evaluate = load_tool('evaluate')
 
 
 def judge_args(server, *, timeout=0.5, retries=2, concurrency=2):
   return ['--base-url', server.base_url, '--model', 'test-judge', '--timeout', str(timeout),
-          '--max-retries', str(retries), '--backoff', '0.01', '--concurrency', str(concurrency)]
+          '--max-retries', str(retries), '--concurrency', str(concurrency)]
 
 
 def write_jsonl(path, records):
@@ -54,7 +39,7 @@ def write_jsonl(path, records):
 
 
 def read(path):
-  return list(J.read_jsonl(str(path)))
+  return list(jsonl.read_jsonl(str(path)))
 
 
 def marker_of(text):
@@ -163,9 +148,9 @@ def test_sample_indices_and_pure_message_building():
 def test_language_check():
   annotate.check_language(ZH_ANNOTATION, 'zh')
   annotate.check_language(annotation('x'), 'en')
-  with pytest.raises(J.InvalidReply, match='Chinese'):
+  with pytest.raises(replies.InvalidReply, match='Chinese'):
     annotate.check_language(annotation('x'), 'zh')
-  with pytest.raises(J.InvalidReply, match='English'):
+  with pytest.raises(replies.InvalidReply, match='English'):
     annotate.check_language(ZH_ANNOTATION, 'en')
 
 
@@ -331,7 +316,7 @@ def test_build_test_set_end_to_end(judge_server, tmp_path):
   assert [(r['id'], r['subset'], r['intensity']) for r in rows] == [('c1', 'consistent', 8), ('i1', 'inconsistent', 9)]
   assert rows[0]['annotation'] == annotation('c1')
   (err,) = read(out / 'errors.jsonl')
-  assert err['id'] == 'i2' and 'outside [0, 10]' in err['message']
+  assert err['id'] == 'i2' and err['message'] == '$.intensity: Input should be less than or equal to 10 (got 11)'
 
   plan.plan['i2'] = ['ok']
   n_requests = len(server.requests)
@@ -549,7 +534,7 @@ def test_evaluate_interrupted_with_sigkill_then_resumed(judge_server, tmp_path):
   out = tmp_path / 'eval'
   argv = ['saber-test', '--predictions', preds, '--references', ref_path, '--out', str(out),
           *judge_args(server, timeout=5.0, concurrency=2)]
-  proc = subprocess.Popen([sys.executable, str(TOOLS / 'evaluate.py'), *argv], cwd=str(ROOT),
+  proc = subprocess.Popen([sys.executable, '-m', 'saber_jax.cli.evaluate', *argv], cwd=str(ROOT),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
   judged = out / 'judgments.jsonl'
   deadline = time.monotonic() + 60
@@ -632,6 +617,82 @@ def test_evaluate_emobench(tmp_path):
 
 @pytest.mark.parametrize('tool', ['annotate', 'quality', 'build_test_set', 'make_pairs', 'evaluate'])
 def test_help_runs_as_a_script(tool):
-  result = subprocess.run([sys.executable, str(TOOLS / f'{tool}.py'), '--help'], cwd='/',
+  result = subprocess.run([sys.executable, '-m', f'saber_jax.cli.{tool}', '--help'], cwd='/',
                           capture_output=True, text=True, timeout=60)
   assert result.returncode == 0 and 'usage:' in result.stdout
+
+
+# ----------------------------------------------------------------------------- failure behaviour
+
+
+def _saber_inputs(tmp_path, responses=('c0', 'c1', 'i0', 'i1')):
+  preds = write_jsonl(tmp_path / 'preds.jsonl', [{'id': k, 'response': f'[[{k}]] prediction'}
+                                                 for k in responses])
+  return ['saber-test', '--predictions', preds, '--references', _saber_refs(tmp_path)]
+
+
+def test_rerun_with_another_judge_or_predictions_is_refused_until_overwrite(
+    judge_server, tmp_path, capsys):
+  server = judge_server(_prediction_marker_script(Plan(_saber_answer, {})))
+  argv = [*_saber_inputs(tmp_path), '--out', str(tmp_path / 'eval'), *judge_args(server)]
+  assert evaluate.main(argv)['run']['done'] == 4
+  other_judge = [a if a != 'test-judge' else 'another-judge' for a in argv]
+  with pytest.raises(SystemExit, match=r'(?s)judge.model: "test-judge" -> "another-judge".*'
+                                       r'--overwrite'):
+    evaluate.main(other_judge)
+  with open(argv[2], 'a') as f:                      # the predictions file changed
+    f.write(json.dumps({'id': 'c9', 'response': '[[c0]] more'}) + '\n')
+  with pytest.raises(SystemExit, match=r'input.size: \d+ -> \d+'):
+    evaluate.main(argv)
+  requests = len(server.requests)
+  s = evaluate.main(other_judge + ['--overwrite'])
+  assert s['run'] == {'done': 4, 'skipped': 0, 'failed': 1}    # c9 has no reference
+  assert s['judge_model'] == 'another-judge' and len(server.requests) == requests + 4
+
+
+def test_every_item_failing_exits_nonzero_naming_the_url(tmp_path):
+  import socket
+  with socket.socket() as s:        # a port nobody listens on: connections are refused
+    s.bind(('127.0.0.1', 0))
+    url = f'http://127.0.0.1:{s.getsockname()[1]}/v1'
+  out = tmp_path / 'eval'
+  argv = [*_saber_inputs(tmp_path), '--out', str(out), '--base-url', url, '--model', 'm',
+          '--max-retries', '0', '--timeout', '2']
+  result = subprocess.run([sys.executable, '-m', 'saber_jax.cli.evaluate', *argv],
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 1
+  assert f'every item failed (4); the reasons are in {out / "errors.jsonl"}' in result.stderr
+  errors = read(out / 'errors.jsonl')
+  assert len(errors) == 4 and all(e['kind'] == 'connection' for e in errors)
+  assert all(f'(calling {url})' in e['message'] for e in errors)
+
+
+def test_api_key_echoed_by_the_server_is_redacted(judge_server, tmp_path, monkeypatch):
+  key = 'sk-test-0123456789abcdef'
+  monkeypatch.setenv('OPENAI_API_KEY', key)
+  server = judge_server(lambda body: Reply(status=401, error=f'invalid key {key} '
+                                                             f'(Authorization: Bearer {key})'))
+  out = tmp_path / 'eval'
+  with pytest.raises(SystemExit, match='every item failed'):
+    evaluate.main([*_saber_inputs(tmp_path), '--out', str(out), *judge_args(server)])
+  text = (out / 'errors.jsonl').read_text()
+  assert key not in text and 'invalid key <redacted>' in text and 'http_error' in text
+
+
+def test_duplicate_input_id_is_refused_before_any_request(judge_server, tmp_path):
+  server = judge_server(_prediction_marker_script(Plan(_saber_answer, {})))
+  inputs = _saber_inputs(tmp_path, responses=('c0', 'c1', 'i0', 'c1'))
+  with pytest.raises(SystemExit, match=r"preds.jsonl: duplicate id 'c1' \(records 2 and 4\)"):
+    evaluate.main([*inputs, '--out', str(tmp_path / 'eval'), *judge_args(server)])
+  assert server.requests == [] and not (tmp_path / 'eval' / 'judgments.jsonl').exists()
+
+
+@pytest.mark.parametrize('flag, value, message', [('--max-retries', '-1', 'must be >= 0, got -1'),
+                                                  ('--num-shards', '0', 'must be >= 1, got 0'),
+                                                  ('--concurrency', 'x', "expected int, got 'x'")])
+def test_nonsense_run_arguments_are_usage_errors(tmp_path, capsys, flag, value, message):
+  with pytest.raises(SystemExit) as exit_info:
+    evaluate.main([*_saber_inputs(tmp_path), '--out', str(tmp_path / 'eval'), '--model', 'm',
+                   flag, value])
+  assert exit_info.value.code == 2
+  assert f'argument {flag}: {message}' in capsys.readouterr().err

@@ -142,6 +142,23 @@ def parse_annotation(text: str, clip_id, *, allow_empty: Collection[str] = ()) -
   return validate_annotation(obj, clip_id, allow_empty=allow_empty)
 
 
+def checked_annotation(obj: Any, clip_id=None, source: str | None = None) -> dict:
+  """The tools' one schema check: `validate_annotation` with silent clips allowed, returned
+  as the nested dict with stripped texts. AnnotationError names source, clip and field."""
+  try:
+    return validate_annotation(obj, clip_id, allow_empty=SILENT_CLIP_MAY_BE_EMPTY).to_dict()
+  except AnnotationError as e:
+    raise (e.with_source(source) if source else e) from None
+
+
+def annotation_of(record: Mapping, source: str, clip_id) -> dict:
+  """The checked 'annotation' field of an input record; AnnotationError names the file
+  and the clip."""
+  if 'annotation' not in record:
+    raise AnnotationError("no 'annotation' field", clip_id=clip_id, source=source)
+  return checked_annotation(record['annotation'], clip_id, source)
+
+
 def read_annotations(path: str | os.PathLike, *, shard_index: int = 0, num_shards: int = 1,
                      allow_empty: Collection[str] = ()) -> Iterator[tuple[Any, Annotation | AnnotationError]]:
   """Streams a JSONL file of `{"id": ..., "annotation": {...}}` lines.
@@ -155,15 +172,17 @@ def read_annotations(path: str | os.PathLike, *, shard_index: int = 0, num_shard
   if not 0 <= shard_index < num_shards:
     raise ValueError(f'shard_index must be in [0, {num_shards}), got {shard_index}')
   path = os.fspath(path)
-  with open(path, encoding='utf-8') as f:
-    for index, line in enumerate(f):
-      if index % num_shards != shard_index or not line.strip():
+  with open(path, 'rb') as f:   # decoded line by line: one bad byte is one bad line
+    for index, raw in enumerate(f):
+      if index % num_shards != shard_index or not raw.strip():
         continue
       source = f'{path}:{index + 1}'
       clip_id = None
       try:
         try:
-          record = json.loads(line)
+          record = json.loads(raw.decode('utf-8'))
+        except UnicodeDecodeError as e:
+          raise AnnotationError(f'not UTF-8 text (byte {e.start} of the line)') from None
         except json.JSONDecodeError as e:
           raise AnnotationError(f'invalid JSON at column {e.colno}: {e.msg}') from None
         if not isinstance(record, Mapping):

@@ -256,6 +256,10 @@ def _count_frames(path, stream):
     return sum(1 for packet in container.demux(container.streams[stream.index]) if packet.size)
 
 
+# How much shorter than its header a decoded video may be (a header's rounding).
+VIDEO_FRAME_SLACK_S = 0.1
+
+
 def load_video(path, fps: float = VIDEO_FPS, max_frames: int = VIDEO_MAX_FRAMES,
                max_pixels: int = VIDEO_MAX_PIXELS, min_pixels: int = VIDEO_MIN_PIXELS,
                min_frames: int = VIDEO_MIN_FRAMES,
@@ -276,7 +280,8 @@ def load_video(path, fps: float = VIDEO_FPS, max_frames: int = VIDEO_MAX_FRAMES,
     frames: uint8 [T, H', W', 3] RGB, T even, H' and W' multiples of `factor`.
     sample_fps: T / total_frames * native fps, the rate the frames were taken at.
   Raises:
-    MediaError: unreadable file, no video stream, too few frames, or a decoding error.
+    MediaError: unreadable file, no video stream, too few frames, a decoding error, or
+      fewer decoded frames than the header claims (beyond VIDEO_FRAME_SLACK_S).
   """
   path = os.fspath(path)
   container = _open(path)
@@ -295,19 +300,26 @@ def load_video(path, fps: float = VIDEO_FPS, max_frames: int = VIDEO_MAX_FRAMES,
     except ValueError as e:
       raise MediaError(f'{path}: {e}') from e
     wanted = set(indices.tolist())
-    picked, last = {}, None
+    picked, last, decoded = {}, None, 0
     try:
       for i, frame in enumerate(container.decode(stream)):
         if i in wanted:
           picked[i] = frame.to_ndarray(format='rgb24')
-        last = frame
+        last, decoded = frame, i + 1
         if i >= indices[-1]:
           break
     except av.FFmpegError as e:
       raise MediaError(f'{path}: video stream cannot be decoded ({e})') from e
   if last is None:
     raise MediaError(f'{path}: video stream holds no decodable frames')
-  if len(picked) < len(indices):  # headers may over-count: repeat the last decoded frame
+  if len(picked) < len(indices):
+    # Headers may over-count by a frame or two; more missing means a truncated file,
+    # whose frames must not be made up from its last one.
+    missing_s = (total_frames - decoded) / video_fps
+    if missing_s > max(VIDEO_FRAME_SLACK_S, 1 / video_fps):
+      raise MediaError(f'{path}: truncated or damaged: decodes {decoded} of the '
+                       f'{total_frames} frames its header claims ({missing_s:.2f} s missing, '
+                       f'more than the {VIDEO_FRAME_SLACK_S} s tolerated)')
     tail = last.to_ndarray(format='rgb24')
     picked = {i: picked.get(i, tail) for i in indices.tolist()}
   frames = np.stack([picked[i] for i in indices.tolist()])

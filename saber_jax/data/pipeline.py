@@ -24,12 +24,14 @@ included) and `thinker.stack_shards` joins the groups. The batch holds those arr
   2 acoustic, 3 reasoning), example_mask [B] bool (False: a row with no example: an
   example dropped as too long, or padding in the reference pass), truncated [B] bool,
 
-and for preference data (chosen and rejected of pair i in rows 2i and 2i + 1, sharing
-the prompt and media, so a pair never straddles two data shards)
-`ref_chosen_logps` / `ref_rejected_logps` float32 [B / 2] (0 where example_mask is
-False), and in the reference pass `pair_index` int64 [B / 2] (the pair's position in
-the record files, -1 for padding). The number of distinct shapes is bounded by the
-product of the bucket ladders.
+and for preference data `pair_segments` [B, L] int32 (1 prompt, 2 chosen, 3 rejected,
+0 padding), `ref_chosen_logps` / `ref_rejected_logps` float32 [P] (0 where example_mask
+is False), and in the reference pass `pair_index` int64 [P] (the pair's position in the
+record files, -1 for padding). Pair i is row i `[prompt | chosen | rejected]`
+(`shared_prompt`, the default: the prompt and media once; TMRoPE positions of the
+rejected answer continue from the prompt as the chosen ones do) or rows 2i and 2i + 1
+`[prompt | chosen]`, `[prompt | rejected]`; a pair never straddles two data shards.
+The number of distinct shapes is bounded by the product of the bucket ladders.
 
 Rows longer than the largest bucket are truncated (`overlong='truncate'`: the response
 is cut, the prompt and media are kept; an example whose prompt alone does not fit is
@@ -47,6 +49,7 @@ import grain
 import jax
 import numpy as np
 
+from saber_jax import losses
 from saber_jax.data import media
 from saber_jax.data import records
 from saber_jax.data import sed
@@ -61,8 +64,10 @@ class DataConfig:
   """Batching, bucketing and loading options (an ml_collections ConfigDict with any of
   these fields works too; missing ones take these defaults).
 
-  batch_size: examples per batch on each process (pairs for preference data, so a
-    preference batch has 2 * batch_size rows).
+  batch_size: examples per batch on each process (pairs for preference data).
+  shared_prompt: preference pairs as one row `[prompt | chosen | rejected]` (the prompt
+    and media computed once) rather than two rows `[prompt | chosen]`, `[prompt |
+    rejected]`.
   num_data_shards: row groups per batch, each with its own media arrays (the data-
     parallel devices of this process); must divide batch_size.
   length_buckets: padded text lengths; the largest is the longest row kept.
@@ -77,6 +82,7 @@ class DataConfig:
   read_threads, prefetch: threads and batches in flight per process (or per worker).
   """
   batch_size: int = 8
+  shared_prompt: bool = True
   num_data_shards: int = 1
   length_buckets: tuple[int, ...] = (256, 512, 1024, 2048, 4096)
   overlong: str = 'truncate'
@@ -139,29 +145,59 @@ def length_bucket(length: int, buckets: Sequence[int]) -> int:
 # ------------------------------------------------------------------------- examples
 
 
-def _rows_of(record: dict) -> list[dict[str, np.ndarray]]:
-  """Token rows of a record: one for SFT, (chosen, rejected) for a preference pair."""
+def _rows_of(record: dict, shared_prompt: bool) -> list[dict[str, np.ndarray]]:
+  """Token rows of a record: one for SFT; for a preference pair one row `[prompt |
+  chosen | rejected]` (shared_prompt) or the rows `[prompt | chosen]`, `[prompt |
+  rejected]`. `pair_segments` marks the prompt (1) and the answers (2, 3). In the shared
+  row each answer starts with a copy of the prompt's last token, which predicts the
+  answer's first token: every token then predicts the label after it, in either layout."""
   if record['kind'] == records.SFT:
     return [{k: np.asarray(record[k]) for k in ('input_ids', 'labels', 'segments')}]
   prompt = np.asarray(record['prompt_ids'])
-  rows = []
-  for side in ('chosen', 'rejected'):
-    response = np.asarray(record[f'{side}_ids'])
-    rows.append({
-        'input_ids': np.concatenate([prompt, response]),
-        'labels': np.concatenate([np.full(len(prompt), sed.IGNORE_INDEX, np.int32), response]),
-        'segments': np.concatenate([np.zeros(len(prompt), np.int8),
-                                    np.asarray(record[f'{side}_segments'])]),
-    })
-  return rows
+  answers = [(np.asarray(record[f'{side}_ids']), np.asarray(record[f'{side}_segments']))
+             for side in ('chosen', 'rejected')]
+  ignored = lambda n: np.full(n, sed.IGNORE_INDEX, np.int32)
+  if not shared_prompt:
+    return [{'input_ids': np.concatenate([prompt, ids]),
+             'labels': np.concatenate([ignored(len(prompt)), ids]),
+             'segments': np.concatenate([np.zeros(len(prompt), np.int8), segments]),
+             'pair_segments': np.repeat([1, answer], [len(prompt), len(ids)]).astype(np.int8)}
+            for answer, (ids, segments) in zip((losses.CHOSEN, losses.REJECTED), answers)]
+  head, last = prompt[:-1], prompt[-1:]
+  parts = [dict(input_ids=head, labels=ignored(len(head)), segments=np.zeros(len(head), np.int8),
+                pair_segments=np.ones(len(head), np.int8))]
+  for answer, (ids, segments) in zip((losses.CHOSEN, losses.REJECTED), answers):
+    parts.append(dict(input_ids=np.concatenate([last, ids]),
+                      labels=np.concatenate([ignored(1), ids]),
+                      segments=np.concatenate([np.zeros(1, np.int8), segments]),
+                      pair_segments=np.full(len(ids) + 1, answer, np.int8)))
+  return [{k: np.concatenate([p[k] for p in parts]) for k in parts[0]}]
+
+
+def _answer_cap(lengths: list[int], room: int) -> int:
+  """The largest cap k with sum(min(n, k)) <= room: longer answers are cut first."""
+  cap = 0
+  while cap < max(lengths) and sum(min(n, cap + 1) for n in lengths) <= room:
+    cap += 1
+  return cap
 
 
 def _fit_rows(rows: list[dict], max_len: int, overlong: str) -> tuple[list[dict] | None, bool]:
-  """(rows cut to max_len, truncated?) or (None, False) when the example is dropped."""
+  """(rows cut to max_len, truncated?) or (None, False) when the example is dropped. A
+  shared-prompt row cuts both answers to one cap, so the longer one loses tokens first."""
   if all(len(r['input_ids']) <= max_len for r in rows):
     return rows, False
   if overlong == 'drop':
     return None, False
+  if 'pair_segments' in rows[0] and len(rows) == 1:
+    row = rows[0]
+    answers = [np.flatnonzero(row['pair_segments'] == a) for a in (losses.CHOSEN, losses.REJECTED)]
+    room = max_len - answers[0][0] - 2          # the prompt and the two copies of its last token
+    cap = _answer_cap([len(a) - 1 for a in answers], room)
+    if cap < 1:
+      return None, False   # the prompt and media alone do not fit: nothing left to train on
+    keep = np.concatenate([np.arange(answers[0][0])] + [a[:cap + 1] for a in answers])
+    return [{k: v[keep] for k, v in row.items()}], True
   for r in rows:
     trained = np.flatnonzero(r['labels'] != sed.IGNORE_INDEX)
     if not len(trained) or trained[0] >= max_len:
@@ -234,7 +270,8 @@ class RecordLoader:
     if record['kind'] != self.kind:
       raise records.RecordError(f'{where}: record {record["id"]!r}: field \'kind\': expected '
                                 f'{self.kind!r} records here, got {record["kind"]!r}')
-    rows, truncated = _fit_rows(_rows_of(record), max(self.options.length_buckets),
+    rows, truncated = _fit_rows(_rows_of(record, self.options.shared_prompt),
+                                max(self.options.length_buckets),
                                 self.options.overlong)
     ref = None
     if self.kind == records.PREFERENCE:
@@ -271,26 +308,32 @@ def _items(example: Example):
   return [example.media] * len(example.rows) if example.rows is not None else []
 
 
-def _group_batch(examples: list[Example | None], rows_per_example: int,
-                 length: int) -> dict[str, Any]:
-  """The processor-style batch of one row group, text right-padded to `length`."""
+def _group_batch(examples: list[Example | None], rows_per_example: int, length: int,
+                 pairs: bool = False) -> dict[str, Any]:
+  """The processor-style batch of one row group, text right-padded to `length` (with
+  `pair_segments` when `pairs`)."""
   num_rows = len(examples) * rows_per_example
   batch = dict(input_ids=np.full((num_rows, length), PAD_ID, np.int64),
                attention_mask=np.zeros((num_rows, length), np.int64),
                labels=np.full((num_rows, length), sed.IGNORE_INDEX, np.int32),
                segments=np.zeros((num_rows, length), np.int32))
+  text_keys = ['attention_mask', 'input_ids', 'labels', 'segments']
+  if pairs:
+    batch['pair_segments'] = np.zeros((num_rows, length), np.int32)
+    text_keys.append('pair_segments')
   audio, videos, images, in_video = [], [], [], False
   for e, example in enumerate(examples):
     first = e * rows_per_example
     if example is None or example.rows is None:   # padding / dropped: one token, no labels
       batch['attention_mask'][first:first + rows_per_example, 0] = 1
+      if pairs:
+        batch['pair_segments'][first:first + rows_per_example, 0] = 1
       continue
     for r, row in enumerate(example.rows):
       n = len(row['input_ids'])
-      batch['input_ids'][first + r, :n] = row['input_ids']
-      batch['attention_mask'][first + r, :n] = 1
-      batch['labels'][first + r, :n] = row['labels']
-      batch['segments'][first + r, :n] = row['segments']
+      row = dict(row, attention_mask=1)
+      for key in text_keys:
+        batch[key][first + r, :n] = row[key]
     for item in _items(example):
       if 'audio' in item:
         audio.append(item['audio'])
@@ -349,20 +392,27 @@ def collate(examples: Sequence[Example | None], *, model_config: ThinkerConfig,
             options: DataConfig, preference: bool, reference: bool = False) -> dict[str, Any]:
   """Batch of the jitted step from `batch_size` examples (see the module docstring)."""
   examples = list(examples)
-  rows_per_example = 2 if preference else 1
+  shared = preference and options.shared_prompt
+  rows_per_example = 2 if preference and not shared else 1
   longest = max([len(r['input_ids']) for e in examples if e is not None and e.rows is not None
                  for r in e.rows] + [1])
   length = length_bucket(longest, options.length_buckets)
   per_group = len(examples) // options.num_data_shards
-  groups = [_group_batch(examples[g * per_group:(g + 1) * per_group], rows_per_example, length)
+  groups = [_group_batch(examples[g * per_group:(g + 1) * per_group], rows_per_example, length,
+                         pairs=preference)
             for g in range(options.num_data_shards)]
   sizes = media_sizes(groups, model_config, options)
+  text_keys = ('labels', 'segments', 'pair_segments') if preference else ('labels', 'segments')
   shards = []
   for g in groups:
-    text = {k: g.pop(k) for k in ('labels', 'segments')}
-    shards.append((thinker.model_inputs(model_config, g, **sizes), text))
+    text = {k: g.pop(k) for k in text_keys}
+    if shared:   # TMRoPE positions of the rejected answer continue from the prompt
+      g['attention_segments'] = text['pair_segments']
+    inputs = thinker.model_inputs(model_config, g, **sizes)
+    inputs.pop('attention_segments', None)     # the step derives them from pair_segments
+    shards.append((inputs, text))
   batch = thinker.stack_shards([s for s, _ in shards])
-  for key in ('labels', 'segments'):
+  for key in text_keys:
     batch[key] = np.concatenate([t[key] for _, t in shards])
   real = np.array([e is not None and e.rows is not None for e in examples])
   batch['example_mask'] = np.repeat(real, rows_per_example)

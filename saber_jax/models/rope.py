@@ -175,6 +175,26 @@ def rope_index(config: ThinkerConfig, batch: Mapping[str, Any]) -> tuple[np.ndar
   return position_ids, deltas
 
 
+def shared_prefix_positions(position_ids: np.ndarray, segments: np.ndarray,
+                            prefix: int = 1) -> np.ndarray:
+  """Position ids [3, B, L] of rows holding several segments (ids [B, L], 0 padding, see
+  `text.segment_mask`), from `rope_index` of the whole row: every segment other than the
+  shared prefix is moved to start where the first of them starts, i.e. where it would
+  start if it alone followed the prefix. The rejected answer of a `[prompt | chosen |
+  rejected]` row thus gets the positions it has in a `[prompt | rejected]` row.
+  (Segments after the first are text; a move keeps their positions consecutive.)"""
+  out = np.array(position_ids, copy=True)
+  for row, seg in enumerate(np.asarray(segments)):
+    others = np.flatnonzero((seg > 0) & (seg != prefix))
+    if not len(others):
+      continue
+    start = out[:, row, others[0]]
+    for s in np.unique(seg[others]):
+      tokens = np.flatnonzero(seg == s)
+      out[:, row, tokens] += (start - out[:, row, tokens[0]])[:, None]
+  return out
+
+
 def mrope_cos_sin(position_ids, head_dim: int, theta: float, section: tuple[int, ...], dtype):
   """cos, sin [B, L, head_dim] of multimodal RoPE from position_ids [3, B, L]: the rotary
   pairs of `mrope_section` block s take their angle from axis (T, H, W)[s % 3], as

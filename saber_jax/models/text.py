@@ -44,8 +44,8 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x, cos, sin, mask, cache: KVCache | None = None, cache_index=None):
     """x [B, L, H] -> (out [B, L, H], new rows). Without a cache the queries attend to the
-    keys of x (mask [B, 1, L, L]; with `attention` 'cudnn', the right-padded rows' valid
-    lengths [B] instead, see `layers.causal_attention`) and the new rows are None. With
+    keys of x (mask bool [B, 1, L, L]; or, for `attention` 'cudnn', the right-padded rows'
+    valid lengths [B], see `layers.causal_attention`) and the new rows are None. With
     one layer's cache [B, S, K, H], the keys and values of x take slots [cache_index,
     cache_index + L) and the queries attend over all S slots (mask [B, 1, L, S]); the new
     rows returned are those keys and values, KVCache [B, L, K, H], for the caller to write
@@ -64,7 +64,7 @@ class Attention(nn.Module):
     if cache is not None:
       new_rows = KVCache(k, v)
       k, v = cache.write(new_rows, cache_index, axis=1)
-    if cache is None and self.attention != 'xla':
+    if cache is None and mask.ndim == 1:       # row lengths [B]: the fused kernel
       out = layers.causal_attention(q, k, v, mask, self.attention)
     else:
       out = layers.attention(q, k, v, mask)
@@ -101,6 +101,22 @@ def attention_mask(attention_mask):
   length = attention_mask.shape[-1]
   causal = jnp.tril(jnp.ones((length, length), bool))
   return causal[None, None] & attention_mask[:, None, None, :].astype(bool)
+
+
+SHARED_PREFIX = 1   # the segment id every other segment of the row also attends to
+
+
+def segment_mask(segments):
+  """bool [B, 1, L, L] from segment ids [B, L] (0: padding): query i sees key j iff
+  j <= i and j is in i's segment or in the shared prefix (SHARED_PREFIX). A CA-DPO pair
+  row `[prompt | chosen | rejected]` has segments 1, 2, 3: each answer sees the prompt
+  and itself, never the other; rows of independent sequences (packing) use 2, 3, ...
+  with no prefix."""
+  length = segments.shape[-1]
+  causal = jnp.tril(jnp.ones((length, length), bool))
+  query, key = segments[:, :, None], segments[:, None, :]
+  visible = (key > 0) & ((key == query) | (key == SHARED_PREFIX))
+  return (causal[None] & visible)[:, None]
 
 
 def cache_attention_mask(valid_slots, cache_index, num_queries: int):
@@ -140,12 +156,20 @@ class TextModel(nn.Module):
   def embed(self, input_ids):
     return self.embed_tokens(input_ids)
 
-  def __call__(self, x, position_ids, valid):
-    """x [B, L, H] embeddings, position_ids [3, B, L], valid bool [B, L] (False at padding)
-    -> hidden [B, L, H]."""
+  def __call__(self, x, position_ids, valid, segments=None):
+    """x [B, L, H] embeddings, position_ids [3, B, L], valid bool [B, L] (False at padding),
+    optional segments int [B, L] (see `segment_mask`) -> hidden [B, L, H].
+
+    Segments need the [B, 1, L, L] mask, so they run the XLA attention whatever
+    `attention` says: cuDNN's fused kernel here knows rows only by their lengths."""
     c = self.config
     cos, sin = mrope_cos_sin(position_ids, c.head_dim, c.rope_theta, c.mrope_section, self.dtype)
-    mask = attention_mask(valid) if self.attention == 'xla' else jnp.sum(valid, axis=-1)
+    if segments is not None:
+      mask = segment_mask(segments)
+    elif self.attention == 'xla':
+      mask = attention_mask(valid)
+    else:
+      mask = jnp.sum(valid, axis=-1)
     x, _ = self.layers(x.astype(self.dtype), cos, sin, mask)
     return self.norm(x)
 

@@ -19,7 +19,7 @@ from saber_jax.models import audio as audio_lib
 from saber_jax.models import layers
 from saber_jax.models import vision as vision_lib
 from saber_jax.models.config import ThinkerConfig
-from saber_jax.models.rope import rope_index
+from saber_jax.models.rope import rope_index, shared_prefix_positions
 from saber_jax.models.text import TextModel
 
 
@@ -35,7 +35,8 @@ class Thinker(nn.Module):
 
   def __call__(self, inputs: Mapping[str, Any]):
     """Hidden states [B, L, H] of the `model_inputs` arrays."""
-    return self.text(self.embed(inputs), inputs['position_ids'], inputs['attention_mask'])
+    return self.text(self.embed(inputs), inputs['position_ids'], inputs['attention_mask'],
+                     inputs.get('attention_segments'))
 
   def embed(self, inputs: Mapping[str, Any]):
     """Token embeddings [B, L, H] with the audio and vision features at their placeholders.
@@ -105,11 +106,16 @@ def model_inputs(config: ThinkerConfig, batch: Mapping[str, Any], *,
   mask = batch.get('attention_mask')
   mask = np.ones_like(input_ids) if mask is None else np.asarray(mask)
   _check_padding_for_attention(config, mask)
+  segments = batch.get('attention_segments')
   position_ids = batch.get('position_ids')
   if position_ids is None:
     position_ids, _ = rope_index(config, {**batch, 'attention_mask': mask})
+    if segments is not None:
+      position_ids = shared_prefix_positions(position_ids, np.asarray(segments))
   inputs = dict(input_ids=input_ids.astype(np.int32), attention_mask=mask.astype(bool),
                 position_ids=np.asarray(position_ids, np.int32))
+  if segments is not None:
+    inputs['attention_segments'] = np.asarray(segments, np.int32)
   # With bucket sizes given, a modality is always present (empty when this batch has none)
   # so that every batch of the bucket has one structure.
   if batch.get('input_features') is not None or num_audio_chunks is not None:
@@ -155,7 +161,8 @@ def stack_shards(shards: list[dict[str, Any]]) -> dict[str, Any]:
   rows concatenated, media stacked on the shard axis."""
   first = shards[0]
   out = {k: np.concatenate([s[k] for s in shards], axis=1 if k == 'position_ids' else 0)
-         for k in ('input_ids', 'attention_mask', 'position_ids')}
+         for k in ('input_ids', 'attention_mask', 'position_ids', 'attention_segments')
+         if k in first}
   for name in ('audio', 'vision'):
     if name in first:
       out[name] = {k: np.concatenate([s[name][k] for s in shards]) for k in first[name]}

@@ -8,11 +8,15 @@ ignores, so the last complete checkpoint wins.
 
 import json
 import os
+import sys
+import time
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
+from saber_jax import convert
 from saber_jax.models.config import ThinkerConfig
 
 
@@ -34,18 +38,61 @@ def save(mngr: ocp.CheckpointManager, step: int, state, data_iterator=None, *,
   return mngr.save(step, args=ocp.args.Composite(**items), force=force)
 
 
+class DamagedCheckpoint(RuntimeError):
+  """A checkpoint directory that exists but cannot be read back."""
+
+
+def _restore_step(mngr, step: int, abstract_state, data_iterator):
+  items = {'state': ocp.args.StandardRestore(abstract_state)}
+  if data_iterator is not None:
+    items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
+  try:
+    return mngr.restore(step, args=ocp.args.Composite(**items))['state']
+  except Exception as e:  # Orbax and tensorstore raise many kinds for a damaged file
+    raise DamagedCheckpoint(f'checkpoint {os.path.join(mngr.directory, str(step))} is '
+                            f'damaged: {type(e).__name__}: {e}') from e
+
+
 def restore(mngr: ocp.CheckpointManager, abstract_state, data_iterator=None,
             step: int | None = None):
   """The state of the latest (or given) complete checkpoint placed by the shardings of
   `abstract_state` (ShapeDtypeStructs with `.sharding`, so a different mesh or device
-  count works), and the data iterator moved to its saved position; None if none exists."""
-  step = mngr.latest_step() if step is None else step
-  if step is None:
+  count works), and the data iterator moved to its saved position; None if none exists.
+
+  Without a given step, a checkpoint that cannot be read (an emptied or corrupted file)
+  is named, moved to `<directory>.damaged/` (so the run can save that step again) and the
+  next older one is tried; when none can be read the latest's error is raised.
+  """
+  if step is not None:
+    return _restore_step(mngr, step, abstract_state, data_iterator)
+  steps = sorted(mngr.all_steps(), reverse=True)
+  if not steps:
     return None
-  items = {'state': ocp.args.StandardRestore(abstract_state)}
-  if data_iterator is not None:
-    items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
-  return mngr.restore(step, args=ocp.args.Composite(**items))['state']
+  damaged = []
+  for step in steps:
+    try:
+      state = _restore_step(mngr, step, abstract_state, data_iterator)
+    except DamagedCheckpoint as e:
+      print(f'{e}; trying an older checkpoint', file=sys.stderr, flush=True)
+      damaged.append((step, e))
+      continue
+    _set_aside(mngr, [s for s, _ in damaged])
+    return state
+  raise damaged[0][1]
+
+
+def _set_aside(mngr: ocp.CheckpointManager, steps) -> None:
+  if not steps:
+    return
+  aside = os.fspath(mngr.directory) + '.damaged'
+  if jax.process_index() == 0:
+    os.makedirs(aside, exist_ok=True)
+    for step in steps:
+      target = os.path.join(aside, f'{step}-{time.strftime("%Y%m%d-%H%M%S")}')
+      os.replace(os.path.join(mngr.directory, str(step)), target)
+      print(f'moved damaged checkpoint {step} to {target}', file=sys.stderr, flush=True)
+  multihost_utils.sync_global_devices('damaged checkpoints set aside')
+  mngr.reload()
 
 
 def abstract_like(tree, shardings):
@@ -59,7 +106,7 @@ CONFIG_FILE = 'thinker_config.json'
 
 def save_params(path: str, params, model_config: ThinkerConfig):
   """The thinker params alone (LoRA merged) and their config, as the next stage's start
-  and reference; `tools/convert_hf.py` exports them to Hugging Face format."""
+  and reference; `saber-convert-hf` exports them to Hugging Face format."""
   path = os.path.abspath(path)
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(os.path.join(path, 'params'), params, force=True)
@@ -75,4 +122,8 @@ def params_config(path: str) -> ThinkerConfig:
 def load_params(path: str, abstract_params):
   """Params saved by `save_params`, placed by the shardings of `abstract_params`."""
   with ocp.StandardCheckpointer() as checkpointer:
-    return checkpointer.restore(os.path.join(os.path.abspath(path), 'params'), abstract_params)
+    params = checkpointer.restore(os.path.join(os.path.abspath(path), 'params'), abstract_params)
+  bad = convert.nonfinite_paths(params)
+  if bad:
+    raise ValueError(f'{path}: params {bad} hold non-finite values (NaN or inf)')
+  return params

@@ -3,11 +3,17 @@
 command line."""
 
 import dataclasses
+import difflib
+import importlib.util
 
 import ml_collections
+import numpy as np
 
+from saber_jax import losses
 from saber_jax.data import pipeline
 from saber_jax.train import optim
+
+MODES = ('sft', 'ref_logps', 'dpo', 'pipeline', 'generate')
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -15,6 +21,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.mode = 'sft'              # sft | ref_logps | dpo | pipeline | generate
   c.workdir = 'workdir'
   c.seed = 0
+  c.overwrite = False         # True: a workdir stage made by other inputs/settings starts fresh
   c.compilation_cache = '~/.cache/saber_jax/xla'   # persistent XLA cache; '' to disable
   c.dry_run = False           # compile the step on the mesh and report per-device memory
   c.dry_run_seq_len = 4096
@@ -40,7 +47,10 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.optim = optim.default_config()
   c.optim.total_steps = 0     # 0: epochs x batches per epoch of the training data
-  c.dpo = ml_collections.ConfigDict(dict(beta=0.1, label_smoothing=0.0, loss_type='sigmoid'))
+  # loss_type: sigmoid (Eq. 3) | sigmoid_norm | ipo | hinge | robust (losses.ca_dpo_loss);
+  # sft_weight alpha adds alpha * NLL(chosen) (ms-swift's rpo_alpha, TRL's 'sft' loss).
+  c.dpo = ml_collections.ConfigDict(dict(beta=0.1, label_smoothing=0.0, loss_type='sigmoid',
+                                         sft_weight=0.0))
 
   c.data = ml_collections.ConfigDict(dataclasses.asdict(pipeline.DataConfig()))
   c.data.num_epochs = 1
@@ -93,3 +103,123 @@ def ca_dpo_config(model_name: str, trainable: str = 'full') -> ml_collections.Co
   c.optim.warmup_ratio = 0.1
   c.optim.weight_decay = 0.0
   return c
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def field_names(config, prefix: str = '') -> list[str]:
+  """Every dotted field of `config`, sections included ('optim', 'optim.lr', ...)."""
+  names = []
+  for key, value in config.items():
+    name = f'{prefix}{key}'
+    names.append(name)
+    if isinstance(value, ml_collections.ConfigDict):
+      names += field_names(value, name + '.')
+  return names
+
+
+def unknown_field(config, name: str) -> str | None:
+  """None when `name` (dotted) is a field of `config`, else an error naming the nearest
+  valid field."""
+  names = field_names(config)
+  if name in names:
+    return None
+  close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+  hint = f'; did you mean config.{close[0]}?' if close else ''
+  return f'config.{name} is not a config field{hint}'
+
+
+def check_overrides(argv: list[str], default_file: str) -> None:
+  """Fails fast, naming the nearest valid field, on a `--config.<field>=` override whose
+  field the `--config=<file>[:arg]` config does not have."""
+  files = [a[len('--config='):] for a in argv if a.startswith('--config=')]
+  overrides = [a[len('--config.'):].split('=', 1)[0] for a in argv if a.startswith('--config.')]
+  if not overrides:
+    return
+  path, _, arg = (files[-1] if files else default_file).partition(':')
+  spec = importlib.util.spec_from_file_location('_run_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg) if arg else module.get_config()
+  errors = [e for e in map(lambda name: unknown_field(config, name), overrides) if e]
+  if errors:
+    raise SystemExit('\n'.join(errors))
+
+
+def validate(config) -> None:
+  """Raises ValueError naming every field whose value makes no sense, before any work."""
+  problems = []
+
+  def need(ok: bool, field: str, expected: str):
+    if not ok:
+      value = config
+      for key in field.split('.'):
+        value = value.get(key) if isinstance(value, ml_collections.ConfigDict) else None
+      problems.append(f'config.{field} = {value!r}: expected {expected}')
+
+  def dtype_name(name):
+    try:
+      return np.dtype(name).kind == 'f' or name == 'bfloat16'
+    except TypeError:
+      return name == 'bfloat16'
+
+  o, d, g = config.optim, config.data, config.generate
+  need(config.mode in MODES, 'mode', f'one of {list(MODES)}')
+  need(config.trainable in optim.TRAINABLE_MODES, 'trainable',
+       f'one of {list(optim.TRAINABLE_MODES)}')
+  need(config.nonfinite in ('stop', 'skip'), 'nonfinite', "'stop' or 'skip'")
+  need(isinstance(config.seed, int), 'seed', 'an integer')
+  need(config.model.remat in ('none', 'full', 'dots'), 'model.remat', "'none', 'full' or 'dots'")
+  need(config.model.attention in ('auto', 'xla', 'cudnn'), 'model.attention',
+       "'auto', 'xla' or 'cudnn'")
+  for field in ('dtype', 'param_dtype'):
+    need(dtype_name(config.model[field]), f'model.{field}', 'a float dtype name')
+  mesh = tuple(config.mesh)
+  need(len(mesh) == 3 and all(isinstance(n, int) and (n >= 1 or n == -1) for n in mesh)
+       and mesh.count(-1) <= 1, 'mesh', '(data, fsdp, tensor) sizes >= 1, at most one -1')
+  need(o.lr > 0, 'optim.lr', '> 0')
+  need(o.total_steps >= 0, 'optim.total_steps', '>= 0 (0: from the data)')
+  need(o.warmup_steps >= 0, 'optim.warmup_steps', '>= 0')
+  need(0 <= o.warmup_ratio < 1, 'optim.warmup_ratio', 'in [0, 1)')
+  need(not (o.warmup_steps and o.warmup_ratio), 'optim.warmup_steps',
+       'unset when optim.warmup_ratio is set (one of the two)')
+  need(0 <= o.min_lr_ratio <= 1, 'optim.min_lr_ratio', 'in [0, 1]')
+  need(o.weight_decay >= 0, 'optim.weight_decay', '>= 0')
+  need(0 <= o.b1 < 1, 'optim.b1', 'in [0, 1)')
+  need(0 <= o.b2 < 1, 'optim.b2', 'in [0, 1)')
+  need(o.eps > 0, 'optim.eps', '> 0')
+  need(o.grad_clip_norm is None or o.grad_clip_norm >= 0, 'optim.grad_clip_norm',
+       '>= 0 (0 or None: off)')
+  need(isinstance(o.grad_accum_steps, int) and o.grad_accum_steps >= 1,
+       'optim.grad_accum_steps', 'an integer >= 1')
+  need(config.lora.rank >= 1, 'lora.rank', '>= 1')
+  need(config.lora.alpha > 0, 'lora.alpha', '> 0')
+  need(config.dpo.beta > 0, 'dpo.beta', '> 0')
+  need(0 <= config.dpo.label_smoothing < 0.5, 'dpo.label_smoothing', 'in [0, 0.5)')
+  need(config.dpo.loss_type in losses.DPO_LOSS_TYPES, 'dpo.loss_type',
+       f'one of {list(losses.DPO_LOSS_TYPES)}')
+  need(d.batch_size >= 1, 'data.batch_size', '>= 1')
+  need(d.num_epochs is None or d.num_epochs >= 1, 'data.num_epochs', 'None (repeat) or >= 1')
+  buckets = tuple(d.length_buckets)
+  need(len(buckets) > 0 and all(b > 0 for b in buckets) and list(buckets) == sorted(set(buckets)),
+       'data.length_buckets', 'increasing positive lengths')
+  need(d.overlong in ('truncate', 'drop'), 'data.overlong', "'truncate' or 'drop'")
+  for field in ('worker_count', 'min_audio_chunks', 'min_patches',
+                'min_vision_blocks', 'min_frame_len'):
+    need(d[field] >= 0, f'data.{field}', '>= 0')
+  for field in ('bucket_steps', 'read_threads', 'prefetch', 'worker_buffer_size'):
+    need(d[field] >= 1, f'data.{field}', '>= 1')
+  need(config.checkpoint.every_steps >= 1, 'checkpoint.every_steps', '>= 1')
+  need(config.checkpoint.keep >= 1, 'checkpoint.keep', '>= 1')
+  need(config.log_every >= 1, 'log_every', '>= 1')
+  need(config.logps_chunk_size >= 1, 'logps_chunk_size', '>= 1')
+  need(config.dry_run_seq_len >= 1, 'dry_run_seq_len', '>= 1')
+  need(g.batch_size >= 1, 'generate.batch_size', '>= 1')
+  need(g.max_new_tokens >= 1, 'generate.max_new_tokens', '>= 1')
+  need(g.temperature >= 0, 'generate.temperature', '>= 0 (0: greedy)')
+  need(0 < g.top_p <= 1, 'generate.top_p', 'in (0, 1]')
+  need(g.top_k >= 0, 'generate.top_k', '>= 0 (0: off)')
+  need(g.num_samples >= 1, 'generate.num_samples', '>= 1')
+  if problems:
+    raise ValueError('invalid config:\n  ' + '\n  '.join(problems))

@@ -70,8 +70,11 @@ def dry_run(config, stage: str = 'sft') -> float:
   # A DPO shard holds whole pairs: chosen and rejected rows, one reference log-prob each.
   shard = example_inputs(setup.model_config, config.dry_run_seq_len, 2 if stage == 'dpo' else 1)
   if stage == 'dpo':
+    # One pair row [prompt | chosen | rejected]: answers in the last two quarters.
+    quarter = np.arange(config.dry_run_seq_len) * 4 // config.dry_run_seq_len
     shard = dict(shard, ref_chosen_logps=np.zeros(1, np.float32),
-                 ref_rejected_logps=np.zeros(1, np.float32))
+                 ref_rejected_logps=np.zeros(1, np.float32),
+                 pair_segments=np.maximum(quarter, 1)[None].astype(np.int32))
   shapes = sharding.global_batch_shapes(global_shapes(shard, num_shards, 1), mesh)
   compiled = setup.step_fn.lower(setup.abstract_state, shapes).compile()
   memory = compiled.memory_analysis()

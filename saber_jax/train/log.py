@@ -22,9 +22,35 @@ def _scalar(value):
   return value.item() if value.size == 1 else value.tolist()
 
 
+def drop_lines_after(path: str, stage: str, step: int) -> None:
+  """Rewrites metrics.jsonl (atomically) without the lines of `stage` after `step`."""
+  if not os.path.exists(path):
+    return
+  with open(path, encoding='utf-8') as f:
+    lines = [line for line in f if line.strip()]
+  keep = [line for line in lines if not _after(line, stage, step)]
+  if len(keep) == len(lines):
+    return
+  tmp = f'{path}.tmp-{os.getpid()}'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    f.writelines(line if line.endswith('\n') else line + '\n' for line in keep)
+  os.replace(tmp, path)
+
+
+def _after(line: str, stage: str, step: int) -> bool:
+  try:
+    record = json.loads(line)
+  except ValueError:
+    return True      # a line cut short by a kill
+  return record.get('stage') == stage and record.get('step', 0) > step
+
+
 class MetricLogger:
 
-  def __init__(self, workdir: str, stage: str, total_steps: int):
+  def __init__(self, workdir: str, stage: str, total_steps: int, start_step: int = 0):
+    """start_step: the step the run starts (or resumes) from; lines of `stage` after it,
+    logged by an earlier run killed before its next checkpoint, are dropped so the steps
+    this run logs again appear once."""
     self.stage, self.total_steps = stage, total_steps
     self.enabled = jax.process_index() == 0
     self.start = self.last_time = time.time()
@@ -33,6 +59,7 @@ class MetricLogger:
     self.sums, self.count = {}, 0
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
+      drop_lines_after(os.path.join(workdir, 'metrics.jsonl'), stage, start_step)
       self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
       self.tensorboard = SummaryWriter(os.path.join(workdir, 'tensorboard', stage))
 

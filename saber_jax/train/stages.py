@@ -7,17 +7,17 @@ filled into `ref_logps/`.
 """
 
 import copy
-import functools
 import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from saber_jax import generate, sharding
+from saber_jax import fingerprint, generate, sharding
 from saber_jax.data import pipeline, prompt, records
-from saber_jax.train import checkpoint, dry_run, steps, trainer
+from saber_jax.train import checkpoint, steps, trainer
 
 
 DONE = 'DONE'                # written last by the reference pass
@@ -60,6 +60,7 @@ def train_stage(config, stage: str, record_paths, init_from: str) -> str:
   iterator = iter(make(model_config, data, paths, seed=config.seed))
   setup = trainer.plan(config, stage, mesh)
   workdir = stage_dir(config, stage)
+  trainer.claim_workdir(config, workdir, stage, paths, init_from)
   setup = trainer.train(config, setup, iterator, iterator, workdir, stage, micro_steps,
                         init_from=init_from)
   final = os.path.join(workdir, 'final')
@@ -73,8 +74,8 @@ def ref_logps_stage(config, record_paths, init_from: str) -> str:
   mesh = sharding.make_mesh(config.mesh)
   model_config = trainer.model_config_of(config)
   params = trainer.initial_params(config, model_config, mesh, init_from)
-  logps_fn = jax.jit(functools.partial(steps.sequence_logps, model_config=model_config,
-                                       chunk_size=config.logps_chunk_size))
+  logps_fn = jax.jit(lambda params, batch: jnp.stack(steps.pair_logps(
+      params, batch, model_config=model_config, chunk_size=config.logps_chunk_size), axis=-1))
   paths = pipeline.resolve_paths(record_paths)
   values = {}
   for batch in pipeline.reference_batches(model_config, data_config(config, mesh), paths):
@@ -82,8 +83,8 @@ def ref_logps_stage(config, record_paths, init_from: str) -> str:
     logps = logps_fn(params, sharding.global_batch(batch, mesh))
     logps = np.asarray(multihost_utils.process_allgather(logps, tiled=True)).reshape(-1, 2)
     pair_index = np.asarray(multihost_utils.process_allgather(pair_index, tiled=True))
-    mask = np.asarray(multihost_utils.process_allgather(batch['example_mask'][0::2],
-                                                        tiled=True))
+    pair_mask = batch['example_mask'].reshape(len(pair_index), -1)[:, 0]
+    mask = np.asarray(multihost_utils.process_allgather(pair_mask, tiled=True))
     for index, (chosen, rejected), real in zip(pair_index, logps, mask):
       if index >= 0 and real:
         values[int(index)] = (float(chosen), float(rejected))
@@ -100,31 +101,19 @@ def ref_logps_stage(config, record_paths, init_from: str) -> str:
   return out
 
 
-def run(config) -> None:
-  if config.dry_run:
-    stage = 'dpo' if config.mode == 'dpo' else 'sft'
-    dry_run.dry_run(config, stage)
-    return
-  if config.mode == 'sft':
-    train_stage(config, 'sft', config.sft_records, config.init_from)
-  elif config.mode == 'ref_logps':
-    ref_logps_stage(config, config.pref_records, config.init_from)
-  elif config.mode == 'dpo':
-    train_stage(config, 'dpo', config.pref_records, config.init_from)
-  elif config.mode == 'generate':
-    generate_stage(config, config.generate.records, config.init_from,
-                   os.path.join(config.workdir, 'predictions.jsonl'))
-  elif config.mode == 'pipeline':
-    from saber_jax.train import demo
-    demo.run_pipeline(config)
-  else:
-    raise ValueError(f'unknown mode {config.mode!r}: sft, ref_logps, dpo, generate, pipeline')
-
-
 def generate_stage(config, record_paths, init_from: str, out_path: str,
                    limit: int | None = None) -> list[dict]:
   """Responses of the model at `init_from` to the prompts of the records, appended to the
-  JSONL `out_path` as {"id", "response"}; ids already there are skipped (resumable)."""
+  JSONL `out_path` as {"id", "response"}; ids already there are skipped (resumable) when
+  `<out_path stem>.fingerprint.json` says they came from the same records, weights and
+  generation settings (else an error naming what differs, or `config.overwrite`)."""
+  paths = pipeline.resolve_paths(record_paths)
+  produced_by = {'records': fingerprint.files_identity(paths), 'seed': config.seed,
+                 **trainer.weights_identity(config, init_from), 'generate': config.generate}
+  fingerprint.ensure(os.path.splitext(out_path)[0] + '.' + fingerprint.FILE, produced_by,
+                     has_output=os.path.exists(out_path), overwrite=config.get('overwrite', False),
+                     clear=lambda: os.remove(out_path), overwrite_hint='--config.overwrite=True',
+                     writer=jax.process_index() == 0)
   model_config = trainer.model_config_of(config)
   mesh = sharding.make_mesh(config.mesh)
   params = trainer.initial_params(config, model_config, mesh, init_from)
@@ -135,7 +124,7 @@ def generate_stage(config, record_paths, init_from: str, out_path: str,
       done = {json.loads(line)['id'] for line in f if line.strip()}
   todo = [(where, r) for where, r in
           ((w, records.decode_record(b, w)) for w, b in
-           records.read_records(pipeline.resolve_paths(record_paths)))
+           records.read_records(paths))
           if r['id'] not in done][:limit]
   g = config.generate
   written = []

@@ -6,8 +6,11 @@ the adapters and the frozen tree the base; the forward merges them.
 
 Batches are dicts of arrays: the thinker's `model_inputs` (`input_ids`, `attention_mask`,
 `position_ids`, `audio`, `vision`) plus `labels` [B, L] (-100 not trained) and `segments`
-[B, L]; DPO batches hold chosen and rejected of pair i in rows 2i and 2i + 1 and
-`ref_chosen_logps` / `ref_rejected_logps` [B / 2].
+[B, L]. DPO batches hold P pairs, `ref_chosen_logps` / `ref_rejected_logps` [P] and
+`pair_segments` [B, L] (1 prompt, 2 chosen, 3 rejected, 0 padding), in one of two layouts
+told apart by the row count: one row `[prompt | chosen | rejected]` per pair (B = P; the
+prompt and media are computed once, the answers attend to the prompt and to themselves
+only), or chosen and rejected of pair i in rows 2i and 2i + 1 (B = 2P).
 """
 
 from typing import Any
@@ -17,12 +20,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from saber_jax import losses
+from saber_jax import lm_head, losses
 from saber_jax.models.config import ThinkerConfig
 from saber_jax.models.thinker import Thinker
 from saber_jax.train import lora
 
-MODEL_KEYS = ('input_ids', 'attention_mask', 'position_ids', 'audio', 'vision')
+MODEL_KEYS = ('input_ids', 'attention_mask', 'position_ids', 'attention_segments', 'audio',
+              'vision')
 TRAINABLE_MODES = ('full', 'llm', 'lora')
 
 
@@ -76,7 +80,7 @@ def _head(config: ThinkerConfig, params: dict):
 
 
 def sft_loss(trainable, frozen, batch, *, model_config: ThinkerConfig, lora_config=None,
-             chunk_size: int = losses.DEFAULT_CHUNK_SIZE):
+             chunk_size: int = lm_head.DEFAULT_CHUNK_SIZE):
   """SED loss (Eq. 2) and its metrics; full logits are never materialised."""
   params = join_params(trainable, frozen, lora_config)
   hidden = _hidden(model_config, params, batch)
@@ -84,27 +88,41 @@ def sft_loss(trainable, frozen, batch, *, model_config: ThinkerConfig, lora_conf
                                      batch['segments'], chunk_size=chunk_size)
 
 
-def sequence_logps(params, batch, *, model_config: ThinkerConfig,
-                   chunk_size: int = losses.DEFAULT_CHUNK_SIZE):
-  """Summed response log-probs [B] of every row."""
+def _num_pairs(batch) -> int:
+  return batch['ref_chosen_logps'].shape[0]
+
+
+def pair_logps(params, batch, *, model_config: ThinkerConfig,
+               chunk_size: int = lm_head.DEFAULT_CHUNK_SIZE):
+  """Summed response log-probs (chosen [P], rejected [P]) of the pairs of a DPO batch."""
+  num_pairs = _num_pairs(batch)
+  if batch['input_ids'].shape[0] == num_pairs:          # one row per pair
+    batch = dict(batch, attention_segments=batch['pair_segments'])
   hidden = _hidden(model_config, params, batch)
-  return losses.sequence_logps_from_hidden(hidden, _head(model_config, params), batch['labels'],
-                                           chunk_size=chunk_size)
+  per_token = losses.token_logps_from_hidden(hidden, _head(model_config, params),
+                                             batch['labels'], chunk_size=chunk_size)
+  return losses.split_pairs(per_token, batch['labels'], batch['pair_segments'], num_pairs)
 
 
 def dpo_loss(trainable, frozen, batch, *, model_config: ThinkerConfig, dpo_config,
-             lora_config=None, chunk_size: int = losses.DEFAULT_CHUNK_SIZE):
-  """CA-DPO loss (Eq. 3): chosen and rejected go through the policy in one batch; the
-  reference log-probs come precomputed with the batch."""
+             lora_config=None, chunk_size: int = lm_head.DEFAULT_CHUNK_SIZE):
+  """CA-DPO loss (Eq. 3) and its options (`dpo_config`: beta, label_smoothing, loss_type,
+  sft_weight); the reference log-probs come precomputed with the batch."""
   params = join_params(trainable, frozen, lora_config)
-  logps = sequence_logps(params, batch, model_config=model_config, chunk_size=chunk_size)
-  lengths = losses.response_lengths(batch['labels'])
+  chosen, rejected = pair_logps(params, batch, model_config=model_config, chunk_size=chunk_size)
+  num_pairs = _num_pairs(batch)
+  ones = jnp.ones(batch['labels'][:, 1:].shape, jnp.int32)
+  chosen_lengths, rejected_lengths = losses.split_pairs(ones, batch['labels'],
+                                                        batch['pair_segments'], num_pairs)
+  pair_mask = None
+  if 'example_mask' in batch:                # per row; the rows of a pair agree
+    pair_mask = batch['example_mask'].reshape(num_pairs, -1)[:, 0]
   return losses.ca_dpo_loss(
-      logps[0::2], logps[1::2], batch['ref_chosen_logps'], batch['ref_rejected_logps'],
+      chosen, rejected, batch['ref_chosen_logps'], batch['ref_rejected_logps'],
       beta=dpo_config.beta, label_smoothing=dpo_config.label_smoothing,
-      loss_type=dpo_config.loss_type, chosen_lengths=lengths[0::2],
-      rejected_lengths=lengths[1::2],
-      pair_mask=batch['example_mask'][0::2] if 'example_mask' in batch else None)
+      loss_type=dpo_config.loss_type, chosen_lengths=chosen_lengths,
+      rejected_lengths=rejected_lengths, pair_mask=pair_mask,
+      sft_weight=dpo_config.get('sft_weight', 0.0))
 
 
 def apply_gradients(state: TrainState, grads, loss, optimizer: optax.GradientTransformation,
@@ -117,7 +135,9 @@ def apply_gradients(state: TrainState, grads, loss, optimizer: optax.GradientTra
   trainable = optax.apply_updates(state.trainable, updates)
   new = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)
   if skip_nonfinite:
-    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+    # The step still counts (its batch was consumed), so a resumed loop and the state
+    # agree on where they are.
+    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state).replace(step=new.step)
   return new, {'grad_norm': grad_norm, 'finite': finite}
 
 

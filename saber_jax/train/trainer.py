@@ -5,15 +5,17 @@ checkpoints, and the reference log-prob pass of CA-DPO."""
 import dataclasses
 import functools
 import os
+import shutil
 from typing import Any, Callable, Iterator
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from saber_jax import convert, flops, sharding
+from saber_jax import convert, fingerprint, flops, sharding
 from saber_jax.models.config import ThinkerConfig
 from saber_jax.models.thinker import abstract_params, init_params
 from saber_jax.train import checkpoint, lora, optim, steps
@@ -133,11 +135,52 @@ def final_params(setup: Setup, lora_config) -> dict:
                                                                                s.frozen)
 
 
+def weights_identity(config, init_from: str | None) -> dict:
+  """What a run's starting weights are, for fingerprints: the model and `init_from`'s files."""
+  return {'model': {k: config.model.get(k) for k in ('name', 'hf_config', 'dtype', 'param_dtype')},
+          'init_from': fingerprint.tree_identity(init_from) if init_from else None}
+
+
+def claim_workdir(config, workdir: str, stage: str, record_paths, init_from: str | None):
+  """Checks a stage's workdir belongs to this run (`fingerprint.json`: the records, the
+  start weights and every setting that changes the result); a mismatch is an error naming
+  what differs, or, with `config.overwrite`, the old stage is deleted and starts fresh."""
+  c = config
+  runtime_only = ('worker_count', 'worker_buffer_size', 'read_threads', 'prefetch',
+                  'num_data_shards', 'batch_size')
+  produced_by = {
+      'stage': stage, 'records': fingerprint.files_identity(record_paths),
+      **weights_identity(c, init_from), 'trainable': c.trainable,
+      'lora': c.lora if c.trainable == 'lora' else None,
+      'optim': c.optim, 'dpo': c.dpo if stage == 'dpo' else None, 'seed': c.seed,
+      'nonfinite': c.nonfinite,
+      'data': {**{k: v for k, v in c.data.items() if k not in runtime_only},
+               'global_batch_size': c.data.batch_size * jax.process_count()}}
+  checkpoints, final = os.path.join(workdir, 'checkpoints'), os.path.join(workdir, 'final')
+  has_output = any(os.path.exists(p) and os.listdir(p) for p in (checkpoints, final))
+
+  def clear():
+    for path in (checkpoints, final, checkpoints + '.damaged'):
+      shutil.rmtree(path, ignore_errors=True)
+    print(f'[{stage}] config.overwrite: deleted the earlier run in {workdir}', flush=True)
+
+  fingerprint.ensure(os.path.join(workdir, fingerprint.FILE), produced_by,
+                     has_output=has_output, overwrite=c.get('overwrite', False), clear=clear,
+                     overwrite_hint='--config.overwrite=True',
+                     writer=jax.process_index() == 0)
+  multihost_utils.sync_global_devices(f'{stage} workdir claimed')
+
+
 def train(config, setup: Setup, batches: Iterator[dict], data_iterator, workdir: str,
           stage: str, total_steps: int, init_from: str | None = None) -> Setup:
   """The loop: one step per batch until `total_steps` micro-steps, checkpoints every
   `checkpoint.every_steps` (and at the end). Resumes from the latest complete checkpoint
-  of `workdir` (state and data position); otherwise starts from `init_from`."""
+  of `workdir` (state and data position); otherwise starts from `init_from`.
+
+  Metrics stay on the devices until a log step or a checkpoint step fetches them all at
+  once (no host sync per micro-step). The non-finite stop is still exact: it names the
+  first non-finite step, and no checkpoint is written before the steps it holds were
+  seen finite, so the last checkpoint is intact."""
   mngr = checkpoint.manager(os.path.join(workdir, 'checkpoints'), keep=config.checkpoint.keep,
                             every_steps=config.checkpoint.every_steps)
   state = checkpoint.restore(mngr, setup.abstract_state, data_iterator)
@@ -146,26 +189,34 @@ def train(config, setup: Setup, batches: Iterator[dict], data_iterator, workdir:
   elif jax.process_index() == 0:
     print(f'[{stage}] resumed from step {int(jax.device_get(state.step))}', flush=True)
   step = int(jax.device_get(state.step))
-  logger = MetricLogger(config.workdir, stage, total_steps)
+  logger = MetricLogger(config.workdir, stage, total_steps, start_step=step)
   schedule = optim.learning_rate_schedule(config.optim)
-  try:
-    while step < total_steps:
-      batch = next(batches)
-      state, metrics = setup.step_fn(state, sharding.global_batch(batch, setup.mesh))
-      # Counted on the host while the (asynchronously dispatched) step runs.
-      work = dict(tokens=int(np.sum(batch['labels'] != -100)),
-                  model_flops=flops.step_flops(setup.model_config, batch,
-                                               trainable=config.trainable))
-      metrics = jax.device_get(metrics)
-      step += 1
+  pending = []     # (step, device metrics, host work counts) not yet fetched
+
+  def fetch():
+    for at, metrics, work in jax.device_get(pending):
       if not metrics['finite']:
-        message = (f'[{stage}] non-finite loss or gradient at step {step} '
+        message = (f'[{stage}] non-finite loss or gradient at step {at} '
                    f'(loss {metrics["loss"]}, grad norm {metrics["grad_norm"]})')
         if config.nonfinite != 'skip':
           raise NonFiniteError(message + '; stopping. The last checkpoint is intact.')
         print(message + '; update skipped.', flush=True)
       logger.add(metrics, **work)
-      if step % config.log_every == 0 or step == total_steps:
+    pending.clear()
+
+  try:
+    while step < total_steps:
+      batch = next(batches)
+      state, metrics = setup.step_fn(state, sharding.global_batch(batch, setup.mesh))
+      step += 1
+      # Counted on the host while the (asynchronously dispatched) step runs.
+      pending.append((step, metrics, dict(
+          tokens=int(np.sum(batch['labels'] != -100)),
+          model_flops=flops.step_flops(setup.model_config, batch, trainable=config.trainable))))
+      log_now = step % config.log_every == 0 or step == total_steps
+      if log_now or mngr.should_save(step) or step == total_steps:
+        fetch()
+      if log_now:
         logger.write(step, {'lr': float(schedule((step - 1) // config.optim.grad_accum_steps))})
       checkpoint.save(mngr, step, state, data_iterator, force=step == total_steps)
     mngr.wait_until_finished()

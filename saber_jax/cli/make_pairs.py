@@ -31,9 +31,9 @@ Output OUT/pairs.jsonl, one preference pair per line:
 (judge: plus chosen_index / rejected_index and "prompt" when given; perturb: scores
 and margin are null, plus "perturbation" and "donor_id"), and OUT/summary.json.
 
-  python tools/make_pairs.py --samples samples.jsonl --annotations kept.jsonl --out pairs/ \\
+  saber-make-pairs --samples samples.jsonl --annotations kept.jsonl --out pairs/ \\
       --base-url http://localhost:8000/v1 --model Qwen/Qwen2.5-72B-Instruct
-  python tools/make_pairs.py --strategy perturb --annotations kept.jsonl --out pairs/ --seed 0
+  saber-make-pairs --strategy perturb --annotations kept.jsonl --out pairs/ --seed 0
 """
 
 import argparse
@@ -43,14 +43,15 @@ import os
 import random
 import re
 
-import _common
-from saber_jax import judge as judge_lib
-from saber_jax import metrics
+from saber_jax import jsonl, metrics
+from saber_jax.cli import _common
 from saber_jax.data import annotation as annotation_lib
 from saber_jax.data import sed
+from saber_jax.judge import replies, runs
 
-SCORE_SPEC = judge_lib.obj(logical_consistency=judge_lib.integer(0, 10),
-                           evidence_alignment=judge_lib.integer(0, 10))
+class ResponseScore(replies.Reply):
+  logical_consistency: replies.int_in(0, 10)
+  evidence_alignment: replies.int_in(0, 10)
 
 SCORE_PROMPT = """You are grading one response of a model that analyses the emotion expressed in a video clip. The model had to state the visual evidence, then the acoustic evidence, then reason from that evidence to the emotion.
 Score the response on two criteria, each an integer from 0 to 10:
@@ -68,7 +69,7 @@ Response to grade:
 def score_messages(annotation: dict, response: str, prompt: str | None = None) -> list[dict]:
   task = f'\nThe task the model was given:\n{prompt}\n' if prompt else ''
   return [{'role': 'user', 'content': SCORE_PROMPT.format(
-      task=task, reference=_common.annotation_text(annotation), response=response)}]
+      task=task, reference=sed.evidence_json(annotation), response=response)}]
 
 
 def response_score(scores: dict) -> float:
@@ -198,7 +199,7 @@ def _index_annotations(path: str) -> tuple[list[tuple[str, str, int]], dict[str,
           r = json.loads(line)
         except ValueError as e:
           raise ValueError(f'{path}: line {len(entries) + 1}: not valid JSON ({e})') from None
-        rid = judge_lib.record_id(r, f'{path} record {len(entries) + 1}')
+        rid = jsonl.record_id(r, f'{path} record {len(entries) + 1}')
         lang = str(r.get('lang', ''))
         by_lang.setdefault(lang, []).append(len(entries))
         entries.append((rid, lang, offset))
@@ -214,7 +215,7 @@ def perturb_pairs(args) -> dict:
   entries, by_lang = _index_annotations(args.annotations)
   counts = {'records': 0, 'pairs': 0, 'skipped': {k: 0 for k in kinds}}
   with open(args.annotations, 'rb') as reader, \
-       judge_lib.AtomicJsonlWriter(os.path.join(args.out, 'pairs.jsonl')) as writer:
+       jsonl.AtomicJsonlWriter(os.path.join(args.out, 'pairs.jsonl')) as writer:
 
     def load(index: int) -> tuple[str, dict]:
       rid, _, offset = entries[index]
@@ -226,7 +227,7 @@ def perturb_pairs(args) -> dict:
       if index % args.num_shards != args.shard_index:
         continue
       rid, record = load(index)
-      annotation = _common.annotation_of(record, args.annotations, rid)
+      annotation = annotation_lib.annotation_of(record, args.annotations, rid)
       lang = record.get('lang')
       if lang not in ('en', 'zh'):
         raise ValueError(f"{args.annotations}: clip {rid!r}: 'lang' must be 'en' or 'zh', got {lang!r}")
@@ -242,7 +243,7 @@ def perturb_pairs(args) -> dict:
       donor_id, donor = None, None
       if donor_index is not None:
         donor_id, donor_record = load(donor_index)
-        donor = _common.annotation_of(donor_record, args.annotations, donor_id)
+        donor = annotation_lib.annotation_of(donor_record, args.annotations, donor_id)
       counts['records'] += 1
       for kind in kinds:
         result = perturb(annotation, kind, donor, rng)
@@ -268,17 +269,17 @@ def judge_pairs(args) -> dict:
   if not args.samples:
     raise SystemExit('--strategy judge needs --samples')
   ids = set()
-  for n, r in enumerate(judge_lib.read_jsonl(args.samples)):
+  for n, r in enumerate(jsonl.read_jsonl(args.samples)):
     where = f'{args.samples} record {n + 1}'
-    ids.add(judge_lib.record_id(r, where))
+    ids.add(jsonl.record_id(r, where))
     responses_of(r, where)
-  references = {rid: _common.annotation_of(r, args.annotations, rid)
+  references = {rid: annotation_lib.annotation_of(r, args.annotations, rid)
                 for rid, r in _common.load_by_id(args.annotations, ids=ids).items()}
   judge = _common.judge_from_args(args)
   scores_path = os.path.join(args.out, 'scores.jsonl')
 
   def items():
-    for r in _common.sharded(judge_lib.read_jsonl(args.samples), args):
+    for r in _common.sharded(jsonl.read_jsonl(args.samples), args):
       rid = str(r['id'])
       for i, response in enumerate(r['responses']):
         yield {'id': f'{rid}#{i}', 'record_id': rid, 'index': i, 'response': response,
@@ -287,24 +288,23 @@ def judge_pairs(args) -> dict:
   def process(item):
     annotation = references.get(item['record_id'])
     if annotation is None:
-      raise judge_lib.ItemError('bad_input', f"{args.annotations}: no annotation for id {item['record_id']!r}")
-    reply = judge.ask(score_messages(annotation, item['response'], item['prompt']), SCORE_SPEC,
+      raise runs.ItemError('bad_input', f"{args.annotations}: no annotation for id {item['record_id']!r}")
+    reply = judge.ask(score_messages(annotation, item['response'], item['prompt']), ResponseScore,
                       name='response_score')
     return {'record_id': item['record_id'], 'index': item['index'], **reply.value,
             'score': response_score(reply.value), 'raw': reply.raw}
 
-  run = judge_lib.run_jobs(items(), process, out_path=scores_path,
-                           errors_path=os.path.join(args.out, 'errors.jsonl'),
-                           concurrency=args.concurrency, max_items=args.max_items, desc='score')
+  run = _common.run_judged(args, items(), process, input_path=args.samples, out_path=scores_path,
+                           desc='score', also=('annotations',))
   scored: dict[str, dict[int, float]] = {}
   if os.path.exists(scores_path):
-    for s in judge_lib.read_jsonl(scores_path):
+    for s in jsonl.read_jsonl(scores_path):
       scored.setdefault(str(s['record_id']), {})[int(s['index'])] = float(s['score'])
   counts = {'prompts': 0, 'incomplete': 0, 'no_pairs': 0, 'pairs': 0, 'margin_mean': None,
             'judge': {'done': run.done, 'skipped': run.skipped, 'failed': run.failed}}
   margins = []
-  with judge_lib.AtomicJsonlWriter(os.path.join(args.out, 'pairs.jsonl')) as writer:
-    for r in _common.sharded(judge_lib.read_jsonl(args.samples), args):
+  with jsonl.AtomicJsonlWriter(os.path.join(args.out, 'pairs.jsonl')) as writer:
+    for r in _common.sharded(jsonl.read_jsonl(args.samples), args):
       rid, responses = str(r['id']), r['responses']
       counts['prompts'] += 1
       got = scored.get(rid, {})

@@ -23,20 +23,24 @@ wer_unit, consistent, consistency_reason} and, when dropped, "drop_reasons"), an
 OUT/summary.json. Clips whose judge call failed are in neither file until a rerun
 succeeds ("pending").
 
-  python tools/quality.py --annotations ann/annotations.jsonl --out qc/ \\
+  saber-quality --annotations ann/annotations.jsonl --out qc/ \\
       --descriptions captions.jsonl --base-url http://localhost:8000/v1 --model Qwen/Qwen2.5-72B-Instruct
 """
 
 import argparse
 import os
 
-import _common
-from saber_jax import judge as judge_lib
-from saber_jax import metrics
+from saber_jax import jsonl, metrics
+from saber_jax.cli import _common
+from saber_jax.data import annotation as annotation_lib
+from saber_jax.data import sed
+from saber_jax.judge import replies
 
 DEFAULT_WER_THRESHOLD = 0.3
 
-CONSISTENCY_SPEC = judge_lib.obj(consistent=judge_lib.boolean(), reason=judge_lib.string(non_empty=True))
+class Consistency(replies.Reply):
+  consistent: bool
+  reason: replies.NonEmpty
 
 CONSISTENCY_PROMPT = """Two descriptions of the same short video clip follow: a structured annotation (JSON) and an independent description written by another observer.
 Decide whether they are semantically consistent: they describe the same scene, the same people and actions, and a compatible emotional tone. Differences in detail, emphasis or wording are fine; a contradiction (different people, setting, events or speech, or an opposite emotion) makes them inconsistent.
@@ -51,7 +55,7 @@ Independent description:
 
 def consistency_messages(annotation: dict, description: str) -> list[dict]:
   return [{'role': 'user', 'content': CONSISTENCY_PROMPT.format(
-      annotation=_common.annotation_text(annotation), description=description)}]
+      annotation=sed.evidence_json(annotation), description=description)}]
 
 
 def speech_qc(record: dict, transcript: str | None,
@@ -80,9 +84,9 @@ def consistency_qc(judged: dict | None) -> tuple[dict, list[tuple[str, str]]]:
 
 def checked_records(args, transcripts: dict):
   """(id, record, speech qc, speech reasons) per annotation of this shard."""
-  for n, r in enumerate(_common.sharded(judge_lib.read_jsonl(args.annotations), args)):
-    rid = judge_lib.record_id(r, f'{args.annotations} record {n + 1}')
-    r = {**r, 'annotation': _common.annotation_of(r, args.annotations, rid)}
+  for n, r in enumerate(_common.sharded(jsonl.read_jsonl(args.annotations), args)):
+    rid = jsonl.record_id(r, f'{args.annotations} record {n + 1}')
+    r = {**r, 'annotation': annotation_lib.annotation_of(r, args.annotations, rid)}
     if r.get('lang') not in ('en', 'zh'):
       raise ValueError(f"{args.annotations}: clip {rid!r}: 'lang' must be 'en' or 'zh', got {r.get('lang')!r}")
     qc, reasons = speech_qc(r, transcripts.get(rid, r.get('transcript')), args.wer_threshold)
@@ -129,20 +133,18 @@ def main(argv=None) -> dict:
 
     def process(item):
       reply = judge.ask(consistency_messages(item['annotation'], descriptions[item['id']]),
-                        CONSISTENCY_SPEC, name='consistency')
+                        Consistency, name='consistency')
       return {**reply.value, 'raw': reply.raw}
 
-    run = judge_lib.run_jobs(items(), process, out_path=judged_path,
-                             errors_path=os.path.join(args.out, 'errors.jsonl'),
-                             concurrency=args.concurrency, max_items=args.max_items,
-                             desc='consistency')
+    run = _common.run_judged(args, items(), process, input_path=args.annotations,
+                             out_path=judged_path, desc='consistency', also=('descriptions',))
   judged = {}
   if args.descriptions and os.path.exists(judged_path):
-    judged = {judge_lib.record_id(r, judged_path): r for r in judge_lib.read_jsonl(judged_path)}
+    judged = {jsonl.record_id(r, judged_path): r for r in jsonl.read_jsonl(judged_path)}
 
   counts = {'kept': 0, 'dropped': 0, 'pending': 0, 'reasons': {}}
-  with judge_lib.AtomicJsonlWriter(os.path.join(args.out, 'kept.jsonl')) as kept, \
-       judge_lib.AtomicJsonlWriter(os.path.join(args.out, 'dropped.jsonl')) as dropped:
+  with jsonl.AtomicJsonlWriter(os.path.join(args.out, 'kept.jsonl')) as kept, \
+       jsonl.AtomicJsonlWriter(os.path.join(args.out, 'dropped.jsonl')) as dropped:
     for rid, r, qc, reasons in checked_records(args, transcripts):
       if args.descriptions and not reasons:
         if rid in descriptions and rid not in judged:

@@ -13,19 +13,23 @@ Output: OUT/judgments.jsonl (resumable; failures in OUT/errors.jsonl),
 OUT/test_set.jsonl (the input record plus "subset" and "intensity", ranked within each
 class; the reference file for `evaluate.py saber-test`), OUT/summary.json.
 
-  python tools/build_test_set.py --annotations qc/kept.jsonl --out saber_test/ \\
+  saber-build-test-set --annotations qc/kept.jsonl --out saber_test/ \\
       --per-class 900 --base-url http://localhost:8000/v1 --model Qwen/Qwen2.5-72B-Instruct
 """
 
 import argparse
 import os
+from typing import Literal
 
-import _common
-from saber_jax import judge as judge_lib
-from saber_jax import metrics
+from saber_jax import jsonl, metrics
+from saber_jax.cli import _common
+from saber_jax.data import annotation as annotation_lib
+from saber_jax.data import sed
+from saber_jax.judge import replies
 
-RELATION_SPEC = judge_lib.obj(relation=judge_lib.enum(*metrics.SUBSETS),
-                              intensity=judge_lib.integer(0, 10))
+class Relation(replies.Reply):
+  relation: Literal[metrics.SUBSETS]
+  intensity: replies.int_in(0, 10)
 
 RELATION_PROMPT = """Below is a structured annotation of a short video clip: what is seen (video, facial expression, body language), what is heard (speech content with <sound events>, acoustic features of the voice) and a sentiment analysis.
 Judge the relation between the emotional cues of the audio (the words and the voice) and those of the visuals (face, body, scene):
@@ -39,7 +43,7 @@ Annotation:
 
 
 def relation_messages(annotation: dict) -> list[dict]:
-  return [{'role': 'user', 'content': RELATION_PROMPT.format(annotation=_common.annotation_text(annotation))}]
+  return [{'role': 'user', 'content': RELATION_PROMPT.format(annotation=sed.evidence_json(annotation))}]
 
 
 def parse_args(argv=None):
@@ -59,33 +63,32 @@ def main(argv=None) -> dict:
   judged_path = os.path.join(args.out, 'judgments.jsonl')
 
   def items():
-    for n, r in enumerate(_common.sharded(judge_lib.read_jsonl(args.annotations), args)):
-      rid = judge_lib.record_id(r, f'{args.annotations} record {n + 1}')
-      yield {'id': rid, 'annotation': _common.annotation_of(r, args.annotations, rid)}
+    for n, r in enumerate(_common.sharded(jsonl.read_jsonl(args.annotations), args)):
+      rid = jsonl.record_id(r, f'{args.annotations} record {n + 1}')
+      yield {'id': rid, 'annotation': annotation_lib.annotation_of(r, args.annotations, rid)}
 
   def process(item):
-    reply = judge.ask(relation_messages(item['annotation']), RELATION_SPEC, name='av_relation')
+    reply = judge.ask(relation_messages(item['annotation']), Relation, name='av_relation')
     return {**reply.value, 'raw': reply.raw}
 
-  run = judge_lib.run_jobs(items(), process, out_path=judged_path,
-                           errors_path=os.path.join(args.out, 'errors.jsonl'),
-                           concurrency=args.concurrency, max_items=args.max_items,
-                           total=_common.shard_total(args.annotations, args), desc='relation')
+  run = _common.run_judged(args, items(), process, input_path=args.annotations,
+                           out_path=judged_path, desc='relation',
+                           total=_common.shard_total(args.annotations, args))
   # Judgments of clips no longer in the input (an edited annotations file) are ignored.
-  present = {judge_lib.record_id(r, f'{args.annotations} record {n + 1}')
-             for n, r in enumerate(_common.sharded(judge_lib.read_jsonl(args.annotations), args))}
-  judgments = [j for j in (judge_lib.read_jsonl(judged_path) if os.path.exists(judged_path) else [])
+  present = {jsonl.record_id(r, f'{args.annotations} record {n + 1}')
+             for n, r in enumerate(_common.sharded(jsonl.read_jsonl(args.annotations), args))}
+  judgments = [j for j in (jsonl.read_jsonl(judged_path) if os.path.exists(judged_path) else [])
                if str(j['id']) in present]
   selected, counts = metrics.select_test_set(judgments, args.per_class, balance=not args.no_balance)
   rank = {i: (subset, k) for subset, ids in selected.items() for k, i in enumerate(ids)}
   intensity = {str(j['id']): j['intensity'] for j in judgments}
   chosen = {}
-  for n, r in enumerate(judge_lib.read_jsonl(args.annotations)):
-    rid = judge_lib.record_id(r, f'{args.annotations} record {n + 1}')
+  for n, r in enumerate(jsonl.read_jsonl(args.annotations)):
+    rid = jsonl.record_id(r, f'{args.annotations} record {n + 1}')
     if rid in rank:
       chosen[rid] = {**r, 'id': rid, 'subset': rank[rid][0], 'intensity': intensity[rid]}
   ordered = [chosen[i] for subset in metrics.SUBSETS for i in selected[subset]]
-  judge_lib.write_jsonl_atomic(os.path.join(args.out, 'test_set.jsonl'), ordered)
+  jsonl.write_jsonl_atomic(os.path.join(args.out, 'test_set.jsonl'), ordered)
   summary = {**counts, 'per_class': args.per_class, 'balanced': not args.no_balance,
              'judge': {'done': run.done, 'skipped': run.skipped, 'failed': run.failed}}
   _common.write_json(os.path.join(args.out, 'summary.json'), summary)

@@ -24,18 +24,22 @@ optional). Each writes OUT/summary.json, OUT/report.md and PNG bar charts; judge
 subcommands keep per-item results in OUT/judgments.jsonl (resumable; failures in
 OUT/errors.jsonl, retried on the next run).
 
-  python tools/evaluate.py saber-test --predictions preds.jsonl \\
+  saber-evaluate saber-test --predictions preds.jsonl \\
       --references saber_test/test_set.jsonl --out eval/saber_test --model Qwen/Qwen2.5-72B-Instruct
-  python tools/evaluate.py emobench --predictions emobench_preds.jsonl --out eval/emobench
+  saber-evaluate emobench --predictions emobench_preds.jsonl --out eval/emobench
 """
 
 import argparse
 import json
 import os
 
-import _common
-from saber_jax import judge as judge_lib
-from saber_jax import metrics
+import pydantic
+
+from saber_jax import jsonl, metrics
+from saber_jax.cli import _common
+from saber_jax.data import annotation as annotation_lib
+from saber_jax.data import sed
+from saber_jax.judge import replies, runs
 
 # ----------------------------------------------------------------------------- SABER-Test
 
@@ -47,7 +51,8 @@ DIM_NAMES = {
     'BL': 'body language (posture, gestures, movement) -- reference "body_lang_desc"',
     'CR': 'consistency reasoning: does the prediction correctly tell whether the audio and visual cues agree or conflict, and reach the emotional conclusion of the reference -- reference "sentiment_analysis"',
 }
-SABER_SPEC = judge_lib.obj(**{d: judge_lib.integer(0, 3) for d in metrics.SABER_TEST_DIMS})
+SaberScores = pydantic.create_model(
+    'SaberScores', __base__=replies.Reply, **{d: (replies.int_in(0, 3), ...) for d in metrics.SABER_TEST_DIMS})
 
 SABER_PROMPT = """You are evaluating a model's multimodal emotion analysis of a video clip against a reference annotation of the same clip.
 Score how well the prediction agrees with the reference on each dimension, as an integer from 0 to 3:
@@ -66,7 +71,7 @@ def saber_messages(annotation: dict, prediction: str) -> list[dict]:
   dims = '\n'.join(f'- {d}: {DIM_NAMES[d]}' for d in metrics.SABER_TEST_DIMS)
   return [{'role': 'user', 'content': SABER_PROMPT.format(
       dims=dims, keys=', '.join(metrics.SABER_TEST_DIMS),
-      reference=_common.annotation_text(annotation), prediction=prediction)}]
+      reference=sed.evidence_json(annotation), prediction=prediction)}]
 
 
 # ----------------------------------------------------------------------------- EMER
@@ -85,26 +90,33 @@ EMER_PROMPTS = {
         'label': 'Below are two sets of emotion words. Score their overlap from 0 to 10: the more they overlap, the higher the score. Output only JSON: {{"label_overlap": score}}.\nTrue emotions: {reference}\nPredicted emotions: {prediction}',
     },
 }
-CLUE_SPEC = judge_lib.obj(clue_overlap=judge_lib.number(0, 10))
-EMOTIONS_SPEC = judge_lib.obj(emotions=judge_lib.string_list())
-LABEL_SPEC = judge_lib.obj(label_overlap=judge_lib.number(0, 10))
+class ClueOverlap(replies.Reply):
+  clue_overlap: replies.number_in(0, 10)
+
+
+class Emotions(replies.Reply):
+  emotions: list[str]
+
+
+class LabelOverlap(replies.Reply):
+  label_overlap: replies.number_in(0, 10)
 
 
 def _user(text: str) -> list[dict]:
   return [{'role': 'user', 'content': text}]
 
 
-def emer_item(judge: judge_lib.Judge, reference: str, prediction: str, lang: str) -> dict:
+def emer_item(judge, reference: str, prediction: str, lang: str) -> dict:
   """Clue overlap, then label overlap via summarised emotion words (4 judge calls)."""
   p = EMER_PROMPTS[lang]
   clue = judge.ask(_user(p['clue'].format(reference=reference, prediction=prediction)),
-                   CLUE_SPEC, name='clue_overlap')
-  ref_em = judge.ask(_user(p['emotions'].format(text=reference)), EMOTIONS_SPEC, name='emotions')
-  pred_em = judge.ask(_user(p['emotions'].format(text=prediction)), EMOTIONS_SPEC, name='emotions')
+                   ClueOverlap, name='clue_overlap')
+  ref_em = judge.ask(_user(p['emotions'].format(text=reference)), Emotions, name='emotions')
+  pred_em = judge.ask(_user(p['emotions'].format(text=prediction)), Emotions, name='emotions')
   sep = '、' if lang == 'zh' else ', '
   label = judge.ask(_user(p['label'].format(reference=sep.join(ref_em.value['emotions']),
                                             prediction=sep.join(pred_em.value['emotions']))),
-                    LABEL_SPEC, name='label_overlap')
+                    LabelOverlap, name='label_overlap')
   return {'clue_overlap': clue.value['clue_overlap'], 'label_overlap': label.value['label_overlap'],
           'reference_emotions': ref_em.value['emotions'],
           'predicted_emotions': pred_em.value['emotions'],
@@ -130,8 +142,8 @@ EMOBENCH_LABELS = {
 
 def emobench(args) -> dict:
   rows = []
-  for n, r in enumerate(judge_lib.read_jsonl(args.predictions)):
-    rid = judge_lib.record_id(r, f'{args.predictions} record {n + 1}')
+  for n, r in enumerate(jsonl.read_jsonl(args.predictions)):
+    rid = jsonl.record_id(r, f'{args.predictions} record {n + 1}')
     for field in ('response', 'task', 'label'):
       if not isinstance(r.get(field), str):
         raise ValueError(f'{args.predictions}: record {rid!r}: {field!r} must be a string')
@@ -150,7 +162,7 @@ def emobench(args) -> dict:
       labels[task].append(gold)
   categories = {r['task']: r['category'] for r in rows if r.get('category')}
   parsed_rows = []
-  with judge_lib.AtomicJsonlWriter(os.path.join(args.out, 'parsed.jsonl')) as writer:
+  with jsonl.AtomicJsonlWriter(os.path.join(args.out, 'parsed.jsonl')) as writer:
     for r in rows:
       pred = metrics.parse_emotion_answer(r['response'], labels[r['task']])
       parsed_rows.append((r['task'], r['label'], pred))
@@ -180,31 +192,31 @@ def emobench(args) -> dict:
 # ----------------------------------------------------------------------------- judged runs
 
 
-def _run_judged(args, references: dict, process, desc: str) -> judge_lib.RunSummary:
+def _run_judged(args, references: dict, process, desc: str) -> runs.RunSummary:
   def items():
-    for n, r in enumerate(_common.sharded(judge_lib.read_jsonl(args.predictions), args)):
-      rid = judge_lib.record_id(r, f'{args.predictions} record {n + 1}')
+    for n, r in enumerate(_common.sharded(jsonl.read_jsonl(args.predictions), args)):
+      rid = jsonl.record_id(r, f'{args.predictions} record {n + 1}')
       if not isinstance(r.get('response'), str):
         raise ValueError(f"{args.predictions}: record {rid!r}: 'response' must be a string")
       yield {'id': rid, 'response': r['response']}
 
   def guarded(item):
     if item['id'] not in references:
-      raise judge_lib.ItemError('bad_input', f"{args.references}: no reference for id {item['id']!r}")
+      raise runs.ItemError('bad_input', f"{args.references}: no reference for id {item['id']!r}")
     return process(item, references[item['id']])
 
-  return judge_lib.run_jobs(items(), guarded, out_path=os.path.join(args.out, 'judgments.jsonl'),
-                            errors_path=os.path.join(args.out, 'errors.jsonl'),
-                            concurrency=args.concurrency, max_items=args.max_items,
-                            total=_common.shard_total(args.predictions, args), desc=desc)
+  return _common.run_judged(args, items(), guarded, input_path=args.predictions,
+                            out_path=os.path.join(args.out, 'judgments.jsonl'),
+                            total=_common.shard_total(args.predictions, args), desc=desc,
+                            also=('references', 'command') + (('lang',) if 'lang' in args else ()))
 
 
 def _judgments(args) -> list[dict]:
   path = os.path.join(args.out, 'judgments.jsonl')
-  return list(judge_lib.read_jsonl(path)) if os.path.exists(path) else []
+  return list(jsonl.read_jsonl(path)) if os.path.exists(path) else []
 
 
-def _run_counts(run: judge_lib.RunSummary) -> dict:
+def _run_counts(run: runs.RunSummary) -> dict:
   return {'done': run.done, 'skipped': run.skipped, 'failed': run.failed}
 
 
@@ -214,11 +226,11 @@ def saber_test(args) -> dict:
     if r['subset'] not in metrics.SUBSETS:
       raise ValueError(f"{args.references}: record {rid!r}: 'subset' must be one of {metrics.SUBSETS}, got {r['subset']!r}")
     references[rid] = {'subset': r['subset'],
-                       'annotation': _common.annotation_of(r, args.references, rid)}
+                       'annotation': annotation_lib.annotation_of(r, args.references, rid)}
   judge = _common.judge_from_args(args)
 
   def process(item, ref):
-    reply = judge.ask(saber_messages(ref['annotation'], item['response']), SABER_SPEC, name='saber_test')
+    reply = judge.ask(saber_messages(ref['annotation'], item['response']), SaberScores, name='saber_test')
     return {'subset': ref['subset'], 'scores': reply.value, 'raw': reply.raw}
 
   run = _run_judged(args, references, process, 'saber-test')

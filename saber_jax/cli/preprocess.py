@@ -1,6 +1,6 @@
 """Turn clips + SABER annotations into SFT records (ArrayRecord shards) for training.
 
-  python tools/preprocess.py --manifest clips.jsonl --annotations ann.jsonl --out DIR \\
+  saber-preprocess --manifest clips.jsonl --annotations ann.jsonl --out DIR \\
       [--num_shards N [--shard_index I]] [--workers W] [--tokenizer PATH]
 
 Inputs
@@ -15,9 +15,11 @@ at most 40 frames, at most 50176 pixels each) -> SED prompt (the video's audio i
 with it, as Qwen2.5-Omni's use_audio_in_video) -> SED target -> record. Filters, in order
 (the first that applies is the clip's reject reason):
   no_annotation / bad_annotation   no annotation line for the id, or one that fails the schema
-  missing_file / unreadable_media  a path that does not exist, or a file PyAV cannot read
+  missing_file / unreadable_media  a path that does not exist, a file PyAV cannot read, or a
+                                   truncated video (fewer frames than its header claims)
   no_video / no_audio              SABER needs both tracks
-  too_short / too_long             duration < 0.5 s or > 30 s (the paper's range)
+  too_short / too_long             video or decoded audio < 0.5 s or > 30 s (the paper's range)
+  av_mismatch                      decoded audio and video lengths differ by more than 1 s
   low_resolution                   short side < 112 px. Ours: four merge units of 28 px;
                                    below that a face spans a handful of 14-px patches
   error                            anything unexpected, with its message (never a crash)
@@ -36,55 +38,42 @@ Outputs under DIR:
 Every manifest line is either a record or a reject (stats: clips == sum of outcomes), and
 every annotation line that matches no clip is a reject too. A re-run skips shards whose
 stats part exists; a killed run redoes only unfinished shards, whose files are replaced
-whole (records are written under a temporary name and renamed), so nothing is duplicated.
+whole (records are written under a temporary name and renamed), so nothing is duplicated;
+the temporary files and pool workers of a run killed even by SIGKILL do not outlive it
+(workers die with the parent; the rerun removes the files).
+OUT/fingerprint.json records the manifest and annotation files (path, size, mtime), the
+tokenizer, the filters and the shard count: a rerun with any of them changed (clips
+added to the manifest) is an error naming what differs, or starts fresh with --overwrite.
 """
 
 import argparse
 import collections
 import concurrent.futures
+import ctypes
 import dataclasses
+import glob
 import hashlib
 import json
-import math
 import multiprocessing
 import os
-import pathlib
+import shutil
+import signal
 import sys
 import traceback
 
-_ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(_ROOT) not in sys.path:
-  sys.path.insert(0, str(_ROOT))
+import tqdm
 
-import tqdm  # noqa: E402
-
-from saber_jax.data import annotation as annotation_lib  # noqa: E402
-from saber_jax.data import media  # noqa: E402
-from saber_jax.data import prompt as prompt_lib  # noqa: E402
-from saber_jax.data import records  # noqa: E402
-from saber_jax.data import sed  # noqa: E402
+from saber_jax import fingerprint
+from saber_jax.data import annotation as annotation_lib
+from saber_jax.data import clips
+from saber_jax.data import prompt as prompt_lib
+from saber_jax.data import records
+from saber_jax.data.clips import Reject, Settings
 
 LANGS = ('en', 'zh')
 RECORD_PREFIX = 'sft'
 # Token-length histogram edges: the pipeline's default length buckets.
 LENGTH_EDGES = (256, 512, 1024, 2048, 4096)
-
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-  min_seconds: float = 0.5
-  max_seconds: float = 30.0
-  min_side: int = 112
-  fps: float = media.VIDEO_FPS
-  max_frames: int = media.VIDEO_MAX_FRAMES
-  max_pixels: int = media.VIDEO_MAX_PIXELS
-  system: str | None = prompt_lib.DEFAULT_SYSTEM_PROMPT
-
-
-class Reject(Exception):
-  def __init__(self, reason: str, message: str):
-    super().__init__(message)
-    self.reason, self.message = reason, message
 
 
 def shard_of(clip_id: str, num_shards: int) -> int:
@@ -100,10 +89,12 @@ def _reject(clip_id, reason, message):
 # --------------------------------------------------------------------------- inputs
 
 
-def _manifest_entry(line: str, base: str, where: str) -> dict:
+def _manifest_entry(line: bytes, base: str, where: str) -> dict:
   """A parsed manifest line (paths made absolute); Reject('bad_manifest') when unusable."""
   try:
-    entry = json.loads(line)
+    entry = json.loads(line.decode('utf-8'))
+  except UnicodeDecodeError as e:
+    raise Reject('bad_manifest', f'{where}: not UTF-8 text (byte {e.start} of the line)') from None
   except json.JSONDecodeError as e:
     raise Reject('bad_manifest', f'{where}: invalid JSON ({e.msg} at column {e.colno})') from None
   if not isinstance(entry, dict):
@@ -136,16 +127,16 @@ def read_manifest(path: str, shard_index: int, num_shards: int):
   """(entries, rejects) of this shard, entries in line order; duplicates are rejects."""
   base = os.path.dirname(os.path.abspath(path))
   entries, rejects, seen = [], [], set()
-  with open(path, encoding='utf-8') as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
+  with open(path, 'rb') as f:   # decoded line by line: one bad byte is one bad line
+    for number, raw in enumerate(f, 1):
+      if not raw.strip():
         continue
       where = f'{path}:{number}'
       try:
-        entry = _manifest_entry(line, base, where)
+        entry = _manifest_entry(raw, base, where)
       except Reject as e:
         if shard_index == 0:  # lines without a usable id are reported once, by shard 0
-          rejects.append(_reject(_loose_id(line), e.reason, e.message))
+          rejects.append(_reject(_loose_id(raw), e.reason, e.message))
         continue
       if shard_of(entry['id'], num_shards) != shard_index:
         continue
@@ -161,7 +152,7 @@ def _loose_id(line):
   try:
     value = json.loads(line).get('id')
     return value if isinstance(value, (str, int)) and not isinstance(value, bool) else None
-  except (json.JSONDecodeError, AttributeError):
+  except (ValueError, AttributeError):   # not JSON, not UTF-8, not an object
     return None
 
 
@@ -192,87 +183,27 @@ def read_shard_annotations(path: str, shard_index: int, num_shards: int):
 _TOKENIZER = None
 
 
-def _init_worker(tokenizer_path):
+def _init_worker(tokenizer_path, parent_pid=None):
   global _TOKENIZER
+  if parent_pid is not None:
+    _die_with_parent(parent_pid)
   _TOKENIZER = prompt_lib.load_tokenizer(tokenizer_path)
 
 
-def _probe(path):
-  if not os.path.exists(path):
-    raise Reject('missing_file', f'{path}: no such file')
-  try:
-    return media.probe(path)
-  except media.MediaError as e:
-    raise Reject('unreadable_media', str(e)) from None
-
-
-def _decode(fn, *args, **kwargs):
-  try:
-    return fn(*args, **kwargs)
-  except media.MediaError as e:
-    raise Reject('unreadable_media', str(e)) from None
-
-
-def build_record(entry: dict, annotation, settings: Settings, tokenizer) -> tuple[bytes, dict]:
-  """(record blob, info for stats) of one clip, or Reject(reason, message).
-
-  annotation: the clip's Annotation, its schema error (or that error's message), or None.
-  """
-  clip_id = entry['id']
-  if annotation is None:
-    raise Reject('no_annotation', f'clip {clip_id!r}: no annotation line')
-  if isinstance(annotation, (str, annotation_lib.AnnotationError)):
-    raise Reject('bad_annotation', str(annotation))
-  if 'video' not in entry:
-    raise Reject('no_video', f'clip {clip_id!r}: the manifest gives no video')
-  video_info = _probe(entry['video'])
-  if not video_info.has_video:
-    raise Reject('no_video', f'{entry["video"]}: no video stream')
-  audio_path = entry.get('audio', entry['video'])
-  audio_info = _probe(audio_path) if 'audio' in entry else video_info
-  if not audio_info.has_audio:
-    raise Reject('no_audio', f'{audio_path}: no audio stream')
-  duration = video_info.duration
-  if duration < settings.min_seconds:
-    raise Reject('too_short', f'{entry["video"]}: {duration:.2f} s < {settings.min_seconds} s')
-  if duration > settings.max_seconds:
-    raise Reject('too_long', f'{entry["video"]}: {duration:.2f} s > {settings.max_seconds} s')
-  short_side = min(video_info.width or 0, video_info.height or 0)
-  if short_side < settings.min_side:
-    raise Reject('low_resolution', f'{entry["video"]}: {video_info.width}x{video_info.height}, '
-                                   f'short side < {settings.min_side} px')
-
-  waveform = _decode(media.load_audio, audio_path)
-  audio_seconds = len(waveform) / media.SAMPLING_RATE
-  if audio_seconds < settings.min_seconds:
-    raise Reject('too_short', f'{audio_path}: {audio_seconds:.2f} s of audio < {settings.min_seconds} s')
-  features = media.log_mel(waveform)
-  frames, _ = _decode(media.load_video, entry['video'], fps=settings.fps,
-                      max_frames=settings.max_frames, max_pixels=settings.max_pixels)
-  grid = (math.ceil(len(frames) / media.TEMPORAL_PATCH_SIZE), frames.shape[1] // media.PATCH_SIZE,
-          frames.shape[2] // media.PATCH_SIZE)
-  # The processor's video_second_per_grid: temporal_patch_size / the fps it was called with
-  # (2.0, as ms-swift calls it), not the measured sampling rate.
-  prompt_ids = prompt_lib.build_prompt(
-      tokenizer, text=sed.sed_instruction(entry['lang']), system=settings.system,
-      audio_lengths=[features.shape[1]], video_grids=[grid],
-      video_second_per_grid=[media.TEMPORAL_PATCH_SIZE / settings.fps], use_audio_in_video=True)
-  example = sed.build_sft_example(tokenizer, prompt_ids, sed.sed_target(annotation, entry['lang']))
-  blob = records.encode_sft_record(
-      id=clip_id, lang=entry['lang'], subset=entry['subset'], duration=duration,
-      input_ids=example['input_ids'], labels=example['labels'], segments=example['segments'],
-      input_features=features, frames=frames, video_fps=settings.fps, use_audio_in_video=True)
-  info = {'duration': duration, 'prompt_tokens': len(prompt_ids),
-          'response_tokens': len(example['input_ids']) - len(prompt_ids),
-          'total_tokens': len(example['input_ids'])}
-  return blob, info
+def _die_with_parent(parent_pid: int) -> None:
+  """A pool worker ends when the run does, even one killed by SIGKILL (which gives the
+  pool no chance to stop its workers): the kernel sends SIGKILL on the parent's death."""
+  if sys.platform.startswith('linux'):
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+  if os.getppid() != parent_pid:   # the parent died before prctl took effect
+    os._exit(1)
 
 
 def process_clip(job):
   """Worker entry: ('ok', blob, info) or ('reject', reject dict, None); never raises."""
   entry, annotation, settings = job
   try:
-    blob, info = build_record(entry, annotation, settings, _TOKENIZER)
+    blob, info = clips.build_record(entry, annotation, settings, _TOKENIZER)
     return 'ok', blob, info
   except Reject as e:
     return 'reject', _reject(entry['id'], e.reason, e.message), None
@@ -405,6 +336,45 @@ def run_shard(args, shard_index, settings, pool) -> dict:
   return stats
 
 
+def _outputs(out) -> list[str]:
+  return (glob.glob(os.path.join(glob.escape(out), f'{RECORD_PREFIX}-*-of-*.array_record*'))
+          + [p for p in (os.path.join(out, n) for n in ('parts', 'rejects.jsonl', 'stats.json'))
+             if os.path.exists(p)])
+
+
+def claim_output(args, settings) -> None:
+  """OUT's fingerprint: the manifest and annotation files, the tokenizer, the filters and
+  the shard count. A rerun after the manifest changed (clips added) is an error naming
+  what differs, or starts fresh with --overwrite, never 'complete' with clips ignored."""
+  produced_by = {
+      'manifest': fingerprint.file_identity(args.manifest),
+      'annotations': fingerprint.file_identity(args.annotations),
+      'tokenizer': fingerprint.tree_identity(args.tokenizer) if args.tokenizer else 'offline',
+      'settings': dataclasses.asdict(settings), 'num_shards': args.num_shards}
+
+  def clear():
+    for path in _outputs(args.out):
+      shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+  fingerprint.ensure(os.path.join(args.out, fingerprint.FILE), produced_by,
+                     has_output=bool(_outputs(args.out)), overwrite=args.overwrite, clear=clear)
+
+
+def remove_stale_tmp(out, shards, num_shards) -> None:
+  """Temporary files a killed run left: those of the shards about to run, and merged
+  files whose writer process is gone."""
+  for i in shards:
+    for pattern in (records.shard_name(RECORD_PREFIX, i, num_shards),
+                    os.path.join('parts', f'*-{i:05d}-of-{num_shards:05d}.*')):
+      for path in glob.glob(os.path.join(glob.escape(out), pattern + '.tmp-*')):
+        os.remove(path)
+  for name in ('rejects.jsonl', 'stats.json', fingerprint.FILE):
+    for path in glob.glob(os.path.join(glob.escape(out), name + '.tmp-*')):
+      pid = path.rsplit('.tmp-', 1)[1]
+      if pid.isdigit() and not os.path.exists(f'/proc/{pid}'):
+        os.remove(path)
+
+
 def merge_parts(out, num_shards) -> dict:
   """Rewrites OUT/stats.json and OUT/rejects.jsonl from the finished shards' parts."""
   total = new_stats(None, num_shards)
@@ -451,6 +421,8 @@ def main(argv=None):
   parser.add_argument('--max_seconds', type=float, default=Settings.max_seconds)
   parser.add_argument('--min_side', type=int, default=Settings.min_side)
   parser.add_argument('--force', action='store_true', help='redo shards already done')
+  parser.add_argument('--overwrite', action='store_true',
+                      help='delete an earlier output made from other inputs or settings')
   parser.add_argument('--quiet', action='store_true', help='no progress bar')
   args = parser.parse_args(argv)
   if args.num_shards < 1:
@@ -463,16 +435,21 @@ def main(argv=None):
   settings = Settings(min_seconds=args.min_seconds, max_seconds=args.max_seconds,
                       min_side=args.min_side)
   shards = range(args.num_shards) if args.shard_index is None else [args.shard_index]
+  os.makedirs(args.out, exist_ok=True)
+  try:
+    claim_output(args, settings)
+  except fingerprint.Mismatch as e:
+    parser.exit(1, f'error: {e}\n')
   todo = [i for i in shards if args.force or not os.path.exists(
       _part(args.out, 'stats', i, args.num_shards, 'json'))]
-  os.makedirs(args.out, exist_ok=True)
+  remove_stale_tmp(args.out, todo, args.num_shards)
   if not args.quiet and len(todo) < len(shards):
     print(f'{len(shards) - len(todo)} shard(s) already done, skipped', file=sys.stderr)
   pool = None
   if todo and args.workers > 1:
     pool = concurrent.futures.ProcessPoolExecutor(
         args.workers, mp_context=multiprocessing.get_context('spawn'),
-        initializer=_init_worker, initargs=(args.tokenizer,))
+        initializer=_init_worker, initargs=(args.tokenizer, os.getpid()))
   elif todo:
     _init_worker(args.tokenizer)
   try:

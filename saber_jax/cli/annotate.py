@@ -15,7 +15,7 @@ Output: OUT/annotations.jsonl, the manifest record plus
 validated (exact keys, non-empty, written in the clip's language); failures in
 OUT/errors.jsonl, retried on the next run.
 
-  python tools/annotate.py --manifest clips.jsonl --out ann/ \\
+  saber-annotate --manifest clips.jsonl --out ann/ \\
       --base-url http://localhost:8000/v1 --model Qwen/Qwen2.5-Omni-7B
 """
 
@@ -26,8 +26,13 @@ import os
 import re
 import wave
 
-import _common
-from saber_jax import judge as judge_lib
+import numpy as np
+
+from saber_jax import jsonl
+from saber_jax.cli import _common
+from saber_jax.data import annotation as annotation_lib
+from saber_jax.data import media
+from saber_jax.judge import replies, runs
 
 # ----------------------------------------------------------------------------- prompts
 # Written after the SABER paper's description of its annotation: describe the video,
@@ -119,20 +124,12 @@ def _jpeg(frame, max_side: int, quality: int) -> bytes:
   return buf.getvalue()
 
 
-def decode_audio_wav(path: str, sample_rate: int = 16000) -> bytes | None:
-  """The first audio stream as 16-bit mono WAV bytes at `sample_rate` (None if the file
-  has no audio)."""
-  import av
-  import numpy as np
-  with av.open(path) as container:
-    if not container.streams.audio:
-      return None
-    resampler = av.AudioResampler(format='s16', layout='mono', rate=sample_rate)
-    chunks = []
-    for frame in container.decode(audio=0):
-      chunks.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(frame))
-    chunks.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(None))
-  pcm = np.concatenate(chunks).astype('<i2') if chunks else np.zeros(0, '<i2')
+def audio_wav(path: str, sample_rate: int = media.SAMPLING_RATE) -> bytes | None:
+  """The first audio stream as 16-bit mono WAV bytes at `sample_rate`, decoded as the
+  training features are (`media.load_audio`); None if the file has no audio."""
+  if not media.probe(path).has_audio:
+    return None
+  pcm = np.round(np.clip(media.load_audio(path, sample_rate), -1.0, 1.0) * 32767).astype('<i2')
   buf = io.BytesIO()
   with wave.open(buf, 'wb') as w:
     w.setnchannels(1)
@@ -174,15 +171,15 @@ def check_language(annotation: dict, lang: str) -> None:
   texts = [annotation[k] for k in _DESCRIPTIVE] + [annotation['audio_desc']['acoustic_feat']]
   fraction = cjk_fraction(' '.join(texts))
   if lang == 'zh' and fraction < 0.5:
-    raise judge_lib.InvalidReply('the descriptions must be written in Chinese (中文)')
+    raise replies.InvalidReply('the descriptions must be written in Chinese (中文)')
   if lang == 'en' and fraction >= 0.5:
-    raise judge_lib.InvalidReply('the descriptions must be written in English')
+    raise replies.InvalidReply('the descriptions must be written in English')
 
 
 # ----------------------------------------------------------------------------- main
 
 
-def make_processor(args, judge: judge_lib.Judge, base_dir: str):
+def make_processor(args, judge, base_dir: str):
   def resolve(path):
     return path if os.path.isabs(path) else os.path.join(base_dir, path)
 
@@ -190,26 +187,29 @@ def make_processor(args, judge: judge_lib.Judge, base_dir: str):
     rid = str(item['id'])
     lang = item.get('lang')
     if lang not in ('en', 'zh'):
-      raise judge_lib.ItemError('bad_input', f"clip {rid!r}: 'lang' must be 'en' or 'zh', got {lang!r}")
+      raise runs.ItemError('bad_input', f"clip {rid!r}: 'lang' must be 'en' or 'zh', got {lang!r}")
     video, audio = item.get('video'), item.get('audio')
     if not video and not audio:
-      raise judge_lib.ItemError('bad_input', f"clip {rid!r}: needs a 'video' or 'audio' path")
+      raise runs.ItemError('bad_input', f"clip {rid!r}: needs a 'video' or 'audio' path")
     try:
       frames = decode_frames(resolve(video), args.num_frames, args.frame_size) if video else []
       wav = None
       if not args.no_audio:
-        wav = decode_audio_wav(resolve(audio or video), args.sample_rate)
+        wav = audio_wav(resolve(audio or video), args.sample_rate)
     except Exception as e:  # PyAV raises many types (FileNotFoundError, InvalidDataError, ...)
-      raise judge_lib.ItemError('bad_input', f'clip {rid!r}: cannot decode media: {type(e).__name__}: {e}')
+      raise runs.ItemError('bad_input', f'clip {rid!r}: cannot decode media: {type(e).__name__}: {e}')
     if not frames and wav is None:
-      raise judge_lib.ItemError('bad_input', f'clip {rid!r}: no video frames and no audio decoded')
+      raise runs.ItemError('bad_input', f'clip {rid!r}: no video frames and no audio decoded')
     prompt = annotation_prompt(lang, len(frames), wav is not None)
     def check(reply_value):
-      annotation = _common.check_annotation(reply_value, rid)
+      try:
+        annotation = annotation_lib.checked_annotation(reply_value, rid)
+      except annotation_lib.AnnotationError as e:
+        raise replies.InvalidReply(str(e)) from None
       check_language(annotation, lang)
       return annotation
 
-    reply = judge.ask(build_annotation_messages(prompt, frames, wav), _common.ANNOTATION_SPEC,
+    reply = judge.ask(build_annotation_messages(prompt, frames, wav), _common.AnnotationReply,
                       name='saber_annotation', check=check)
     return {**{k: v for k, v in item.items() if k != 'annotation'},
             'annotation': reply.value, 'annotator': args.model}
@@ -223,22 +223,21 @@ def parse_args(argv=None):
   parser.add_argument('--out', required=True, help='output folder')
   parser.add_argument('--num-frames', type=int, default=16, help='frames sent per clip')
   parser.add_argument('--frame-size', type=int, default=448, help='longer side of a frame, pixels')
-  parser.add_argument('--sample-rate', type=int, default=16000)
+  parser.add_argument('--sample-rate', type=int, default=media.SAMPLING_RATE)
   parser.add_argument('--no-audio', action='store_true', help='send frames only')
   _common.add_judge_args(parser, timeout=180.0, concurrency=4)
   return parser.parse_args(argv)
 
 
-def main(argv=None) -> judge_lib.RunSummary:
+def main(argv=None) -> runs.RunSummary:
   args = parse_args(argv)
   judge = _common.judge_from_args(args)
-  items = _common.sharded(judge_lib.read_jsonl(args.manifest), args)
-  return judge_lib.run_jobs(
-      items, make_processor(args, judge, os.path.dirname(os.path.abspath(args.manifest))),
-      out_path=os.path.join(args.out, 'annotations.jsonl'),
-      errors_path=os.path.join(args.out, 'errors.jsonl'),
-      concurrency=args.concurrency, max_items=args.max_items,
-      total=_common.shard_total(args.manifest, args), desc='annotate')
+  items = _common.sharded(jsonl.read_jsonl(args.manifest), args)
+  return _common.run_judged(
+      args, items, make_processor(args, judge, os.path.dirname(os.path.abspath(args.manifest))),
+      input_path=args.manifest, out_path=os.path.join(args.out, 'annotations.jsonl'),
+      total=_common.shard_total(args.manifest, args), desc='annotate',
+      also=('num_frames', 'frame_size', 'sample_rate', 'no_audio'))
 
 
 if __name__ == '__main__':

@@ -1,0 +1,220 @@
+"""Argument parsing and small helpers shared by the judge-driven tools."""
+
+import argparse
+import json
+import os
+from typing import Iterable, Iterator, Mapping
+
+from saber_jax import fingerprint, jsonl
+from saber_jax.judge import replies, runs
+
+
+def add_judge_args(parser: argparse.ArgumentParser, *, timeout: float = 60.0,
+                   concurrency: int = 8) -> None:
+  g = parser.add_argument_group('judge endpoint (any OpenAI-compatible chat-completions server)')
+  g.add_argument('--base-url', default=os.environ.get('OPENAI_BASE_URL', 'http://localhost:8000/v1'),
+                 help='server URL ending in /v1 (default: $OPENAI_BASE_URL or a local vLLM); '
+                      'the key comes from $OPENAI_API_KEY, else "EMPTY"')
+  g.add_argument('--model', required=True, help='model name the server knows')
+  g.add_argument('--temperature', type=float, default=0.0)
+  g.add_argument('--max-tokens', type=int, default=None)
+  g.add_argument('--timeout', type=positive(float), default=timeout, help='seconds per request')
+  g.add_argument('--max-retries', type=at_least(0), default=3,
+                 help='retries of a transport error (by the openai SDK, with backoff) and '
+                      're-asks of an unusable reply')
+  g.add_argument('--response-format', choices=('json_schema', 'json_object', 'none'),
+                 default='json_schema', help='json_object / none for servers without json_schema')
+  add_run_args(parser, concurrency)
+
+
+def add_run_args(parser: argparse.ArgumentParser, concurrency: int = 8) -> None:
+  g = parser.add_argument_group('run')
+  g.add_argument('--concurrency', type=at_least(1), default=concurrency, help='requests in flight')
+  g.add_argument('--max-items', type=at_least(0), default=None,
+                 help='start at most this many new items (smoke runs)')
+  g.add_argument('--shard-index', type=at_least(0), default=0)
+  g.add_argument('--num-shards', type=at_least(1), default=1,
+                 help='process only input lines i with i %% num_shards == shard_index')
+  g.add_argument('--overwrite', action='store_true',
+                 help='delete results made from other inputs, judge or settings and start '
+                      'fresh (by default such a rerun is an error naming what differs)')
+
+
+def at_least(minimum, kind=int):
+  """An argparse type: `kind` values >= minimum, else a usage error naming the bound."""
+  def parse(text):
+    try:
+      value = kind(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f'expected {kind.__name__}, got {text!r}') from None
+    if value < minimum:
+      raise argparse.ArgumentTypeError(f'must be >= {minimum}, got {text}')
+    return value
+  parse.__name__ = kind.__name__
+  return parse
+
+
+def positive(kind=float):
+  """An argparse type: `kind` values > 0."""
+  def parse(text):
+    value = at_least(0, kind)(text)
+    if value == 0:
+      raise argparse.ArgumentTypeError(f'must be > 0, got {text}')
+    return value
+  parse.__name__ = kind.__name__
+  return parse
+
+
+def produced_by(args: argparse.Namespace, input_path: str, also: tuple[str, ...]) -> dict:
+  """The fingerprint of a judged run: the judge, the input file, the shard and the
+  arguments named in `also` (files by identity: path, size, modification time)."""
+  value = lambda v: fingerprint.file_identity(v) if isinstance(v, str) and os.path.isfile(v) else v
+  return {'judge': {k: getattr(args, k) for k in ('model', 'temperature', 'max_tokens',
+                                                  'response_format')},
+          'input': fingerprint.file_identity(input_path),
+          'shard': [args.shard_index, args.num_shards],
+          **{name: value(getattr(args, name)) for name in also}}
+
+
+def check_unique_ids(path: str) -> None:
+  """Exits naming the file and both records when an id appears twice in an input."""
+  first: dict[str, int] = {}
+  for n, r in enumerate(jsonl.read_jsonl(path), 1):
+    rid = jsonl.record_id(r, f'{path} record {n}')
+    if rid in first:
+      raise SystemExit(f'error: {path}: duplicate id {rid!r} (records {first[rid]} and {n}); '
+                       'nothing was sent to the judge')
+    first[rid] = n
+
+
+def run_judged(args: argparse.Namespace, items, process, *, input_path: str, out_path: str,
+               desc: str, total: int | None = None,
+               also: tuple[str, ...] = ()) -> runs.RunSummary:
+  """`runs.run_jobs` over the items of `input_path`, fingerprinted by `produced_by`
+  (`also`: the other arguments that change the judge's results); exits with an error
+  (status 1) before any request when an input id repeats or the output belongs to other
+  inputs or settings, and after the run when every item failed."""
+  try:
+    check_unique_ids(input_path)
+    run = runs.run_jobs(items, process, out_path=out_path,
+                        errors_path=os.path.join(args.out, 'errors.jsonl'),
+                        concurrency=args.concurrency, max_items=args.max_items, total=total,
+                        desc=desc, produced_by=produced_by(args, input_path, also),
+                        overwrite=args.overwrite)
+  except (fingerprint.Mismatch, ValueError) as e:
+    raise SystemExit(f'error: {e}') from None
+  if run.failed and not (run.done or run.skipped):
+    raise SystemExit(f'error: {desc}: every item failed ({run.failed}); the reasons are in '
+                     f'{run.errors_path}')
+  return run
+
+
+def judge_from_args(args: argparse.Namespace):
+  """The `client.Judge` the judge arguments describe (the openai SDK is imported here)."""
+  from saber_jax.judge import client
+  return client.Judge(client.JudgeConfig(
+      base_url=args.base_url, model=args.model, temperature=args.temperature,
+      max_tokens=args.max_tokens, timeout=args.timeout, max_retries=args.max_retries,
+      response_format=args.response_format))
+
+
+def sharded(records: Iterable[dict], args: argparse.Namespace) -> Iterator[dict]:
+  if not 0 <= args.shard_index < args.num_shards:
+    raise SystemExit(f'--shard-index must be in [0, {args.num_shards}), got {args.shard_index}')
+  for i, r in enumerate(records):
+    if i % args.num_shards == args.shard_index:
+      yield r
+
+
+def load_by_id(path: str, required: tuple[str, ...] = (), ids: set[str] | None = None) -> dict[str, dict]:
+  """id -> record for a JSONL file (only `ids` when given); each kept record must have
+  the `required` fields. Duplicate ids are an error naming the file."""
+  out = {}
+  for n, r in enumerate(jsonl.read_jsonl(path), 1):
+    rid = jsonl.record_id(r, f'{path} record {n}')
+    if ids is not None and rid not in ids:
+      continue
+    for field in required:
+      if field not in r:
+        raise ValueError(f'{path}: record {rid!r} has no {field!r} field')
+    if rid in out:
+      raise ValueError(f'{path}: duplicate id {rid!r}')
+    out[rid] = r
+  return out
+
+
+def count_lines(path: str) -> int:
+  with open(path, 'rb') as f:
+    return sum(1 for line in f if line.strip())
+
+
+def shard_total(path: str, args: argparse.Namespace) -> int:
+  """How many records of `path` this shard processes (for the progress bar)."""
+  return len(range(args.shard_index, count_lines(path), args.num_shards))
+
+
+def write_json(path: str, value) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + '.tmp'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    json.dump(value, f, ensure_ascii=False, indent=2)
+    f.write('\n')
+  os.replace(tmp, path)
+
+
+def write_text(path: str, text: str) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, 'w', encoding='utf-8') as f:
+    f.write(text)
+
+
+def bar_chart(path: str, title: str, groups: Mapping[str, Mapping[str, float | None]],
+              ylabel: str = '', ylim: tuple[float, float] | None = None) -> None:
+  """Grouped bar chart: groups = {series name: {category: value}} (None drawn as 0)."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  categories = list(dict.fromkeys(c for series in groups.values() for c in series))
+  n = max(1, len(groups))
+  width = 0.8 / n
+  fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(categories) * n + 1.5), 3.5))
+  for k, (name, series) in enumerate(groups.items()):
+    xs = [i + (k - (n - 1) / 2) * width for i in range(len(categories))]
+    ax.bar(xs, [series.get(c) or 0.0 for c in categories], width, label=name)
+  ax.set_xticks(range(len(categories)), categories, rotation=30 if len(categories) > 6 else 0)
+  ax.set_title(title)
+  ax.set_ylabel(ylabel)
+  if ylim:
+    ax.set_ylim(*ylim)
+  if len(groups) > 1:
+    ax.legend()
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+  return '-' if value is None else f'{value:.{digits}f}'
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+  lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+  lines += ['| ' + ' | '.join(r) + ' |' for r in rows]
+  return '\n'.join(lines) + '\n'
+
+
+# The SABER six-dimension annotation (see saber_jax/data/annotation.py). This spec is
+# what the annotator is asked for (exact keys, sent as the json_schema); the content
+# rules are the shared ones, applied by `annotation.checked_annotation`.
+class AudioDescription(replies.Reply):
+  speech_content: str
+  acoustic_feat: replies.NonEmpty
+
+
+class AnnotationReply(replies.Reply):
+  video_desc: replies.NonEmpty
+  audio_desc: AudioDescription
+  facial_exp_desc: replies.NonEmpty
+  body_lang_desc: replies.NonEmpty
+  sentiment_analysis: replies.NonEmpty

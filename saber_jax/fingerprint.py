@@ -1,0 +1,121 @@
+"""What produced a resumable output, so a rerun never mixes old and new results.
+
+Every resumable output (a judged run's JSONL, a training stage's workdir, a preprocessing
+output folder) keeps a `fingerprint.json` beside it: the identity of its inputs (path,
+size and modification time of each file), the model or judge and the settings that change
+its results. A rerun computes the fingerprint again; when it differs the run stops with
+an error naming every field that differs, or, when the user asked to overwrite, clears
+the old output and starts fresh.
+"""
+
+import json
+import os
+from typing import Any, Callable, Iterable
+
+FILE = 'fingerprint.json'
+
+
+class Mismatch(ValueError):
+  """A rerun whose inputs or settings differ from those of the output it would resume."""
+
+
+def file_identity(path: str) -> dict:
+  """A file's path, size and modification time: changes whenever the file is rewritten,
+  without reading it (inputs can be many gigabytes)."""
+  stat = os.stat(path)
+  return {'path': os.path.abspath(path), 'size': stat.st_size, 'mtime_ns': stat.st_mtime_ns}
+
+
+def tree_identity(path: str) -> dict | list:
+  """`file_identity` of a file, or of every file under a directory (sorted)."""
+  if not os.path.isdir(path):
+    return file_identity(path)
+  return [file_identity(file) for file in sorted(
+      os.path.join(root, name) for root, _, names in os.walk(path) for name in names)]
+
+
+def files_identity(paths: Iterable[str]) -> list:
+  return [tree_identity(p) for p in paths]
+
+
+def normalize(value: Any) -> Any:
+  """`value` as plain JSON (tuples -> lists, ConfigDicts -> dicts), to compare what is
+  computed now with what was read back."""
+  return json.loads(json.dumps(value, default=_plain, sort_keys=True))
+
+
+def _plain(value):
+  if hasattr(value, 'to_dict'):
+    return value.to_dict()
+  raise TypeError(f'{type(value).__name__} is not JSON serializable')
+
+
+def differences(old: Any, new: Any, where: str = '') -> list[str]:
+  """Human-readable `field: old -> new` lines, one per differing leaf."""
+  if isinstance(old, dict) and isinstance(new, dict):
+    return [line for key in sorted(set(old) | set(new), key=str)
+            for line in differences(old.get(key, '<absent>'), new.get(key, '<absent>'),
+                                    f'{where}.{key}' if where else str(key))]
+  if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+    return [line for i, (o, n) in enumerate(zip(old, new))
+            for line in differences(o, n, f'{where}[{i}]')]
+  if old == new:
+    return []
+  return [f'{where or "fingerprint"}: {_short(old)} -> {_short(new)}']
+
+
+def _short(value: Any, limit: int = 120) -> str:
+  text = json.dumps(value, sort_keys=True)
+  return text if len(text) <= limit else text[:limit] + '...'
+
+
+def read(path: str) -> Any:
+  with open(path, encoding='utf-8') as f:
+    return json.load(f)
+
+
+def write(path: str, fingerprint: Any) -> None:
+  """Atomic, so a kill leaves the old fingerprint or the new one, never half of one."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f'{path}.tmp-{os.getpid()}'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    json.dump(fingerprint, f, indent=1, sort_keys=True)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def ensure(path: str, fingerprint: Any, *, has_output: bool, overwrite: bool,
+           clear: Callable[[], None], overwrite_hint: str = '--overwrite',
+           writer: bool = True) -> str:
+  """Checks the output `path` (its fingerprint file) belongs to `fingerprint`.
+
+  has_output: whether any of the output already exists (to resume, or to be replaced).
+  Returns 'fresh' (nothing there, or cleared by `overwrite`) or 'resume'. Raises
+  Mismatch naming every differing field when the output belongs to something else and
+  `overwrite` is not set. Only a `writer` (process 0 of a multi-process run) clears and
+  writes; the others check the same way.
+  """
+  fingerprint = normalize(fingerprint)
+  old = None
+  if os.path.exists(path):
+    try:
+      old = read(path)
+    except (OSError, ValueError) as e:
+      old = {'<unreadable fingerprint>': str(e)}
+  if has_output and old == fingerprint:
+    return 'resume'
+  if has_output and not overwrite:
+    if old is None:
+      reason = 'it has no fingerprint file (made by an older version, or by hand)'
+    else:
+      reason = 'it was produced from other inputs or settings:\n  ' + '\n  '.join(
+          differences(old, fingerprint))
+    raise Mismatch(f'{os.path.dirname(os.path.abspath(path))} holds an earlier output that '
+                   f'this run would resume, but {reason}\nUse a new output location, or '
+                   f'{overwrite_hint} to delete the old output and start fresh.')
+  if writer:
+    if has_output:
+      clear()
+    write(path, fingerprint)
+  return 'fresh'

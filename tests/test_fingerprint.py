@@ -1,0 +1,57 @@
+"""Resumable outputs know what produced them: a rerun with other inputs or settings is an
+error naming what differs, or starts fresh when asked to overwrite."""
+
+import json
+import os
+
+import pytest
+
+from saber_jax import fingerprint
+from saber_jax.train import config as config_lib, trainer
+
+
+def test_differences_name_each_changed_field():
+  old = {'judge': {'model': 'a', 'temperature': 0.0}, 'inputs': [{'size': 3}]}
+  new = {'judge': {'model': 'b', 'temperature': 0.0}, 'inputs': [{'size': 4}], 'x': 1}
+  assert fingerprint.differences(old, new) == [
+      'inputs[0].size: 3 -> 4', 'judge.model: "a" -> "b"', 'x: "<absent>" -> 1']
+
+
+def test_ensure_resumes_refuses_or_starts_fresh(tmp_path):
+  path = str(tmp_path / fingerprint.FILE)
+  cleared = []
+  kwargs = dict(clear=lambda: cleared.append(1), overwrite=False)
+  assert fingerprint.ensure(path, {'a': (1, 2)}, has_output=False, **kwargs) == 'fresh'
+  assert fingerprint.ensure(path, {'a': [1, 2]}, has_output=True, **kwargs) == 'resume'
+  with pytest.raises(fingerprint.Mismatch, match=r'a\[1\]: 2 -> 3\n.*--overwrite'):
+    fingerprint.ensure(path, {'a': [1, 3]}, has_output=True, **kwargs)
+  assert not cleared
+  assert fingerprint.ensure(path, {'a': [1, 3]}, has_output=True, clear=lambda: cleared.append(1),
+                            overwrite=True) == 'fresh'
+  assert cleared == [1] and fingerprint.read(path) == {'a': [1, 3]}
+  os.remove(path)   # output without a fingerprint: made by something unknown
+  with pytest.raises(fingerprint.Mismatch, match='no fingerprint file'):
+    fingerprint.ensure(path, {'a': [1, 3]}, has_output=True, **kwargs)
+
+
+def test_training_workdir_reused_with_other_records_or_settings_is_refused(tmp_path):
+  records = tmp_path / 'sft-00000-of-00001.arrayrecord'
+  records.write_bytes(b'x' * 10)
+  workdir = tmp_path / 'run' / 'sft'
+  config = config_lib.base_config()
+  claim = lambda c: trainer.claim_workdir(c, str(workdir), 'sft', [str(records)], None)
+  claim(config)
+  (workdir / 'checkpoints' / '4').mkdir(parents=True)     # the run saved a checkpoint
+  claim(config)                                            # same run: resumes
+  config.optim.lr = 1e-3
+  with pytest.raises(fingerprint.Mismatch, match=r'optim.lr: 0.0001 -> 0.001\n.*'
+                                                 r'--config.overwrite=True'):
+    claim(config)
+  config.optim.lr = 1e-4
+  records.write_bytes(b'x' * 12)                           # clips added
+  with pytest.raises(fingerprint.Mismatch, match=r'records\[0\].size: 10 -> 12'):
+    claim(config)
+  config.overwrite = True
+  claim(config)
+  assert not (workdir / 'checkpoints').exists()
+  assert json.loads((workdir / fingerprint.FILE).read_text())['records'][0]['size'] == 12
