@@ -49,9 +49,9 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
+from saber_jax.data.sed import IGNORE_INDEX
 from saber_jax.models.config import AudioConfig, TextConfig, ThinkerConfig, VisionConfig
 
-IGNORE_INDEX = -100
 TRAINABLE_MODES = ('full', 'llm', 'lora')
 
 # Dense bf16 peak FLOP/s per chip (vendor figures, no sparsity), matched by substring of

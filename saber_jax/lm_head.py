@@ -17,7 +17,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-IGNORE_INDEX = -100
+from saber_jax.data.sed import IGNORE_INDEX
+
 DEFAULT_CHUNK_SIZE = 512
 
 

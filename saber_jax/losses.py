@@ -21,10 +21,11 @@ import jax
 import jax.numpy as jnp
 
 from saber_jax import lm_head
+from saber_jax.data.sed import SECTION_IDS
 from saber_jax.lm_head import DEFAULT_CHUNK_SIZE, IGNORE_INDEX
 
 # `segments` values (see DESIGN.md, "Batches"); 0 is the prompt.
-SEGMENT_NAMES = {1: 'visual', 2: 'acoustic', 3: 'reasoning'}
+SEGMENT_NAMES = {segment_id: name for name, segment_id in SECTION_IDS.items()}
 DPO_LOSS_TYPES = ('sigmoid', 'sigmoid_norm', 'ipo', 'hinge', 'robust')
 # `pair_segments` values of preference batches: which answer a token belongs to (0 is
 # padding, 1 the prompt shared by both answers; see `pipeline` and `text.segment_mask`).

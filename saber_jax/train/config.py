@@ -11,7 +11,7 @@ import numpy as np
 
 from saber_jax import losses
 from saber_jax.data import pipeline
-from saber_jax.train import optim
+from saber_jax.train import optim, steps
 
 MODES = ('sft', 'ref_logps', 'dpo', 'pipeline', 'generate')
 
@@ -168,8 +168,8 @@ def validate(config) -> None:
 
   o, d, g = config.optim, config.data, config.generate
   need(config.mode in MODES, 'mode', f'one of {list(MODES)}')
-  need(config.trainable in optim.TRAINABLE_MODES, 'trainable',
-       f'one of {list(optim.TRAINABLE_MODES)}')
+  need(config.trainable in steps.TRAINABLE_MODES, 'trainable',
+       f'one of {list(steps.TRAINABLE_MODES)}')
   need(config.nonfinite in ('stop', 'skip'), 'nonfinite', "'stop' or 'skip'")
   need(isinstance(config.seed, int), 'seed', 'an integer')
   need(config.model.remat in ('none', 'full', 'dots'), 'model.remat', "'none', 'full' or 'dots'")

@@ -10,6 +10,7 @@ import numpy as np
 
 from saber_jax import sharding
 from saber_jax.data.prompt import expand_placeholders
+from saber_jax.data.sed import IGNORE_INDEX
 from saber_jax.models.config import ThinkerConfig
 from saber_jax.models.thinker import model_inputs
 from saber_jax.train import trainer
@@ -18,27 +19,27 @@ CLIP_SECONDS = 30
 GRID = (20, 16, 16)                # 40 frames of 224 x 224 -> 20 x 16 x 16 patches
 
 
-def example_inputs(model_config: ThinkerConfig, seq_len: int, rows: int = 1) -> dict:
-  """One data shard's inputs: `rows` rows, each with the longest clip and its SED target."""
+def example_inputs(model_config: ThinkerConfig, seq_len: int) -> dict:
+  """One data shard's inputs: one row with the longest clip and its SED target."""
   mel_frames = CLIP_SECONDS * 100
   media = expand_placeholders(audio_lengths=[mel_frames], video_grids=[GRID],
                               video_second_per_grid=[1.0], use_audio_in_video=True)
   if len(media) >= seq_len:
     raise ValueError(f'dry_run_seq_len {seq_len} is shorter than the clip ({len(media)} tokens)')
-  input_ids = np.full((rows, seq_len), 100, np.int64)
-  input_ids[:, 4:4 + len(media)] = media
+  input_ids = np.full((1, seq_len), 100, np.int64)
+  input_ids[0, 4:4 + len(media)] = media
   t, h, w = GRID
   v = model_config.vision
   batch = dict(
       input_ids=input_ids, attention_mask=np.ones_like(input_ids),
-      input_features=np.zeros((rows, model_config.audio.num_mel_bins, mel_frames), np.float32),
-      feature_attention_mask=np.ones((rows, mel_frames), np.int64),
-      pixel_values_videos=np.zeros((rows * t * h * w, v.in_channels * v.temporal_patch_size
+      input_features=np.zeros((1, model_config.audio.num_mel_bins, mel_frames), np.float32),
+      feature_attention_mask=np.ones((1, mel_frames), np.int64),
+      pixel_values_videos=np.zeros((t * h * w, v.in_channels * v.temporal_patch_size
                                     * v.patch_size ** 2), np.float32),
-      video_grid_thw=np.array([GRID] * rows), video_second_per_grid=np.array([1.0] * rows),
+      video_grid_thw=np.array([GRID]), video_second_per_grid=np.array([1.0]),
       use_audio_in_video=True)
   inputs = model_inputs(model_config, batch)
-  labels = np.where(np.arange(seq_len) >= seq_len // 2, input_ids, -100).astype(np.int32)
+  labels = np.where(np.arange(seq_len) >= seq_len // 2, input_ids, IGNORE_INDEX).astype(np.int32)
   return dict(inputs, labels=labels, segments=np.ones_like(labels))
 
 
@@ -66,8 +67,7 @@ def dry_run(config, stage: str = 'sft') -> float:
     config.optim.total_steps = 100
   setup = trainer.plan(config, stage, mesh)
   num_shards = mesh.shape['data'] * mesh.shape['fsdp']
-  # A DPO shard holds whole pairs: chosen and rejected rows, one reference log-prob each.
-  shard = example_inputs(setup.model_config, config.dry_run_seq_len, 2 if stage == 'dpo' else 1)
+  shard = example_inputs(setup.model_config, config.dry_run_seq_len)
   if stage == 'dpo':
     # One pair row [prompt | chosen | rejected]: answers in the last two quarters.
     quarter = np.arange(config.dry_run_seq_len) * 4 // config.dry_run_seq_len
