@@ -45,7 +45,8 @@ class Attention(nn.Module):
   def __call__(self, x, cos, sin, mask, cache: KVCache | None = None, cache_index=None):
     """x [B, L, H] -> (out [B, L, H], new rows). Without a cache the queries attend to the
     keys of x (mask [B, 1, L, L]; with `attention` 'cudnn', the right-padded rows' valid
-    lengths [B] instead, see `layers.causal_attention`) and the new rows are None. With
+    lengths [B] instead, see `layers.causal_attention`; with 'splash', segment ids [B, L],
+    see `layers.splash_attention`) and the new rows are None. With
     one layer's cache [B, S, K, H], the keys and values of x take slots [cache_index,
     cache_index + L) and the queries attend over all S slots (mask [B, 1, L, S]); the new
     rows returned are those keys and values, KVCache [B, L, K, H], for the caller to write
@@ -64,7 +65,9 @@ class Attention(nn.Module):
     if cache is not None:
       new_rows = KVCache(k, v)
       k, v = cache.write(new_rows, cache_index, axis=1)
-    if cache is None and self.attention != 'xla':
+    if cache is None and self.attention == 'splash':
+      out = layers.splash_attention(q, k, v, mask)
+    elif cache is None and self.attention != 'xla':
       out = layers.causal_attention(q, k, v, mask, self.attention)
     else:
       out = layers.attention(q, k, v, mask)
@@ -96,11 +99,15 @@ class DecoderLayer(nn.Module):
     return x, new_rows
 
 
-def attention_mask(attention_mask):
-  """bool [B, 1, L, L]: causal, and keys limited to valid (non-padding) tokens."""
+def attention_mask(attention_mask, segment_ids=None):
+  """bool [B, 1, L, L]: causal, keys limited to valid (non-padding) tokens and, with
+  segment_ids [B, L], to the query's own segment."""
   length = attention_mask.shape[-1]
   causal = jnp.tril(jnp.ones((length, length), bool))
-  return causal[None, None] & attention_mask[:, None, None, :].astype(bool)
+  mask = causal[None, None] & attention_mask[:, None, None, :].astype(bool)
+  if segment_ids is not None:
+    mask &= (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+  return mask
 
 
 def cache_attention_mask(valid_slots, cache_index, num_queries: int):
@@ -112,6 +119,18 @@ def cache_attention_mask(valid_slots, cache_index, num_queries: int):
   slots = jnp.arange(valid_slots.shape[-1])
   causal = slots[None, :] <= cache_index + jnp.arange(num_queries)[:, None]
   return causal[None, None] & valid_slots[:, None, None, :]
+
+
+def _attention_arg(attention: str, valid, segment_ids):
+  """What the decoder's attention needs to know of padding and segments (see Attention)."""
+  if attention == 'xla':
+    return attention_mask(valid, segment_ids)
+  if attention == 'splash':       # padding becomes a segment of its own (-1)
+    segments = jnp.zeros(valid.shape, jnp.int32) if segment_ids is None else segment_ids
+    return jnp.where(valid, segments, -1)
+  if segment_ids is not None:
+    raise ValueError(f'attention={attention!r} takes no segment ids; use xla or splash')
+  return jnp.sum(valid, axis=-1)
 
 
 class TextModel(nn.Module):
@@ -140,12 +159,13 @@ class TextModel(nn.Module):
   def embed(self, input_ids):
     return self.embed_tokens(input_ids)
 
-  def __call__(self, x, position_ids, valid):
+  def __call__(self, x, position_ids, valid, segment_ids=None):
     """x [B, L, H] embeddings, position_ids [3, B, L], valid bool [B, L] (False at padding)
-    -> hidden [B, L, H]."""
+    -> hidden [B, L, H]. Optional segment_ids int [B, L] (>= 0) split rows into segments
+    (packed examples) that do not attend to each other; 'cudnn' takes none."""
     c = self.config
     cos, sin = mrope_cos_sin(position_ids, c.head_dim, c.rope_theta, c.mrope_section, self.dtype)
-    mask = attention_mask(valid) if self.attention == 'xla' else jnp.sum(valid, axis=-1)
+    mask = _attention_arg(self.attention, valid, segment_ids)
     x, _ = self.layers(x.astype(self.dtype), cos, sin, mask)
     return self.norm(x)
 

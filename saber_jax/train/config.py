@@ -23,7 +23,8 @@ def base_config() -> ml_collections.ConfigDict:
       name='qwen2_5_omni_7b',   # a ThinkerConfig factory, or
       hf_config='',             # a transformers config.json (or its directory)
       dtype='bfloat16', param_dtype='float32', remat='full',
-      attention='auto'))        # decoder attention: 'xla', 'cudnn', or 'auto' (cudnn on GPUs)
+      attention='auto'))        # decoder attention: xla, cudnn, splash; auto: cudnn on GPUs,
+                                # splash on TPUs, else xla
   # Where the weights come from: an HF checkpoint directory, a saved-params directory of a
   # previous stage, or '' for random init.
   c.init_from = ''

@@ -31,7 +31,7 @@ def model_config_of(config) -> ThinkerConfig:
           else getattr(ThinkerConfig, m.name)())
   attention = m.attention
   if attention == 'auto':
-    attention = 'cudnn' if jax.default_backend() == 'gpu' else 'xla'
+    attention = {'gpu': 'cudnn', 'tpu': 'splash'}.get(jax.default_backend(), 'xla')
   return dataclasses.replace(base, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
                              attention=attention)
 
