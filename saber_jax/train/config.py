@@ -18,6 +18,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.compilation_cache = '~/.cache/saber_jax/xla'   # persistent XLA cache; '' to disable
   c.dry_run = False           # compile the step on the mesh and report per-device memory
   c.dry_run_seq_len = 4096
+  c.dry_run_topology = ''     # compile for a TPU slice instead (v5p-64, v6e-16, v5p:2x4x4)
 
   c.model = ml_collections.ConfigDict(dict(
       name='qwen2_5_omni_7b',   # a ThinkerConfig factory, or
