@@ -95,3 +95,27 @@ def ca_dpo_config(model_name: str, trainable: str = 'full') -> ml_collections.Co
   c.optim.warmup_ratio = 0.1
   c.optim.weight_decay = 0.0
   return c
+
+
+# TPU slices the 7B configs are planned for (README, "TPU pods"): chips, and the rows each
+# chip takes per micro-step at dry_run_seq_len tokens, from the dry runs.
+TPU_SLICES = {
+    'v5p': dict(topology='v5p-64', chips=32, rows_per_chip=1),
+    'v6e': dict(topology='v6e-64', chips=64, rows_per_chip=1),
+}
+CHIPS_PER_HOST = 4
+
+
+def on_tpu_slice(c: ml_collections.ConfigDict, name: str, examples_per_update: int):
+  """`c` for a TPU slice of `TPU_SLICES`: FSDP over every chip, splash attention, one
+  process per 4-chip host, and gradient accumulation up to the paper's batch."""
+  if name not in TPU_SLICES:
+    raise ValueError(f'unknown TPU slice {name!r}; expected one of {sorted(TPU_SLICES)}')
+  tpu = TPU_SLICES[name]
+  c.mesh = (1, -1, 1)
+  c.model.attention = 'splash'
+  c.data.batch_size = CHIPS_PER_HOST * tpu['rows_per_chip']     # per process (host)
+  c.optim.grad_accum_steps = max(1, examples_per_update // (tpu['chips'] * tpu['rows_per_chip']))
+  c.workdir += f'_{name}'
+  return c
+
