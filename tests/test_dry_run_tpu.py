@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from saber_jax.train import config as config_lib
 from saber_jax.train import dry_run
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -65,3 +66,17 @@ def test_tiny_thinker_compiles_for_a_v5p_slice():
   assert line, result.stdout[-3000:]
   assert 0.01 < float(line[0].split('=')[1]) < 95
   assert '[dry run] v5p-16: 8 x TPU v5' in result.stdout and 'HBM per device: fits' in result.stdout
+
+
+@pytest.mark.parametrize('name, arg, per_update', [
+    ('sed_sft_7b_tpu', 'v5p', 128), ('sed_sft_7b_tpu', 'v6e,lora', 128),
+    ('ca_dpo_7b_tpu', 'v5p,lora', 64), ('ca_dpo_7b_tpu', 'v6e', 64)])
+def test_tpu_configs_keep_the_papers_batch(name, arg, per_update):
+  spec = importlib.util.spec_from_file_location(name, ROOT / 'configs' / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg)
+  slice_name, _, trainable = arg.partition(',')
+  hosts = config_lib.TPU_SLICES[slice_name]['chips'] // config_lib.CHIPS_PER_HOST
+  assert config.data.batch_size * hosts * config.optim.grad_accum_steps == per_update
+  assert config.trainable == (trainable or 'full') and config.model.attention == 'splash'
