@@ -85,8 +85,10 @@ def test_splash_decoder_equals_xla_on_a_mesh():
     def loss(params):
       hidden = model(attention).apply(params, x, position_ids, valid, segment_ids)
       return jnp.sum(hidden * weight), hidden
-    step = jax.jit(jax.grad(loss, has_aux=True), in_shardings=(replicated,),
-                   out_shardings=(replicated, rows))
+    step = jax.jit(sharding.on_mesh(jax.grad(loss, has_aux=True), mesh),
+                   in_shardings=(replicated,), out_shardings=(replicated, rows))
+    # The kernel runs per device: inside shard_map, rows and heads split.
+    assert ('shard_map' in str(step.trace(params).jaxpr)) == (attention == 'splash')
     return step(params)
 
   want_grads, want = run('xla')

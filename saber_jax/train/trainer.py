@@ -90,8 +90,9 @@ def plan(config, stage: str, mesh: Mesh) -> Setup:
   state_shardings = sharding.tree_shardings(boxed_state, mesh)
   abstract_state = checkpoint.abstract_like(nn.unbox(boxed_state), state_shardings)
   step_fn = jax.jit(
-      functools.partial(steps.train_step, loss_fn=stage_loss(config, stage, model_config),
-                        optimizer=optimizer, skip_nonfinite=config.nonfinite == 'skip'),
+      sharding.on_mesh(functools.partial(
+          steps.train_step, loss_fn=stage_loss(config, stage, model_config),
+          optimizer=optimizer, skip_nonfinite=config.nonfinite == 'skip'), mesh),
       in_shardings=(state_shardings, None), out_shardings=(state_shardings, replicated(mesh)),
       donate_argnums=0)
   return Setup(model_config, mesh, optimizer, abstract_state, state_shardings, step_fn)
