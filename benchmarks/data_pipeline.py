@@ -3,7 +3,7 @@
   python benchmarks/data_pipeline.py [--batches 8] [--workers 0 2] [--json]
 
 Two settings:
-  demo  tools/make_demo_data.py clips (160x128, 1.5-4 s) run through tools/preprocess.py,
+  demo  saber-make-demo-data clips (160x128, 1.5-4 s) run through saber-preprocess,
         batched for the tiny model: batch 8 in 2 data shards, buckets (256, 512, 1024).
   7b    records with the sizes of the 7B recipe written directly (no media decoding):
         8-20 s clips, 128-bin log-mel (800-2000 frames), 16-40 frames of 224x224
@@ -25,13 +25,11 @@ import time
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(_ROOT))
-sys.path.insert(0, str(_ROOT / 'tools'))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-import make_demo_data  # noqa: E402
-import preprocess  # noqa: E402
+from saber_jax.cli import make_demo_data, preprocess  # noqa: E402
 from saber_jax.data import pipeline, prompt, records, sed  # noqa: E402
 from saber_jax.models.config import ThinkerConfig  # noqa: E402
 

@@ -1,6 +1,6 @@
 """OpenAI-compatible judge client: structured JSON replies, retries, resumable runs.
 
-Every judge / annotator call in tools/ goes through `Judge.ask`: a chat-completions
+Every judge / annotator call in saber_jax.cli goes through `Judge.ask`: a chat-completions
 request (works with OpenAI, vLLM, Ollama, ...) that sends a strict `json_schema`
 response format *and* validates the reply itself, since a local server may ignore the
 schema. One field spec (`Field`) gives both the schema sent and the check applied.

@@ -24,9 +24,26 @@ from absl import app, logging  # noqa: E402
 import jax  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from saber_jax.train import stages  # noqa: E402
+from saber_jax import configs  # noqa: E402
+from saber_jax.train import demo, dry_run, stages  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/demo.py', 'run config file')
+CONFIGS = os.path.dirname(os.path.abspath(configs.__file__))
+_CONFIG = config_flags.DEFINE_config_file('config', os.path.join(CONFIGS, 'demo.py'),
+                                          'run config file')
+
+
+def with_packaged_configs(argv: list[str]) -> list[str]:
+  """`--config=configs/<name>.py[:arg]` names the shipped config when no such file is here
+  (an installed package run from any directory)."""
+  def resolve(arg):
+    if not arg.startswith('--config='):
+      return arg
+    path, colon, rest = arg[len('--config='):].partition(':')
+    shipped = os.path.join(CONFIGS, os.path.basename(path))
+    if not os.path.exists(path) and os.path.dirname(path) == 'configs' and os.path.exists(shipped):
+      return f'--config={shipped}{colon}{rest}'
+    return arg
+  return [resolve(arg) for arg in argv]
 
 
 def initialize_distributed(config) -> None:
@@ -46,6 +63,25 @@ def initialize_distributed(config) -> None:
     jax.distributed.initialize()
 
 
+def run(config) -> None:
+  """The stage `config.mode` names (or its dry run)."""
+  if config.dry_run:
+    dry_run.dry_run(config, 'dpo' if config.mode == 'dpo' else 'sft')
+  elif config.mode == 'sft':
+    stages.train_stage(config, 'sft', config.sft_records, config.init_from)
+  elif config.mode == 'ref_logps':
+    stages.ref_logps_stage(config, config.pref_records, config.init_from)
+  elif config.mode == 'dpo':
+    stages.train_stage(config, 'dpo', config.pref_records, config.init_from)
+  elif config.mode == 'generate':
+    stages.generate_stage(config, config.generate.records, config.init_from,
+                          os.path.join(config.workdir, 'predictions.jsonl'))
+  elif config.mode == 'pipeline':
+    demo.run_pipeline(config)
+  else:
+    raise ValueError(f'unknown mode {config.mode!r}: sft, ref_logps, dpo, generate, pipeline')
+
+
 def main(argv):
   del argv
   config = _CONFIG.value
@@ -58,8 +94,8 @@ def main(argv):
     print(f'saber_jax: mode={config.mode} devices={jax.device_count()} '
           f'({jax.devices()[0].platform}) processes={jax.process_count()} '
           f'workdir={config.workdir}', flush=True)
-  stages.run(config)
+  run(config)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, argv=with_packaged_configs(sys.argv))

@@ -132,11 +132,7 @@ def test_7b_parameter_count_equals_transformers():
 
 
 def test_convert_tool_round_trips_through_orbax_params(hf_checkpoint, batch, tmp_path):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(
-      'convert_hf', os.path.join(os.path.dirname(__file__), '..', 'tools', 'convert_hf.py'))
-  tool = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(tool)
+  from saber_jax.cli import convert_hf as tool
   model, path = hf_checkpoint
   tool.main(['to-params', '--hf', path, '--out', str(tmp_path / 'params')])
   tool.main(['to-hf', '--params', str(tmp_path / 'params'), '--out', str(tmp_path / 'hf')])

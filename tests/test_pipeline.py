@@ -23,9 +23,7 @@ from saber_jax.models.config import AudioConfig, TextConfig, ThinkerConfig, Visi
 from saber_jax.train import steps
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / 'tools'))
-import make_demo_data  # noqa: E402
-import preprocess  # noqa: E402
+from saber_jax.cli import make_demo_data, preprocess  # noqa: E402
 
 NUM_CLIPS = 12
 # Real Omni token ids (up to 151656) need the real vocabulary size; everything else is tiny.

@@ -1,6 +1,6 @@
-"""tools/preprocess.py on real media: every good clip becomes a record, every bad clip or
+"""saber-preprocess on real media: every good clip becomes a record, every bad clip or
 annotation line a reject with its reason, counts add up, re-runs and shards never
-duplicate; tools/make_demo_data.py is deterministic."""
+duplicate; saber-make-demo-data is deterministic."""
 
 import json
 import os
@@ -15,9 +15,7 @@ from media_helpers import sine, write_video
 from saber_jax.data import annotation, media, prompt, records, sed
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / 'tools'))
-import make_demo_data  # noqa: E402
-import preprocess  # noqa: E402
+from saber_jax.cli import make_demo_data, preprocess  # noqa: E402
 
 GOOD = ['demo-0000', 'demo-0001', 'demo-0002', 'demo-0003']
 EXPECTED_REJECTS = {
@@ -152,7 +150,7 @@ def test_shards_on_separate_runs_cover_every_clip_once(dataset, tmp_path):
   out = tmp_path / 'two'
   # Shard 1 as its own program with a process pool, shard 0 in this process: as on two machines.
   manifest, labels = dataset
-  subprocess.run([sys.executable, str(ROOT / 'tools' / 'preprocess.py'), '--manifest', manifest,
+  subprocess.run([sys.executable, '-m', 'saber_jax.cli.preprocess', '--manifest', manifest,
                   '--annotations', labels, '--out', str(out), '--num_shards', '2',
                   '--shard_index', '1', '--workers', '2', '--quiet'], check=True)
   partial = json.load(open(out / 'stats.json'))

@@ -1,10 +1,9 @@
-"""tools/ end to end: each tool's main() against a real chat-completions server on
+"""The tools (saber_jax.cli) end to end: each tool's main() against a real chat-completions server on
 127.0.0.1 through the real openai client -- normal answers, malformed JSON,
 out-of-range values, timeouts, 429/500 then success, and interrupted runs resumed."""
 
 import base64
 import collections
-import importlib.util
 import io
 import json
 import os
@@ -21,24 +20,9 @@ import pytest
 
 from judge_server import Reply, judge_server, user_text  # noqa: F401 (fixture)
 from saber_jax import judge as J
+from saber_jax.cli import annotate, build_test_set, evaluate, make_pairs, quality
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-TOOLS = ROOT / 'tools'
-sys.path.insert(0, str(TOOLS))
-
-
-def load_tool(name):
-  spec = importlib.util.spec_from_file_location(f'saber_tool_{name}', TOOLS / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-annotate = load_tool('annotate')
-quality = load_tool('quality')
-build_test_set = load_tool('build_test_set')
-make_pairs = load_tool('make_pairs')
-evaluate = load_tool('evaluate')
 
 
 def judge_args(server, *, timeout=0.5, retries=2, concurrency=2):
@@ -549,7 +533,7 @@ def test_evaluate_interrupted_with_sigkill_then_resumed(judge_server, tmp_path):
   out = tmp_path / 'eval'
   argv = ['saber-test', '--predictions', preds, '--references', ref_path, '--out', str(out),
           *judge_args(server, timeout=5.0, concurrency=2)]
-  proc = subprocess.Popen([sys.executable, str(TOOLS / 'evaluate.py'), *argv], cwd=str(ROOT),
+  proc = subprocess.Popen([sys.executable, '-m', 'saber_jax.cli.evaluate', *argv], cwd=str(ROOT),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
   judged = out / 'judgments.jsonl'
   deadline = time.monotonic() + 60
@@ -632,6 +616,6 @@ def test_evaluate_emobench(tmp_path):
 
 @pytest.mark.parametrize('tool', ['annotate', 'quality', 'build_test_set', 'make_pairs', 'evaluate'])
 def test_help_runs_as_a_script(tool):
-  result = subprocess.run([sys.executable, str(TOOLS / f'{tool}.py'), '--help'], cwd='/',
+  result = subprocess.run([sys.executable, '-m', f'saber_jax.cli.{tool}', '--help'], cwd='/',
                           capture_output=True, text=True, timeout=60)
   assert result.returncode == 0 and 'usage:' in result.stdout

@@ -142,6 +142,23 @@ def parse_annotation(text: str, clip_id, *, allow_empty: Collection[str] = ()) -
   return validate_annotation(obj, clip_id, allow_empty=allow_empty)
 
 
+def checked_annotation(obj: Any, clip_id=None, source: str | None = None) -> dict:
+  """The tools' one schema check: `validate_annotation` with silent clips allowed, returned
+  as the nested dict with stripped texts. AnnotationError names source, clip and field."""
+  try:
+    return validate_annotation(obj, clip_id, allow_empty=SILENT_CLIP_MAY_BE_EMPTY).to_dict()
+  except AnnotationError as e:
+    raise (e.with_source(source) if source else e) from None
+
+
+def annotation_of(record: Mapping, source: str, clip_id) -> dict:
+  """The checked 'annotation' field of an input record; AnnotationError names the file
+  and the clip."""
+  if 'annotation' not in record:
+    raise AnnotationError("no 'annotation' field", clip_id=clip_id, source=source)
+  return checked_annotation(record['annotation'], clip_id, source)
+
+
 def read_annotations(path: str | os.PathLike, *, shard_index: int = 0, num_shards: int = 1,
                      allow_empty: Collection[str] = ()) -> Iterator[tuple[Any, Annotation | AnnotationError]]:
   """Streams a JSONL file of `{"id": ..., "annotation": {...}}` lines.

@@ -4,7 +4,7 @@ Two kinds of record, both a msgpack map of scalars, strings and numpy arrays (ar
 msgpack ext type 1 holding [dtype, shape, raw bytes]; plain `msgpack` reads them, no JAX
 needed, so preprocessing and data-loader workers stay light):
 
-SFT record (`kind` 'sft'), written by tools/preprocess.py:
+SFT record (`kind` 'sft'), written by saber-preprocess:
   id, lang, subset: str; duration: float seconds; schema_version: int
   input_ids  int32 [L]   prompt + SED response (sed.build_sft_example)
   labels     int32 [L]   -100 on the prompt, the token id on the response
@@ -170,7 +170,7 @@ def validate_record(record: Mapping[str, Any], where: str | None = None) -> dict
     _check_scalar(record, where, field, kind)
   if record['schema_version'] != SCHEMA_VERSION:
     _fail(where, 'schema_version', f'expected {SCHEMA_VERSION}, got {record["schema_version"]} '
-                                   '(re-run tools/preprocess.py with this version)')
+                                   '(re-run saber-preprocess with this version)')
   kind = record['kind']
   if kind == SFT:
     arrays = {f: _check_array(record, where, f, dtype, 1) for f, dtype in _SFT_REQUIRED.items()}

@@ -21,12 +21,13 @@ Segment ids (the `segments` array of a batch): 0 prompt, 1 visual, 2 acoustic,
 3 reasoning. A section's header and the blank line after it belong to that section.
 """
 
+import json
 import re
 from typing import Mapping, Sequence
 
 import numpy as np
 
-from saber_jax.data.annotation import Annotation
+from saber_jax.data.annotation import FIELD_PATHS, Annotation
 
 PROMPT, VISUAL, ACOUSTIC, REASONING = 0, 1, 2, 3
 SECTION_IDS = {'visual': VISUAL, 'acoustic': ACOUSTIC, 'reasoning': REASONING}
@@ -135,6 +136,20 @@ def split_sed_response(text: str, lang: str = 'en', order: Sequence[str] = DEFAU
   starts[0] = (0, starts[0][1])
   ends = [start for start, _ in starts[1:]] + [len(text)]
   return [(segment, text[start:end]) for (start, segment), end in zip(starts, ends)]
+
+
+def evidence_json(annotation: Mapping, indent: int | None = 2) -> str:
+  """A nested annotation dict as JSON with its fields in SED order (visual, acoustic,
+  reasoning): indented for judges to read, compact (indent=None) as a response text."""
+  ordered: dict = {}
+  for section in DEFAULT_ORDER:
+    for name in SECTION_FIELDS[section]:
+      path = FIELD_PATHS[name]
+      source, node = annotation, ordered
+      for key in path[:-1]:
+        source, node = source[key], node.setdefault(key, {})
+      node[path[-1]] = source[path[-1]]
+  return json.dumps(ordered, ensure_ascii=False, indent=indent)
 
 
 def tokenize_response(tokenizer, target_segments: Sequence[tuple[int, str]], *,

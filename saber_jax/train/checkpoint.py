@@ -59,7 +59,7 @@ CONFIG_FILE = 'thinker_config.json'
 
 def save_params(path: str, params, model_config: ThinkerConfig):
   """The thinker params alone (LoRA merged) and their config, as the next stage's start
-  and reference; `tools/convert_hf.py` exports them to Hugging Face format."""
+  and reference; `saber-convert-hf` exports them to Hugging Face format."""
   path = os.path.abspath(path)
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(os.path.join(path, 'params'), params, force=True)

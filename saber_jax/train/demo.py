@@ -1,11 +1,11 @@
 """`mode=pipeline`: every stage of SABER-LLM in order, each printing the command-line
 tool it runs so the same steps can be run by hand at scale.
 
-  1. make_demo_data.py   generated clips (mp4 with audio, wav) and annotations (en, zh)
-  2. preprocess.py       SFT records (log-mel, frames, SED target tokens)
+  1. saber-make-demo-data   generated clips (mp4 with audio, wav) and annotations (en, zh)
+  2. saber-preprocess       SFT records (log-mel, frames, SED target tokens)
   3. SED fine-tuning
-  4. make_pairs.py       offline preference pairs (gold answer vs a perturbed one)
-     make_preference_records.py   pairs joined with the prompts and media of the SFT records
+  4. saber-make-pairs       offline preference pairs (gold answer vs a perturbed one)
+     saber-make-preference-records   pairs joined with the prompts and media of the SFT records
   5. reference log-probs of the SED model
   6. CA-DPO
 After each training stage the model's answer for one clip is printed.
@@ -15,23 +15,23 @@ A stage whose output exists is skipped, so an interrupted pipeline resumes.
 
 import copy
 import os
-import subprocess
-import sys
 
 import jax
+from jax.experimental import multihost_utils
 
+from saber_jax.cli import make_demo_data, make_pairs, make_preference_records, preprocess
 from saber_jax.train import checkpoint, stages
 
-TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
-    __file__)))), 'tools')
 
-
-def run_tool(name: str, *args: str) -> None:
-  """Run `tools/<name>` on process 0 (the data tools are single-host programs)."""
-  command = [sys.executable, os.path.join(TOOLS, name), *map(str, args)]
+def run_tool(tool, *args) -> None:
+  """Run a data tool's `main` on process 0 (the data tools are single-host programs), echoing
+  the command that does the same by hand; every process waits for it."""
+  args = [str(a) for a in args]
   if jax.process_index() == 0:
-    print('$ python tools/' + ' '.join([name, *map(str, args)]), flush=True)
-    subprocess.run(command, check=True)
+    name = tool.__name__.rsplit('.', 1)[-1].replace('_', '-')
+    print(f'$ saber-{name} ' + ' '.join(args), flush=True)
+    tool.main(args)
+  multihost_utils.sync_global_devices(f'demo: {tool.__name__} done')
 
 
 def with_overrides(config, overrides):
@@ -66,9 +66,9 @@ def run_pipeline(config) -> None:
   raw, sft_dir = os.path.join(data, 'raw'), os.path.join(data, 'sft')
   pairs_dir, pref_dir = os.path.join(data, 'pairs'), os.path.join(data, 'pref')
   if not _done(os.path.join(raw, 'annotations.jsonl')):
-    run_tool('make_demo_data.py', '--out', raw, '--n', config.pipeline.num_clips,
+    run_tool(make_demo_data, '--out', raw, '--n', config.pipeline.num_clips,
              '--seed', config.seed)
-  run_tool('preprocess.py', '--manifest', os.path.join(raw, 'clips.jsonl'),
+  run_tool(preprocess, '--manifest', os.path.join(raw, 'clips.jsonl'),
            '--annotations', os.path.join(raw, 'annotations.jsonl'), '--out', sft_dir,
            '--quiet')
   sft_records = os.path.join(sft_dir, 'sft')
@@ -78,9 +78,9 @@ def run_pipeline(config) -> None:
     stages.train_stage(sft_config, 'sft', sft_records, config.init_from)
     show_answer(config, 'sft', sft_records, sft_final)
   if not _done(os.path.join(pairs_dir, 'pairs.jsonl')):
-    run_tool('make_pairs.py', '--strategy', 'perturb', '--annotations',
+    run_tool(make_pairs, '--strategy', 'perturb', '--annotations',
              os.path.join(raw, 'annotations.jsonl'), '--out', pairs_dir, '--seed', config.seed)
-  run_tool('make_preference_records.py', '--pairs', os.path.join(pairs_dir, 'pairs.jsonl'),
+  run_tool(make_preference_records, '--pairs', os.path.join(pairs_dir, 'pairs.jsonl'),
            '--sft_records', sft_records, '--out', pref_dir)
   dpo_config = with_overrides(config, config.pipeline.dpo)
   ref_dir = stages.stage_dir(config, 'ref_logps')

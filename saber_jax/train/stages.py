@@ -17,7 +17,7 @@ from jax.experimental import multihost_utils
 
 from saber_jax import generate, sharding
 from saber_jax.data import pipeline, prompt, records
-from saber_jax.train import checkpoint, dry_run, steps, trainer
+from saber_jax.train import checkpoint, steps, trainer
 
 
 DONE = 'DONE'                # written last by the reference pass
@@ -98,27 +98,6 @@ def ref_logps_stage(config, record_paths, init_from: str) -> str:
           f'(too long for the largest length bucket) -> {out}', flush=True)
   multihost_utils.sync_global_devices('ref_logps written')
   return out
-
-
-def run(config) -> None:
-  if config.dry_run:
-    stage = 'dpo' if config.mode == 'dpo' else 'sft'
-    dry_run.dry_run(config, stage)
-    return
-  if config.mode == 'sft':
-    train_stage(config, 'sft', config.sft_records, config.init_from)
-  elif config.mode == 'ref_logps':
-    ref_logps_stage(config, config.pref_records, config.init_from)
-  elif config.mode == 'dpo':
-    train_stage(config, 'dpo', config.pref_records, config.init_from)
-  elif config.mode == 'generate':
-    generate_stage(config, config.generate.records, config.init_from,
-                   os.path.join(config.workdir, 'predictions.jsonl'))
-  elif config.mode == 'pipeline':
-    from saber_jax.train import demo
-    demo.run_pipeline(config)
-  else:
-    raise ValueError(f'unknown mode {config.mode!r}: sft, ref_logps, dpo, generate, pipeline')
 
 
 def generate_stage(config, record_paths, init_from: str, out_path: str,

@@ -24,18 +24,20 @@ optional). Each writes OUT/summary.json, OUT/report.md and PNG bar charts; judge
 subcommands keep per-item results in OUT/judgments.jsonl (resumable; failures in
 OUT/errors.jsonl, retried on the next run).
 
-  python tools/evaluate.py saber-test --predictions preds.jsonl \\
+  saber-evaluate saber-test --predictions preds.jsonl \\
       --references saber_test/test_set.jsonl --out eval/saber_test --model Qwen/Qwen2.5-72B-Instruct
-  python tools/evaluate.py emobench --predictions emobench_preds.jsonl --out eval/emobench
+  saber-evaluate emobench --predictions emobench_preds.jsonl --out eval/emobench
 """
 
 import argparse
 import json
 import os
 
-import _common
 from saber_jax import judge as judge_lib
 from saber_jax import metrics
+from saber_jax.cli import _common
+from saber_jax.data import annotation as annotation_lib
+from saber_jax.data import sed
 
 # ----------------------------------------------------------------------------- SABER-Test
 
@@ -66,7 +68,7 @@ def saber_messages(annotation: dict, prediction: str) -> list[dict]:
   dims = '\n'.join(f'- {d}: {DIM_NAMES[d]}' for d in metrics.SABER_TEST_DIMS)
   return [{'role': 'user', 'content': SABER_PROMPT.format(
       dims=dims, keys=', '.join(metrics.SABER_TEST_DIMS),
-      reference=_common.annotation_text(annotation), prediction=prediction)}]
+      reference=sed.evidence_json(annotation), prediction=prediction)}]
 
 
 # ----------------------------------------------------------------------------- EMER
@@ -214,7 +216,7 @@ def saber_test(args) -> dict:
     if r['subset'] not in metrics.SUBSETS:
       raise ValueError(f"{args.references}: record {rid!r}: 'subset' must be one of {metrics.SUBSETS}, got {r['subset']!r}")
     references[rid] = {'subset': r['subset'],
-                       'annotation': _common.annotation_of(r, args.references, rid)}
+                       'annotation': annotation_lib.annotation_of(r, args.references, rid)}
   judge = _common.judge_from_args(args)
 
   def process(item, ref):

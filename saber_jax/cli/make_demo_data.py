@@ -1,8 +1,8 @@
 """Generate a small synthetic emotion data set: real mp4/wav files and SABER annotations.
 
-  python tools/make_demo_data.py --out DIR [--n 32] [--seed 0]
+  saber-make-demo-data --out DIR [--n 32] [--seed 0]
 
-Writes DIR/clips.jsonl (the manifest tools/preprocess.py reads), DIR/annotations.jsonl
+Writes DIR/clips.jsonl (the manifest saber-preprocess reads), DIR/annotations.jsonl
 and DIR/media/. Each clip is a cartoon face on a coloured background (160x128, 10 fps,
 1.5-4 s) whose eyebrows and mouth show the *face emotion* and whose head motion shows the
 matching body language, with a hummed voice whose pitch, contour, pace, loudness and
@@ -268,7 +268,7 @@ def make_clip(out: str, index: int, seed: int) -> tuple[dict, dict]:
     write_mp4(os.path.join(out, entry['video']), frames, audio)
   labels = annotation(lang, face=face, voice=voice, background=background, seconds=seconds,
                       syllables=syllables)
-  # Annotation lines carry the clip's language and subset, as tools/annotate.py writes them.
+  # Annotation lines carry the clip's language and subset, as saber-annotate writes them.
   return entry, {'id': clip_id, 'lang': lang, 'subset': entry['subset'], 'annotation': labels}
 
 

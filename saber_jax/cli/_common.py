@@ -1,22 +1,11 @@
-"""Argument parsing and small helpers shared by the judge-driven tools.
-
-Importing this module puts the repository root on sys.path, so
-`python tools/<tool>.py` works from a checkout without installing saber_jax.
-"""
+"""Argument parsing and small helpers shared by the judge-driven tools."""
 
 import argparse
 import json
 import os
-import pathlib
-import sys
 from typing import Iterable, Iterator, Mapping
 
-_ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(_ROOT) not in sys.path:
-  sys.path.insert(0, str(_ROOT))
-
-from saber_jax import judge as judge_lib  # noqa: E402
-from saber_jax.data import annotation as annotation_lib  # noqa: E402
+from saber_jax import judge as judge_lib
 
 
 def add_judge_args(parser: argparse.ArgumentParser, *, timeout: float = 60.0,
@@ -143,7 +132,7 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 # The SABER six-dimension annotation (see saber_jax/data/annotation.py). This spec is
 # what the annotator is asked for (exact keys, sent as the json_schema); the content
-# rules are the shared ones, applied by `check_annotation`.
+# rules are the shared ones, applied by `annotation.checked_annotation`.
 ANNOTATION_SPEC = judge_lib.obj(
     video_desc=judge_lib.string(non_empty=True),
     audio_desc=judge_lib.obj(speech_content=judge_lib.string(),
@@ -152,38 +141,3 @@ ANNOTATION_SPEC = judge_lib.obj(
     body_lang_desc=judge_lib.string(non_empty=True),
     sentiment_analysis=judge_lib.string(non_empty=True),
 )
-
-def check_annotation(annotation, clip_id=None, source: str | None = None) -> dict:
-  """The one schema check for annotations in tools/: saber_jax.data.annotation's
-  validate_annotation (silent clips allowed), returned as the nested dict with
-  stripped texts. Raises judge.InvalidReply naming source, clip and field."""
-  try:
-    return annotation_lib.validate_annotation(
-        annotation, clip_id, allow_empty=annotation_lib.SILENT_CLIP_MAY_BE_EMPTY).to_dict()
-  except annotation_lib.AnnotationError as e:
-    raise judge_lib.InvalidReply(str(e.with_source(source) if source else e)) from None
-
-
-def annotation_of(record: Mapping, source: str, clip_id: str) -> dict:
-  """The validated 'annotation' field of an input record; ValueError names the file
-  and the clip."""
-  if 'annotation' not in record:
-    raise ValueError(f"{source}: clip {clip_id!r}: no 'annotation' field")
-  try:
-    return check_annotation(record['annotation'], clip_id, source)
-  except judge_lib.InvalidReply as e:
-    raise ValueError(str(e)) from None
-
-
-def annotation_text(annotation: Mapping, indent: int | None = 2) -> str:
-  """The annotation as JSON in SED order (visual, acoustic, reasoning): indented for
-  judges to read, compact (indent=None) as a response text."""
-  ordered = {
-      'video_desc': annotation['video_desc'],
-      'facial_exp_desc': annotation['facial_exp_desc'],
-      'body_lang_desc': annotation['body_lang_desc'],
-      'audio_desc': {'speech_content': annotation['audio_desc']['speech_content'],
-                     'acoustic_feat': annotation['audio_desc']['acoustic_feat']},
-      'sentiment_analysis': annotation['sentiment_analysis'],
-  }
-  return json.dumps(ordered, ensure_ascii=False, indent=indent)

@@ -1,6 +1,6 @@
 """Turn clips + SABER annotations into SFT records (ArrayRecord shards) for training.
 
-  python tools/preprocess.py --manifest clips.jsonl --annotations ann.jsonl --out DIR \\
+  saber-preprocess --manifest clips.jsonl --annotations ann.jsonl --out DIR \\
       [--num_shards N [--shard_index I]] [--workers W] [--tokenizer PATH]
 
 Inputs
@@ -42,49 +42,25 @@ whole (records are written under a temporary name and renamed), so nothing is du
 import argparse
 import collections
 import concurrent.futures
-import dataclasses
 import hashlib
 import json
-import math
 import multiprocessing
 import os
-import pathlib
 import sys
 import traceback
 
-_ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(_ROOT) not in sys.path:
-  sys.path.insert(0, str(_ROOT))
+import tqdm
 
-import tqdm  # noqa: E402
-
-from saber_jax.data import annotation as annotation_lib  # noqa: E402
-from saber_jax.data import media  # noqa: E402
-from saber_jax.data import prompt as prompt_lib  # noqa: E402
-from saber_jax.data import records  # noqa: E402
-from saber_jax.data import sed  # noqa: E402
+from saber_jax.data import annotation as annotation_lib
+from saber_jax.data import clips
+from saber_jax.data import prompt as prompt_lib
+from saber_jax.data import records
+from saber_jax.data.clips import Reject, Settings
 
 LANGS = ('en', 'zh')
 RECORD_PREFIX = 'sft'
 # Token-length histogram edges: the pipeline's default length buckets.
 LENGTH_EDGES = (256, 512, 1024, 2048, 4096)
-
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-  min_seconds: float = 0.5
-  max_seconds: float = 30.0
-  min_side: int = 112
-  fps: float = media.VIDEO_FPS
-  max_frames: int = media.VIDEO_MAX_FRAMES
-  max_pixels: int = media.VIDEO_MAX_PIXELS
-  system: str | None = prompt_lib.DEFAULT_SYSTEM_PROMPT
-
-
-class Reject(Exception):
-  def __init__(self, reason: str, message: str):
-    super().__init__(message)
-    self.reason, self.message = reason, message
 
 
 def shard_of(clip_id: str, num_shards: int) -> int:
@@ -197,82 +173,11 @@ def _init_worker(tokenizer_path):
   _TOKENIZER = prompt_lib.load_tokenizer(tokenizer_path)
 
 
-def _probe(path):
-  if not os.path.exists(path):
-    raise Reject('missing_file', f'{path}: no such file')
-  try:
-    return media.probe(path)
-  except media.MediaError as e:
-    raise Reject('unreadable_media', str(e)) from None
-
-
-def _decode(fn, *args, **kwargs):
-  try:
-    return fn(*args, **kwargs)
-  except media.MediaError as e:
-    raise Reject('unreadable_media', str(e)) from None
-
-
-def build_record(entry: dict, annotation, settings: Settings, tokenizer) -> tuple[bytes, dict]:
-  """(record blob, info for stats) of one clip, or Reject(reason, message).
-
-  annotation: the clip's Annotation, its schema error (or that error's message), or None.
-  """
-  clip_id = entry['id']
-  if annotation is None:
-    raise Reject('no_annotation', f'clip {clip_id!r}: no annotation line')
-  if isinstance(annotation, (str, annotation_lib.AnnotationError)):
-    raise Reject('bad_annotation', str(annotation))
-  if 'video' not in entry:
-    raise Reject('no_video', f'clip {clip_id!r}: the manifest gives no video')
-  video_info = _probe(entry['video'])
-  if not video_info.has_video:
-    raise Reject('no_video', f'{entry["video"]}: no video stream')
-  audio_path = entry.get('audio', entry['video'])
-  audio_info = _probe(audio_path) if 'audio' in entry else video_info
-  if not audio_info.has_audio:
-    raise Reject('no_audio', f'{audio_path}: no audio stream')
-  duration = video_info.duration
-  if duration < settings.min_seconds:
-    raise Reject('too_short', f'{entry["video"]}: {duration:.2f} s < {settings.min_seconds} s')
-  if duration > settings.max_seconds:
-    raise Reject('too_long', f'{entry["video"]}: {duration:.2f} s > {settings.max_seconds} s')
-  short_side = min(video_info.width or 0, video_info.height or 0)
-  if short_side < settings.min_side:
-    raise Reject('low_resolution', f'{entry["video"]}: {video_info.width}x{video_info.height}, '
-                                   f'short side < {settings.min_side} px')
-
-  waveform = _decode(media.load_audio, audio_path)
-  audio_seconds = len(waveform) / media.SAMPLING_RATE
-  if audio_seconds < settings.min_seconds:
-    raise Reject('too_short', f'{audio_path}: {audio_seconds:.2f} s of audio < {settings.min_seconds} s')
-  features = media.log_mel(waveform)
-  frames, _ = _decode(media.load_video, entry['video'], fps=settings.fps,
-                      max_frames=settings.max_frames, max_pixels=settings.max_pixels)
-  grid = (math.ceil(len(frames) / media.TEMPORAL_PATCH_SIZE), frames.shape[1] // media.PATCH_SIZE,
-          frames.shape[2] // media.PATCH_SIZE)
-  # The processor's video_second_per_grid: temporal_patch_size / the fps it was called with
-  # (2.0, as ms-swift calls it), not the measured sampling rate.
-  prompt_ids = prompt_lib.build_prompt(
-      tokenizer, text=sed.sed_instruction(entry['lang']), system=settings.system,
-      audio_lengths=[features.shape[1]], video_grids=[grid],
-      video_second_per_grid=[media.TEMPORAL_PATCH_SIZE / settings.fps], use_audio_in_video=True)
-  example = sed.build_sft_example(tokenizer, prompt_ids, sed.sed_target(annotation, entry['lang']))
-  blob = records.encode_sft_record(
-      id=clip_id, lang=entry['lang'], subset=entry['subset'], duration=duration,
-      input_ids=example['input_ids'], labels=example['labels'], segments=example['segments'],
-      input_features=features, frames=frames, video_fps=settings.fps, use_audio_in_video=True)
-  info = {'duration': duration, 'prompt_tokens': len(prompt_ids),
-          'response_tokens': len(example['input_ids']) - len(prompt_ids),
-          'total_tokens': len(example['input_ids'])}
-  return blob, info
-
-
 def process_clip(job):
   """Worker entry: ('ok', blob, info) or ('reject', reject dict, None); never raises."""
   entry, annotation, settings = job
   try:
-    blob, info = build_record(entry, annotation, settings, _TOKENIZER)
+    blob, info = clips.build_record(entry, annotation, settings, _TOKENIZER)
     return 'ok', blob, info
   except Reject as e:
     return 'reject', _reject(entry['id'], e.reason, e.message), None

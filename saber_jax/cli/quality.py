@@ -23,16 +23,18 @@ wer_unit, consistent, consistency_reason} and, when dropped, "drop_reasons"), an
 OUT/summary.json. Clips whose judge call failed are in neither file until a rerun
 succeeds ("pending").
 
-  python tools/quality.py --annotations ann/annotations.jsonl --out qc/ \\
+  saber-quality --annotations ann/annotations.jsonl --out qc/ \\
       --descriptions captions.jsonl --base-url http://localhost:8000/v1 --model Qwen/Qwen2.5-72B-Instruct
 """
 
 import argparse
 import os
 
-import _common
 from saber_jax import judge as judge_lib
 from saber_jax import metrics
+from saber_jax.cli import _common
+from saber_jax.data import annotation as annotation_lib
+from saber_jax.data import sed
 
 DEFAULT_WER_THRESHOLD = 0.3
 
@@ -51,7 +53,7 @@ Independent description:
 
 def consistency_messages(annotation: dict, description: str) -> list[dict]:
   return [{'role': 'user', 'content': CONSISTENCY_PROMPT.format(
-      annotation=_common.annotation_text(annotation), description=description)}]
+      annotation=sed.evidence_json(annotation), description=description)}]
 
 
 def speech_qc(record: dict, transcript: str | None,
@@ -82,7 +84,7 @@ def checked_records(args, transcripts: dict):
   """(id, record, speech qc, speech reasons) per annotation of this shard."""
   for n, r in enumerate(_common.sharded(judge_lib.read_jsonl(args.annotations), args)):
     rid = judge_lib.record_id(r, f'{args.annotations} record {n + 1}')
-    r = {**r, 'annotation': _common.annotation_of(r, args.annotations, rid)}
+    r = {**r, 'annotation': annotation_lib.annotation_of(r, args.annotations, rid)}
     if r.get('lang') not in ('en', 'zh'):
       raise ValueError(f"{args.annotations}: clip {rid!r}: 'lang' must be 'en' or 'zh', got {r.get('lang')!r}")
     qc, reasons = speech_qc(r, transcripts.get(rid, r.get('transcript')), args.wer_threshold)

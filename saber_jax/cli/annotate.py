@@ -15,7 +15,7 @@ Output: OUT/annotations.jsonl, the manifest record plus
 validated (exact keys, non-empty, written in the clip's language); failures in
 OUT/errors.jsonl, retried on the next run.
 
-  python tools/annotate.py --manifest clips.jsonl --out ann/ \\
+  saber-annotate --manifest clips.jsonl --out ann/ \\
       --base-url http://localhost:8000/v1 --model Qwen/Qwen2.5-Omni-7B
 """
 
@@ -26,8 +26,12 @@ import os
 import re
 import wave
 
-import _common
+import numpy as np
+
 from saber_jax import judge as judge_lib
+from saber_jax.cli import _common
+from saber_jax.data import annotation as annotation_lib
+from saber_jax.data import media
 
 # ----------------------------------------------------------------------------- prompts
 # Written after the SABER paper's description of its annotation: describe the video,
@@ -119,20 +123,12 @@ def _jpeg(frame, max_side: int, quality: int) -> bytes:
   return buf.getvalue()
 
 
-def decode_audio_wav(path: str, sample_rate: int = 16000) -> bytes | None:
-  """The first audio stream as 16-bit mono WAV bytes at `sample_rate` (None if the file
-  has no audio)."""
-  import av
-  import numpy as np
-  with av.open(path) as container:
-    if not container.streams.audio:
-      return None
-    resampler = av.AudioResampler(format='s16', layout='mono', rate=sample_rate)
-    chunks = []
-    for frame in container.decode(audio=0):
-      chunks.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(frame))
-    chunks.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(None))
-  pcm = np.concatenate(chunks).astype('<i2') if chunks else np.zeros(0, '<i2')
+def audio_wav(path: str, sample_rate: int = media.SAMPLING_RATE) -> bytes | None:
+  """The first audio stream as 16-bit mono WAV bytes at `sample_rate`, decoded as the
+  training features are (`media.load_audio`); None if the file has no audio."""
+  if not media.probe(path).has_audio:
+    return None
+  pcm = np.round(np.clip(media.load_audio(path, sample_rate), -1.0, 1.0) * 32767).astype('<i2')
   buf = io.BytesIO()
   with wave.open(buf, 'wb') as w:
     w.setnchannels(1)
@@ -198,14 +194,17 @@ def make_processor(args, judge: judge_lib.Judge, base_dir: str):
       frames = decode_frames(resolve(video), args.num_frames, args.frame_size) if video else []
       wav = None
       if not args.no_audio:
-        wav = decode_audio_wav(resolve(audio or video), args.sample_rate)
+        wav = audio_wav(resolve(audio or video), args.sample_rate)
     except Exception as e:  # PyAV raises many types (FileNotFoundError, InvalidDataError, ...)
       raise judge_lib.ItemError('bad_input', f'clip {rid!r}: cannot decode media: {type(e).__name__}: {e}')
     if not frames and wav is None:
       raise judge_lib.ItemError('bad_input', f'clip {rid!r}: no video frames and no audio decoded')
     prompt = annotation_prompt(lang, len(frames), wav is not None)
     def check(reply_value):
-      annotation = _common.check_annotation(reply_value, rid)
+      try:
+        annotation = annotation_lib.checked_annotation(reply_value, rid)
+      except annotation_lib.AnnotationError as e:
+        raise judge_lib.InvalidReply(str(e)) from None
       check_language(annotation, lang)
       return annotation
 
@@ -223,7 +222,7 @@ def parse_args(argv=None):
   parser.add_argument('--out', required=True, help='output folder')
   parser.add_argument('--num-frames', type=int, default=16, help='frames sent per clip')
   parser.add_argument('--frame-size', type=int, default=448, help='longer side of a frame, pixels')
-  parser.add_argument('--sample-rate', type=int, default=16000)
+  parser.add_argument('--sample-rate', type=int, default=media.SAMPLING_RATE)
   parser.add_argument('--no-audio', action='store_true', help='send frames only')
   _common.add_judge_args(parser, timeout=180.0, concurrency=4)
   return parser.parse_args(argv)

@@ -13,16 +13,18 @@ Output: OUT/judgments.jsonl (resumable; failures in OUT/errors.jsonl),
 OUT/test_set.jsonl (the input record plus "subset" and "intensity", ranked within each
 class; the reference file for `evaluate.py saber-test`), OUT/summary.json.
 
-  python tools/build_test_set.py --annotations qc/kept.jsonl --out saber_test/ \\
+  saber-build-test-set --annotations qc/kept.jsonl --out saber_test/ \\
       --per-class 900 --base-url http://localhost:8000/v1 --model Qwen/Qwen2.5-72B-Instruct
 """
 
 import argparse
 import os
 
-import _common
 from saber_jax import judge as judge_lib
 from saber_jax import metrics
+from saber_jax.cli import _common
+from saber_jax.data import annotation as annotation_lib
+from saber_jax.data import sed
 
 RELATION_SPEC = judge_lib.obj(relation=judge_lib.enum(*metrics.SUBSETS),
                               intensity=judge_lib.integer(0, 10))
@@ -39,7 +41,7 @@ Annotation:
 
 
 def relation_messages(annotation: dict) -> list[dict]:
-  return [{'role': 'user', 'content': RELATION_PROMPT.format(annotation=_common.annotation_text(annotation))}]
+  return [{'role': 'user', 'content': RELATION_PROMPT.format(annotation=sed.evidence_json(annotation))}]
 
 
 def parse_args(argv=None):
@@ -61,7 +63,7 @@ def main(argv=None) -> dict:
   def items():
     for n, r in enumerate(_common.sharded(judge_lib.read_jsonl(args.annotations), args)):
       rid = judge_lib.record_id(r, f'{args.annotations} record {n + 1}')
-      yield {'id': rid, 'annotation': _common.annotation_of(r, args.annotations, rid)}
+      yield {'id': rid, 'annotation': annotation_lib.annotation_of(r, args.annotations, rid)}
 
   def process(item):
     reply = judge.ask(relation_messages(item['annotation']), RELATION_SPEC, name='av_relation')

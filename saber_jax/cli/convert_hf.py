@@ -1,7 +1,7 @@
 """Convert thinker weights between Hugging Face checkpoints and saber_jax params.
 
-  python tools/convert_hf.py to-params --hf Qwen2.5-Omni-7B/ --out params/ [--dtype bfloat16]
-  python tools/convert_hf.py to-hf --params workdir/sft/final --out hf_out/ [--prefix thinker.]
+  saber-convert-hf to-params --hf Qwen2.5-Omni-7B/ --out params/ [--dtype bfloat16]
+  saber-convert-hf to-hf --params workdir/sft/final --out hf_out/ [--prefix thinker.]
 
 `to-params` writes an Orbax params directory (what `--config.init_from` and the stages
 read); `to-hf` writes safetensors + config.json that

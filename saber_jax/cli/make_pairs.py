@@ -31,9 +31,9 @@ Output OUT/pairs.jsonl, one preference pair per line:
 (judge: plus chosen_index / rejected_index and "prompt" when given; perturb: scores
 and margin are null, plus "perturbation" and "donor_id"), and OUT/summary.json.
 
-  python tools/make_pairs.py --samples samples.jsonl --annotations kept.jsonl --out pairs/ \\
+  saber-make-pairs --samples samples.jsonl --annotations kept.jsonl --out pairs/ \\
       --base-url http://localhost:8000/v1 --model Qwen/Qwen2.5-72B-Instruct
-  python tools/make_pairs.py --strategy perturb --annotations kept.jsonl --out pairs/ --seed 0
+  saber-make-pairs --strategy perturb --annotations kept.jsonl --out pairs/ --seed 0
 """
 
 import argparse
@@ -43,9 +43,9 @@ import os
 import random
 import re
 
-import _common
 from saber_jax import judge as judge_lib
 from saber_jax import metrics
+from saber_jax.cli import _common
 from saber_jax.data import annotation as annotation_lib
 from saber_jax.data import sed
 
@@ -68,7 +68,7 @@ Response to grade:
 def score_messages(annotation: dict, response: str, prompt: str | None = None) -> list[dict]:
   task = f'\nThe task the model was given:\n{prompt}\n' if prompt else ''
   return [{'role': 'user', 'content': SCORE_PROMPT.format(
-      task=task, reference=_common.annotation_text(annotation), response=response)}]
+      task=task, reference=sed.evidence_json(annotation), response=response)}]
 
 
 def response_score(scores: dict) -> float:
@@ -226,7 +226,7 @@ def perturb_pairs(args) -> dict:
       if index % args.num_shards != args.shard_index:
         continue
       rid, record = load(index)
-      annotation = _common.annotation_of(record, args.annotations, rid)
+      annotation = annotation_lib.annotation_of(record, args.annotations, rid)
       lang = record.get('lang')
       if lang not in ('en', 'zh'):
         raise ValueError(f"{args.annotations}: clip {rid!r}: 'lang' must be 'en' or 'zh', got {lang!r}")
@@ -242,7 +242,7 @@ def perturb_pairs(args) -> dict:
       donor_id, donor = None, None
       if donor_index is not None:
         donor_id, donor_record = load(donor_index)
-        donor = _common.annotation_of(donor_record, args.annotations, donor_id)
+        donor = annotation_lib.annotation_of(donor_record, args.annotations, donor_id)
       counts['records'] += 1
       for kind in kinds:
         result = perturb(annotation, kind, donor, rng)
@@ -272,7 +272,7 @@ def judge_pairs(args) -> dict:
     where = f'{args.samples} record {n + 1}'
     ids.add(judge_lib.record_id(r, where))
     responses_of(r, where)
-  references = {rid: _common.annotation_of(r, args.annotations, rid)
+  references = {rid: annotation_lib.annotation_of(r, args.annotations, rid)
                 for rid, r in _common.load_by_id(args.annotations, ids=ids).items()}
   judge = _common.judge_from_args(args)
   scores_path = os.path.join(args.out, 'scores.jsonl')

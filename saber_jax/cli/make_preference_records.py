@@ -1,7 +1,7 @@
 """Preference records for CA-DPO: each pair of a pairs JSONL (make_pairs.py) joined with the
 prompt and media of its clip's SFT record (preprocess.py).
 
-  python tools/make_preference_records.py --pairs pairs/pairs.jsonl \
+  saber-make-preference-records --pairs pairs/pairs.jsonl \
       --sft_records records/sft --out pref/
 
 Writes `OUT/pref-00000-of-00001.array_record` (ref log-probs empty until the reference
