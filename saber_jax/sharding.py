@@ -7,6 +7,7 @@ mesh shape. The mesh uses `AxisType.Auto`: shardings are declared on params and 
 and XLA propagates them through the step.
 """
 
+import functools
 import hashlib
 from typing import Any, Sequence
 
@@ -52,6 +53,17 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence[jax.Device] |
     raise ValueError(f'mesh shape {shape} does not use exactly the {len(devices)} devices')
   return jax.make_mesh(tuple(shape), tuple(axis_names), devices=devices,
                        axis_types=(AxisType.Auto,) * len(shape))
+
+
+def on_mesh(fn, mesh: Mesh):
+  """`fn` tracing with `mesh` as the context mesh, for use inside `jax.jit`: the model's
+  `shard_map` kernels (splash attention) find the mesh there; jit's shardings alone do not
+  set it."""
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+  return traced
 
 
 def mesh_spec(shape: Sequence[int], logical: Sequence[str | None], mesh: Mesh,

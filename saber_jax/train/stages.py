@@ -73,8 +73,9 @@ def ref_logps_stage(config, record_paths, init_from: str) -> str:
   mesh = sharding.make_mesh(config.mesh)
   model_config = trainer.model_config_of(config)
   params = trainer.initial_params(config, model_config, mesh, init_from)
-  logps_fn = jax.jit(lambda params, batch: jnp.stack(steps.pair_logps(
-      params, batch, model_config=model_config, chunk_size=config.logps_chunk_size), axis=-1))
+  logps_fn = jax.jit(sharding.on_mesh(lambda params, batch: jnp.stack(steps.pair_logps(
+      params, batch, model_config=model_config, chunk_size=config.logps_chunk_size), axis=-1),
+      mesh))
   paths = pipeline.resolve_paths(record_paths)
   values = {}
   for batch in pipeline.reference_batches(model_config, data_config(config, mesh), paths):

@@ -34,7 +34,7 @@ def model_config_of(config) -> ThinkerConfig:
           else getattr(ThinkerConfig, m.name)())
   attention = m.attention
   if attention == 'auto':
-    attention = 'cudnn' if jax.default_backend() == 'gpu' else 'xla'
+    attention = {'gpu': 'cudnn', 'tpu': 'splash'}.get(jax.default_backend(), 'xla')
   return dataclasses.replace(base, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
                              attention=attention)
 
@@ -93,8 +93,9 @@ def plan(config, stage: str, mesh: Mesh) -> Setup:
   state_shardings = sharding.tree_shardings(boxed_state, mesh)
   abstract_state = checkpoint.abstract_like(nn.unbox(boxed_state), state_shardings)
   step_fn = jax.jit(
-      functools.partial(steps.train_step, loss_fn=stage_loss(config, stage, model_config),
-                        optimizer=optimizer, skip_nonfinite=config.nonfinite == 'skip'),
+      sharding.on_mesh(functools.partial(
+          steps.train_step, loss_fn=stage_loss(config, stage, model_config),
+          optimizer=optimizer, skip_nonfinite=config.nonfinite == 'skip'), mesh),
       in_shardings=(state_shardings, None), out_shardings=(state_shardings, replicated(mesh)),
       donate_argnums=0)
   return Setup(model_config, mesh, optimizer, abstract_state, state_shardings, step_fn)
