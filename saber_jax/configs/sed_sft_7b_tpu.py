@@ -1,5 +1,5 @@
 """SED fine-tuning of Qwen2.5-Omni-7B on a TPU slice with the paper's settings:
-`:v5p` (v5p-64, 32 chips) or `:v6e` (v6e-64, 64 chips), `,lora` for LoRA. Run the same
+`:v5p` (v5p-64, 32 chips) or `:v6e` (v6e-64, 64 chips), `,lora` or `,llm` to train LoRA adapters or the LLM alone. Run the same
 command on every host of the slice (JAX finds the other hosts itself); plan it first from
 any machine with libtpu installed:
 
@@ -9,10 +9,10 @@ any machine with libtpu installed:
       --config.init_from=/ckpt/Qwen2.5-Omni-7B --config.sft_records='/data/sft/sft-*'
 """
 
-from saber_jax.train.config import on_tpu_slice, sed_sft_config
+from saber_jax.train.config import on_tpu_slice, sed_sft_config, tpu_slice_arg
 
 
 def get_config(arg=None):
-  name, _, trainable = (arg or 'v5p').partition(',')
-  return on_tpu_slice(sed_sft_config('qwen2_5_omni_7b', trainable or 'full'), name,
+  name, trainable = tpu_slice_arg(arg)
+  return on_tpu_slice(sed_sft_config('qwen2_5_omni_7b', trainable), name,
                       examples_per_update=128)

@@ -69,7 +69,6 @@ class Attention(nn.Module):
       out = layers.causal_attention(q, k, v, mask, self.attention)
     elif cache is None and mask.ndim == 2:     # segment ids [B, L]: the splash kernel
       out = layers.splash_attention(q, k, v, mask)
-      out = layers.causal_attention(q, k, v, mask, self.attention)
     else:
       out = layers.attention(q, k, v, mask)
     out = layers.dense(c.hidden_size, ('heads', 'embed'), use_bias=False, dtype=self.dtype,

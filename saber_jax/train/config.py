@@ -118,6 +118,18 @@ TPU_SLICES = {
 CHIPS_PER_HOST = 4
 
 
+def tpu_slice_arg(arg: str | None) -> tuple[str, str]:
+  """(slice, trainable) from a TPU config's argument: a slice of TPU_SLICES and/or a
+  trainable mode, comma-joined in any order ('v6e,lora', 'lora', None: 'v5p', 'full')."""
+  words = [w for w in (arg or '').split(',') if w]
+  unknown = [w for w in words if w not in TPU_SLICES and w not in steps.TRAINABLE_MODES]
+  if unknown:
+    raise ValueError(f'unknown config argument {unknown[0]!r}: expected a TPU slice '
+                     f'{sorted(TPU_SLICES)} and/or a trainable mode {list(steps.TRAINABLE_MODES)}')
+  pick = lambda choices, default: next((w for w in words if w in choices), default)
+  return pick(TPU_SLICES, 'v5p'), pick(steps.TRAINABLE_MODES, 'full')
+
+
 def on_tpu_slice(c: ml_collections.ConfigDict, name: str, examples_per_update: int):
   """`c` for a TPU slice of `TPU_SLICES`: FSDP over every chip, splash attention, one
   process per 4-chip host, and gradient accumulation up to the paper's batch."""
