@@ -123,21 +123,13 @@ def run_model(name: str, args) -> list[dict]:
 
 
 def run_dataset(args) -> dict:
-  import importlib.util
-  import sys
   from saber_jax import sampling
+  from saber_jax.cli import make_demo_data, preprocess
+  from saber_jax.configs import demo
   from saber_jax.data import pipeline, records
   from saber_jax.generate import EOS_TOKEN_IDS, PAD_TOKEN_ID
   from saber_jax.models.config import ThinkerConfig
-  root_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  sys.path.insert(0, os.path.join(root_dir, 'tools'))
-  import make_demo_data
-  import preprocess
   from common import save_hf_model
-  spec = importlib.util.spec_from_file_location('demo', os.path.join(root_dir, 'configs',
-                                                                     'demo.py'))
-  demo = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(demo)
 
   with tempfile.TemporaryDirectory() as root:
     manifest, labels = make_demo_data.make_demo_data(os.path.join(root, 'clips'), n=args.dataset)

@@ -5,7 +5,8 @@ The prompts are prefilled once (media scattered in, as in training) into a KV ca
 generation compiles once per prompt bucket. For `num_samples` > 1 the cache is repeated,
 not recomputed (CA-DPO draws k = 10 responses per clip at temperature 0.8). A
 `lax.while_loop` then decodes one token per step for every row, under one jit with no
-host round trip, and stops early once every row has emitted an end-of-sequence id.
+host round trip; as rows emit an end-of-sequence id the batch is halved to the rows still
+going (so a finished row stops costing forwards), and it stops once every row has ended.
 
 Prompts are left padded (right-padded batches are moved over on the host), so every row's
 last prompt token is in the last prompt slot and every step writes the same cache slot;
@@ -16,6 +17,7 @@ data axes as in training.
 
 import dataclasses
 import functools
+import math
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import flax.linen as nn
@@ -151,6 +153,7 @@ class DecodeSettings:
   num_samples: int = 1
   eos_token_ids: tuple[int, ...] = EOS_TOKEN_IDS
   pad_token_id: int = PAD_TOKEN_ID
+  compact_rows: bool = True     # halve the decode batch as rows end (False: for comparison)
 
   def __post_init__(self):
     if self.max_new_tokens < 1 or self.num_samples < 1:
@@ -167,25 +170,59 @@ class DecodeSettings:
         raise ValueError(f'{name} {ids} outside the vocabulary of {vocab_size} ids')
 
 
-def _rows_split(x):
-  """x with its rows split over the batch axes of the mesh in context (`jax.set_mesh`),
-  as the inputs are: without it XLA may compute the vocabulary projection on every
-  device for all rows (hidden gathered, full logits all-reduced each step)."""
+def _rows_split(x, axis: int = 0):
+  """x with its rows (`axis`) split over the batch axes of the mesh in context
+  (`jax.set_mesh`), as the inputs are: without it XLA may compute the vocabulary projection
+  on every device for all rows (hidden gathered, full logits all-reduced each step)."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return x
-  rows = sharding.mesh_spec((x.shape[0],), ('batch',), mesh)[0]
-  return jax.lax.with_sharding_constraint(x, PartitionSpec(rows, *[None] * (x.ndim - 1)))
+  spec = [None] * x.ndim
+  spec[axis] = sharding.mesh_spec((x.shape[axis],), ('batch',), mesh)[0]
+  return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
 
 
 class _State(NamedTuple):
+  """The decode loop's state. Its live part holds R_k slots, R_k halving as rows end
+  (`compact`): slot i decodes original row `rows[i]`. The outputs are kept for all R rows."""
   step: jax.Array          # int32 []: the index of the token drawn next
-  logits: jax.Array        # [R, V] the distribution of that token
+  rows: jax.Array          # int32 [R_k] the original row each slot decodes
+  logits: jax.Array        # [R_k, V] the distribution of each slot's next token
+  keys: jax.Array          # PRNG keys [R_k] of the slots' rows
+  first_positions: jax.Array  # int32 [R_k]
+  valid_slots: jax.Array   # bool [R_k, S] cache slots a slot's row attends to
+  cache: KVCache           # [layers, R_k, S, K, H]
   tokens: jax.Array        # int32 [R, max_new_tokens], pad after each row's end
   logprobs: jax.Array      # f32 [R, max_new_tokens] log p(token) under the model, 0 after the end
   lengths: jax.Array       # int32 [R] tokens before the row's EOS (or all of them)
   finished: jax.Array      # bool [R] the row has emitted an EOS
-  cache: KVCache
+
+
+def compact(state: _State, size: int) -> _State:
+  """The state with its live part cut to `size` slots: the rows still decoding first (all
+  of them: the caller compacts once at most `size` are left), then finished ones as filler.
+  Rows keep their keys and positions, so their samples do not change."""
+  keep = jnp.argsort(state.finished[state.rows], stable=True)[:size]
+  take = lambda a, axis=0: _rows_split(jnp.take(a, keep, axis=axis), axis)
+  return state._replace(rows=take(state.rows), logits=take(state.logits), keys=state.keys[keep],
+                        first_positions=take(state.first_positions),
+                        valid_slots=take(state.valid_slots),
+                        cache=KVCache(*(take(c, axis=1) for c in state.cache)))
+
+
+def halvings(rows: int, min_rows: int) -> list[int]:
+  """Live-part sizes of the decode loop: rows, rows / 2, ... while each still splits evenly
+  over the `min_rows` data-parallel devices."""
+  sizes = [rows]
+  while sizes[-1] % 2 == 0 and (sizes[-1] // 2) % min_rows == 0:
+    sizes.append(sizes[-1] // 2)
+  return sizes
+
+
+def _batch_devices() -> int:
+  mesh = jax.sharding.get_abstract_mesh()
+  return 1 if mesh.empty else math.prod(
+      mesh.shape[a] for a in ('data', 'fsdp') if a in mesh.shape)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -197,6 +234,11 @@ def generate_inputs(config: ThinkerConfig, settings: DecodeSettings, params, inp
   first_positions int32 [B] (`first_new_positions`), key a PRNG key, streams uint32 [B]
   each prompt's random stream (`sample_keys`; default: its row). Returns what `generate`
   does, as device arrays.
+
+  Rows that have ended stop costing forwards: the loop decodes R rows until at most R / 2
+  are still going, then moves those into a half-size batch (`compact`: cache, logits and
+  keys gathered) and goes on, halving again as rows end; each size is its own
+  `while_loop` in this one program, so it still compiles once per bucket.
   """
   s = settings
   s.check_ids(config.text.vocab_size)
@@ -222,47 +264,52 @@ def generate_inputs(config: ThinkerConfig, settings: DecodeSettings, params, inp
   rows = batch * n
   eos = jnp.asarray(s.eos_token_ids, jnp.int32)
   streams = jnp.arange(batch, dtype=jnp.uint32) if streams is None else streams
-  keys = sample_keys(key, streams, n)                                # [R]
 
   def next_token(state: _State) -> _State:
-    t = state.step
-    step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, t)
+    t, live = state.step, state.rows
+    step_keys = jax.vmap(jax.random.fold_in, (0, None))(state.keys, t)
     token = sample_logits(step_keys, state.logits, s.temperature, s.top_k, s.top_p)
-    is_eos = jnp.isin(token, eos) & ~state.finished
-    token = jnp.where(state.finished, s.pad_token_id, token)
+    finished = state.finished[live]
+    is_eos = jnp.isin(token, eos) & ~finished
+    token = jnp.where(finished, s.pad_token_id, token)
     # Log-probability under the model itself (temperature 1, unfiltered), for the records.
     logprob = jnp.take_along_axis(jax.nn.log_softmax(state.logits), token[:, None], axis=-1)[:, 0]
-    logprob = jnp.where(state.finished, 0.0, logprob)
-    lengths = state.lengths + (~state.finished & ~is_eos)
+    logprob = jnp.where(finished, 0.0, logprob)
     # Feed the token into slot L + t for the next step's distribution (after the last
     # token this forward is not needed: one step in max_new_tokens, for a simpler loop).
     slot = prompt_len + t
-    positions = jnp.broadcast_to((first_positions + t)[None, :, None], (3, rows, 1))
+    positions = jnp.broadcast_to((state.first_positions + t)[None, :, None], (3, len(live), 1))
     hidden, cache = run(run(token[:, None], method=lambda m, ids: m.text.embed(ids)), positions,
-                        cache_attention_mask(valid_slots, slot, 1), state.cache, slot,
+                        cache_attention_mask(state.valid_slots, slot, 1), state.cache, slot,
                         method=text_decode)
     logits = run(_rows_split(hidden), method=Thinker.logits)[:, 0].astype(jnp.float32)
-    return _State(t + 1, logits, state.tokens.at[:, t].set(token),
-                  state.logprobs.at[:, t].set(logprob), lengths, state.finished | is_eos, cache)
+    return state._replace(
+        step=t + 1, logits=logits, cache=cache,
+        tokens=state.tokens.at[live, t].set(token), logprobs=state.logprobs.at[live, t].set(logprob),
+        lengths=state.lengths.at[live].add((~finished & ~is_eos).astype(jnp.int32)),
+        finished=state.finished.at[live].set(finished | is_eos))
 
-  def going(state: _State):
-    return (state.step < s.max_new_tokens) & ~jnp.all(state.finished)
-
-  start = _State(jnp.int32(0), logits,
+  state = _State(jnp.int32(0), jnp.arange(rows, dtype=jnp.int32), _rows_split(logits),
+                 sample_keys(key, streams, n), first_positions, valid_slots, cache,
                  jnp.full((rows, s.max_new_tokens), s.pad_token_id, jnp.int32),
                  jnp.zeros((rows, s.max_new_tokens), jnp.float32), jnp.zeros(rows, jnp.int32),
-                 jnp.zeros(rows, bool), cache)
-  start = start._replace(logits=_rows_split(start.logits))
-  end = jax.lax.while_loop(going, next_token, start)
-  return dict(tokens=end.tokens, logprobs=end.logprobs, lengths=end.lengths,
-              finished=end.finished, steps=end.step)
+                 jnp.zeros(rows, bool))
+  sizes = halvings(rows, _batch_devices()) if s.compact_rows else [rows]
+  for size, smaller in zip(sizes, sizes[1:] + [0]):
+    going = lambda st, smaller=smaller: (st.step < s.max_new_tokens) & (
+        jnp.sum(~st.finished[st.rows]) > smaller)
+    state = jax.lax.while_loop(going, next_token, state)
+    if smaller:
+      state = compact(state, smaller)
+  return dict(tokens=state.tokens, logprobs=state.logprobs, lengths=state.lengths,
+              finished=state.finished, steps=state.step)
 
 
 def generate(config: ThinkerConfig, params, batch: Mapping[str, Any], *, max_new_tokens: int,
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
              num_samples: int = 1, eos_token_ids: Sequence[int] = EOS_TOKEN_IDS,
              pad_token_id: int = PAD_TOKEN_ID, seed: int = 0, prompt_length: int | None = None,
-             **bucket_sizes: int) -> dict[str, np.ndarray]:
+             compact_rows: bool = True, **bucket_sizes: int) -> dict[str, np.ndarray]:
   """Responses to a processor-style batch (numpy arrays keyed as the Qwen2.5-Omni processor
   output, optionally `position_ids` and `use_audio_in_video`; left or right padded).
 
@@ -271,7 +318,8 @@ def generate(config: ThinkerConfig, params, batch: Mapping[str, Any], *, max_new
   `num_samples` responses per prompt. A row stops at its first id in `eos_token_ids` and
   emits `pad_token_id` after it. `prompt_length` left-pads the prompts to a bucket and
   `bucket_sizes` (`num_audio_chunks`, `num_patches`, ...) pad the media (see `model_inputs`),
-  so that batches of one bucket share a compilation.
+  so that batches of one bucket share a compilation. `compact_rows` False keeps every row in
+  the decode batch to the end (see `generate_inputs`), for comparison.
 
   Returns numpy arrays, row b * num_samples + j being sample j of prompt b:
     tokens    int32 [B * num_samples, max_new_tokens], the EOS included, pad after it
@@ -284,7 +332,7 @@ def generate(config: ThinkerConfig, params, batch: Mapping[str, Any], *, max_new
   """
   settings = DecodeSettings(max_new_tokens, float(temperature), int(top_k), float(top_p),
                             int(num_samples), tuple(int(i) for i in eos_token_ids),
-                            int(pad_token_id))
+                            int(pad_token_id), compact_rows)
   settings.check_ids(config.text.vocab_size)
   # Decoding attends through the KV cache's mask; the left-padded prompts need 'xla'.
   config = dataclasses.replace(config, attention='xla')

@@ -249,3 +249,34 @@ def test_sharded_generation_matches_one_device(reference, text_greedy):
                             inputs['first'], jax.random.key(0))
   assert inputs['input_ids'].sharding.spec[0] == ('data', 'fsdp')
   np.testing.assert_array_equal(np.asarray(out['tokens']), np.tile(want_tokens[:, :8], (2, 1)))
+
+
+def test_finished_rows_leave_the_decode_batch_without_changing_a_sample(reference):
+  """With rows ending at different steps, the loop that halves its batch to the rows still
+  going (16 -> 8 -> 4 -> 2 -> 1 slots, one while loop each in one program) gives every row
+  the tokens, log-probs, length and end flag of the loop that keeps all 16 rows."""
+  _, config, params = reference
+  batch = make_batch(TEXT_ROWS)
+  kw = dict(max_new_tokens=40, temperature=1.0, num_samples=8, eos_token_ids=(5, 6, 7, 8, 9),
+            pad_token_id=PAD, seed=3)
+  want = gen.generate(config, params, batch, compact_rows=False, **kw)
+  got = gen.generate(config, params, batch, **kw)
+  ends = want['lengths'][want['finished']]
+  assert want['finished'].sum() >= 8 and len(set(ends.tolist())) >= 4   # rows end apart
+  for key in ('tokens', 'lengths', 'finished', 'steps'):
+    np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+  np.testing.assert_allclose(got['logprobs'], want['logprobs'], atol=1e-6, rtol=0)
+  assert gen.halvings(16, 1) == [16, 8, 4, 2, 1] and gen.halvings(16, 4) == [16, 8, 4]
+  assert gen.halvings(12, 4) == [12]
+  inputs = model_inputs(config, gen.left_pad(batch, None, PAD))
+  first = gen.first_new_positions(inputs['position_ids'], inputs['attention_mask'])
+  lowered = lambda compact: gen.generate_inputs.lower(
+      config, gen.DecodeSettings(40, 1.0, num_samples=12, eos_token_ids=(5,), pad_token_id=PAD,
+                                 compact_rows=compact),
+      params, inputs, first, jax.random.key(0)).as_text()
+  t = config.text
+  cache = lambda rows: (f'tensor<{t.num_hidden_layers}x{rows}x{inputs["input_ids"].shape[1] + 40}x'
+                        f'{t.num_key_value_heads}x{t.head_dim}xf32>')
+  compacted, full = lowered(True), lowered(False)
+  # 2 prompts x 12 samples: the loop's cache at 24 rows, then 12, 6 and 3 when compacting.
+  assert all(cache(rows) in compacted and cache(rows) not in full for rows in (12, 6, 3))

@@ -26,9 +26,7 @@ from saber_jax.models import ThinkerConfig, abstract_params, model_inputs
 from saber_jax.train import trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / 'tools'))
-import make_demo_data  # noqa: E402
-import preprocess  # noqa: E402
+from saber_jax.cli import make_demo_data, preprocess  # noqa: E402
 
 NUM_CLIPS = 24
 
