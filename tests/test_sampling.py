@@ -70,7 +70,11 @@ def data(tmp_path_factory):
     broken[field] = np.delete(broken[field], audio)
   broken['id'] = 'broken-audio'
   extra = str(root / 'extra.array_record')
-  records.write_records(extra, [records.pack(broken), b'not a record'])
+  # Written without `write_records`, which indexes every record and so refuses the bytes.
+  writer = records._array_record().ArrayRecordWriter(extra, records.WRITER_OPTIONS)
+  for blob in (records.pack(broken), b'not a record'):
+    writer.write(blob)
+  writer.close()
   return paths + [extra]
 
 
