@@ -11,7 +11,7 @@ import numpy as np
 
 from saber_jax import losses
 from saber_jax.data import pipeline
-from saber_jax.train import optim
+from saber_jax.train import optim, steps
 
 MODES = ('sft', 'ref_logps', 'dpo', 'pipeline', 'generate')
 
@@ -166,8 +166,8 @@ def validate(config) -> None:
 
   o, d, g = config.optim, config.data, config.generate
   need(config.mode in MODES, 'mode', f'one of {list(MODES)}')
-  need(config.trainable in optim.TRAINABLE_MODES, 'trainable',
-       f'one of {list(optim.TRAINABLE_MODES)}')
+  need(config.trainable in steps.TRAINABLE_MODES, 'trainable',
+       f'one of {list(steps.TRAINABLE_MODES)}')
   need(config.nonfinite in ('stop', 'skip'), 'nonfinite', "'stop' or 'skip'")
   need(isinstance(config.seed, int), 'seed', 'an integer')
   need(config.model.remat in ('none', 'full', 'dots'), 'model.remat', "'none', 'full' or 'dots'")
@@ -197,6 +197,7 @@ def validate(config) -> None:
   need(config.lora.alpha > 0, 'lora.alpha', '> 0')
   need(config.dpo.beta > 0, 'dpo.beta', '> 0')
   need(0 <= config.dpo.label_smoothing < 0.5, 'dpo.label_smoothing', 'in [0, 0.5)')
+  need(config.dpo.get('sft_weight', 0.0) >= 0, 'dpo.sft_weight', '>= 0')
   need(config.dpo.loss_type in losses.DPO_LOSS_TYPES, 'dpo.loss_type',
        f'one of {list(losses.DPO_LOSS_TYPES)}')
   need(d.batch_size >= 1, 'data.batch_size', '>= 1')
@@ -205,7 +206,7 @@ def validate(config) -> None:
   need(len(buckets) > 0 and all(b > 0 for b in buckets) and list(buckets) == sorted(set(buckets)),
        'data.length_buckets', 'increasing positive lengths')
   need(d.overlong in ('truncate', 'drop'), 'data.overlong', "'truncate' or 'drop'")
-  for field in ('worker_count', 'min_audio_chunks', 'min_patches',
+  for field in ('worker_count', 'group_batches', 'min_audio_chunks', 'min_patches',
                 'min_vision_blocks', 'min_frame_len'):
     need(d[field] >= 0, f'data.{field}', '>= 0')
   for field in ('bucket_steps', 'read_threads', 'prefetch', 'worker_buffer_size'):
