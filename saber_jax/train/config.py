@@ -237,6 +237,7 @@ def validate(config) -> None:
   need(config.lora.alpha > 0, 'lora.alpha', '> 0')
   need(config.dpo.beta > 0, 'dpo.beta', '> 0')
   need(0 <= config.dpo.label_smoothing < 0.5, 'dpo.label_smoothing', 'in [0, 0.5)')
+  need(config.dpo.get('sft_weight', 0.0) >= 0, 'dpo.sft_weight', '>= 0')
   need(config.dpo.loss_type in losses.DPO_LOSS_TYPES, 'dpo.loss_type',
        f'one of {list(losses.DPO_LOSS_TYPES)}')
   need(d.batch_size >= 1, 'data.batch_size', '>= 1')
@@ -245,7 +246,7 @@ def validate(config) -> None:
   need(len(buckets) > 0 and all(b > 0 for b in buckets) and list(buckets) == sorted(set(buckets)),
        'data.length_buckets', 'increasing positive lengths')
   need(d.overlong in ('truncate', 'drop'), 'data.overlong', "'truncate' or 'drop'")
-  for field in ('worker_count', 'min_audio_chunks', 'min_patches',
+  for field in ('worker_count', 'group_batches', 'min_audio_chunks', 'min_patches',
                 'min_vision_blocks', 'min_frame_len'):
     need(d[field] >= 0, f'data.{field}', '>= 0')
   for field in ('bucket_steps', 'read_threads', 'prefetch', 'worker_buffer_size'):
