@@ -1,6 +1,16 @@
-"""Throughput of the data side on this machine: preprocessing and the Grain pipeline.
+"""Throughput of the data side on this machine (preprocessing and the Grain pipeline), and
+how much of a batch is padding.
 
-  python benchmarks/data_pipeline.py [--batches 8] [--workers 0 2] [--json]
+  python benchmarks/data_pipeline.py [--batches 8] [--workers 0 4] [--json] [--fills_only]
+
+Fill: on a SABER-like distribution (clips uniform in 0.5-30 s, video at 2 fps capped at
+40 frames of at most 224x224 (50176 px) in a few aspect ratios, audio interleaved,
+answers 150-600 tokens), as synthetic size indexes for the 7B model (no media decoded),
+global batches of 64 clips over 8 devices, the default ladders: text_fill (real / padded
+text positions) and media_fill (real / padded audio + vision positions) over an epoch of
+`random` batches (group_batches=0, what the pipeline did before the batch plan) and the
+size-`grouped` plan, and the distinct batch shapes (compilations) each needs;
+`random_old_ladders`: random batches on the ladders the pipeline had before.
 
 Two settings:
   demo  saber-make-demo-data clips (160x128, 1.5-4 s) run through saber-preprocess,
@@ -11,7 +21,8 @@ Two settings:
         batch 8 in 8 data shards (one row per GPU of an 8-GPU host).
 For each setting and worker count: batches/s and examples/s over --batches batches after
 a first batch that starts the workers (not timed), and MB per batch. The last line is a
-JSON object with every number when --json is given.
+JSON object with every number when --json is given; its "random" and "grouped" entries
+hold the fills.
 """
 
 import argparse
@@ -31,6 +42,7 @@ import numpy as np  # noqa: E402
 
 from saber_jax.cli import make_demo_data, preprocess  # noqa: E402
 from saber_jax.data import pipeline, prompt, records, sed  # noqa: E402
+from saber_jax.models import audio  # noqa: E402
 from saber_jax.models.config import ThinkerConfig  # noqa: E402
 
 DEMO_MODEL = ThinkerConfig()   # host side needs only patch/window/mel sizes and token ids
@@ -75,6 +87,42 @@ def seven_b_records(folder: str, n: int) -> list[str]:
   return [path]
 
 
+def saber_sizes(n: int, seed: int = 0) -> np.ndarray:
+  """A size index (records.SIZE_FIELDS) of n SABER-like SFT records."""
+  rng = np.random.default_rng(seed)
+  seconds = rng.uniform(0.5, 30, n)
+  frames = np.clip(np.round(2 * seconds).astype(int), 2, 40)
+  sides = np.array([(224, 224), (196, 252), (252, 196), (168, 280), (280, 168)])[
+      rng.integers(0, 5, n)]
+  mel = (seconds * 100).astype(int)
+  merged = SEVEN_B.vision.patch_size * SEVEN_B.vision.spatial_merge_size
+  video_tokens = -(-frames // 2) * (sides[:, 0] // merged) * (sides[:, 1] // merged)
+  prompt_tokens = 60 + np.array([audio.audio_token_count(m) for m in mel]) + video_tokens
+  zeros = np.zeros(n, int)
+  return np.stack([prompt_tokens, rng.integers(150, 601, n), zeros, mel, frames, sides[:, 0],
+                   sides[:, 1], zeros, zeros], 1).astype(np.int32)
+
+
+# The ladders before the batch plan (text doubling, media 2 steps per doubling).
+OLD_LADDERS = dict(length_buckets=(256, 512, 1024, 2048, 4096), bucket_steps=2)
+
+
+def fills(sizes: np.ndarray, group_batches: int, batch_size: int = 64, num_groups: int = 8,
+          **ladders) -> dict:
+  options = pipeline.DataConfig(group_batches=group_batches, **ladders)
+  plan = pipeline.BatchPlan(
+      pipeline.example_needs(sizes, records.SFT, SEVEN_B, options), rows_per_example=1,
+      batch_size=batch_size, num_groups=num_groups, model_config=SEVEN_B, options=options,
+      seed=0)
+  totals, shapes = np.zeros(4), set()
+  for step in range(plan.steps_per_epoch):
+    batch = plan.shapes(step)
+    totals += batch['fill']
+    shapes.add((batch['length'], *sorted(batch['media'].items())))
+  return {'text_fill': totals[0] / totals[1], 'media_fill': totals[2] / totals[3],
+          'shapes': len(shapes), 'steps': plan.steps_per_epoch}
+
+
 def measure(model_config, data_config, paths, num_batches: int) -> dict:
   iterator = pipeline.sft_batches(model_config, data_config, paths, seed=0, shard_index=0,
                                   shard_count=1)
@@ -95,10 +143,28 @@ def measure(model_config, data_config, paths, num_batches: int) -> dict:
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--batches', type=int, default=8)
-  parser.add_argument('--workers', type=int, nargs='+', default=[0, 2])
+  parser.add_argument('--workers', type=int, nargs='+', default=[0, 4])
+  parser.add_argument('--clips', type=int, default=20000, help='clips of the fill measurement')
   parser.add_argument('--json', action='store_true')
+  parser.add_argument('--fills_only', action='store_true')
   args = parser.parse_args(argv)
   results = {'devices': f'{os.cpu_count()} CPU cores', 'settings': {}}
+  sizes = saber_sizes(args.clips)
+  start = time.perf_counter()
+  results['random_old_ladders'] = fills(sizes, group_batches=0, **OLD_LADDERS)
+  results['random'] = fills(sizes, group_batches=0)
+  results['grouped'] = fills(sizes, group_batches=pipeline.DataConfig.group_batches)
+  results['plan_seconds'] = (time.perf_counter() - start) / 3
+  print(f'fill over {args.clips} SABER-like clips, batch 64 on 8 devices, default ladders:')
+  print('| batches | text_fill | media_fill | shapes per epoch |')
+  print('|---|---|---|---|')
+  for name in ('random_old_ladders', 'random', 'grouped'):
+    f = results[name]
+    print(f'| {name} | {f["text_fill"]:.3f} | {f["media_fill"]:.3f} | {f["shapes"]} |')
+  if args.fills_only:
+    if args.json:
+      print(json.dumps(results))
+    return
   with tempfile.TemporaryDirectory() as folder:
     demo_paths, demo_info = demo_records(os.path.join(folder, 'demo'), 32)
     results['preprocess_demo_clips_per_s'] = demo_info['preprocess_clips_per_s']

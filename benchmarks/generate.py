@@ -10,6 +10,16 @@ after a warm-up call (JAX compiles there), best of `--repeats`. Models: 'bench' 
 
 With --json the last line is one JSON object; `speedup` is JAX over transformers, in
 tokens/s, for the k-sample case of the first model.
+
+Dataset mode (`--dataset N`): N generated demo clips (varied prompt lengths and media)
+through `mode=generate` (`saber_jax.sampling.generate_stage`: bucketed batches of
+`--batch` prompts, k = `--samples` at temperature 0.8) against transformers `generate`
+looped over the same prompts (one prompt, k return sequences per call), both on the same
+random tiny thinker (the demo's model, real vocabulary) loaded from the same safetensors.
+Wall time end to end: loading the weights, building the batches, compiling (JAX), and
+decoding up to `--new_tokens` per sample (both stop at the Qwen EOS ids).
+
+  python benchmarks/generate.py --dataset 32 [--batch 16] [--new_tokens 128] [--json]
 """
 
 import argparse
@@ -112,6 +122,69 @@ def run_model(name: str, args) -> list[dict]:
   return results
 
 
+def run_dataset(args) -> dict:
+  import importlib.util
+  import sys
+  from saber_jax import sampling
+  from saber_jax.data import pipeline, records
+  from saber_jax.generate import EOS_TOKEN_IDS, PAD_TOKEN_ID
+  from saber_jax.models.config import ThinkerConfig
+  root_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  sys.path.insert(0, os.path.join(root_dir, 'tools'))
+  import make_demo_data
+  import preprocess
+  from common import save_hf_model
+  spec = importlib.util.spec_from_file_location('demo', os.path.join(root_dir, 'configs',
+                                                                     'demo.py'))
+  demo = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(demo)
+
+  with tempfile.TemporaryDirectory() as root:
+    manifest, labels = make_demo_data.make_demo_data(os.path.join(root, 'clips'), n=args.dataset)
+    preprocess.main(['--manifest', manifest, '--annotations', labels, '--out',
+                     os.path.join(root, 'sft'), '--quiet'])
+    prefix = os.path.join(root, 'sft', 'sft')
+    hf_dir = os.path.join(root, 'hf')
+    save_hf_model(ThinkerConfig.tiny(), hf_dir)
+
+    config = demo.get_config()
+    config.mode = 'generate'
+    g = config.generate
+    g.batch_size, g.num_samples, g.temperature = args.batch, args.samples, 0.8
+    g.max_new_tokens = args.new_tokens
+    out = os.path.join(root, 'jax', 'predictions.jsonl')
+    start = time.perf_counter()
+    sampling.generate_stage(config, prefix, hf_dir, out)
+    jax_s = time.perf_counter() - start
+    with open(out) as f:
+      lines = [json.loads(line) for line in f]
+    jax_tokens = sum(sum(line['num_tokens']) + sum(line['finished']) for line in lines)
+
+    start = time.perf_counter()
+    model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(hf_dir).eval()
+    model.generation_config.eos_token_id = list(EOS_TOKEN_IDS)
+    model.generation_config.pad_token_id = PAD_TOKEN_ID
+    model_config = ThinkerConfig.tiny()
+    hf_tokens = 0
+    for record in records.iter_records(records.shard_paths(prefix)):
+      batch = pipeline.prompt_batch([record], model_config)
+      inputs = {k: torch.as_tensor(v) for k, v in batch.items() if k != 'use_audio_in_video'}
+      with torch.inference_mode():
+        sequences = model.generate(**inputs, max_new_tokens=args.new_tokens, do_sample=True,
+                                   temperature=0.8, top_k=0, top_p=1.0,
+                                   num_return_sequences=args.samples,
+                                   use_audio_in_video=bool(batch['use_audio_in_video']))
+      # Tokens up to each sample's first EOS, the EOS included (generate pads after it).
+      is_eos = torch.isin(sequences[:, inputs['input_ids'].shape[1]:],
+                          torch.as_tensor(EOS_TOKEN_IDS))
+      hf_tokens += int(torch.where(is_eos.any(-1), is_eos.int().argmax(-1) + 1,
+                                   is_eos.shape[1]).sum())
+    hf_s = time.perf_counter() - start
+  return dict(records=len(lines), samples=args.samples, new_tokens=args.new_tokens,
+              batch=args.batch, jax_seconds=jax_s, hf_seconds=hf_s, jax_tokens=jax_tokens,
+              hf_tokens=hf_tokens, speedup=hf_s / jax_s)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--models', default='bench,tiny')
@@ -124,8 +197,23 @@ def main():
                       help='on a small shared machine one thread is torch\'s fastest: its '
                       'OpenMP threads spin against the other load (measured 0.4 ms vs 16 ms for '
                       'a 10x512 @ 512x2048 matmul, 1 vs 2 threads, on 2 busy cores)')
+  parser.add_argument('--dataset', type=int, default=0,
+                      help='dataset mode: this many demo clips through mode=generate')
+  parser.add_argument('--batch', type=int, default=16, help='dataset mode: prompts per batch')
   args = parser.parse_args()
   torch.set_num_threads(args.torch_threads)
+  if args.dataset:
+    result = run_dataset(args)
+    print(f'{jax.devices()[0].device_kind}: {os.cpu_count()} cpus, torch threads '
+          f'{torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}')
+    print(f"{result['records']} clips x {args.samples} samples, <= {args.new_tokens} new "
+          f"tokens: saber_jax mode=generate {result['jax_seconds']:.1f} s "
+          f"({result['jax_tokens']} tokens), transformers generate loop "
+          f"{result['hf_seconds']:.1f} s ({result['hf_tokens']} tokens): "
+          f"{result['speedup']:.2f}x")
+    if args.json:
+      print(json.dumps(result))
+    return
   results = [r for name in args.models.split(',') for r in run_model(name, args)]
   print(f'{jax.devices()[0].device_kind}: {os.cpu_count()} cpus, torch threads '
         f'{torch.get_num_threads()}, prompt {args.prompt_len} tokens, load average '

@@ -22,7 +22,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
+from saber_jax import sharding
 from saber_jax.models.config import ThinkerConfig
 from saber_jax.models.text import KVCache, cache_attention_mask
 from saber_jax.models.thinker import Thinker, model_inputs
@@ -72,10 +74,24 @@ def categorical(key, logits, block: int = 512):
 
 def sample_logits(key, logits, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0):
   """Next ids int32 [B] from logits [B, V]: argmax at temperature 0 (greedy), otherwise one
-  independent draw per row from softmax(`filter_logits`)."""
+  independent draw per row from softmax(`filter_logits`). `key` is one PRNG key, or a key
+  per row [B] (each row's draw then depends on its own key alone, not on the batch)."""
   if temperature == 0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  return categorical(key, filter_logits(logits, temperature, top_k, top_p)).astype(jnp.int32)
+  logits = filter_logits(logits, temperature, top_k, top_p)
+  if key.ndim:
+    return jax.vmap(lambda k, row: categorical(k, row[None])[0])(key, logits).astype(jnp.int32)
+  return categorical(key, logits).astype(jnp.int32)
+
+
+def sample_keys(key, streams, num_samples: int):
+  """PRNG keys [B * num_samples]: sample j of prompt b draws from fold_in(fold_in(key,
+  streams[b]), j), so a sample depends on (key, its prompt's stream, j) only: not on the
+  batch it shares, its row, the batch size or the number of devices."""
+  prompt_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, streams)
+  samples = jnp.arange(num_samples, dtype=jnp.uint32)
+  per_sample = jax.vmap(lambda k: jax.vmap(jax.random.fold_in, (None, 0))(k, samples))
+  return per_sample(prompt_keys).reshape(-1)
 
 
 # ------------------------------------------------------------------------ host-side prep
@@ -151,6 +167,17 @@ class DecodeSettings:
         raise ValueError(f'{name} {ids} outside the vocabulary of {vocab_size} ids')
 
 
+def _rows_split(x):
+  """x with its rows split over the batch axes of the mesh in context (`jax.set_mesh`),
+  as the inputs are: without it XLA may compute the vocabulary projection on every
+  device for all rows (hidden gathered, full logits all-reduced each step)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  rows = sharding.mesh_spec((x.shape[0],), ('batch',), mesh)[0]
+  return jax.lax.with_sharding_constraint(x, PartitionSpec(rows, *[None] * (x.ndim - 1)))
+
+
 class _State(NamedTuple):
   step: jax.Array          # int32 []: the index of the token drawn next
   logits: jax.Array        # [R, V] the distribution of that token
@@ -163,12 +190,13 @@ class _State(NamedTuple):
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def generate_inputs(config: ThinkerConfig, settings: DecodeSettings, params, inputs,
-                    first_positions, key) -> dict[str, jax.Array]:
+                    first_positions, key, streams=None) -> dict[str, jax.Array]:
   """The jitted generation over `model_inputs` arrays of a left-padded batch (global
   arrays sharded over the batch axes, or host arrays), for callers that place their own.
 
-  first_positions int32 [B] (`first_new_positions`), key a PRNG key. Returns what
-  `generate` does, as device arrays.
+  first_positions int32 [B] (`first_new_positions`), key a PRNG key, streams uint32 [B]
+  each prompt's random stream (`sample_keys`; default: its row). Returns what `generate`
+  does, as device arrays.
   """
   s = settings
   s.check_ids(config.text.vocab_size)
@@ -185,7 +213,7 @@ def generate_inputs(config: ThinkerConfig, settings: DecodeSettings, params, inp
   cache = KVCache.zeros(config.text, batch, prompt_len + s.max_new_tokens, x.dtype)
   hidden, cache = run(x, inputs['position_ids'], cache_attention_mask(valid_slots, 0, prompt_len),
                       cache, 0, method=text_decode)
-  logits = run(hidden[:, -1:], method=Thinker.logits)[:, 0].astype(jnp.float32)
+  logits = run(_rows_split(hidden[:, -1:]), method=Thinker.logits)[:, 0].astype(jnp.float32)
 
   # Every sample of a prompt continues from the same prefill.
   repeat = lambda a, axis=0: jnp.repeat(a, n, axis=axis)
@@ -193,11 +221,13 @@ def generate_inputs(config: ThinkerConfig, settings: DecodeSettings, params, inp
   cache = KVCache(*(repeat(c, axis=1) for c in cache))
   rows = batch * n
   eos = jnp.asarray(s.eos_token_ids, jnp.int32)
+  streams = jnp.arange(batch, dtype=jnp.uint32) if streams is None else streams
+  keys = sample_keys(key, streams, n)                                # [R]
 
   def next_token(state: _State) -> _State:
     t = state.step
-    token = sample_logits(jax.random.fold_in(key, t), state.logits, s.temperature, s.top_k,
-                          s.top_p)
+    step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, t)
+    token = sample_logits(step_keys, state.logits, s.temperature, s.top_k, s.top_p)
     is_eos = jnp.isin(token, eos) & ~state.finished
     token = jnp.where(state.finished, s.pad_token_id, token)
     # Log-probability under the model itself (temperature 1, unfiltered), for the records.
@@ -211,7 +241,7 @@ def generate_inputs(config: ThinkerConfig, settings: DecodeSettings, params, inp
     hidden, cache = run(run(token[:, None], method=lambda m, ids: m.text.embed(ids)), positions,
                         cache_attention_mask(valid_slots, slot, 1), state.cache, slot,
                         method=text_decode)
-    logits = run(hidden, method=Thinker.logits)[:, 0].astype(jnp.float32)
+    logits = run(_rows_split(hidden), method=Thinker.logits)[:, 0].astype(jnp.float32)
     return _State(t + 1, logits, state.tokens.at[:, t].set(token),
                   state.logprobs.at[:, t].set(logprob), lengths, state.finished | is_eos, cache)
 
@@ -222,6 +252,7 @@ def generate_inputs(config: ThinkerConfig, settings: DecodeSettings, params, inp
                  jnp.full((rows, s.max_new_tokens), s.pad_token_id, jnp.int32),
                  jnp.zeros((rows, s.max_new_tokens), jnp.float32), jnp.zeros(rows, jnp.int32),
                  jnp.zeros(rows, bool), cache)
+  start = start._replace(logits=_rows_split(start.logits))
   end = jax.lax.while_loop(going, next_token, start)
   return dict(tokens=end.tokens, logprobs=end.logprobs, lengths=end.lengths,
               finished=end.finished, steps=end.step)

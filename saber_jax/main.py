@@ -14,12 +14,17 @@ if (any(a.startswith('--config.dry_run') and not a.endswith(('False', 'false', '
         for a in sys.argv) and 'XLA_FLAGS' not in os.environ):
   # A dry run on a CPU-only host still plans for 8 accelerators.
   os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+if any(a.startswith('--config.dry_run_topology=') and len(a) > 26 for a in sys.argv):
+  # Compiling for a TPU slice needs libtpu but no TPU: keep this process off any local TPU
+  # and let libtpu load beside other JAX processes of this host.
+  os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 
 from absl import app, logging  # noqa: E402
 import jax  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from saber_jax import configs  # noqa: E402
+from saber_jax import configs, sampling  # noqa: E402
 from saber_jax.train import config as config_lib, demo, dry_run, stages  # noqa: E402
 
 CONFIGS = os.path.dirname(os.path.abspath(configs.__file__))
@@ -69,8 +74,8 @@ def run(config) -> None:
   elif config.mode == 'dpo':
     stages.train_stage(config, 'dpo', config.pref_records, config.init_from)
   elif config.mode == 'generate':
-    stages.generate_stage(config, config.generate.records, config.init_from,
-                          os.path.join(config.workdir, 'predictions.jsonl'))
+    sampling.generate_stage(config, config.generate.records, config.init_from,
+                            os.path.join(config.workdir, 'predictions.jsonl'))
   elif config.mode == 'pipeline':
     demo.run_pipeline(config)
   else:

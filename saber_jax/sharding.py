@@ -7,6 +7,7 @@ mesh shape. The mesh uses `AxisType.Auto`: shardings are declared on params and 
 and XLA propagates them through the step.
 """
 
+import functools
 import hashlib
 from typing import Any, Sequence
 
@@ -54,6 +55,17 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence[jax.Device] |
                        axis_types=(AxisType.Auto,) * len(shape))
 
 
+def on_mesh(fn, mesh: Mesh):
+  """`fn` tracing with `mesh` as the context mesh, for use inside `jax.jit`: the model's
+  `shard_map` kernels (splash attention) find the mesh there; jit's shardings alone do not
+  set it."""
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+  return traced
+
+
 def mesh_spec(shape: Sequence[int], logical: Sequence[str | None], mesh: Mesh,
               rules: Sequence[tuple[str, Any]] = AXIS_RULES) -> PartitionSpec:
   """The PartitionSpec of an array with these logical axis names.
@@ -95,7 +107,7 @@ def _batch_axis(path) -> int:
 def global_batch(batch: dict, mesh: Mesh) -> dict:
   """Host-local numpy batch -> global arrays, rows (and media shards) split over the
   batch axes ('data', 'fsdp') when they divide them, replicated otherwise. With several
-  processes every one must bring the same shapes (one bucket per step)."""
+  processes every one brings the same shapes (the batch plan gives them alike)."""
   if jax.process_count() > 1:
     shapes = [(jax.tree_util.keystr(p), np.shape(x)) for p, x in
               jax.tree_util.tree_leaves_with_path(batch)]
@@ -104,8 +116,8 @@ def global_batch(batch: dict, mesh: Mesh) -> dict:
       multihost_utils.assert_equal(signature)
     except AssertionError:
       raise ValueError(f'process {jax.process_index()} has batch shapes {shapes} unlike '
-                       'another process: use one length bucket and media floors that fit '
-                       'every clip (data.length_buckets, data.min_*)') from None
+                       'another process: their batch plans differ (other seeds, data '
+                       'configs or record files?)') from None
 
   def place(path, x):
     x = np.asarray(x)

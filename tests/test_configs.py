@@ -14,7 +14,7 @@ from saber_jax.train import trainer
 from test_main import _run
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CONFIGS = sorted(p.name for p in (ROOT / 'configs').glob('[!_]*.py'))
+CONFIGS = sorted(p.name for p in (ROOT / 'configs').glob('*.py') if p.name != '__init__.py')
 
 
 def load_config(name: str, arg: str | None):

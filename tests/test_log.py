@@ -36,3 +36,15 @@ def test_without_a_known_peak_logs_flops_but_no_mfu(tmp_path, capsys):
   logger.close()
   assert 'mfu' not in record and record['model_flops_per_s_per_device'] > 0
   assert 'GFLOP/s/device' in capsys.readouterr().out
+
+
+def test_fills_are_the_window_ratios_of_real_to_padded_positions(tmp_path, capsys):
+  logger = MetricLogger(str(tmp_path), 'sft', total_steps=3)
+  logger.add({'loss': 1.0}, tokens=10, model_flops=1e9, fill=(300, 400, 10, 100))
+  logger.add({'loss': 1.0}, tokens=10, model_flops=1e9, fill=(100, 400, 50, 100))
+  record = logger.write(2, {})
+  assert record['data/text_fill'] == 0.5 and record['data/media_fill'] == 0.3
+  assert 'fill text 50% media 30%' in capsys.readouterr().out
+  logger.add({'loss': 1.0}, tokens=10, model_flops=1e9, fill=(4, 4, 1, 2))   # a new window
+  assert logger.write(3, {})['data/text_fill'] == 1.0
+  logger.close()

@@ -8,7 +8,6 @@ import functools
 import json
 import math
 import pathlib
-import sys
 
 import flax.linen as nn
 import jax
@@ -143,7 +142,7 @@ def test_processes_see_disjoint_halves_that_cover_everything(data):
 
 
 @functools.cache
-def _ladder(minimum, steps=2, multiple=1, top=1 << 14):
+def _ladder(minimum, steps=pipeline.DataConfig.bucket_steps, multiple=1, top=1 << 14):
   """Every size `bucket_size` can give below `top`."""
   return frozenset(pipeline.bucket_size(n, minimum, steps, multiple) for n in range(top))
 
@@ -340,3 +339,127 @@ def test_orbax_checkpoint_restores_the_iterator(data, tmp_path):
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state), resumed)
   manager.close()
   _assert_batches_equal(next(resumed), want)
+
+
+def _join_processes(batches):
+  """One batch from the same step's batches of processes 0, 1, ... (rows in process order)."""
+  def join(path, *xs):
+    key = getattr(path[-1], 'key', None)
+    if key == pipeline.FILL:   # global already: every process has the same
+      assert all(np.array_equal(x, xs[0]) for x in xs)
+      return xs[0]
+    return np.concatenate(xs, axis=1 if key == 'position_ids' else 0)
+  return jax.tree_util.tree_map_with_path(join, *batches)
+
+
+@pytest.fixture(scope='module')
+def filled(data, tmp_path_factory):
+  """The preference shards with (arbitrary) reference log-probs filled in."""
+  out = tmp_path_factory.mktemp('filled')
+  records.fill_reference_logps(data[1], {i: (-1.0 - i, -2.0 - i) for i in range(NUM_CLIPS)},
+                               key='index', out_dir=str(out))
+  return [str(out / pathlib.Path(p).name) for p in data[1]]
+
+
+@pytest.mark.parametrize('kind', ['sft', 'preference'])
+def test_global_batches_are_the_same_for_1_2_4_processes_and_0_2_workers(data, filled, kind):
+  make = pipeline.sft_batches if kind == 'sft' else pipeline.preference_batches
+  paths = data[0] if kind == 'sft' else filled
+  # 4 examples and 4 row groups per global batch, however many processes.
+  config = dataclasses.replace(BASE, num_epochs=1, group_batches=2)
+  one = list(make(TINY, dataclasses.replace(config, batch_size=4, num_data_shards=4), paths,
+                  seed=3, shard_index=0, shard_count=1))
+  assert len(one) == NUM_CLIPS // 4
+  for count, workers in ((2, 0), (4, 0), (2, 2)):
+    per = dataclasses.replace(config, batch_size=4 // count, num_data_shards=4 // count,
+                              worker_count=workers)
+    parts = [list(make(TINY, per, paths, seed=3, shard_index=p, shard_count=count))
+             for p in range(count)]
+    assert all(len(p) == len(one) for p in parts)
+    for step, batch in enumerate(one):
+      _assert_batches_equal(_join_processes([p[step] for p in parts]), batch)
+
+
+def test_the_planned_fill_counts_what_the_batches_hold(data):
+  sft, _, _ = data
+  for batch in pipeline.sft_batches(TINY, dataclasses.replace(BASE, num_epochs=1), sft, seed=0,
+                                    shard_index=0, shard_count=1):
+    audio, vision = batch['audio'], batch['vision']
+    mel = audio['chunk_lengths']
+    chunk = 2 * TINY.audio.n_window
+    assert batch[pipeline.FILL].tolist() == [
+        batch['attention_mask'].sum(), batch['attention_mask'].size,
+        mel.sum() + vision['patch_mask'].sum(), mel.size * chunk + vision['patch_mask'].size]
+
+
+def _needs(n, seed=0):
+  """Needs of n SABER-like records (lengths and media sizes spread widely)."""
+  rng = np.random.default_rng(seed)
+  seconds = rng.uniform(0.5, 30, n)
+  frames = np.minimum(40, np.maximum(2, (2 * seconds).astype(int) // 2 * 2))
+  sizes = np.stack([40 + (seconds * 25).astype(int) + frames // 2 * 16,
+                    rng.integers(150, 600, n), np.zeros(n, int), (seconds * 100).astype(int),
+                    frames, np.full(n, 112), np.full(n, 112), np.zeros(n, int), np.zeros(n, int)],
+                   1).astype(np.int32)
+  return pipeline.example_needs(sizes, records.SFT, TINY, PLANNED)
+
+
+PLANNED = dataclasses.replace(BASE, length_buckets=(256, 512, 768, 1024, 1536, 2048))
+
+
+def _plan(needs, **options):
+  return pipeline.BatchPlan(needs, rows_per_example=1, batch_size=16, num_groups=4,
+                            model_config=TINY, seed=0,
+                            options=dataclasses.replace(PLANNED, **options))
+
+
+def test_plan_takes_every_record_once_per_epoch_minus_leftovers_and_reshuffles():
+  needs = _needs(500)
+  plan = _plan(needs)
+  assert plan.steps_per_epoch == 500 // 16
+  epochs = [plan.epoch(e) for e in range(2)]
+  for order in epochs:
+    assert order.shape == (31, 16) and len(set(order.ravel())) == 31 * 16
+    assert order.min() >= 0 and order.max() < 500
+  assert set(epochs[0].ravel()) != set(epochs[1].ravel())       # other leftovers
+  np.testing.assert_array_equal(plan.examples(31 + 5), epochs[1][5])
+  np.testing.assert_array_equal(_plan(needs).epoch(1), epochs[1])   # a pure function
+  # The reference pass: every record once, the last batch padded with -1.
+  reference = pipeline.BatchPlan(needs, rows_per_example=1, batch_size=16, num_groups=4,
+                                 model_config=TINY, seed=0, options=plan.options, reference=True)
+  order = reference.epoch(0)
+  assert order.shape == (32, 16) and sorted(order[order >= 0]) == list(range(500))
+  assert (order == -1).sum() == 32 * 16 - 500
+  assert reference.shapes(31)['fill'][0] > 0
+
+
+def test_grouped_plan_pads_less_than_random_batches_and_every_row_fits():
+  needs = _needs(2000)
+  fills = {}
+  for name, window in (('random', 0), ('grouped', 16)):
+    plan = _plan(needs, group_batches=window)
+    totals = np.zeros(4)
+    for step in range(plan.steps_per_epoch):
+      shapes, examples = plan.shapes(step), plan.examples(step)
+      assert needs['length'][examples].max() <= shapes['length']
+      groups = needs['num_patches'][examples].reshape(4, -1).sum(1)
+      assert groups.max() <= shapes['media']['num_patches']
+      totals += shapes['fill']
+    fills[name] = (totals[0] / totals[1], totals[2] / totals[3])
+  assert fills['grouped'][0] > fills['random'][0] + 0.1, fills
+  assert fills['grouped'][1] > fills['random'][1] + 0.1, fills
+
+
+def test_stale_size_index_is_caught_by_collate(data, tmp_path):
+  sft, _, _ = data
+  copy = [str(tmp_path / pathlib.Path(p).name) for p in sft]
+  for src, dst in zip(sft, copy):
+    records.write_records(dst, (b for _, b in records.read_records(src)))
+  sizes = records.load_sizes(copy[0])
+  sizes[:, records.SIZE_FIELDS.index('video_frames')] = 1   # an index that lies
+  np.savez(records.sizes_path(copy[0]), sizes=sizes, fields=np.array(records.SIZE_FIELDS),
+           fingerprint=np.load(records.sizes_path(copy[0]))['fingerprint'])
+  with pytest.raises(records.RecordError, match='size index does not match'):
+    list(pipeline.sft_batches(TINY, dataclasses.replace(BASE, num_epochs=1, batch_size=6,
+                                                        num_data_shards=1),
+                              copy, seed=0, shard_index=0, shard_count=1))

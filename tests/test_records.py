@@ -3,6 +3,7 @@ written atomically."""
 
 import math
 import os
+import shutil
 
 import msgpack
 import numpy as np
@@ -173,7 +174,7 @@ def test_a_failed_write_leaves_no_shard_and_keeps_the_old_one(tmp_path):
   records.write_records(path, blobs[:1])
   with pytest.raises(KeyboardInterrupt):
     records.write_records(path, dies_midway())
-  assert os.listdir(tmp_path) == [os.path.basename(path)]
+  assert sorted(os.listdir(tmp_path)) == [os.path.basename(path), os.path.basename(path) + '.sizes.npz']
   assert [b for _, b in records.read_records(path)] == blobs[:1]
 
 
@@ -209,4 +210,45 @@ def test_fill_reference_logps_rewrites_shards(tmp_path):
   assert values[0] == -1.0 and values[4] == -3.0 and all(math.isnan(v) for v in values[1:4])
   with pytest.raises(records.RecordError, match="record 'p1': no reference log-probs given"):
     records.fill_reference_logps(paths, {'p0': (0.0, 0.0)})
-  assert sorted(os.listdir(tmp_path)) == ['filled', *[os.path.basename(p) for p in paths]]
+  assert sorted(os.listdir(tmp_path)) == ['filled', *sorted(
+      os.path.basename(p) + suffix for p in paths for suffix in ('', '.sizes.npz'))]
+
+
+def test_size_index_is_written_with_the_shard_and_matches_the_records(tmp_path):
+  path = str(tmp_path / records.shard_name('mixed', 0, 1))
+  rng = np.random.default_rng(8)
+  blobs = [records.encode_sft_record(**_sft_fields(rng, 'a', with_image=True)), *_pairs(2)]
+  records.write_records(path, blobs)
+  sizes = records.load_sizes([path], rebuild=False)
+  assert sizes.dtype == np.int32 and sizes.shape == (3, len(records.SIZE_FIELDS))
+  named = [dict(zip(records.SIZE_FIELDS, row.tolist())) for row in sizes]
+  assert named[0] == dict(prompt_tokens=20, response_tokens=17, rejected_tokens=0, mel_frames=53,
+                          video_frames=4, video_height=56, video_width=84, image_height=30,
+                          image_width=40)
+  assert named[1] == dict(prompt_tokens=3, response_tokens=2, rejected_tokens=1, mel_frames=4,
+                          video_frames=0, video_height=0, video_width=0, image_height=0,
+                          image_width=0)
+
+
+def test_missing_or_stale_size_index_is_detected_and_rebuilt(tmp_path):
+  path = str(tmp_path / records.shard_name('sft', 0, 1))
+  records.write_records(path, _blobs(3))
+  want = records.load_sizes(path)
+  os.remove(records.sizes_path(path))
+  with pytest.raises(records.RecordError, match=r'sft-00000-of-00001\.array_record: no size index'):
+    records.load_sizes(path, rebuild=False)
+  np.testing.assert_array_equal(records.load_sizes(path), want)   # rebuilt and cached
+  assert os.path.exists(records.sizes_path(path))
+
+  # The shard replaced by other records (copied in, its index left behind): stale.
+  other = str(tmp_path / 'other' / records.shard_name('sft', 0, 1))
+  rng = np.random.default_rng(9)
+  fields = [_sft_fields(rng, f'o{i}') for i in range(3)]
+  fields[1]['frames'] = fields[1]['frames'][:2]
+  records.write_records(other, [records.encode_sft_record(**f) for f in fields])
+  shutil.copyfile(other, path)
+  with pytest.raises(records.RecordError, match='stale size index'):
+    records.load_sizes(path, rebuild=False)
+  rebuilt = records.load_sizes(path)
+  assert rebuilt[1, records.SIZE_FIELDS.index('video_frames')] == 2
+  np.testing.assert_array_equal(rebuilt, records.load_sizes(other, rebuild=False))

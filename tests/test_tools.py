@@ -397,6 +397,26 @@ def test_make_pairs_incomplete_prompt_waits_for_its_scores(judge_server, tmp_pat
   assert (counts['incomplete'], counts['pairs']) == (0, 4)
 
 
+def test_make_pairs_never_chooses_a_truncated_response(judge_server, tmp_path):
+  # Scores r0 1, r1 2, r2 3, r3 4: r3 is best but was cut at max_new_tokens.
+  samples = write_jsonl(tmp_path / 's.jsonl', [{'id': 'p', 'responses': [f'[[p#{i}]] r' for i in range(4)],
+                                                'finished': [True, True, True, False]}])
+  annotations = write_jsonl(tmp_path / 'a.jsonl', [{'id': 'p', 'annotation': annotation('p')}])
+  plan = Plan(lambda body, tag: json.dumps({'logical_consistency': (int(tag[-1]) + 1) * 2,
+                                            'evidence_alignment': 0}), {})
+  server = judge_server(lambda body: plan({**body, 'messages': [
+      {'role': 'user', 'content': user_text(body).split('Response to grade:')[1]}]}))
+  out = tmp_path / 'out'
+  counts = make_pairs.main(['--samples', samples, '--annotations', annotations, '--out', str(out),
+                            *judge_args(server)])
+  assert (counts['pairs'], counts['truncated_chosen']) == (2, 2)
+  assert [(p['chosen_index'], p['rejected_index']) for p in read(out / 'pairs.jsonl')] == [(2, 0), (2, 1)]
+  bad = write_jsonl(tmp_path / 'bad.jsonl', [{'id': 'p', 'responses': ['a', 'b'], 'finished': [True]}])
+  with pytest.raises(ValueError, match="record 1: 'finished' must be a list of booleans"):
+    make_pairs.main(['--samples', bad, '--annotations', annotations, '--out', str(out),
+                     *judge_args(server)])
+
+
 def _fields(a):
   return {'video_desc': a['video_desc'], 'facial_exp_desc': a['facial_exp_desc'],
           'body_lang_desc': a['body_lang_desc'], 'speech_content': a['audio_desc']['speech_content'],

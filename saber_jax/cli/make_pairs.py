@@ -1,8 +1,12 @@
 """Build CA-DPO preference pairs, from judged samples or by perturbing gold answers.
 
 --strategy judge (default): input --samples JSONL, one line per prompt with its k
-sampled responses (the generation script writes them grouped, so k stays together):
-  {"id": "c1", "responses": ["...", ...], "prompt": "..."?, "subset": "..."?}
+sampled responses (mode=generate writes them grouped, so k stays together):
+  {"id": "c1", "responses": ["...", ...], "finished": [true, false, ...]?,
+   "prompt": "..."?, "subset": "..."?}
+`finished[i]` false marks response i as cut at max_new_tokens (no end-of-sequence): it
+is scored and may be rejected but never chosen (a pair whose winner was cut is dropped).
+Without "finished" every response counts as complete.
 and --annotations JSONL {"id", "annotation"} (the gold evidence of each clip). The judge
 scores every response 0-10 for logical consistency (the reasoning follows from the
 evidence it states) and evidence alignment (its evidence agrees with the gold
@@ -82,6 +86,15 @@ def responses_of(record: dict, where: str) -> list[str]:
   if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
     raise ValueError(f"{where}: 'responses' must be a list of strings")
   return responses
+
+
+def finished_of(record: dict, where: str) -> list[bool]:
+  """Which responses ended on their own (all of them when the line does not say)."""
+  finished = record.get('finished', [True] * len(record['responses']))
+  if (not isinstance(finished, list) or len(finished) != len(record['responses'])
+      or not all(isinstance(f, bool) for f in finished)):
+    raise ValueError(f"{where}: 'finished' must be a list of booleans, one per response")
+  return finished
 
 
 # ----------------------------------------------------------------------------- perturbations
@@ -273,6 +286,7 @@ def judge_pairs(args) -> dict:
     where = f'{args.samples} record {n + 1}'
     ids.add(jsonl.record_id(r, where))
     responses_of(r, where)
+    finished_of(r, where)
   references = {rid: annotation_lib.annotation_of(r, args.annotations, rid)
                 for rid, r in _common.load_by_id(args.annotations, ids=ids).items()}
   judge = _common.judge_from_args(args)
@@ -300,7 +314,8 @@ def judge_pairs(args) -> dict:
   if os.path.exists(scores_path):
     for s in jsonl.read_jsonl(scores_path):
       scored.setdefault(str(s['record_id']), {})[int(s['index'])] = float(s['score'])
-  counts = {'prompts': 0, 'incomplete': 0, 'no_pairs': 0, 'pairs': 0, 'margin_mean': None,
+  counts = {'prompts': 0, 'incomplete': 0, 'no_pairs': 0, 'pairs': 0, 'truncated_chosen': 0,
+            'margin_mean': None,
             'judge': {'done': run.done, 'skipped': run.skipped, 'failed': run.failed}}
   margins = []
   with jsonl.AtomicJsonlWriter(os.path.join(args.out, 'pairs.jsonl')) as writer:
@@ -314,6 +329,9 @@ def judge_pairs(args) -> dict:
       scores = [got[i] for i in range(len(responses))]
       pairs = [p for p in metrics.select_pairs(scores, pairing=args.pairing, min_margin=args.min_margin)
                if responses[p.chosen] != responses[p.rejected]]  # identical texts teach nothing
+      finished = r.get('finished', [True] * len(responses))
+      counts['truncated_chosen'] += sum(not finished[p.chosen] for p in pairs)
+      pairs = [p for p in pairs if finished[p.chosen]]      # a cut response is never chosen
       if not pairs:
         counts['no_pairs'] += 1
       for p in pairs:

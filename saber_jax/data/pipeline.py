@@ -1,24 +1,30 @@
 """Grain input pipelines: ArrayRecord shards of records -> fixed-shape training batches.
 
-  records (ArrayRecord) -> seeded shuffle (a new order every epoch) -> this process's
-  share -> decode + patch the frames (host) -> batches -> collate
+  size index (records.load_sizes) -> batch plan (global batches and their shapes) ->
+  this process's slots -> read + decode + patch the frames (host) -> batches -> collate
 
-All stages up to the batches are Grain `MapDataset`s, so batch k is a pure function of
+The batch plan (`BatchPlan`) is computed alike by every process from the seed, the epoch
+and the records' size index, with no communication: each epoch a seeded permutation of
+all records, sorted by size within windows of `group_batches` global batches, cut into
+global batches of `batch_size * process count` examples, the batches shuffled
+(`group_by_size`). For each global batch it gives the text length bucket and media sizes
+from ALL its rows, so every process pads its own rows to the same shapes with the full
+bucket ladders, and any config runs on any number of processes. Process p reads and
+decodes only examples [p * batch_size, (p + 1) * batch_size) of each global batch.
+
+All stages after the plan are Grain `MapDataset`s, so batch k is a pure function of
 (seed, k): output does not depend on the number of worker processes, and the iterator
 state (`get_state` / `set_state`, saved by Orbax through `grain.checkpoint`) is just a
-position, so a resumed run continues with exactly the next batch.
-
-Sharding by JAX process: every process draws the same global permutation of the
-records and takes every `shard_count`-th one from `shard_index` on. Each epoch uses
-the first `steps_per_epoch * batch_size * shard_count` records of its permutation, so
-all processes take the same number of steps (the few left over differ each epoch).
+position, so a resumed run continues with exactly the next global batch. Each epoch
+leaves out fewer than one global batch of records, different ones every epoch.
 
 Collate (`collate`): a process's batch is split into `num_data_shards` contiguous row
 groups; each group's media are encoded together on the devices holding those rows.
-Every group is padded to one text length (the smallest of `length_buckets` that fits the
-longest row of the batch) and to the same media sizes (`bucket_size`: a short geometric
-ladder above a floor), then `thinker.model_inputs` builds its arrays (TMRoPE position ids
-included) and `thinker.stack_shards` joins the groups. The batch holds those arrays plus
+Every group is padded to the plan's text length (the smallest of `length_buckets` that
+fits the longest row of the global batch) and media sizes (`bucket_size`: a short
+geometric ladder above a floor, for the largest row group of the global batch), then
+`thinker.model_inputs` builds its arrays (TMRoPE position ids included) and
+`thinker.stack_shards` joins the groups. The batch holds those arrays plus
 
   labels [B, L] int32 (-100: not trained), segments [B, L] int32 (0 prompt, 1 visual,
   2 acoustic, 3 reasoning), example_mask [B] bool (False: a row with no example: an
@@ -31,7 +37,9 @@ record files, -1 for padding). Pair i is row i `[prompt | chosen | rejected]`
 (`shared_prompt`, the default: the prompt and media once; TMRoPE positions of the
 rejected answer continue from the prompt as the chosen ones do) or rows 2i and 2i + 1
 `[prompt | chosen]`, `[prompt | rejected]`; a pair never straddles two data shards.
-The number of distinct shapes is bounded by the product of the bucket ladders.
+Every batch also holds `fill` int64 [4] (FILL_FIELDS: real and padded text positions,
+real and padded audio + vision positions of the global batch; not a model input). The
+number of distinct shapes is bounded by the product of the bucket ladders.
 
 Rows longer than the largest bucket are truncated (`overlong='truncate'`: the response
 is cut, the prompt and media are kept; an example whose prompt alone does not fit is
@@ -41,7 +49,6 @@ and `example_mask` let the trainer count both.
 """
 
 import dataclasses
-import functools
 from typing import Any, Sequence
 
 from absl import flags
@@ -70,12 +77,16 @@ class DataConfig:
     rejected]`.
   num_data_shards: row groups per batch, each with its own media arrays (the data-
     parallel devices of this process); must divide batch_size.
-  length_buckets: padded text lengths; the largest is the longest row kept.
+  length_buckets: padded text lengths; the largest is the longest row kept. Steps of
+    256 tokens: with size-grouped batches they keep ~90% of text positions real.
   overlong: 'truncate' or 'drop' rows longer than max(length_buckets).
-  bucket_steps: buckets per doubling of a media size (1: powers of two; 2: also 1.5x).
+  bucket_steps: buckets per doubling of a media size (1: powers of two; 2: also 1.5x;
+    4: also 1.25x, 1.5x, 1.75x).
   min_audio_chunks, min_patches, min_vision_blocks, min_frame_len: floors of the media
     buckets (chunks of 2 * n_window mel frames; vision patches; attention windows and
     frames; patches per frame).
+  group_batches: global batches per window sorted by size (`group_by_size`); 0: random
+    batches.
   num_epochs: None repeats forever.
   worker_count: Grain worker processes (0: decode in this process's threads).
   worker_buffer_size: batches each worker keeps ready.
@@ -84,13 +95,14 @@ class DataConfig:
   batch_size: int = 8
   shared_prompt: bool = True
   num_data_shards: int = 1
-  length_buckets: tuple[int, ...] = (256, 512, 1024, 2048, 4096)
+  length_buckets: tuple[int, ...] = tuple(range(256, 4097, 256))
   overlong: str = 'truncate'
-  bucket_steps: int = 2
+  bucket_steps: int = 4
   min_audio_chunks: int = 2
   min_patches: int = 256
   min_vision_blocks: int = 4
   min_frame_len: int = 64
+  group_batches: int = 32
   num_epochs: int | None = None
   shuffle: bool = True
   worker_count: int = 0
@@ -150,7 +162,8 @@ def _rows_of(record: dict, shared_prompt: bool) -> list[dict[str, np.ndarray]]:
   chosen | rejected]` (shared_prompt) or the rows `[prompt | chosen]`, `[prompt |
   rejected]`. `pair_segments` marks the prompt (1) and the answers (2, 3). In the shared
   row each answer starts with a copy of the prompt's last token, which predicts the
-  answer's first token: every token then predicts the label after it, in either layout."""
+  answer's first token: every token then predicts the label after it, in either layout.
+The batch plan sizes these rows with `_row_lengths`: change both together."""
   if record['kind'] == records.SFT:
     return [{k: np.asarray(record[k]) for k in ('input_ids', 'labels', 'segments')}]
   prompt = np.asarray(record['prompt_ids'])
@@ -241,7 +254,7 @@ class Example:
 class RecordLoader:
   """Global record index -> Example (a Grain map function; picklable: readers open lazily).
 
-  Indices >= the number of records are padding (None), used by the reference pass.
+  Index -1 is padding (None), used by the reference pass.
   """
 
   def __init__(self, paths: Sequence[str], kind: str, model_config: ThinkerConfig,
@@ -261,7 +274,7 @@ class RecordLoader:
 
   def __call__(self, index: int) -> Example | None:
     index = int(index)
-    if index >= len(self):
+    if index < 0:   # padding of the reference pass
       return None
     if self._source is None:
       self._source = grain.sources.ArrayRecordDataSource(self.paths)
@@ -360,48 +373,78 @@ def _group_batch(examples: list[Example | None], rows_per_example: int, length: 
   return batch
 
 
-def media_sizes(groups: list[dict[str, Any]], config: ThinkerConfig,
-                options: DataConfig) -> dict[str, int]:
-  """Bucketed tower sizes (the `model_inputs` keywords) shared by all groups of a batch."""
-  a, v = config.audio, config.vision
-  window = 2 * a.n_window
-  chunks, vision = 0, dict(num_patches=0, num_windows=0, num_frames=0, frame_len=0)
+def _group_needs(groups: list[dict[str, Any]], config: ThinkerConfig) -> dict[str, int]:
+  """The largest tower needs of any row group (audio chunks; vision patches, windows,
+  frames, patches per frame) before bucketing."""
+  window = 2 * config.audio.n_window
+  needs = dict(audio_chunks=0, num_patches=0, num_windows=0, num_frames=0, frame_len=0)
   for g in groups:
     if 'feature_attention_mask' in g:
       lengths = g['feature_attention_mask'].sum(-1)
-      chunks = max(chunks, int(np.sum(-(-lengths // window))))
+      needs['audio_chunks'] = max(needs['audio_chunks'], int(np.sum(-(-lengths // window))))
     grids = [np.asarray(g[k]).reshape(-1, 3) for k in ('image_grid_thw', 'video_grid_thw') if k in g]
-    needs = _vision_needs([tuple(int(x) for x in row) for grid in grids for row in grid], v)
-    vision = {k: max(vision[k], needs[k]) for k in vision}
+    vision = _vision_needs([tuple(int(x) for x in row) for grid in grids for row in grid],
+                           config.vision)
+    needs.update({k: max(needs[k], vision[k]) for k in vision})
+  return needs
+
+
+def _media_buckets(needs: dict[str, int], config: ThinkerConfig,
+                   options: DataConfig) -> dict[str, int]:
+  """Bucketed tower sizes (the `model_inputs` keywords) for the largest group needs."""
+  a, v = config.audio, config.vision
   steps, unit = options.bucket_steps, v.spatial_merge_size ** 2
-  num_chunks = bucket_size(chunks, options.min_audio_chunks, steps)
+  num_chunks = bucket_size(needs['audio_chunks'], options.min_audio_chunks, steps)
   win = _vision_window(v)
   return dict(
       num_audio_chunks=num_chunks,
       # A chunk of 2W frames yields at most W / 2 tokens (conv stride 2, pool 2), so this
       # always fits and adds no shape of its own.
       num_audio_tokens=max(1, num_chunks * a.n_window // 2),
-      num_patches=bucket_size(vision['num_patches'], options.min_patches, steps, unit),
-      num_windows=bucket_size(vision['num_windows'], options.min_vision_blocks, steps),
+      num_patches=bucket_size(needs['num_patches'], options.min_patches, steps, unit),
+      num_windows=bucket_size(needs['num_windows'], options.min_vision_blocks, steps),
       window_len=win * win * unit,
-      num_frames=bucket_size(vision['num_frames'], options.min_vision_blocks, steps),
-      frame_len=bucket_size(vision['frame_len'], options.min_frame_len, steps, unit))
+      num_frames=bucket_size(needs['num_frames'], options.min_vision_blocks, steps),
+      frame_len=bucket_size(needs['frame_len'], options.min_frame_len, steps, unit))
+
+
+def media_sizes(groups: list[dict[str, Any]], config: ThinkerConfig,
+                options: DataConfig) -> dict[str, int]:
+  """Bucketed tower sizes shared by all groups of a batch, from the groups themselves."""
+  return _media_buckets(_group_needs(groups, config), config, options)
 
 
 def collate(examples: Sequence[Example | None], *, model_config: ThinkerConfig,
-            options: DataConfig, preference: bool, reference: bool = False) -> dict[str, Any]:
-  """Batch of the jitted step from `batch_size` examples (see the module docstring)."""
+            options: DataConfig, preference: bool, reference: bool = False,
+            shapes: dict[str, Any] | None = None) -> dict[str, Any]:
+  """Batch of the jitted step from `batch_size` examples (see the module docstring).
+
+  `shapes` (from `BatchPlan.shapes`): the text length and media sizes of the global batch,
+  and its fill counts (`fill`); without it, they follow from these examples alone."""
   examples = list(examples)
   shared = preference and options.shared_prompt
-  rows_per_example = 2 if preference and not shared else 1
+  rows_per_example = num_rows(records.PREFERENCE if preference else records.SFT,
+                              options.shared_prompt)
   longest = max([len(r['input_ids']) for e in examples if e is not None and e.rows is not None
                  for r in e.rows] + [1])
-  length = length_bucket(longest, options.length_buckets)
+  length = shapes['length'] if shapes else length_bucket(longest, options.length_buckets)
   per_group = len(examples) // options.num_data_shards
   groups = [_group_batch(examples[g * per_group:(g + 1) * per_group], rows_per_example, length,
                          pairs=preference)
             for g in range(options.num_data_shards)]
-  sizes = media_sizes(groups, model_config, options)
+  if shapes:
+    sizes = shapes['media']
+    needs = dict(_group_needs(groups, model_config), length=longest)
+    planned = dict(audio_chunks=sizes['num_audio_chunks'], length=length,
+                   **{k: sizes[k] for k in ('num_patches', 'num_windows', 'num_frames', 'frame_len')})
+    over = {k: (needs[k], planned[k]) for k in planned if needs[k] > planned[k]}
+    if over:
+      raise records.RecordError(
+          f'records {[e.index for e in examples if e is not None]}: sizes (needed, planned) '
+          f'{over} exceed the batch plan: their size index does not match them; delete the '
+          f'{records.SIZES_SUFFIX} files beside the shards to rebuild it')
+  else:
+    sizes = media_sizes(groups, model_config, options)
   text_keys = ('labels', 'segments', 'pair_segments') if preference else ('labels', 'segments')
   shards = []
   for g in groups:
@@ -424,7 +467,170 @@ def collate(examples: Sequence[Example | None], *, model_config: ThinkerConfig,
     batch['ref_chosen_logps'], batch['ref_rejected_logps'] = ref[:, 0], ref[:, 1]
   if reference:
     batch['pair_index'] = np.array([-1 if e is None else e.index for e in examples], np.int64)
+  if shapes:
+    batch[FILL] = np.asarray(shapes['fill'], np.int64)
   return batch
+
+
+# ------------------------------------------------------------------------- batch plan
+
+FILL = 'fill'   # batch key: int64 [4], the global batch's text and media fill counts
+FILL_FIELDS = ('text_real', 'text_padded', 'media_real', 'media_padded')
+
+
+def _row_lengths(text: np.ndarray, kind: str, shared_prompt: bool) -> np.ndarray:
+  """Tokens of each row [n, rows] from the index's (prompt, response, rejected) tokens
+  [n, 3]; keep in step with `_rows_of` (and `_items`: media once per row)."""
+  prompt, response, rejected = text.T
+  if kind == records.SFT:
+    return (prompt + response)[:, None]
+  if shared_prompt:    # the prompt, then each answer after a copy of the prompt's last token
+    return (prompt + response + rejected + 1)[:, None]
+  return np.stack([prompt + response, prompt + rejected], 1)
+
+
+def num_rows(kind: str, shared_prompt: bool) -> int:
+  """Rows per example of a record kind."""
+  return _row_lengths(np.zeros((0, 3), np.int64), kind, shared_prompt).shape[1]
+
+
+def example_needs(sizes: np.ndarray, kind: str, model_config: ThinkerConfig,
+                  options: DataConfig) -> dict[str, np.ndarray]:
+  """What each record [n] (rows of `records.load_sizes`) needs of a batch, as `RecordLoader`
+  and `collate` would find it: `length` (longest row after `_fit_rows`; 1 when dropped),
+  `kept`, `text_real` (unpadded tokens of its rows), the tower needs `audio_chunks`,
+  `num_patches`, `num_windows`, `num_frames`, `frame_len`, and `media_real` (mel frames
+  + patches)."""
+  field = {name: sizes[:, i].astype(np.int64) for i, name in enumerate(records.SIZE_FIELDS)}
+  shared = kind == records.PREFERENCE and options.shared_prompt
+  rows = _row_lengths(sizes[:, :3].astype(np.int64), kind, options.shared_prompt)
+  max_len = max(options.length_buckets)
+  fits = rows.max(1) <= max_len
+  # Truncation keeps an example whose prompt fits and that has trained tokens (a shared
+  # row: room for the prompt, its last token copied twice and a token of each answer).
+  if shared:
+    cut = (options.overlong == 'truncate') & (field['prompt_tokens'] + 3 <= max_len)
+  else:
+    cut = (options.overlong == 'truncate') & (field['prompt_tokens'] < max_len) & (
+        rows > field['prompt_tokens'][:, None]).all(1)
+  kept = fits | cut
+  copies = np.where(kept, rows.shape[1], 0)
+  a, v = model_config.audio, model_config.vision
+  p, m, win = v.patch_size, v.spatial_merge_size, _vision_window(v)
+  video_t = -(-field['video_frames'] // v.temporal_patch_size)
+  video_h, video_w = field['video_height'] // p, field['video_width'] // p
+  image = [media.smart_resize(h, w, p * m) if h else (0, 0)
+           for h, w in zip(field['image_height'], field['image_width'])]
+  image_h, image_w = (np.array([x[i] for x in image], np.int64).reshape(-1) // p for i in (0, 1))
+  image_t = (image_h > 0).astype(np.int64)
+  windows = lambda t, h, w: t * -(-(h // m) // win) * -(-(w // m) // win)
+  needs = dict(
+      length=np.where(kept, np.minimum(rows.max(1), max_len), 1), kept=kept,
+      text_real=np.where(kept, np.minimum(rows, max_len).sum(1), rows.shape[1]),
+      audio_chunks=copies * -(-field['mel_frames'] // (2 * a.n_window)),
+      num_patches=copies * (video_t * video_h * video_w + image_t * image_h * image_w),
+      num_windows=copies * (windows(video_t, video_h, video_w) + windows(image_t, image_h, image_w)),
+      num_frames=copies * (video_t + image_t),
+      frame_len=np.where(kept, np.maximum(video_h * video_w, image_h * image_w), 0))
+  needs['media_real'] = copies * field['mel_frames'] + needs['num_patches']
+  # int32 keeps a few ints per record (the plan travels to every Grain worker).
+  return {k: v if k == 'kept' else v.astype(np.int32) for k, v in needs.items()}
+
+
+def group_by_size(keys: np.ndarray, batch_size: int, window: int,
+                  rng: np.random.Generator | None) -> np.ndarray:
+  """Positions of `keys` [n] as batches [n // batch_size, batch_size] of similar keys:
+  shuffled (rng None: in order), sorted by key within windows of `window` batches, cut
+  into batches, batches shuffled. window 0: no sorting (random batches). The last
+  n % batch_size positions (of the shuffled order) are left out."""
+  n = len(keys) // batch_size * batch_size
+  order = rng.permutation(len(keys))[:n] if rng is not None else np.arange(n)
+  if window:
+    span = window * batch_size
+    order = np.concatenate([chunk[np.argsort(keys[chunk], kind='stable')]
+                            for chunk in np.split(order, range(span, n, span))] or [order])
+  batches = order.reshape(-1, batch_size)
+  return batches[rng.permutation(len(batches))] if rng is not None and window else batches
+
+
+class BatchPlan:
+  """The global batches of a record set, alike on every process: from the seed, the epoch
+  and the records' needs (`example_needs`), each step's examples (record positions, -1:
+  padding) and the shapes all processes pad them to.
+
+  Every epoch is `group_by_size` of a new permutation (seeded by (seed, epoch)), so
+  batches hold records of similar size and the leftovers (< one global batch) differ
+  between epochs. `reference`: every record once, in size order, the last batch padded.
+  """
+
+  def __init__(self, needs: dict[str, np.ndarray], *, rows_per_example: int, batch_size: int,
+               num_groups: int, model_config: ThinkerConfig, options: DataConfig, seed: int,
+               reference: bool = False):
+    self.needs, self.rows_per_example = needs, rows_per_example
+    self.batch_size, self.num_groups = batch_size, num_groups
+    self.model_config, self.options, self.seed, self.reference = model_config, options, seed, reference
+    n = len(needs['length'])
+    self.steps_per_epoch = -(-n // batch_size) if reference else n // batch_size
+    if not self.steps_per_epoch:
+      raise ValueError(f'{n} records are fewer than one global batch of {batch_size}')
+    self._orders = {}   # epoch -> its order; the current and the previous epoch
+
+  def _key(self) -> np.ndarray:
+    # Text length first (media placeholders are part of it), then the vision size.
+    length, patches = (self.needs[k].astype(np.int64) for k in ('length', 'num_patches'))
+    return length * (1 << 24) + np.minimum(patches, (1 << 24) - 1)
+
+  def epoch(self, epoch: int) -> np.ndarray:
+    """Record positions [steps_per_epoch, batch_size] of one epoch (-1: padding)."""
+    order = self._orders.get(epoch)   # one read: Grain's threads share this cache
+    if order is not None:
+      return order
+    if self.reference:
+      order = np.argsort(self._key(), kind='stable')
+      order = np.pad(order, (0, self.steps_per_epoch * self.batch_size - len(order)),
+                     constant_values=-1).reshape(-1, self.batch_size)
+    else:
+      shuffle = self.options.shuffle   # off: file order, ungrouped
+      rng = np.random.default_rng([self.seed, epoch]) if shuffle else None
+      order = group_by_size(self._key(), self.batch_size,
+                            self.options.group_batches if shuffle else 0, rng)
+      if shuffle and self.options.group_batches:
+        order = order[:, self._deal()]
+    self._orders = {**{e: o for e, o in self._orders.items() if e == epoch - 1}, epoch: order}
+    return order
+
+  def _deal(self) -> np.ndarray:
+    """Positions of a size-sorted batch dealt to the row groups in snake order (0..G-1,
+    G-1..0, ...), so every group (device) gets about the same media to encode."""
+    per_group = self.batch_size // self.num_groups
+    rounds = np.arange(per_group)[None, :]
+    groups = np.arange(self.num_groups)[:, None]
+    return (rounds * self.num_groups + np.where(rounds % 2, self.num_groups - 1 - groups,
+                                                groups)).ravel()
+
+  def examples(self, step: int) -> np.ndarray:
+    """Record positions [batch_size] of global batch `step` (counted over all epochs)."""
+    return self.epoch(step // self.steps_per_epoch)[step % self.steps_per_epoch]
+
+  def shapes(self, step: int) -> dict[str, Any]:
+    """`collate`'s shapes of global batch `step`: its text length bucket and media sizes
+    (from the largest row group of all its rows) and fill counts (FILL_FIELDS)."""
+    examples = self.examples(step)
+    needs = {k: np.where(examples >= 0, v[np.maximum(examples, 0)], 0)
+             for k, v in self.needs.items()}
+    groups = {k: needs[k].reshape(self.num_groups, -1) for k in
+              ('audio_chunks', 'num_patches', 'num_windows', 'num_frames', 'frame_len')}
+    largest = {k: int(g.max() if k == 'frame_len' else g.sum(1).max()) for k, g in groups.items()}
+    media_sizes = _media_buckets(largest, self.model_config, self.options)
+    length = length_bucket(int(needs['length'].max(initial=1)), self.options.length_buckets)
+    rows = self.rows_per_example * self.batch_size
+    padding_rows = self.rows_per_example * int((examples < 0).sum())   # one token each
+    audio_len = 2 * self.model_config.audio.n_window
+    fill = (int(needs['text_real'].sum()) + padding_rows, rows * length,
+            int(needs['media_real'].sum()),
+            self.num_groups * (media_sizes['num_audio_chunks'] * audio_len
+                               + media_sizes['num_patches']))
+    return dict(length=length, media=media_sizes, fill=fill)
 
 
 # ------------------------------------------------------------------------- datasets
@@ -467,36 +673,70 @@ def _iter_dataset(batches: grain.MapDataset, options: DataConfig) -> grain.IterD
   return ds
 
 
+class _PlanSlot:
+  """Position i of this process's slots -> (global step, record position or -1)."""
+
+  def __init__(self, plan: BatchPlan, shard_index: int, batch_size: int):
+    self.plan, self.first, self.batch_size = plan, shard_index * batch_size, batch_size
+
+  def __call__(self, i: int, _) -> tuple[int, int]:
+    step, slot = divmod(int(i), self.batch_size)
+    return step, int(self.plan.examples(step)[self.first + slot])
+
+
+class _Load:
+  def __init__(self, loader: RecordLoader):
+    self.loader = loader
+
+  def __call__(self, slot: tuple[int, int]) -> tuple[int, Example | None]:
+    step, index = slot
+    return step, self.loader(index)
+
+
+class _Collate:
+  """A process's examples of one global step -> its batch, in the plan's shapes."""
+
+  def __init__(self, plan: BatchPlan, **kwargs):
+    self.plan, self.kwargs = plan, kwargs
+
+  def __call__(self, slots: Sequence[tuple[int, Example | None]]) -> dict[str, Any]:
+    step = slots[0][0]
+    return collate([e for _, e in slots], shapes=self.plan.shapes(step), **self.kwargs)
+
+
+def batch_plan(model_config: ThinkerConfig, data_config: Any, paths: Sequence[str], kind: str,
+               *, seed: int, shard_count: int, reference: bool = False) -> BatchPlan:
+  """The global batch plan of the record files (their size indexes, built if missing) for
+  `shard_count` processes of `data_config.batch_size` examples each."""
+  options = data_options(data_config)
+  needs = example_needs(records.load_sizes(paths), kind, model_config, options)
+  return BatchPlan(needs, rows_per_example=num_rows(kind, options.shared_prompt),
+                   batch_size=options.batch_size * shard_count,
+                   num_groups=options.num_data_shards * shard_count, model_config=model_config,
+                   options=options, seed=seed, reference=reference)
+
+
 def _dataset(model_config, data_config, paths, kind, *, seed, shard_index, shard_count,
              reference=False) -> grain.IterDataset:
   options = data_options(data_config)
   shard_index, shard_count = _process(shard_index, shard_count)
-  loader = RecordLoader(resolve_paths(paths), kind, model_config, options,
+  paths = resolve_paths(paths)
+  loader = RecordLoader(paths, kind, model_config, options,
                         require_reference=kind == records.PREFERENCE and not reference)
-  n, per_step = len(loader), options.batch_size * shard_count
-  if reference:
-    # Every pair exactly once: no shuffle, padded (index >= n) to whole batches everywhere.
-    indices = grain.MapDataset.range(-(-n // per_step) * per_step)
-  else:
-    usable = n // per_step * per_step
-    if not usable:
-      raise ValueError(f'{n} records are fewer than one batch of {options.batch_size} on each of '
-                       f'{shard_count} processes')
-    indices = grain.MapDataset.range(n)
-    if options.shuffle:
-      # One global permutation per epoch (the seed is folded with the epoch); slicing after
-      # it keeps processes disjoint and lets every epoch drop different leftovers.
-      # Grain seeds epoch e with seed + e; mixing the seed first keeps runs with seeds s
-      # and s + 1 from sharing all but one epoch order.
-      indices = indices.shuffle(seed=int(np.random.SeedSequence(int(seed)).generate_state(1)[0]))
-    indices = indices[:usable]
-  indices = indices[shard_index::shard_count]
-  if not reference:
-    indices = indices.repeat(options.num_epochs)
-  batches = indices.map(loader).batch(
-      options.batch_size, drop_remainder=True,
-      batch_fn=functools.partial(collate, model_config=model_config, options=options,
-                                 preference=kind == records.PREFERENCE, reference=reference))
+  plan = batch_plan(model_config, options, paths, kind, seed=seed, shard_count=shard_count,
+                    reference=reference)
+  if len(plan.needs['length']) != len(loader):
+    raise records.RecordError(f'{paths}: the size indexes list {len(plan.needs["length"])} '
+                              f'records, the shards hold {len(loader)}')
+  # One slot per example of this process and step; a MapDataset, so slot k is a pure
+  # function of (seed, k) and the iterator state is a position.
+  b = options.batch_size
+  slots = grain.MapDataset.range(plan.steps_per_epoch * b)
+  slots = slots.repeat(1 if reference else options.num_epochs)
+  batches = slots.map_with_index(_PlanSlot(plan, shard_index, b)).map(_Load(loader)).batch(
+      b, drop_remainder=True,
+      batch_fn=_Collate(plan, model_config=model_config, options=options,
+                        preference=kind == records.PREFERENCE, reference=reference))
   return _iter_dataset(batches, options)
 
 

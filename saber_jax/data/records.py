@@ -32,12 +32,19 @@ pipeline patches them on the host (media.video_patches).
 Shards are ArrayRecord files named `{prefix}-{index:05d}-of-{count:05d}.array_record`,
 written with group_size 1 (random access for Grain) under a temporary name and renamed
 when complete, so a killed writer never leaves a shard that looks finished.
+
+Size index: beside each shard, `{shard}.sizes.npz` holds the sizes batching needs, a row
+of SIZE_FIELDS (int32) per record, and the shard's fingerprint (bytes, mtime, record
+count). `write_records` writes it with the shard; `load_sizes` builds a missing or stale
+one (the shard was rewritten) by reading the shard once and caches it, so the batch plan
+never trusts sizes of other bytes.
 """
 
 import glob
 import math
 import os
 import re
+import sys
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import msgpack
@@ -337,7 +344,7 @@ def _array_record():
 
 
 def write_records(path: str, blobs: Iterable[bytes], options: str = WRITER_OPTIONS) -> int:
-  """Writes blobs to one ArrayRecord file; returns how many.
+  """Writes blobs to one ArrayRecord file and its size index; returns how many.
 
   The file is written as '{path}.tmp-{pid}' and renamed onto `path` only once closed, so
   `path` either does not exist or is complete; a failure removes the temporary file.
@@ -345,20 +352,21 @@ def write_records(path: str, blobs: Iterable[bytes], options: str = WRITER_OPTIO
   tmp = f'{path}.tmp-{os.getpid()}'
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   writer = _array_record().ArrayRecordWriter(tmp, options)
-  count = 0
+  sizes = []
   try:
     for blob in blobs:
       writer.write(blob)
-      count += 1
+      sizes.append(record_sizes(unpack(blob)))
     writer.close()
     os.replace(tmp, path)
+    _save_sizes(path, np.array(sizes, np.int32).reshape(-1, len(SIZE_FIELDS)))
   except BaseException:
     if writer.is_open():
       writer.close()
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
-  return count
+  return len(sizes)
 
 
 def count_records(paths: str | Sequence[str]) -> int:
@@ -446,3 +454,79 @@ def fill_reference_logps(paths: Sequence[str], logps: Mapping[Any, tuple[float, 
     target = path if out_dir is None else os.path.join(out_dir, os.path.basename(path))
     write_records(target, rewritten(path))
   return counts
+
+
+# --------------------------------------------------------------------------- size index
+
+# Text tokens (SFT: prompt, response; preference: prompt, chosen, rejected) and raw media
+# sizes; the pipeline turns them into rows and tower sizes for a model config.
+SIZE_FIELDS = ('prompt_tokens', 'response_tokens', 'rejected_tokens', 'mel_frames',
+               'video_frames', 'video_height', 'video_width', 'image_height', 'image_width')
+SIZES_SUFFIX = '.sizes.npz'
+
+
+def record_sizes(record: Mapping[str, Any]) -> tuple[int, ...]:
+  """The SIZE_FIELDS of one decoded record (0 for what it lacks)."""
+  if record['kind'] == PREFERENCE:
+    text = (len(record['prompt_ids']), len(record['chosen_ids']), len(record['rejected_ids']))
+  else:
+    prompt = prompt_length(record)
+    text = (prompt, len(record['input_ids']) - prompt, 0)
+  mel = record['input_features'].shape[1] if 'input_features' in record else 0
+  video = record['frames'].shape[:3] if 'frames' in record else (0, 0, 0)
+  image = record['image'].shape[:2] if 'image' in record else (0, 0)
+  return (*text, mel, *video, *image)
+
+
+def sizes_path(shard: str) -> str:
+  return shard + SIZES_SUFFIX
+
+
+def _fingerprint(shard: str, num_records: int) -> np.ndarray:
+  stat = os.stat(shard)
+  return np.array([stat.st_size, stat.st_mtime_ns, num_records], np.int64)
+
+
+def _save_sizes(shard: str, sizes: np.ndarray) -> None:
+  tmp = f'{sizes_path(shard)}.tmp-{os.getpid()}.npz'
+  np.savez(tmp, sizes=sizes, fields=np.array(SIZE_FIELDS),
+           fingerprint=_fingerprint(shard, len(sizes)))
+  os.replace(tmp, sizes_path(shard))
+
+
+def _cached_sizes(shard: str) -> tuple[np.ndarray | None, str]:
+  """(sizes, '') from a valid index file, or (None, why not)."""
+  path = sizes_path(shard)
+  if not os.path.exists(path):
+    return None, 'no size index'
+  with np.load(path) as index:
+    sizes, fields, fingerprint = index['sizes'], tuple(index['fields']), index['fingerprint']
+  if fields != SIZE_FIELDS:
+    return None, f'size index of other fields {fields}'
+  if not np.array_equal(fingerprint, _fingerprint(shard, len(sizes))):
+    return None, 'stale size index (the shard was rewritten after it)'
+  return sizes, ''
+
+
+def load_sizes(paths: str | Sequence[str], rebuild: bool = True) -> np.ndarray:
+  """int32 [records, len(SIZE_FIELDS)] of the shards, in order, from their size indexes.
+
+  A missing or stale index is rebuilt from its shard and cached beside it (where writable)
+  when `rebuild`; otherwise it raises RecordError naming the shard.
+  """
+  paths = [paths] if isinstance(paths, str) else list(paths)
+  out = []
+  for shard in paths:
+    sizes, problem = _cached_sizes(shard)
+    if sizes is None:
+      if not rebuild:
+        raise RecordError(f'{shard}: {problem}; open it with rebuild=True to index it again')
+      print(f'{shard}: {problem}; indexing it', file=sys.stderr, flush=True)
+      sizes = np.array([record_sizes(r) for r in iter_records(shard)], np.int32).reshape(
+          -1, len(SIZE_FIELDS))
+      try:
+        _save_sizes(shard, sizes)
+      except OSError as e:   # a read-only record set: use the index without caching it
+        print(f'{shard}: size index not cached ({e})', file=sys.stderr, flush=True)
+    out.append(sizes)
+  return np.concatenate(out)

@@ -63,9 +63,10 @@ class ThinkerConfig:
   `dtype` is the compute dtype, `param_dtype` the storage dtype of the weights, `remat`
   the rematerialisation policy of every scanned layer stack ('none', 'full' or
   'dots', see `layers.remat_policy`). `attention` is the decoder's attention outside
-  generation: 'xla' (an explicit mask: any padding, any device) or 'cudnn' (cuDNN flash
+  generation: 'xla' (an explicit mask: any padding, any device), 'cudnn' (cuDNN flash
   attention on NVIDIA GPUs, causal within each row's valid length: rows must be right
-  padded, as training batches are; `model_inputs` checks).
+  padded, as training batches are; `model_inputs` checks) or 'splash' (Pallas' splash
+  flash attention on TPUs, any padding; on CPU it runs in Pallas' interpreter, for tests).
   """
   audio: AudioConfig = AudioConfig()
   vision: VisionConfig = VisionConfig()

@@ -6,6 +6,9 @@ from typing import Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+from saber_jax import sharding
 
 Dtype = jnp.dtype | str
 
@@ -73,7 +76,7 @@ def rotate_half(x):
   return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
 
 
-ATTENTION_IMPLEMENTATIONS = ('xla', 'cudnn')
+ATTENTION_IMPLEMENTATIONS = ('xla', 'cudnn', 'splash')
 
 
 def attention(q, k, v, mask=None, *, is_causal: bool = False):
@@ -94,6 +97,60 @@ def causal_attention(q, k, v, lengths, implementation: str):
   return jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=lengths,
                                       key_value_seq_lengths=lengths,
                                       implementation=implementation)
+
+
+SPLASH_BLOCKS = (512, 256, 128)     # tile sizes tried, largest first; 128 is the TPU lane width
+
+
+def splash_attention(q, k, v, segment_ids, *, interpret: bool | None = None):
+  """Causal self-attention with Pallas' TPU splash kernel: a token attends to earlier
+  tokens of its own segment. q [B, L, N, H]; k, v [B, L, K, H] (N % K == 0); segment_ids
+  int [B, L] (padding is a segment of its own, e.g. 0; outputs there are not meaningful).
+
+  Inside a jit whose arguments carry a mesh (the train step's shardings do), the kernel
+  runs per device under `shard_map`: rows over the batch axes, heads over 'tensor' when
+  it divides both N and K. `interpret` runs the kernel in Pallas' interpreter: by default
+  on CPU devices (tests), never on TPUs.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  platform = jax.default_backend() if mesh.empty else mesh.abstract_device.platform
+  if platform not in ('tpu', 'cpu'):
+    raise ValueError(f"attention='splash' is a TPU kernel; on {platform} use 'xla' or 'cudnn'")
+  interpret = platform == 'cpu' if interpret is None else interpret
+  batch, length, _, head_dim = q.shape
+  pad = -length % SPLASH_BLOCKS[-1]
+  # [B, L, N, H] -> [B, N, L', H]; the padded tail is a segment no real token shares.
+  to_kernel = lambda x: jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+  q, k, v = to_kernel(q * head_dim ** -0.5), to_kernel(k), to_kernel(v)
+  segment_ids = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, pad)),
+                        constant_values=jnp.iinfo(jnp.int32).min)
+
+  def local(q, k, v, segment_ids):
+    kernel = _splash_kernel(q.shape[1], q.shape[2], interpret)
+    return jax.vmap(kernel)(q, k, v, segment_ids=splash.SegmentIds(segment_ids, segment_ids))
+
+  if mesh.empty:
+    out = local(q, k, v, segment_ids)
+  else:
+    q_spec = sharding.mesh_spec(q.shape, ('batch', 'heads', None, None), mesh)
+    k_spec = sharding.mesh_spec(k.shape, ('batch', 'kv_heads', None, None), mesh)
+    if q_spec != k_spec:            # 'tensor' divides the query heads but not the kv heads
+      q_spec = k_spec = jax.P(q_spec[0])
+    rows = jax.P(q_spec[0])
+    out = jax.shard_map(local, in_specs=(q_spec, k_spec, k_spec, rows), out_specs=q_spec,
+                        check_vma=False)(q, k, v, segment_ids)
+  return out.transpose(0, 2, 1, 3)[:, :length]
+
+
+def _splash_kernel(num_heads: int, length: int, interpret: bool):
+  """The causal splash kernel of one row: q [N, L, H], k, v [K, L, H] -> [N, L, H]."""
+  block = next(b for b in SPLASH_BLOCKS if length % b == 0)
+  sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                            block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                            block_q_dq=block, block_kv_dq=block)
+  mask = splash.MultiHeadMask([splash.CausalMask((length, length))] * num_heads)
+  return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                interpret=interpret)
 
 
 def remat_policy(name: str):

@@ -45,7 +45,8 @@ class Attention(nn.Module):
   def __call__(self, x, cos, sin, mask, cache: KVCache | None = None, cache_index=None):
     """x [B, L, H] -> (out [B, L, H], new rows). Without a cache the queries attend to the
     keys of x (mask bool [B, 1, L, L]; or, for `attention` 'cudnn', the right-padded rows'
-    valid lengths [B], see `layers.causal_attention`) and the new rows are None. With
+    valid lengths [B], see `layers.causal_attention`; or, for 'splash', segment ids [B, L],
+    see `layers.splash_attention`) and the new rows are None. With
     one layer's cache [B, S, K, H], the keys and values of x take slots [cache_index,
     cache_index + L) and the queries attend over all S slots (mask [B, 1, L, S]); the new
     rows returned are those keys and values, KVCache [B, L, K, H], for the caller to write
@@ -64,8 +65,10 @@ class Attention(nn.Module):
     if cache is not None:
       new_rows = KVCache(k, v)
       k, v = cache.write(new_rows, cache_index, axis=1)
-    if cache is None and mask.ndim == 1:       # row lengths [B]: the fused kernel
+    if cache is None and mask.ndim == 1:       # row lengths [B]: cuDNN's fused kernel
       out = layers.causal_attention(q, k, v, mask, self.attention)
+    elif cache is None and mask.ndim == 2:     # segment ids [B, L]: the splash kernel
+      out = layers.splash_attention(q, k, v, mask)
     else:
       out = layers.attention(q, k, v, mask)
     out = layers.dense(c.hidden_size, ('heads', 'embed'), use_bias=False, dtype=self.dtype,
@@ -130,6 +133,20 @@ def cache_attention_mask(valid_slots, cache_index, num_queries: int):
   return causal[None, None] & valid_slots[:, None, None, :]
 
 
+def _attention_arg(attention: str, valid, segments):
+  """What the decoder's attention needs to know of padding and segments (see Attention).
+  Segments with a shared prompt need the explicit [B, 1, L, L] mask, so they run the XLA
+  path whatever `attention` says: the fused kernels know a row's causal span (cuDNN, by
+  its length) or plain segments (splash), not a prefix two segments share."""
+  if segments is not None:
+    return segment_mask(segments)
+  if attention == 'xla':
+    return attention_mask(valid)
+  if attention == 'splash':       # padding becomes a segment of its own (-1)
+    return jnp.where(valid, 0, -1).astype(jnp.int32)
+  return jnp.sum(valid, axis=-1)
+
+
 class TextModel(nn.Module):
   """Token embedding, scanned decoder layers, final norm and the lm_head (tied to the
   embedding when the config says so). The thinker embeds tokens, scatters media features
@@ -158,18 +175,10 @@ class TextModel(nn.Module):
 
   def __call__(self, x, position_ids, valid, segments=None):
     """x [B, L, H] embeddings, position_ids [3, B, L], valid bool [B, L] (False at padding),
-    optional segments int [B, L] (see `segment_mask`) -> hidden [B, L, H].
-
-    Segments need the [B, 1, L, L] mask, so they run the XLA attention whatever
-    `attention` says: cuDNN's fused kernel here knows rows only by their lengths."""
+    optional segments int [B, L] (see `segment_mask`) -> hidden [B, L, H]."""
     c = self.config
     cos, sin = mrope_cos_sin(position_ids, c.head_dim, c.rope_theta, c.mrope_section, self.dtype)
-    if segments is not None:
-      mask = segment_mask(segments)
-    elif self.attention == 'xla':
-      mask = attention_mask(valid)
-    else:
-      mask = jnp.sum(valid, axis=-1)
+    mask = _attention_arg(self.attention, valid, segments)
     x, _ = self.layers(x.astype(self.dtype), cos, sin, mask)
     return self.norm(x)
 

@@ -84,7 +84,7 @@ def _check_padding_for_attention(config: ThinkerConfig, mask: np.ndarray):
   if config.attention not in layers.ATTENTION_IMPLEMENTATIONS:
     raise ValueError(f'unknown attention {config.attention!r}; expected one of '
                      f'{layers.ATTENTION_IMPLEMENTATIONS}')
-  if config.attention == 'xla':
+  if config.attention in ('xla', 'splash'):
     return
   valid = mask.astype(bool)
   prefix = np.arange(valid.shape[-1]) < valid.sum(-1, keepdims=True)

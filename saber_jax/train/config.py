@@ -25,12 +25,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.compilation_cache = '~/.cache/saber_jax/xla'   # persistent XLA cache; '' to disable
   c.dry_run = False           # compile the step on the mesh and report per-device memory
   c.dry_run_seq_len = 4096
+  c.dry_run_topology = ''     # compile for a TPU slice instead (v5p-64, v6e-16, v5p:2x4x4)
 
   c.model = ml_collections.ConfigDict(dict(
       name='qwen2_5_omni_7b',   # a ThinkerConfig factory, or
       hf_config='',             # a transformers config.json (or its directory)
       dtype='bfloat16', param_dtype='float32', remat='full',
-      attention='auto'))        # decoder attention: 'xla', 'cudnn', or 'auto' (cudnn on GPUs)
+      attention='auto'))        # decoder attention: xla, cudnn, splash; auto: cudnn on GPUs,
+                                # splash on TPUs, else xla
   # Where the weights come from: an HF checkpoint directory, a saved-params directory of a
   # previous stage, or '' for random init.
   c.init_from = ''
@@ -59,9 +61,11 @@ def base_config() -> ml_collections.ConfigDict:
 
   # mode=generate: responses to the prompts of `records` (JSONL predictions in workdir);
   # num_samples 10 at temperature 0.8 gives the samples CA-DPO pairs are judged from.
+  # batch_size: prompts per process and batch; window_batches: prompts are sorted by size
+  # within windows of this many batches (saber_jax/sampling.py).
   c.generate = ml_collections.ConfigDict(dict(
       records='', batch_size=8, max_new_tokens=512, temperature=0.0, top_p=1.0, top_k=0,
-      num_samples=1, tokenizer=''))
+      num_samples=1, tokenizer='', window_batches=32))
 
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3))
   c.log_every = 10
@@ -103,6 +107,42 @@ def ca_dpo_config(model_name: str, trainable: str = 'full') -> ml_collections.Co
   c.optim.warmup_ratio = 0.1
   c.optim.weight_decay = 0.0
   return c
+
+
+# TPU slices the 7B configs are planned for (README, "TPU pods"): chips, and the rows each
+# chip takes per micro-step at dry_run_seq_len tokens, from the dry runs.
+TPU_SLICES = {
+    'v5p': dict(topology='v5p-64', chips=32, rows_per_chip=1),
+    'v6e': dict(topology='v6e-64', chips=64, rows_per_chip=1),
+}
+CHIPS_PER_HOST = 4
+
+
+def tpu_slice_arg(arg: str | None) -> tuple[str, str]:
+  """(slice, trainable) from a TPU config's argument: a slice of TPU_SLICES and/or a
+  trainable mode, comma-joined in any order ('v6e,lora', 'lora', None: 'v5p', 'full')."""
+  words = [w for w in (arg or '').split(',') if w]
+  unknown = [w for w in words if w not in TPU_SLICES and w not in steps.TRAINABLE_MODES]
+  if unknown:
+    raise ValueError(f'unknown config argument {unknown[0]!r}: expected a TPU slice '
+                     f'{sorted(TPU_SLICES)} and/or a trainable mode {list(steps.TRAINABLE_MODES)}')
+  pick = lambda choices, default: next((w for w in words if w in choices), default)
+  return pick(TPU_SLICES, 'v5p'), pick(steps.TRAINABLE_MODES, 'full')
+
+
+def on_tpu_slice(c: ml_collections.ConfigDict, name: str, examples_per_update: int):
+  """`c` for a TPU slice of `TPU_SLICES`: FSDP over every chip, splash attention, one
+  process per 4-chip host, and gradient accumulation up to the paper's batch."""
+  if name not in TPU_SLICES:
+    raise ValueError(f'unknown TPU slice {name!r}; expected one of {sorted(TPU_SLICES)}')
+  tpu = TPU_SLICES[name]
+  c.mesh = (1, -1, 1)
+  c.model.attention = 'splash'
+  c.data.batch_size = CHIPS_PER_HOST * tpu['rows_per_chip']     # per process (host)
+  c.optim.grad_accum_steps = max(1, examples_per_update // (tpu['chips'] * tpu['rows_per_chip']))
+  c.workdir += f'_{name}'
+  return c
+
 
 
 # ----------------------------------------------------------------------------- validation
@@ -171,8 +211,8 @@ def validate(config) -> None:
   need(config.nonfinite in ('stop', 'skip'), 'nonfinite', "'stop' or 'skip'")
   need(isinstance(config.seed, int), 'seed', 'an integer')
   need(config.model.remat in ('none', 'full', 'dots'), 'model.remat', "'none', 'full' or 'dots'")
-  need(config.model.attention in ('auto', 'xla', 'cudnn'), 'model.attention',
-       "'auto', 'xla' or 'cudnn'")
+  need(config.model.attention in ('auto', 'xla', 'cudnn', 'splash'), 'model.attention',
+       "'auto', 'xla', 'cudnn' or 'splash'")
   for field in ('dtype', 'param_dtype'):
     need(dtype_name(config.model[field]), f'model.{field}', 'a float dtype name')
   mesh = tuple(config.mesh)

@@ -19,6 +19,7 @@ import os
 import jax
 from jax.experimental import multihost_utils
 
+from saber_jax import sampling
 from saber_jax.cli import make_demo_data, make_pairs, make_preference_records, preprocess
 from saber_jax.train import checkpoint, stages
 
@@ -55,7 +56,7 @@ def _done(path: str) -> bool:
 def show_answer(config, stage: str, sft_records: str, params_dir: str) -> None:
   """Print the model's greedy answer for the first clip, to see what a stage changed."""
   out = os.path.join(config.workdir, f'answers_after_{stage}.jsonl')
-  answers = stages.generate_stage(config, sft_records, params_dir, out, limit=1)
+  answers = sampling.generate_stage(config, sft_records, params_dir, out, limit=1)
   if answers and jax.process_index() == 0:
     print(f'--- {answers[0]["id"]} after {stage} ---\n{answers[0]["response"]}\n---',
           flush=True)

@@ -3,7 +3,14 @@ read its per-device memory from XLA: does it fit the accelerator?
 
 The example batch is the largest SABER clip: 30 s of video at 2 fps (40 frames at the
 50176-pixel budget) with its audio interleaved, padded to `dry_run_seq_len` tokens.
+
+With `dry_run_topology` (e.g. `v5p-64`) the step is compiled for that TPU slice from this
+host, CPU or not: libtpu (`pip install 'saber_jax[tpu]'`) describes the slice's devices,
+the config's mesh is laid over them, and the memory is set against the chip's HBM.
 """
+
+import math
+import re
 
 import jax
 import numpy as np
@@ -14,6 +21,17 @@ from saber_jax.data.sed import IGNORE_INDEX
 from saber_jax.models.config import ThinkerConfig
 from saber_jax.models.thinker import model_inputs
 from saber_jax.train import trainer
+
+# Per TPU generation: HBM per chip in GiB (as Google's pages give it), torus dimensions, and
+# what the number in a Cloud accelerator type counts (v4-N, v5p-N: TensorCores, 2 a chip).
+TPUS = {
+    'v4': dict(hbm_gib=32, dims=3, cores_in_name=2),
+    'v5p': dict(hbm_gib=95, dims=3, cores_in_name=2),
+    'v5e': dict(hbm_gib=16, dims=2, cores_in_name=1),
+    'v6e': dict(hbm_gib=32, dims=2, cores_in_name=1),
+}
+ALIASES = {'v5litepod': 'v5e'}
+MIN_CHIPS = 4                    # libtpu describes slices of whole 2x2 hosts
 
 CLIP_SECONDS = 30
 GRID = (20, 16, 16)                # 40 frames of 224 x 224 -> 20 x 16 x 16 patches
@@ -48,7 +66,7 @@ def global_shapes(shard: dict, num_shards: int, rows_per_shard: int) -> dict:
   def scale(path, x):
     x = np.asarray(x)
     key = getattr(path[0], 'key', None)
-    if key in ('audio', 'vision'):
+    if key in ('audio', 'vision', 'ref_chosen_logps', 'ref_rejected_logps'):   # per shard
       factor, axis = num_shards, 0
     else:
       factor, axis = num_shards * rows_per_shard, 1 if key == 'position_ids' else 0
@@ -58,13 +76,60 @@ def global_shapes(shard: dict, num_shards: int, rows_per_shard: int) -> dict:
   return jax.tree_util.tree_map_with_path(scale, shard)
 
 
+def libtpu_topology(name: str) -> tuple[str, int]:
+  """A TPU slice by its Cloud accelerator type (`v5p-64`, `v6e-16`, `v5litepod-16`) or in
+  libtpu's own form (`v5p:2x4x4`) -> (libtpu's name, number of chips)."""
+  match = re.fullmatch(r'(v\w+?)(?:-(\d+)|:(\d+(?:x\d+)+))', name.strip())
+  generation = match and ALIASES.get(match[1], match[1])
+  if not match or generation not in TPUS:
+    raise ValueError(f'unknown TPU topology {name!r}: expected e.g. v5p-64, v6e-16 or '
+                     f'v5p:2x4x4, with one of {sorted(TPUS)}')
+  tpu = TPUS[generation]
+  if match[3]:
+    return f'{generation}:{match[3]}', math.prod(int(d) for d in match[3].split('x'))
+  count = int(match[2])
+  chips = count // tpu['cores_in_name']
+  if count % tpu['cores_in_name'] or chips < MIN_CHIPS or chips & (chips - 1):
+    raise ValueError(f'TPU topology {name!r}: {count} is not {tpu["cores_in_name"]} x a power '
+                     f'of two of at least {MIN_CHIPS} chips; give the shape, e.g. '
+                     f'{generation}:{"x".join(["2"] * tpu["dims"])}')
+  dims = [1] * tpu['dims']
+  for _ in range(chips.bit_length() - 1):     # the most even torus: double the smallest side
+    dims[dims.index(min(dims))] *= 2
+  return f'{generation}:{"x".join(map(str, dims))}', chips
+
+
+def tpu_devices(name: str) -> tuple[list, float]:
+  """The devices of a TPU slice (compile-only, from libtpu) and the HBM of each in GiB."""
+  libtpu_name, chips = libtpu_topology(name)
+  try:
+    from jax.experimental import topologies
+    devices = topologies.get_topology_desc(platform='tpu', topology_name=libtpu_name).devices
+  except Exception as e:           # no libtpu, or a shape libtpu rejects
+    raise ValueError(f'TPU topology {name!r} ({libtpu_name}): libtpu could not describe it '
+                     f"(is it installed? pip install 'saber_jax[tpu]'): {e}") from None
+  hbm = TPUS[libtpu_name.split(':')[0]]['hbm_gib']
+  return list(devices), hbm * chips / len(devices)     # v4 shows 2 devices per chip
+
+
 def dry_run(config, stage: str = 'sft') -> float:
-  """Lower and compile the step on the configured mesh; returns and prints the per-device
-  memory in GiB (arguments + outputs + temporaries, donated buffers counted once)."""
-  mesh = sharding.make_mesh(config.mesh)
+  """Lower and compile the step on the configured mesh (of this host's devices, or of the
+  TPU slice `dry_run_topology`); returns and prints the per-device memory in GiB
+  (arguments + outputs + temporaries, donated buffers counted once)."""
+  topology = config.get('dry_run_topology', '')
+  config = config.copy_and_resolve_references()
   if not config.optim.total_steps:        # no data to count steps from; memory is the same
-    config = config.copy_and_resolve_references()
     config.optim.total_steps = 100
+  if topology:
+    devices, hbm_gib = tpu_devices(topology)
+    try:
+      mesh = sharding.make_mesh(config.mesh, devices)
+    except ValueError as e:
+      raise ValueError(f'TPU topology {topology!r} has {len(devices)} devices: {e}') from None
+    if config.model.attention == 'auto':  # what 'auto' picks on TPUs
+      config.model.attention = 'splash'
+  else:
+    mesh = sharding.make_mesh(config.mesh)
   setup = trainer.plan(config, stage, mesh)
   num_shards = mesh.shape['data'] * mesh.shape['fsdp']
   shard = example_inputs(setup.model_config, config.dry_run_seq_len)
@@ -84,4 +149,8 @@ def dry_run(config, stage: str = 'sft') -> float:
         f'seq_len={config.dry_run_seq_len}: arguments {memory.argument_size_in_bytes / 2**30:.2f}'
         f' GiB, temporaries {memory.temp_size_in_bytes / 2**30:.2f} GiB')
   print(f'per_device_memory_gib={gib:.2f}', flush=True)
+  if topology:
+    print(f'[dry run] {topology}: {len(mesh.devices.flat)} x {mesh.devices.flat[0].device_kind}, '
+          f'{gib:.2f} of {hbm_gib:.0f} GiB HBM per device: '
+          f'{"fits" if gib <= hbm_gib else "does NOT fit"}', flush=True)
   return gib

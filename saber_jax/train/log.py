@@ -4,6 +4,9 @@ Only process 0 writes; every line of metrics.jsonl is one JSON object with `stag
 `step`, `loss` and the loss metrics, each the mean over the steps since the last line,
 and the throughput over those steps: trained tokens per second, model FLOP/s per device
 (`saber_jax.flops`) and, on an accelerator whose peak `flops.peak_flops` knows, MFU.
+With the batch plan's fill counts, also `data/text_fill` (real / padded text positions)
+and `data/media_fill` (real / padded audio + vision positions) of those steps' global
+batches; model FLOPs ignore padding, so MFU stays honest.
 """
 
 import json
@@ -57,15 +60,19 @@ class MetricLogger:
     self.last_step, self.tokens, self.flops = None, 0, 0.0
     self.peak_flops = flops.peak_flops()
     self.sums, self.count = {}, 0
+    self.fill = np.zeros(4, np.int64)
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
       drop_lines_after(os.path.join(workdir, 'metrics.jsonl'), stage, start_step)
       self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
       self.tensorboard = SummaryWriter(os.path.join(workdir, 'tensorboard', stage))
 
-  def add(self, metrics: dict, tokens: int, model_flops: float):
+  def add(self, metrics: dict, tokens: int, model_flops: float, fill=None):
     """One step's metrics (host scalars), trained tokens and model FLOPs (of this
-    process's batch); `write` logs their means and rates since the last write."""
+    process's batch) and fill counts (`pipeline.FILL_FIELDS` of the global batch);
+    `write` logs their means and rates since the last write."""
+    if fill is not None:
+      self.fill += np.asarray(fill, np.int64)
     self.tokens += tokens
     self.flops += model_flops
     for key, value in metrics.items():
@@ -84,8 +91,12 @@ class MetricLogger:
               'model_flops_per_s_per_device': flops_per_device}
     if self.peak_flops:
       record['mfu'] = flops.mfu(flops_per_device, self.peak_flops)
+    text_real, text_padded, media_real, media_padded = self.fill.tolist()
+    if text_padded:
+      record['data/text_fill'] = text_real / text_padded
+      record['data/media_fill'] = media_real / max(media_padded, 1)
     self.last_time, self.last_step, self.tokens, self.flops = now, step, 0, 0.0
-    self.sums, self.count = {}, 0
+    self.sums, self.count, self.fill = {}, 0, np.zeros(4, np.int64)
     if not self.enabled:
       return record
     self.jsonl.write(json.dumps(record) + '\n')
@@ -96,8 +107,10 @@ class MetricLogger:
     eta = (self.total_steps - step) * record['step_time_s']
     utilisation = f'MFU {record["mfu"]:.1%}' if 'mfu' in record else (
         f'{flops_per_device / 1e9:.1f} GFLOP/s/device')
+    fill = (f'fill text {record["data/text_fill"]:.0%} media {record["data/media_fill"]:.0%}  '
+            if text_padded else '')
     print(f'[{self.stage}] step {step}/{self.total_steps}  loss {record["loss"]:.4f}  '
-          f'{record["tokens_per_s"]:.0f} tok/s  {utilisation}  '
+          f'{record["tokens_per_s"]:.0f} tok/s  {utilisation}  {fill}'
           f'{record["step_time_s"]:.2f} s/step  ETA {eta / 60:.1f} min', flush=True)
     return record
 

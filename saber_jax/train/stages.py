@@ -7,7 +7,6 @@ filled into `ref_logps/`.
 """
 
 import copy
-import json
 import os
 
 import jax
@@ -15,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from saber_jax import fingerprint, generate, sharding
-from saber_jax.data import pipeline, prompt, records
+from saber_jax import sharding
+from saber_jax.data import pipeline, records
 from saber_jax.train import checkpoint, steps, trainer
 
 
@@ -74,12 +73,14 @@ def ref_logps_stage(config, record_paths, init_from: str) -> str:
   mesh = sharding.make_mesh(config.mesh)
   model_config = trainer.model_config_of(config)
   params = trainer.initial_params(config, model_config, mesh, init_from)
-  logps_fn = jax.jit(lambda params, batch: jnp.stack(steps.pair_logps(
-      params, batch, model_config=model_config, chunk_size=config.logps_chunk_size), axis=-1))
+  logps_fn = jax.jit(sharding.on_mesh(lambda params, batch: jnp.stack(steps.pair_logps(
+      params, batch, model_config=model_config, chunk_size=config.logps_chunk_size), axis=-1),
+      mesh))
   paths = pipeline.resolve_paths(record_paths)
   values = {}
   for batch in pipeline.reference_batches(model_config, data_config(config, mesh), paths):
     pair_index = batch.pop('pair_index')
+    batch.pop(pipeline.FILL)
     logps = logps_fn(params, sharding.global_batch(batch, mesh))
     logps = np.asarray(multihost_utils.process_allgather(logps, tiled=True)).reshape(-1, 2)
     pair_index = np.asarray(multihost_utils.process_allgather(pair_index, tiled=True))
@@ -99,49 +100,3 @@ def ref_logps_stage(config, record_paths, init_from: str) -> str:
           f'(too long for the largest length bucket) -> {out}', flush=True)
   multihost_utils.sync_global_devices('ref_logps written')
   return out
-
-
-def generate_stage(config, record_paths, init_from: str, out_path: str,
-                   limit: int | None = None) -> list[dict]:
-  """Responses of the model at `init_from` to the prompts of the records, appended to the
-  JSONL `out_path` as {"id", "response"}; ids already there are skipped (resumable) when
-  `<out_path stem>.fingerprint.json` says they came from the same records, weights and
-  generation settings (else an error naming what differs, or `config.overwrite`)."""
-  paths = pipeline.resolve_paths(record_paths)
-  produced_by = {'records': fingerprint.files_identity(paths), 'seed': config.seed,
-                 **trainer.weights_identity(config, init_from), 'generate': config.generate}
-  fingerprint.ensure(os.path.splitext(out_path)[0] + '.' + fingerprint.FILE, produced_by,
-                     has_output=os.path.exists(out_path), overwrite=config.get('overwrite', False),
-                     clear=lambda: os.remove(out_path), overwrite_hint='--config.overwrite=True',
-                     writer=jax.process_index() == 0)
-  model_config = trainer.model_config_of(config)
-  mesh = sharding.make_mesh(config.mesh)
-  params = trainer.initial_params(config, model_config, mesh, init_from)
-  tokenizer = prompt.load_tokenizer(config.generate.tokenizer or None)
-  done = set()
-  if os.path.exists(out_path):
-    with open(out_path) as f:
-      done = {json.loads(line)['id'] for line in f if line.strip()}
-  todo = [(where, r) for where, r in
-          ((w, records.decode_record(b, w)) for w, b in
-           records.read_records(paths))
-          if r['id'] not in done][:limit]
-  g = config.generate
-  written = []
-  with open(out_path, 'a') as out:
-    for start in range(0, len(todo), g.batch_size):
-      chunk = [r for _, r in todo[start:start + g.batch_size]]
-      batch = pipeline.prompt_batch(chunk, model_config, todo[start][0])
-      result = generate.generate(model_config, params, batch, max_new_tokens=g.max_new_tokens,
-                                 temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
-                                 num_samples=g.num_samples, seed=config.seed + start)
-      texts = generate.decode_responses(tokenizer, result['tokens'], result['lengths'])
-      for i, record in enumerate(chunk):
-        samples = texts[i * g.num_samples:(i + 1) * g.num_samples]
-        line = {'id': record['id'], 'response': samples[0]}
-        if g.num_samples > 1:
-          line['responses'] = samples
-        out.write(json.dumps(line, ensure_ascii=False) + '\n')
-        out.flush()
-        written.append(line)
-  return written

@@ -16,6 +16,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from saber_jax import convert, fingerprint, flops, sharding
+from saber_jax.data import pipeline
 from saber_jax.models.config import ThinkerConfig
 from saber_jax.models.thinker import abstract_params, init_params
 from saber_jax.train import checkpoint, lora, optim, steps
@@ -33,7 +34,7 @@ def model_config_of(config) -> ThinkerConfig:
           else getattr(ThinkerConfig, m.name)())
   attention = m.attention
   if attention == 'auto':
-    attention = 'cudnn' if jax.default_backend() == 'gpu' else 'xla'
+    attention = {'gpu': 'cudnn', 'tpu': 'splash'}.get(jax.default_backend(), 'xla')
   return dataclasses.replace(base, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
                              attention=attention)
 
@@ -92,8 +93,9 @@ def plan(config, stage: str, mesh: Mesh) -> Setup:
   state_shardings = sharding.tree_shardings(boxed_state, mesh)
   abstract_state = checkpoint.abstract_like(nn.unbox(boxed_state), state_shardings)
   step_fn = jax.jit(
-      functools.partial(steps.train_step, loss_fn=stage_loss(config, stage, model_config),
-                        optimizer=optimizer, skip_nonfinite=config.nonfinite == 'skip'),
+      sharding.on_mesh(functools.partial(
+          steps.train_step, loss_fn=stage_loss(config, stage, model_config),
+          optimizer=optimizer, skip_nonfinite=config.nonfinite == 'skip'), mesh),
       in_shardings=(state_shardings, None), out_shardings=(state_shardings, replicated(mesh)),
       donate_argnums=0)
   return Setup(model_config, mesh, optimizer, abstract_state, state_shardings, step_fn)
@@ -207,12 +209,14 @@ def train(config, setup: Setup, batches: Iterator[dict], data_iterator, workdir:
   try:
     while step < total_steps:
       batch = next(batches)
+      fill = batch.pop(pipeline.FILL, None)   # the global batch's padding, not a model input
       state, metrics = setup.step_fn(state, sharding.global_batch(batch, setup.mesh))
       step += 1
       # Counted on the host while the (asynchronously dispatched) step runs.
       pending.append((step, metrics, dict(
           tokens=int(np.sum(batch['labels'] != -100)),
-          model_flops=flops.step_flops(setup.model_config, batch, trainable=config.trainable))))
+          model_flops=flops.step_flops(setup.model_config, batch, trainable=config.trainable),
+          fill=fill)))
       log_now = step % config.log_every == 0 or step == total_steps
       if log_now or mngr.should_save(step) or step == total_steps:
         fetch()

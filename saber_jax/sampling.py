@@ -1,0 +1,445 @@
+"""`mode=generate` at scale: k responses for every record of a set (CA-DPO pairs, evaluation).
+
+  this process's records (global index % processes) -> decode, skip ids already done
+  -> a window of prompts sorted by size -> batches of `batch_size` prompts per process
+  -> batch shapes agreed by all processes (the largest of each bucket size)
+  -> `generate.generate_inputs` with rows sharded over ('data', 'fsdp')
+  -> JSONL lines appended and fsynced per batch -> per-process files merged at the end
+
+Batches are built by the training collate code (`pipeline.media_sizes`, `length_bucket`
+and the media ladders of `config.data`), one media group per data-parallel device, so a
+whole run compiles once per bucket it uses. Memory is bounded by the window (decoded
+prompts of `window_batches` batches) and the set of finished ids.
+
+Sample j of record `id` draws from fold_in(fold_in(key(seed), hash(id)), j): the same
+tokens whatever the batch size, process count, bucket or resume point.
+
+Output, one line per record, in `<out>.part<process>` while running and merged into
+`<out>` (each id once) at the end:
+
+  {"id", "response": text of sample 0, "responses": [k texts] (k > 1),
+   "finished": [k bools: the sample ended with an EOS id, false when cut at
+   max_new_tokens], "num_tokens": [k ints, EOS excluded], "logprob": [k floats: summed
+   log-probs of the sample's tokens, EOS included, under the model at temperature 1]}
+
+A torn last line (a kill mid-write) is dropped on restart. A batch that fails is split
+down to single prompts (one process only; with several, a device failure stops the run);
+a prompt that still fails, or a record that cannot be decoded, goes to `errors.jsonl`
+next to `<out>` ({"id", "where", "reason"}) and is skipped, also on later runs. When
+every prompt of a batch fails before any batch of the run has worked, the run stops
+with the error instead (a broken setup, not bad clips).
+"""
+
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+import time
+from typing import Any, Iterator, Sequence
+
+import grain
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from saber_jax import fingerprint, generate, sharding
+from saber_jax.data import pipeline, records
+from saber_jax.data import prompt as prompt_lib
+from saber_jax.models import thinker
+from saber_jax.models.config import ThinkerConfig
+from saber_jax.train import trainer
+
+SIZE_KEYS = ('num_audio_chunks', 'num_audio_tokens', 'num_patches', 'num_windows',
+             'window_len', 'num_frames', 'frame_len')
+
+
+def id_stream(record_id: str) -> int:
+  """A record's random stream: 32 bits of sha256(id), the same in every process."""
+  return int.from_bytes(hashlib.sha256(record_id.encode()).digest()[:4], 'little')
+
+
+@dataclasses.dataclass
+class Prompt:
+  """One record's prompt, ready to collate."""
+  id: str
+  where: str
+  example: pipeline.Example
+  size: tuple[int, ...]      # (length bucket, media sizes of the record alone): the sort key
+
+
+# ------------------------------------------------------------------------------ output
+
+def read_jsonl_lines(path: str) -> Iterator[dict]:
+  """The complete lines of a JSONL file a killed writer may have left torn at the end."""
+  if not os.path.exists(path):
+    return
+  with open(path, encoding='utf-8') as f:
+    for line in f:
+      if not line.endswith('\n'):
+        return                                     # torn tail
+      if line.strip():
+        try:
+          yield json.loads(line)
+        except json.JSONDecodeError:
+          return
+
+
+def repair_tail(path: str) -> int:
+  """Cuts a torn last line (no newline, or not JSON) off the file; returns bytes dropped."""
+  if not os.path.exists(path):
+    return 0
+  good = 0
+  with open(path, 'rb') as f:
+    for line in f:
+      if not line.endswith(b'\n'):
+        break
+      try:
+        if line.strip():
+          json.loads(line)
+      except json.JSONDecodeError:
+        break
+      good += len(line)
+  size = os.path.getsize(path)
+  if good < size:
+    with open(path, 'r+b') as f:
+      f.truncate(good)
+      os.fsync(f.fileno())
+  return size - good
+
+
+def _append_durably(path: str, lines: Sequence[dict]) -> None:
+  if not lines:
+    return
+  with open(path, 'a', encoding='utf-8') as f:
+    f.write(''.join(json.dumps(line, ensure_ascii=False) + '\n' for line in lines))
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def part_path(out_path: str, process: int) -> str:
+  return f'{out_path}.part{process}'
+
+
+def errors_path(out_path: str) -> str:
+  return os.path.join(os.path.dirname(os.path.abspath(out_path)), 'errors.jsonl')
+
+
+def finished_ids(out_path: str) -> set[str]:
+  """Ids done or given up on: in `out_path`, in any process's part file, in errors.jsonl
+  (by 'path:index' for a record whose id could not be read)."""
+  paths = [out_path, errors_path(out_path)] + glob.glob(glob.escape(out_path) + '.part*')
+  return {str(line['id']) if line.get('id') is not None else line.get('where')
+          for path in paths for line in read_jsonl_lines(path)} - {None}
+
+
+def merge_parts(out_path: str) -> int:
+  """`out_path` rewritten (atomically) with its lines and every part file's, each id once;
+  the part files removed. Returns the number of lines."""
+  parts = sorted(glob.glob(glob.escape(out_path) + '.part*'))
+  seen, tmp = set(), out_path + '.tmp'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    for path in [out_path] + parts:
+      for line in read_jsonl_lines(path):
+        if line['id'] not in seen:
+          seen.add(line['id'])
+          f.write(json.dumps(line, ensure_ascii=False) + '\n')
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, out_path)
+  for path in parts:
+    os.remove(path)
+  return len(seen)
+
+
+# ------------------------------------------------------------------------------ prompts
+
+def _prompt_tokens(record: dict) -> np.ndarray:
+  if record['kind'] == records.PREFERENCE:
+    return np.asarray(record['prompt_ids'])
+  return np.asarray(record['input_ids'])[:records.prompt_length(record)]
+
+
+def _group(examples: Sequence[pipeline.Example | None], length: int,
+           pad_token_id: int) -> dict[str, Any]:
+  """The left-padded processor-style batch of one media group (None: a padding row)."""
+  group = pipeline._group_batch(list(examples), 1, length)
+  del group['labels'], group['segments']
+  return generate.left_pad(group, length, pad_token_id)
+
+
+def make_prompt(record: dict, where: str, model_config: ThinkerConfig,
+                options: pipeline.DataConfig) -> Prompt:
+  """A record's prompt and media (patched here, once) with its bucket sizes; RecordError
+  or ValueError for a record that cannot be generated from."""
+  tokens = _prompt_tokens(record)
+  row = dict(input_ids=tokens, labels=np.full(len(tokens), -100, np.int32),
+             segments=np.zeros(len(tokens), np.int8))
+  example = pipeline.Example([row], pipeline._media_of(record, model_config, where), False, -1)
+  length = pipeline.length_bucket(len(tokens), options.length_buckets)
+  sizes = pipeline.media_sizes([pipeline._group_batch([example], 1, length)], model_config,
+                               options)
+  return Prompt(str(record['id']), where, example, (length,) + tuple(sizes[k] for k in SIZE_KEYS))
+
+
+def _own_records(paths: Sequence[str], process: int, count: int) -> Iterator[tuple[str, bytes]]:
+  """('path:index', blob) of every `count`-th record from `process` on, read lazily."""
+  source = grain.sources.ArrayRecordDataSource(list(paths))
+  starts = np.cumsum([0] + [records.count_records(p) for p in paths])
+  for index in range(process, int(starts[-1]), count):
+    file = int(np.searchsorted(starts, index, side='right')) - 1
+    yield f'{paths[file]}:{index - starts[file]}', source[index]
+
+
+def windows(prompts: Iterator[Prompt], batch_size: int, window_batches: int
+            ) -> Iterator[list[Prompt]]:
+  """Batches of up to `batch_size` prompts: each window of `window_batches` batches sorted
+  by size, so a batch's prompts pad to the same buckets."""
+  window: list[Prompt] = []
+
+  def flush():
+    window.sort(key=lambda p: p.size)
+    for start in range(0, len(window), batch_size):
+      yield window[start:start + batch_size]
+    window.clear()
+
+  for p in prompts:
+    window.append(p)
+    if len(window) == batch_size * window_batches:
+      yield from flush()
+  yield from flush()
+
+
+# ------------------------------------------------------------------------------ batches
+
+def _split(items: Sequence, n: int) -> list[Sequence]:
+  per = len(items) // n
+  return [items[g * per:(g + 1) * per] for g in range(n)]
+
+
+def collate_prompts(prompts: Sequence[Prompt | None], model_config, options, num_groups: int,
+                    pad_token_id: int) -> tuple[list[dict], np.ndarray]:
+  """(left-padded processor-style batch of each media group, the shape it needs:
+  int [1 + len(SIZE_KEYS)], the length bucket and the media sizes; zeros if all padding)."""
+  real = [p for p in prompts if p is not None]
+  length = max([p.size[0] for p in real] + [1])
+  groups = [_group([p and p.example for p in g], length, pad_token_id)
+            for g in _split(prompts, num_groups)]
+  if not real:
+    return groups, np.zeros(1 + len(SIZE_KEYS), np.int64)
+  sizes = pipeline.media_sizes(groups, model_config, options)
+  return groups, np.array([length] + [sizes[k] for k in SIZE_KEYS], np.int64)
+
+
+def agree(shape: np.ndarray) -> np.ndarray:
+  """The shape every process uses: the largest of each size (all on their ladders)."""
+  if jax.process_count() == 1:
+    return shape
+  return np.asarray(multihost_utils.process_allgather(shape)).max(axis=0)
+
+
+def batch_inputs(prompts: Sequence[Prompt | None], groups: list[dict], shape: np.ndarray,
+                 model_config, pad_token_id: int) -> dict:
+  """Host arrays of `generate_inputs` for this process's rows, padded to `shape`."""
+  length, sizes = int(shape[0]), dict(zip(SIZE_KEYS, (int(s) for s in shape[1:])))
+  inputs = thinker.stack_shards([
+      thinker.model_inputs(model_config, generate.left_pad(g, length, pad_token_id), **sizes)
+      for g in groups])
+  first = generate.first_new_positions(inputs['position_ids'], inputs['attention_mask'])
+  streams = np.array([id_stream(p.id) if p is not None else 0 for p in prompts], np.uint32)
+  return dict(inputs=inputs, first=first, streams=streams)
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+  """This process's rows of a global array sharded (or replicated) over its leading axis."""
+  shards = {s.index[0].start or 0: s.data for s in x.addressable_shards}
+  return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)])
+
+
+@dataclasses.dataclass
+class Stats:
+  written: int = 0
+  skipped: int = 0
+  errors: int = 0
+  batches: int = 0
+  padding_rows: int = 0
+  row_steps: int = 0           # rows x decode steps run
+  useful_row_steps: int = 0    # of those, steps of a row before its end
+  shapes: set = dataclasses.field(default_factory=set)   # distinct batch shapes run
+
+
+def sample_records(config, model_config: ThinkerConfig, params, mesh, record_paths,
+                   out_path: str, tokenizer, limit: int | None = None) -> tuple[list[dict], Stats]:
+  """The loop of `generate_stage` (see the module docstring). Returns (the lines this
+  process wrote when `limit` is set, else [], the counts)."""
+  g = config.generate
+  options = pipeline.data_options(config.data)
+  process, count = jax.process_index(), jax.process_count()
+  num_groups = max(mesh.shape['data'] * mesh.shape['fsdp'] // count, 1)
+  if g.batch_size % num_groups:
+    raise ValueError(f'generate.batch_size ({g.batch_size}) must be a multiple of the '
+                     f'{num_groups} data-parallel devices of each process')
+  settings = generate.DecodeSettings(
+      int(g.max_new_tokens), float(g.temperature), int(g.top_k), float(g.top_p),
+      int(g.num_samples), tuple(g.get('eos_token_ids') or generate.EOS_TOKEN_IDS),
+      int(g.get('pad_token_id', generate.PAD_TOKEN_ID)))
+  settings.check_ids(model_config.text.vocab_size)
+  model_config = dataclasses.replace(model_config, attention='xla')   # left-padded prompts
+  key = jax.random.key(config.seed)
+  own_part, own_errors = part_path(out_path, process), errors_path(out_path)
+  repair_tail(own_part)
+  done = finished_ids(out_path)
+  stats, kept = Stats(), []
+
+  def error(prompt_id, where, reason):
+    _append_durably(own_errors, [dict(id=prompt_id, where=where, reason=reason)])
+    stats.errors += 1
+    print(f'[generate] skipped {prompt_id or where}: {reason}', flush=True)
+
+  def prompts() -> Iterator[Prompt]:
+    taken = 0
+    for where, blob in _own_records(pipeline.resolve_paths(record_paths), process, count):
+      if limit is not None and taken >= limit:
+        return
+      if where in done:
+        stats.skipped += 1
+        continue
+      try:
+        record = records.decode_record(blob, where)
+      except records.RecordError as e:
+        error(None, where, str(e))
+        continue
+      if str(record['id']) in done:
+        stats.skipped += 1
+        continue
+      taken += 1
+      try:
+        yield make_prompt(record, where, model_config, options)
+      except ValueError as e:     # RecordError, MediaError, too long for every bucket
+        error(str(record['id']), where, str(e))
+
+  def collate(batch: list[Prompt | None]):
+    return collate_prompts(batch, model_config, options, num_groups, settings.pad_token_id)
+
+  def run(batch: list[Prompt | None], groups: list[dict], shape: np.ndarray) -> None:
+    host = batch_inputs(batch, groups, shape, model_config, settings.pad_token_id)
+    placed = sharding.global_batch(host, mesh)
+    stats.shapes.add(tuple(int(x) for x in shape))
+    with jax.set_mesh(mesh):           # rows stay split through the decode loop
+      out = generate.generate_inputs(model_config, settings, params, placed['inputs'],
+                                     placed['first'], key, placed['streams'])
+    out = {k: local_rows(v) if v.ndim else np.asarray(v) for k, v in out.items()}
+    write(batch, out)
+
+  def write(batch: list[Prompt | None], out: dict) -> None:
+    n = settings.num_samples
+    texts = generate.decode_responses(tokenizer, out['tokens'], out['lengths'])
+    logprob = out['logprobs'].sum(-1)        # 0 after the EOS; the EOS itself counts
+    lines = []
+    for b, p in enumerate(batch):
+      if p is None:
+        continue
+      rows = slice(b * n, (b + 1) * n)
+      line = dict(id=p.id, response=texts[b * n])
+      if n > 1:
+        line['responses'] = texts[rows]
+      line.update(finished=out['finished'][rows].tolist(),
+                  num_tokens=out['lengths'][rows].tolist(),
+                  logprob=[round(float(x), 5) for x in logprob[rows]])
+      lines.append(line)
+    _append_durably(own_part, lines)
+    stats.written += len(lines)
+    stats.batches += 1
+    stats.padding_rows += sum(p is None for p in batch)
+    stats.row_steps += int(out['steps']) * len(out['lengths'])
+    live = out['lengths'] + out['finished']  # steps each row ran before its end
+    stats.useful_row_steps += int(np.minimum(live, out['steps']).sum())
+    if limit is not None:
+      kept.extend(lines)
+
+  def run_or_split(batch: list[Prompt | None], failed: list) -> None:
+    """One process: a failing batch is halved (padding keeps its size) down to one
+    prompt; the prompts that fail alone are added to `failed` with the error."""
+    real = [p for p in batch if p is not None]
+    try:
+      run(batch, *collate(batch))
+    except Exception as e:  # noqa: BLE001 - any failure of one batch: isolate the prompt
+      if len(real) == 1:
+        failed.append((real[0], e))
+        return
+      half = len(real) // 2
+      for part in (real[:half], real[half:]):
+        run_or_split(part + [None] * (len(batch) - len(part)), failed)
+
+  def run_batch(batch: list[Prompt | None]) -> None:
+    failed = []
+    run_or_split(batch, failed)
+    if failed and len(failed) == sum(p is not None for p in batch) and not stats.written:
+      # Nothing has worked yet: a fault of the setup, not of these clips; keep them.
+      raise failed[-1][1]
+    for p, e in failed:
+      error(p.id, p.where, f'{type(e).__name__}: {e}')
+
+  batches = windows(prompts(), g.batch_size, int(g.get('window_batches', 32)))
+  while True:
+    batch = next(batches, None)
+    batch = list(batch or []) + [None] * (g.batch_size - len(batch or []))
+    if count == 1:
+      if not any(batch):
+        break
+      run_batch(batch)
+      continue
+    # Several processes step together: every one runs each step, with padding rows when
+    # it has no prompts left, until none has.
+    groups, shape = collate(batch)
+    shape = agree(shape)
+    if not shape[0]:
+      break
+    run(batch, groups, shape)
+  return kept, stats
+
+
+def _check_fingerprint(config, record_paths, init_from: str, out_path: str) -> None:
+  """Resume only output made from the same records, weights and sampling settings (batch
+  size and process count do not change a sample); else an error naming what differs, or
+  `config.overwrite` starts fresh."""
+  outputs = [p for p in [out_path, errors_path(out_path)] + glob.glob(glob.escape(out_path) + '.part*')
+             if os.path.exists(p)]
+  g = config.generate
+  produced_by = {'records': fingerprint.files_identity(pipeline.resolve_paths(record_paths)),
+                 'seed': config.seed, **trainer.weights_identity(config, init_from),
+                 'generate': {k: g[k] for k in ('max_new_tokens', 'temperature', 'top_p', 'top_k',
+                                                'num_samples', 'tokenizer')}}
+  fingerprint.ensure(os.path.splitext(out_path)[0] + '.' + fingerprint.FILE, produced_by,
+                     has_output=bool(outputs), overwrite=config.get('overwrite', False),
+                     clear=lambda: [os.remove(p) for p in outputs],
+                     overwrite_hint='--config.overwrite=True', writer=jax.process_index() == 0)
+  multihost_utils.sync_global_devices('generate: output checked')
+
+
+def generate_stage(config, record_paths, init_from: str, out_path: str,
+                   limit: int | None = None) -> list[dict]:
+  """Responses of the model at `init_from` to the prompts of the records, in the JSONL
+  `out_path` (see the module docstring); finished ids are skipped, so a killed run resumes.
+  `limit`: at most this many new prompts per process, and their lines are returned (the
+  demo's one answer); otherwise returns []."""
+  os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+  _check_fingerprint(config, record_paths, init_from, out_path)
+  model_config = trainer.model_config_of(config)
+  mesh = sharding.make_mesh(config.mesh)
+  params = trainer.initial_params(config, model_config, mesh, init_from)
+  tokenizer = prompt_lib.load_tokenizer(config.generate.tokenizer or None)
+  start, compiled = time.perf_counter(), generate.generate_inputs._cache_size()
+  kept, stats = sample_records(config, model_config, params, mesh, record_paths, out_path,
+                               tokenizer, limit)
+  waste = 1 - stats.useful_row_steps / max(stats.row_steps, 1)
+  print(f'[generate] process {jax.process_index()}: {stats.written} prompts in {stats.batches} '
+        f'batches of {len(stats.shapes)} shapes, {time.perf_counter() - start:.1f} s, '
+        f'{generate.generate_inputs._cache_size() - compiled} compilations; '
+        f'{stats.skipped} already done, {stats.errors} errors, {stats.padding_rows} padding '
+        f'rows, {waste:.0%} of decode row-steps after a row ended', flush=True)
+  multihost_utils.sync_global_devices('generate: parts written')
+  if jax.process_index() == 0:
+    print(f'[generate] {merge_parts(out_path)} lines in {out_path}', flush=True)
+  multihost_utils.sync_global_devices('generate: merged')
+  return kept
