@@ -20,6 +20,15 @@ Wall time end to end: loading the weights, building the batches, compiling (JAX)
 decoding up to `--new_tokens` per sample (both stop at the Qwen EOS ids).
 
   python benchmarks/generate.py --dataset 32 [--batch 16] [--new_tokens 128] [--json]
+
+Compaction mode (`--compaction`): `--batch` prompts x k samples on the bench model at
+temperature 1 with rows that end at spread-out steps (one in 40 vocabulary ids, drawn at
+random, ends a row: about 40 tokens on average, geometrically spread, as sampled answers
+are), decoded with the batch halved to the rows still going (the default) and with every
+row kept to the end (`compact_rows=False`). Both give the same tokens (checked); the
+wall times are compared.
+
+  python benchmarks/generate.py --compaction [--batch 4] [--samples 10] [--json]
 """
 
 import argparse
@@ -177,6 +186,35 @@ def run_dataset(args) -> dict:
               hf_tokens=hf_tokens, speedup=hf_s / jax_s)
 
 
+def run_compaction(args) -> dict:
+  model = hf_model('bench')
+  with tempfile.TemporaryDirectory() as path:
+    model.save_pretrained(path)
+    config, params = convert.load_hf(path)
+  vocab = MODELS['bench'][5]
+  rng = np.random.default_rng(0)
+  prompt = rng.integers(10, vocab, (args.batch, args.prompt_len))
+  batch = dict(input_ids=prompt, attention_mask=np.ones_like(prompt))
+  eos = tuple(int(i) for i in rng.choice(np.arange(10, vocab), vocab // 40, replace=False))
+  outs = {}
+
+  def decode(compact: bool):
+    outs[compact] = generate(config, params, batch, max_new_tokens=args.new_tokens,
+                             temperature=1.0, num_samples=args.samples, eos_token_ids=eos,
+                             pad_token_id=0, compact_rows=compact)
+
+  runs = {name: (lambda c=c: decode(c),) * 2 for name, c in (('compact', True), ('full', False))}
+  best = best_seconds(runs, args.repeats)
+  for key in ('tokens', 'lengths', 'finished'):
+    np.testing.assert_array_equal(outs[True][key], outs[False][key], err_msg=key)
+  lengths, steps = outs[False]['lengths'], int(outs[False]['steps'])
+  # Row-steps a row still needs (its tokens and its EOS) of all the full loop runs.
+  useful = float(np.minimum(lengths + 1, steps).sum() / (len(lengths) * steps))
+  return dict(rows=len(lengths), steps=steps, mean_length=float(lengths.mean()),
+              useful_row_steps=useful, compact_seconds=best['compact'],
+              full_seconds=best['full'], speedup=best['full'] / best['compact'])
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--models', default='bench,tiny')
@@ -191,9 +229,21 @@ def main():
                       'a 10x512 @ 512x2048 matmul, 1 vs 2 threads, on 2 busy cores)')
   parser.add_argument('--dataset', type=int, default=0,
                       help='dataset mode: this many demo clips through mode=generate')
-  parser.add_argument('--batch', type=int, default=16, help='dataset mode: prompts per batch')
+  parser.add_argument('--batch', type=int, default=16,
+                      help='dataset mode: prompts per batch; compaction mode: prompts')
+  parser.add_argument('--compaction', action='store_true',
+                      help='compaction mode: the decode loop with and without halving')
   args = parser.parse_args()
   torch.set_num_threads(args.torch_threads)
+  if args.compaction:
+    result = run_compaction(args)
+    print(f"{result['rows']} rows, {result['steps']} steps, mean length "
+          f"{result['mean_length']:.1f}, {result['useful_row_steps']:.0%} of the full loop's "
+          f"row-steps needed: halving {result['compact_seconds']:.2f} s, all rows to the end "
+          f"{result['full_seconds']:.2f} s: {result['speedup']:.2f}x")
+    if args.json:
+      print(json.dumps(result))
+    return
   if args.dataset:
     result = run_dataset(args)
     print(f'{jax.devices()[0].device_kind}: {os.cpu_count()} cpus, torch threads '
