@@ -7,38 +7,20 @@ import dataclasses
 import shutil
 import time
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 
-from hf_reference import tiny_hf_config
-from saber_jax.models import ThinkerConfig, init_params
-from saber_jax.train import steps
 from test_main import SFT_ARGS, _losses, _main, _run, sft_records  # noqa: F401 (a fixture)
+from test_train_steps import _loss_and_grads, model_config, params  # noqa: F401 (fixtures)
 from train_batches import sft_batch
-
-
-@pytest.fixture(scope='module')
-def model_config():
-  return ThinkerConfig.from_hf(tiny_hf_config().to_dict())
-
-
-@pytest.fixture(scope='module')
-def params(model_config):
-  return nn.unbox(init_params(model_config, jax.random.key(0)))
-
-
-def _sft_loss_and_grads(model_config, params, batch):
-  loss_fn = lambda p, b: steps.sft_loss(p, {}, b, model_config=model_config)[0]
-  return jax.jit(jax.value_and_grad(loss_fn))(params, batch)
 
 
 @pytest.fixture(scope='module')
 def fp32_reference(model_config, params):
   """(batch, loss, gradients) of the SED loss in fp32 without remat."""
   batch = sft_batch(model_config, 1)
-  return batch, *_sft_loss_and_grads(model_config, params, batch)
+  return batch, *_loss_and_grads(model_config, params, batch)
 
 
 def _relative_error(got, want):
@@ -54,7 +36,7 @@ def test_remat_policies_change_neither_loss_nor_gradients(model_config, params, 
                                                           remat):
   batch, want_loss, want_grads = fp32_reference
   assert model_config.remat == 'none'
-  loss, grads = _sft_loss_and_grads(dataclasses.replace(model_config, remat=remat), params, batch)
+  loss, grads = _loss_and_grads(dataclasses.replace(model_config, remat=remat), params, batch)
   np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
   for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
@@ -67,7 +49,7 @@ def test_bf16_compute_loss_and_gradients_stay_close_to_fp32(model_config, params
   # (measured: 3e-5 and 0.6%).
   batch, want_loss, want_grads = fp32_reference
   bf16 = dataclasses.replace(model_config, dtype='bfloat16')
-  loss, grads = _sft_loss_and_grads(bf16, params, batch)
+  loss, grads = _loss_and_grads(bf16, params, batch)
   assert jax.tree.map(lambda g: g.dtype, grads) == jax.tree.map(lambda g: g.dtype, params)
   np.testing.assert_allclose(loss, want_loss, rtol=1e-3)
   assert _relative_error(grads, want_grads) < 3e-2
