@@ -80,11 +80,10 @@ def processor_batch(config: ThinkerConfig, spec: BatchSpec = BatchSpec(), seed: 
   features = rng.standard_normal((len(rows), config.audio.num_mel_bins, max_frames))
   feature_mask = np.arange(max_frames)[None] < np.asarray(spec.audio_frames)[:, None]
   patches = int(np.prod(spec.video_grid))
-  patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
   return dict(
       input_ids=input_ids, attention_mask=attention_mask,
       input_features=features.astype(np.float32), feature_attention_mask=feature_mask.astype(np.int64),
-      pixel_values_videos=rng.standard_normal((patches * len(rows), patch_dim)).astype(np.float32),
+      pixel_values_videos=rng.standard_normal((patches * len(rows), v.patch_dim)).astype(np.float32),
       video_grid_thw=np.array([spec.video_grid] * len(rows)),
       video_second_per_grid=np.full(len(rows), spec.seconds_per_grid, np.float32),
       use_audio_in_video=True, labels=labels, segments=segments)

@@ -64,13 +64,12 @@ def pair_batch(model_config, pairs: int, shared: bool, seed: int = 0) -> dict:
     for side, n in zip(('chosen', 'rejected'), ANSWER_TOKENS):
       record[f'{side}_ids'] = text(n)
       record[f'{side}_segments'] = np.repeat(common.RESPONSE_SEGMENTS, -(-n // 3))[:n]
-    patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
-    media = dict(
+      media = dict(
         use_audio_in_video=True,
         audio=rng.standard_normal((model_config.audio.num_mel_bins, CLIP_MEL_FRAMES),
                                   np.float32),
         video=dict(pixel_values_videos=rng.standard_normal(
-                       (int(np.prod(VIDEO_GRID)), patch_dim), np.float32),
+                       (int(np.prod(VIDEO_GRID)), v.patch_dim), np.float32),
                    video_grid_thw=np.array([VIDEO_GRID]),
                    video_second_per_grid=np.array([1.0], np.float32)))
     examples.append(pipeline.Example(pipeline._rows_of(record, shared), media, False, index,

@@ -51,8 +51,8 @@ import numpy as np
 
 from saber_jax.data.sed import IGNORE_INDEX
 from saber_jax.models.config import AudioConfig, TextConfig, ThinkerConfig, VisionConfig
+from saber_jax.train.steps import TRAINABLE_MODES
 
-TRAINABLE_MODES = ('full', 'llm', 'lora')
 
 # Dense bf16 peak FLOP/s per chip (vendor figures, no sparsity), matched by substring of
 # `device.device_kind`, most specific first.
@@ -141,7 +141,7 @@ def vision_forward_flops(vision: VisionConfig, num_patches: int, window_patches,
   window; the merger's two dense layers run on the num_patches / merge^2 merged tokens.
   """
   c, m2 = vision.hidden_size, vision.spatial_merge_size ** 2
-  patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
+  patch_dim = vision.patch_dim
   full_layers = sum(1 for i in set(vision.fullatt_block_indexes) if 0 <= i < vision.depth)
   window_layers = vision.depth - full_layers
   pairs = lambda sizes: int(np.sum(np.asarray(sizes, np.int64) ** 2))

@@ -27,13 +27,14 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from saber_jax import sharding
+from saber_jax.data.prompt import OmniTokenIds
 from saber_jax.models.config import ThinkerConfig
 from saber_jax.models.text import KVCache, cache_attention_mask
 from saber_jax.models.thinker import Thinker, model_inputs
 
 # <|im_end|> and <|endoftext|> of the Qwen2.5 tokenizer.
-EOS_TOKEN_IDS = (151645, 151643)
-PAD_TOKEN_ID = 151643
+EOS_TOKEN_IDS = (OmniTokenIds.im_end, OmniTokenIds.endoftext)
+PAD_TOKEN_ID = OmniTokenIds.endoftext
 
 
 # ------------------------------------------------------------------------------ sampling

@@ -55,6 +55,23 @@ def read_jsonl(path: str) -> Iterator[dict]:
       yield record
 
 
+def read_whole_lines(path: str) -> Iterator[dict]:
+  """The records of a JSONL file that a writer may be appending to, or that a killed one
+  left torn: whole lines only (an unterminated or unparseable tail is no record yet). A
+  missing file has none."""
+  if not os.path.exists(path):
+    return
+  with open(path, encoding='utf-8') as f:
+    for line in f:
+      if not line.endswith('\n'):
+        return
+      if line.strip():
+        try:
+          yield json.loads(line)
+        except json.JSONDecodeError:
+          return
+
+
 def record_id(record: Mapping, where: str) -> str:
   """The record's 'id' as a string (ints allowed in inputs); ValueError names `where`."""
   if 'id' not in record:

@@ -43,7 +43,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from saber_jax import fingerprint, generate, sharding
+from saber_jax import fingerprint, generate, jsonl, sharding
 from saber_jax.data import pipeline, records
 from saber_jax.data import prompt as prompt_lib
 from saber_jax.models import thinker
@@ -70,44 +70,6 @@ class Prompt:
 
 # ------------------------------------------------------------------------------ output
 
-def read_jsonl_lines(path: str) -> Iterator[dict]:
-  """The complete lines of a JSONL file a killed writer may have left torn at the end."""
-  if not os.path.exists(path):
-    return
-  with open(path, encoding='utf-8') as f:
-    for line in f:
-      if not line.endswith('\n'):
-        return                                     # torn tail
-      if line.strip():
-        try:
-          yield json.loads(line)
-        except json.JSONDecodeError:
-          return
-
-
-def repair_tail(path: str) -> int:
-  """Cuts a torn last line (no newline, or not JSON) off the file; returns bytes dropped."""
-  if not os.path.exists(path):
-    return 0
-  good = 0
-  with open(path, 'rb') as f:
-    for line in f:
-      if not line.endswith(b'\n'):
-        break
-      try:
-        if line.strip():
-          json.loads(line)
-      except json.JSONDecodeError:
-        break
-      good += len(line)
-  size = os.path.getsize(path)
-  if good < size:
-    with open(path, 'r+b') as f:
-      f.truncate(good)
-      os.fsync(f.fileno())
-  return size - good
-
-
 def _append_durably(path: str, lines: Sequence[dict]) -> None:
   if not lines:
     return
@@ -130,7 +92,7 @@ def finished_ids(out_path: str) -> set[str]:
   (by 'path:index' for a record whose id could not be read)."""
   paths = [out_path, errors_path(out_path)] + glob.glob(glob.escape(out_path) + '.part*')
   return {str(line['id']) if line.get('id') is not None else line.get('where')
-          for path in paths for line in read_jsonl_lines(path)} - {None}
+          for path in paths for line in jsonl.read_whole_lines(path)} - {None}
 
 
 def merge_parts(out_path: str) -> int:
@@ -140,7 +102,7 @@ def merge_parts(out_path: str) -> int:
   seen, tmp = set(), out_path + '.tmp'
   with open(tmp, 'w', encoding='utf-8') as f:
     for path in [out_path] + parts:
-      for line in read_jsonl_lines(path):
+      for line in jsonl.read_whole_lines(path):
         if line['id'] not in seen:
           seen.add(line['id'])
           f.write(json.dumps(line, ensure_ascii=False) + '\n')
@@ -287,7 +249,7 @@ def sample_records(config, model_config: ThinkerConfig, params, mesh, record_pat
   model_config = dataclasses.replace(model_config, attention='xla')   # left-padded prompts
   key = jax.random.key(config.seed)
   own_part, own_errors = part_path(out_path, process), errors_path(out_path)
-  repair_tail(own_part)
+  jsonl.repair_tail(own_part)
   done = finished_ids(out_path)
   stats, kept = Stats(), []
 

@@ -30,6 +30,7 @@ from typing import Sequence
 import numpy as np
 
 from saber_jax.models.audio import audio_token_count
+from saber_jax.models.config import ThinkerConfig
 from saber_jax.models.rope import chunk_bounds
 
 # What the HF chat template inserts when the conversation has no system message, and
@@ -54,17 +55,18 @@ TOKEN_TEXT = {
 
 @dataclasses.dataclass(frozen=True)
 class OmniTokenIds:
-  """Ids of the Qwen2.5-Omni control and placeholder tokens (defaults: the released vocab)."""
+  """Ids of the Qwen2.5-Omni control and placeholder tokens (defaults: the released vocab;
+  the placeholders' are the thinker config's)."""
   endoftext: int = 151643
   im_start: int = 151644
   im_end: int = 151645
-  audio: int = 151646
-  audio_bos: int = 151647
-  audio_eos: int = 151648
-  vision_bos: int = 151652
-  vision_eos: int = 151653
-  image: int = 151655
-  video: int = 151656
+  audio: int = ThinkerConfig.audio_token_id
+  audio_bos: int = ThinkerConfig.audio_start_token_id
+  audio_eos: int = ThinkerConfig.audio_end_token_id
+  vision_bos: int = ThinkerConfig.vision_start_token_id
+  vision_eos: int = ThinkerConfig.vision_end_token_id
+  image: int = ThinkerConfig.image_token_id
+  video: int = ThinkerConfig.video_token_id
 
   @classmethod
   def from_tokenizer(cls, tokenizer) -> 'OmniTokenIds':

@@ -37,6 +37,11 @@ class VisionConfig:
   out_hidden_size: int = 3584
   rope_theta: float = 10000.0
 
+  @property
+  def patch_dim(self) -> int:
+    """Values in one flattened patch: channels x temporal patch x patch side^2."""
+    return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
+
 
 @dataclasses.dataclass(frozen=True)
 class TextConfig:

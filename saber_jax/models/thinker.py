@@ -142,8 +142,7 @@ def model_inputs(config: ThinkerConfig, batch: Mapping[str, Any], *,
     grids = [np.asarray(batch[grid], np.int64).reshape(-1, 3) for _, grid, _, _ in kinds]
     vision = vision_lib.vision_inputs(v, np.concatenate(grids or [np.zeros((0, 3), np.int64)]),
                                       num_patches=num_patches, **vision_sizes)
-    patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
-    pixel_values = np.concatenate([np.zeros((0, patch_dim), np.float32)] +
+    pixel_values = np.concatenate([np.zeros((0, v.patch_dim), np.float32)] +
                                   [np.asarray(batch[p], np.float32) for p, _, _, _ in kinds])
     if num_patches is not None:
       pixel_values = np.pad(pixel_values, ((0, num_patches - len(pixel_values)), (0, 0)))
@@ -196,11 +195,10 @@ def dummy_inputs(config: ThinkerConfig) -> dict[str, Any]:
   n_audio = int(audio_lib.audio_token_count(frames))
   ids = ([c.audio_start_token_id] + [c.audio_token_id] * n_audio + [c.audio_end_token_id,
          c.vision_start_token_id, c.image_token_id, c.vision_end_token_id])
-  patch = c.vision.in_channels * c.vision.temporal_patch_size * c.vision.patch_size ** 2
   batch = dict(input_ids=np.array([ids]),
                input_features=np.zeros((1, c.audio.num_mel_bins, frames), np.float32),
                feature_attention_mask=np.ones((1, frames), np.int32),
-               pixel_values=np.zeros((m * m, patch), np.float32),
+               pixel_values=np.zeros((m * m, c.vision.patch_dim), np.float32),
                image_grid_thw=np.array([[1, m, m]]))
   return model_inputs(c, batch)
 

@@ -52,8 +52,7 @@ def example_inputs(model_config: ThinkerConfig, seq_len: int) -> dict:
       input_ids=input_ids, attention_mask=np.ones_like(input_ids),
       input_features=np.zeros((1, model_config.audio.num_mel_bins, mel_frames), np.float32),
       feature_attention_mask=np.ones((1, mel_frames), np.int64),
-      pixel_values_videos=np.zeros((t * h * w, v.in_channels * v.temporal_patch_size
-                                    * v.patch_size ** 2), np.float32),
+      pixel_values_videos=np.zeros((t * h * w, v.patch_dim), np.float32),
       video_grid_thw=np.array([GRID]), video_second_per_grid=np.array([1.0]),
       use_audio_in_video=True)
   inputs = model_inputs(model_config, batch)
