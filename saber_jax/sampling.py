@@ -44,7 +44,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from saber_jax import fingerprint, generate, jsonl, sharding
-from saber_jax.data import pipeline, records
+from saber_jax.data import pipeline, records, sed
 from saber_jax.data import prompt as prompt_lib
 from saber_jax.models import thinker
 from saber_jax.models.config import ThinkerConfig
@@ -135,7 +135,7 @@ def make_prompt(record: dict, where: str, model_config: ThinkerConfig,
   """A record's prompt and media (patched here, once) with its bucket sizes; RecordError
   or ValueError for a record that cannot be generated from."""
   tokens = _prompt_tokens(record)
-  row = dict(input_ids=tokens, labels=np.full(len(tokens), -100, np.int32),
+  row = dict(input_ids=tokens, labels=np.full(len(tokens), sed.IGNORE_INDEX, np.int32),
              segments=np.zeros(len(tokens), np.int8))
   example = pipeline.Example([row], pipeline._media_of(record, model_config, where), False, -1)
   length = pipeline.length_bucket(len(tokens), options.length_buckets)
