@@ -292,9 +292,9 @@ def generate_inputs(config: ThinkerConfig, settings: DecodeSettings, params, inp
 
   state = _State(jnp.int32(0), jnp.arange(rows, dtype=jnp.int32), _rows_split(logits),
                  sample_keys(key, streams, n), first_positions, valid_slots, cache,
-                 jnp.full((rows, s.max_new_tokens), s.pad_token_id, jnp.int32),
-                 jnp.zeros((rows, s.max_new_tokens), jnp.float32), jnp.zeros(rows, jnp.int32),
-                 jnp.zeros(rows, bool))
+                 *map(_rows_split, (jnp.full((rows, s.max_new_tokens), s.pad_token_id, jnp.int32),
+                                    jnp.zeros((rows, s.max_new_tokens), jnp.float32),
+                                    jnp.zeros(rows, jnp.int32), jnp.zeros(rows, bool))))
   sizes = halvings(rows, _batch_devices()) if s.compact_rows else [rows]
   for size, smaller in zip(sizes, sizes[1:] + [0]):
     going = lambda st, smaller=smaller: (st.step < s.max_new_tokens) & (
@@ -302,8 +302,10 @@ def generate_inputs(config: ThinkerConfig, settings: DecodeSettings, params, inp
     state = jax.lax.while_loop(going, next_token, state)
     if smaller:
       state = compact(state, smaller)
-  return dict(tokens=state.tokens, logprobs=state.logprobs, lengths=state.lengths,
-              finished=state.finished, steps=state.step)
+  # Rows split as the prompts came in, so each process holds its own rows' results.
+  return dict(tokens=_rows_split(state.tokens), logprobs=_rows_split(state.logprobs),
+              lengths=_rows_split(state.lengths), finished=_rows_split(state.finished),
+              steps=state.step)
 
 
 def generate(config: ThinkerConfig, params, batch: Mapping[str, Any], *, max_new_tokens: int,

@@ -213,7 +213,10 @@ def batch_inputs(prompts: Sequence[Prompt | None], groups: list[dict], shape: np
 
 
 def local_rows(x: jax.Array) -> np.ndarray:
-  """This process's rows of a global array sharded (or replicated) over its leading axis."""
+  """This process's rows of a global array sharded over its leading axis (split over the
+  batch axes, as `generate_inputs` returns them)."""
+  if jax.process_count() > 1 and x.is_fully_replicated:
+    raise ValueError('a replicated result: its rows are not split over the processes')
   shards = {s.index[0].start or 0: s.data for s in x.addressable_shards}
   return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)])
 
