@@ -18,11 +18,12 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope='module')
 def installed(tmp_path_factory):
-  """A new virtualenv holding the wheel of this checkout. Its dependencies come from this
-  environment's site-packages (a plain path entry, so the checkout's own editable install
-  does not come along) rather than from the package index, to stay offline and quick."""
+  """A new virtualenv holding the wheel of this checkout (built as `pip wheel` builds it, in
+  an isolated build environment). Its dependencies come from this environment's
+  site-packages (a plain path entry, so the checkout's own editable install does not come
+  along) rather than from the package index, to stay quick."""
   root = tmp_path_factory.mktemp('install')
-  subprocess.run([sys.executable, '-m', 'pip', 'wheel', '-q', '--no-deps', '--no-build-isolation',
+  subprocess.run([sys.executable, '-m', 'pip', 'wheel', '-q', '--no-deps',
                   '-w', str(root / 'wheel'), str(ROOT)], check=True, cwd=root)
   wheel, = (root / 'wheel').glob('saber_jax-*.whl')
   venv = root / 'venv'
