@@ -14,7 +14,7 @@ if (any(a.startswith('--config.dry_run') and not a.endswith(('False', 'false', '
         for a in sys.argv) and 'XLA_FLAGS' not in os.environ):
   # A dry run on a CPU-only host still plans for 8 accelerators.
   os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
-if any(a.startswith('--config.dry_run_topology=') and len(a) > 26 for a in sys.argv):
+if any(a.startswith('--config.dry_run_topology=') and a.partition('=')[2] for a in sys.argv):
   # Compiling for a TPU slice needs libtpu but no TPU: keep this process off any local TPU
   # and let libtpu load beside other JAX processes of this host.
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')

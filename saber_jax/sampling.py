@@ -125,7 +125,7 @@ def _prompt_tokens(record: dict) -> np.ndarray:
 def _group(examples: Sequence[pipeline.Example | None], length: int,
            pad_token_id: int) -> dict[str, Any]:
   """The left-padded processor-style batch of one media group (None: a padding row)."""
-  group = pipeline._group_batch(list(examples), 1, length)
+  group = pipeline.group_batch(list(examples), 1, length)
   del group['labels'], group['segments']
   return generate.left_pad(group, length, pad_token_id)
 
@@ -137,9 +137,9 @@ def make_prompt(record: dict, where: str, model_config: ThinkerConfig,
   tokens = _prompt_tokens(record)
   row = dict(input_ids=tokens, labels=np.full(len(tokens), sed.IGNORE_INDEX, np.int32),
              segments=np.zeros(len(tokens), np.int8))
-  example = pipeline.Example([row], pipeline._media_of(record, model_config, where), False, -1)
+  example = pipeline.Example([row], pipeline.media_of(record, model_config, where), False, -1)
   length = pipeline.length_bucket(len(tokens), options.length_buckets)
-  sizes = pipeline.media_sizes([pipeline._group_batch([example], 1, length)], model_config,
+  sizes = pipeline.media_sizes([pipeline.group_batch([example], 1, length)], model_config,
                                options)
   return Prompt(str(record['id']), where, example, (length,) + tuple(sizes[k] for k in SIZE_KEYS))
 

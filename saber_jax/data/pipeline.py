@@ -218,7 +218,7 @@ def _fit_rows(rows: list[dict], max_len: int, overlong: str) -> tuple[list[dict]
   return [{k: v[:max_len] for k, v in r.items()} for r in rows], True
 
 
-def _media_of(record: dict, config: ThinkerConfig, where: str) -> dict[str, Any]:
+def media_of(record: dict, config: ThinkerConfig, where: str) -> dict[str, Any]:
   """The record's media as processor-style arrays (frames patched here, on the host)."""
   v = config.vision
   out: dict[str, Any] = {'use_audio_in_video': bool(record['use_audio_in_video'])}
@@ -293,7 +293,7 @@ class RecordLoader:
         raise records.RecordError(
             f'{where}: record {record["id"]!r}: field \'ref_chosen_logps\': no reference '
             'log-probs (NaN); run the reference pass and records.fill_reference_logps first')
-    media_arrays = _media_of(record, self.model_config, where) if rows is not None else {}
+    media_arrays = media_of(record, self.model_config, where) if rows is not None else {}
     return Example(rows, media_arrays, truncated, index, ref)
 
 
@@ -321,7 +321,7 @@ def _items(example: Example):
   return [example.media] * len(example.rows) if example.rows is not None else []
 
 
-def _group_batch(examples: list[Example | None], rows_per_example: int, length: int,
+def group_batch(examples: list[Example | None], rows_per_example: int, length: int,
                  pairs: bool = False) -> dict[str, Any]:
   """The processor-style batch of one row group, text right-padded to `length` (with
   `pair_segments` when `pairs`)."""
@@ -429,7 +429,7 @@ def collate(examples: Sequence[Example | None], *, model_config: ThinkerConfig,
                  for r in e.rows] + [1])
   length = shapes['length'] if shapes else length_bucket(longest, options.length_buckets)
   per_group = len(examples) // options.num_data_shards
-  groups = [_group_batch(examples[g * per_group:(g + 1) * per_group], rows_per_example, length,
+  groups = [group_batch(examples[g * per_group:(g + 1) * per_group], rows_per_example, length,
                          pairs=preference)
             for g in range(options.num_data_shards)]
   if shapes:
@@ -795,8 +795,8 @@ def prompt_batch(record_list: Sequence[dict], model_config: ThinkerConfig,
               else np.asarray(record['input_ids'])[:records.prompt_length(record)])
     row = dict(input_ids=prompt, labels=np.full(len(prompt), sed.IGNORE_INDEX, np.int32),
                segments=np.zeros(len(prompt), np.int8))
-    examples.append(Example([row], _media_of(record, model_config, where), False, index=-1))
+    examples.append(Example([row], media_of(record, model_config, where), False, index=-1))
   length = max(len(e.rows[0]['input_ids']) for e in examples)
-  batch = _group_batch(examples, 1, length)
+  batch = group_batch(examples, 1, length)
   del batch['labels'], batch['segments']
   return batch
