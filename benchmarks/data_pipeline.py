@@ -10,6 +10,7 @@ global batches of 64 clips over 8 devices, the default ladders: text_fill (real 
 text positions) and media_fill (real / padded audio + vision positions) over an epoch of
 `random` batches (group_batches=0, what the pipeline did before the batch plan) and the
 size-`grouped` plan, and the distinct batch shapes (compilations) each needs;
+`grouped_pod`: the plan at pod scale (5x the clips, global batch 512 on 64 devices);
 `random_old_ladders`: random batches on the ladders the pipeline had before.
 
 Two settings:
@@ -155,12 +156,19 @@ def main(argv=None):
   results['random'] = fills(sizes, group_batches=0)
   results['grouped'] = fills(sizes, group_batches=pipeline.DataConfig.group_batches)
   results['plan_seconds'] = (time.perf_counter() - start) / 3
-  print(f'fill over {args.clips} SABER-like clips, batch 64 on 8 devices, default ladders:')
+  start = time.perf_counter()
+  results['grouped_pod'] = fills(saber_sizes(5 * args.clips, seed=1), batch_size=512,
+                                 num_groups=64, group_batches=pipeline.DataConfig.group_batches)
+  results['pod_plan_seconds'] = time.perf_counter() - start
+  print(f'fill over {args.clips} SABER-like clips, batch 64 on 8 devices, default ladders '
+        f'(grouped_pod: {5 * args.clips} clips, batch 512 on 64 devices):')
   print('| batches | text_fill | media_fill | shapes per epoch |')
   print('|---|---|---|---|')
-  for name in ('random_old_ladders', 'random', 'grouped'):
+  for name in ('random_old_ladders', 'random', 'grouped', 'grouped_pod'):
     f = results[name]
     print(f'| {name} | {f["text_fill"]:.3f} | {f["media_fill"]:.3f} | {f["shapes"]} |')
+  print(f'plan of an epoch (shapes and fills of every batch): {results["plan_seconds"]:.2f} s; '
+        f'pod: {results["pod_plan_seconds"]:.2f} s')
   if args.fills_only:
     if args.json:
       print(json.dumps(results))

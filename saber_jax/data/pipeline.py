@@ -553,6 +553,29 @@ def group_by_size(keys: np.ndarray, batch_size: int, window: int,
   return batches[rng.permutation(len(batches))] if rng is not None and window else batches
 
 
+def balanced_deal(weights: np.ndarray, num_groups: int) -> np.ndarray:
+  """Positions [batches, B] that deal each batch's B examples to `num_groups` row groups of
+  B / num_groups (group after group) so that no group carries much more of any weight
+  than the others: `weights` [batches, B, D] (e.g. audio chunks and vision patches, which
+  each group encodes as one padded array). Greedy: heaviest example first, each to the
+  group with room whose largest share (of each weight's batch total) stays smallest."""
+  batches, size, _ = weights.shape
+  per_group = size // num_groups
+  totals = weights.sum(1, keepdims=True)
+  share = weights / np.where(totals > 0, totals, 1)
+  load = np.zeros((batches, num_groups, share.shape[2]))
+  count = np.zeros((batches, num_groups), np.int64)
+  slot = np.zeros((batches, size), np.int64)      # example -> its place in the dealt batch
+  rows = np.arange(batches)
+  for i in np.argsort(-share.sum(2), axis=1, kind='stable').T:   # i: [batches]
+    after = (load + share[rows, i][:, None]).max(2)
+    group = np.where(count < per_group, after, np.inf).argmin(1)
+    load[rows, group] += share[rows, i]
+    slot[rows, i] = group * per_group + count[rows, group]
+    count[rows, group] += 1
+  return np.argsort(slot, axis=1)
+
+
 class BatchPlan:
   """The global batches of a record set, alike on every process: from the seed, the epoch
   and the records' needs (`example_needs`), each step's examples (record positions, -1:
@@ -587,26 +610,26 @@ class BatchPlan:
       return order
     if self.reference:
       order = np.argsort(self._key(), kind='stable')
-      order = np.pad(order, (0, self.steps_per_epoch * self.batch_size - len(order)),
-                     constant_values=-1).reshape(-1, self.batch_size)
+      order = self._deal(np.pad(order, (0, self.steps_per_epoch * self.batch_size - len(order)),
+                                constant_values=-1).reshape(-1, self.batch_size))
     else:
       shuffle = self.options.shuffle   # off: file order, ungrouped
       rng = np.random.default_rng([self.seed, epoch]) if shuffle else None
       order = group_by_size(self._key(), self.batch_size,
                             self.options.group_batches if shuffle else 0, rng)
       if shuffle and self.options.group_batches:
-        order = order[:, self._deal()]
+        order = self._deal(order)
     self._orders = {**{e: o for e, o in self._orders.items() if e == epoch - 1}, epoch: order}
     return order
 
-  def _deal(self) -> np.ndarray:
-    """Positions of a size-sorted batch dealt to the row groups in snake order (0..G-1,
-    G-1..0, ...), so every group (device) gets about the same media to encode."""
-    per_group = self.batch_size // self.num_groups
-    rounds = np.arange(per_group)[None, :]
-    groups = np.arange(self.num_groups)[:, None]
-    return (rounds * self.num_groups + np.where(rounds % 2, self.num_groups - 1 - groups,
-                                                groups)).ravel()
+  def _deal(self, order: np.ndarray) -> np.ndarray:
+    """`order` with each batch's examples dealt to the row groups (devices) so each
+    encodes about the same audio and vision (`balanced_deal`)."""
+    if self.num_groups == 1:
+      return order
+    weights = np.stack([np.where(order >= 0, self.needs[k][order], 0)
+                        for k in ('audio_chunks', 'num_patches')], -1).astype(np.float64)
+    return np.take_along_axis(order, balanced_deal(weights, self.num_groups), 1)
 
   def examples(self, step: int) -> np.ndarray:
     """Record positions [batch_size] of global batch `step` (counted over all epochs)."""
