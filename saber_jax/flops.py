@@ -82,6 +82,9 @@ class BatchCounts:
                      hold a target), for hardware FLOPs; defaults to head_positions.
   recompute_head     the loss recomputes its logits in the backward pass (DPO over more
                      than one chunk), for hardware FLOPs.
+  masked_pairs       causal (query, key) pairs a segment mask removes: in a CA-DPO row
+                     `[prompt | chosen | rejected]` the rejected answer never sees the
+                     chosen one.
   """
   text_lengths: np.ndarray
   head_positions: int
@@ -92,23 +95,26 @@ class BatchCounts:
   frame_patches: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, int))
   head_chunk_positions: int | None = None
   recompute_head: bool = False
+  masked_pairs: int = 0
 
 
 # ----------------------------------------------------------------------------- forward
 
 
-def decoder_forward_flops(text: TextConfig, text_lengths, head_positions: int) -> dict:
+def decoder_forward_flops(text: TextConfig, text_lengths, head_positions: int,
+                          masked_pairs: int = 0) -> dict:
   """Forward FLOPs of the Qwen2 decoder: {'dense', 'attention', 'head'}.
 
   dense: q/k/v/o projections (GQA: k and v have num_key_value_heads heads) and the SwiGLU
   MLP per valid token per layer; attention: 4 * heads * head_dim per causal (query, key)
-  pair per layer; head: 2 * hidden * vocab per scored position.
+  pair per layer (less the `masked_pairs` a segment mask removes); head: 2 * hidden *
+  vocab per scored position.
   """
   h, hd = text.hidden_size, text.head_dim
   q_width, kv_width = text.num_attention_heads * hd, text.num_key_value_heads * hd
   per_token = 2 * (h * q_width + 2 * h * kv_width + q_width * h + 3 * h * text.intermediate_size)
   lengths = np.asarray(text_lengths, np.int64)
-  causal_pairs = int(np.sum(lengths * (lengths + 1) // 2))
+  causal_pairs = int(np.sum(lengths * (lengths + 1) // 2)) - masked_pairs
   return dict(dense=float(per_token * text.num_hidden_layers * lengths.sum()),
               attention=float(4 * q_width * causal_pairs * text.num_hidden_layers),
               head=float(2 * h * text.vocab_size * head_positions))
@@ -159,7 +165,8 @@ def vision_forward_flops(vision: VisionConfig, num_patches: int, window_patches,
 def forward_flops(config: ThinkerConfig, counts: BatchCounts) -> dict[str, dict]:
   """Forward FLOPs of every part: {'text': {...}, 'audio': {...}, 'vision': {...}}."""
   return dict(
-      text=decoder_forward_flops(config.text, counts.text_lengths, counts.head_positions),
+      text=decoder_forward_flops(config.text, counts.text_lengths, counts.head_positions,
+                                 counts.masked_pairs),
       audio=audio_forward_flops(config.audio, counts.audio_chunk_frames, counts.audio_tokens),
       vision=vision_forward_flops(config.vision, counts.vision_patches, counts.window_patches,
                                   counts.frame_patches))
@@ -287,12 +294,21 @@ def _head_chunk_positions(labels: np.ndarray, chunk_size: int | None, padded: bo
   return rows * width
 
 
+def _cross_segment_pairs(segments: np.ndarray) -> int:
+  """(query, key) pairs between different exclusive segments (ids >= 2) of each row:
+  what `text.segment_mask` removes from the causal triangle of a row whose segments
+  follow each other."""
+  ids = np.arange(2, max(int(segments.max(initial=0)), 1) + 1)
+  sizes = (segments[:, :, None] == ids).sum(1).astype(np.int64)       # [B, segments]
+  return int(np.sum(sizes.sum(1) ** 2 - (sizes ** 2).sum(1)) // 2)
+
+
 def batch_counts(config: ThinkerConfig, batch: Mapping[str, Any],
                  chunk_size: int | None = None) -> BatchCounts:
   """The counts of a train-step batch: `input_ids`, `attention_mask`, optional `labels`
   (without them every valid position counts for the head, as for a full forward), the
   `audio` / `vision` dicts of `thinker.model_inputs` (leading data-shard axis) and, for
-  CA-DPO, `ref_chosen_logps`. `chunk_size` (the loss's) matters for hardware FLOPs only."""
+  CA-DPO, `ref_chosen_logps` and `pair_segments`. `chunk_size` (the loss's) matters for hardware FLOPs only."""
   input_ids = np.asarray(batch['input_ids'])
   mask = batch.get('attention_mask')
   mask = np.ones(input_ids.shape, bool) if mask is None else np.asarray(mask).astype(bool)
@@ -310,6 +326,8 @@ def batch_counts(config: ThinkerConfig, batch: Mapping[str, Any],
   one_chunk = chunk_size is None or chunk_size >= input_ids.shape[1]
   counts = dict(text_lengths=mask.sum(-1), head_positions=head_positions,
                 head_chunk_positions=head_chunk_positions, recompute_head=dpo and not one_chunk)
+  if 'pair_segments' in batch:
+    counts['masked_pairs'] = _cross_segment_pairs(np.asarray(batch['pair_segments']))
   if 'audio' in batch:
     audio = batch['audio']
     counts.update(audio_chunk_frames=np.asarray(audio['chunk_lengths']).reshape(-1),

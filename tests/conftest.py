@@ -1,4 +1,6 @@
 import os
 
+import processes
+
 # Eight CPU devices for the sharding tests; must be set before jax is imported.
-os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+os.environ.setdefault('XLA_FLAGS', processes.xla_flags(8))

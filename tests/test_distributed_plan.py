@@ -13,7 +13,6 @@ import json
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from processes import cpu_env, free_port
 from saber_jax.data import prompt, records
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -83,19 +83,12 @@ def record_sets(tmp_path_factory):
   return _write(tmp_path_factory.mktemp('plan_records'))
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 def _launch(args, workdir, processes: int) -> list[subprocess.Popen]:
   """`processes` jax.distributed processes sharing 8 CPU devices, 8 examples per step."""
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={8 // processes}')
-  env.pop('JAX_COORDINATOR_ADDRESS', None)
+  env = cpu_env(8 // processes)
   args = args + [f'--config.workdir={workdir}', f'--config.data.batch_size={8 // processes}']
   if processes > 1:
-    port = _free_port()
+    port = free_port()
     args += [f'--config.distributed.coordinator_address=127.0.0.1:{port}',
              f'--config.distributed.num_processes={processes}']
   return [subprocess.Popen(

@@ -14,6 +14,7 @@ from hf_reference import tiny_hf_config
 from saber_jax import flops, losses
 from saber_jax.models import ThinkerConfig, init_params
 from saber_jax.models.config import TextConfig
+from saber_jax.models import text
 from saber_jax.models.text import TextModel
 from saber_jax.models.thinker import model_inputs
 from train_batches import ROWS, SIZES, _concat, _labels, make_batch
@@ -82,6 +83,22 @@ def test_forward_flops_equal_a_hand_count_from_the_param_shapes(config):
   assert v.depth == 2 and v.fullatt_block_indexes == (1,)
   assert got['vision']['attention'] == 4 * v.hidden_size * (3 * 16 ** 2 + 3 * 16 ** 2)
   assert got['vision']['merger'] == 2 * _kernel_macs(vision['merger']) * patches // 4
+
+
+def test_shared_pair_rows_count_only_the_pairs_the_segment_mask_keeps():
+  # [prompt 5 | chosen 4 | rejected 3 | padding 2], a two-row pair, and a padded row.
+  pair_segments = np.array([[1] * 5 + [2] * 4 + [3] * 3 + [0] * 2,
+                            [1] * 5 + [2] * 4 + [0] * 5,
+                            [1] + [0] * 13], np.int32)
+  mask = (pair_segments > 0).astype(np.int32)
+  batch = dict(input_ids=np.zeros_like(mask), attention_mask=mask, pair_segments=pair_segments)
+  seen = np.asarray(text.segment_mask(jnp.asarray(pair_segments)))[:, 0]    # [B, query, key]
+  kept = int(seen[mask.astype(bool)].sum())             # padding queries are not work
+  t = TextConfig(hidden_size=8, num_attention_heads=2, num_key_value_heads=1)
+  got = flops.decoder_forward_flops(t, mask.sum(1), 0,
+                                    flops.batch_counts(ThinkerConfig(text=t), batch).masked_pairs)
+  assert kept == 12 * 13 // 2 - 4 * 3 + 9 * 10 // 2 + 1
+  assert got['attention'] == 4 * 8 * kept * t.num_hidden_layers
 
 
 def test_training_is_three_forwards_except_frozen_parts_and_first_layers(config):

@@ -6,7 +6,6 @@ import json
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import time
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+from processes import cpu_env, free_port  # noqa: E402
 from saber_jax.cli import make_demo_data, preprocess  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -33,15 +33,9 @@ def sft_records(tmp_path_factory):
   return str(root / 'sft' / 'sft')
 
 
-def _env(devices: int) -> dict:
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
-  env.pop('JAX_COORDINATOR_ADDRESS', None)
-  return env
-
-
 def _main(args, workdir, devices=1, **kwargs) -> subprocess.Popen:
   return subprocess.Popen([sys.executable, '-m', 'saber_jax.main', *args,
-                           f'--config.workdir={workdir}'], cwd=ROOT, env=_env(devices),
+                           f'--config.workdir={workdir}'], cwd=ROOT, env=cpu_env(devices),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
@@ -89,12 +83,6 @@ def test_killed_runs_resume_with_the_same_losses(sft_records, tmp_path):
     assert got[step] == pytest.approx(want[step], rel=1e-6), step
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_match_one(sft_records, tmp_path):
   args = SFT_ARGS + [f'--config.sft_records={sft_records}', '--config.optim.total_steps=3',
                      '--config.checkpoint.every_steps=100']
@@ -102,7 +90,7 @@ def test_two_processes_match_one(sft_records, tmp_path):
   # the same 4 examples per step (one global shuffle, split by process).
   _run(args + ['--config.data.batch_size=4', '--config.mesh=(4,1,2)'], tmp_path / 'one',
        devices=8)
-  port = _free_port()
+  port = free_port()
   processes = [
       _main(args + ['--config.data.batch_size=2', '--config.mesh=(4,1,2)',
                     f'--config.distributed.coordinator_address=127.0.0.1:{port}',

@@ -5,11 +5,9 @@ records and failing prompts isolated in errors.jsonl, rows sharded over the devi
 
 import importlib.util
 import json
-import os
 import pathlib
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +18,7 @@ import numpy as np
 import pytest
 
 from hf_reference import make_batch, tiny_hf_config
+from processes import cpu_env, free_port
 from saber_jax import generate, jsonl, sampling, sharding
 from saber_jax.data import prompt, records
 from saber_jax.models import ThinkerConfig, abstract_params, model_inputs
@@ -210,16 +209,9 @@ def test_rows_shard_over_eight_devices_a_quarter_of_the_flops_or_less(mesh_shape
   assert reduced and not [shape for shape in reduced if f',{vocab}]' in shape], reduced
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 def _launch(workdir, records_prefix, port):
   """Two `python -m saber_jax.main` processes of 4 CPU devices, one jax.distributed job."""
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4')
-  env.pop('JAX_COORDINATOR_ADDRESS', None)
+  env = cpu_env(4)
   args = ['--config=configs/demo.py', '--config.mode=generate', f'--config.workdir={workdir}',
           f'--config.generate.records={records_prefix}', '--config.generate.num_samples=3',
           '--config.generate.max_new_tokens=6', '--config.generate.temperature=0.8',
@@ -239,7 +231,7 @@ def test_two_processes_killed_and_restarted_write_each_id_once_with_the_same_sam
   want, _, _, _ = reference
   prefix = str(pathlib.Path(data[0]).parent / 'sft')
   # Killed (SIGKILL, both processes) once the first batch is on disk, then run to the end.
-  processes = _launch(tmp_path, prefix, _free_port())
+  processes = _launch(tmp_path, prefix, free_port())
   deadline = time.time() + 400
   while not any(p.stat().st_size for p in tmp_path.glob('predictions.jsonl.part*')) \
       and all(p.poll() is None for p in processes) and time.time() < deadline:
@@ -251,7 +243,7 @@ def test_two_processes_killed_and_restarted_write_each_id_once_with_the_same_sam
   assert not (tmp_path / 'predictions.jsonl').exists()
   before = sum(len(list(jsonl.read_whole_lines(str(p))))
                for p in tmp_path.glob('predictions.jsonl.part*'))
-  processes = _launch(tmp_path, prefix, _free_port())
+  processes = _launch(tmp_path, prefix, free_port())
   outputs = [p.communicate(timeout=600)[0] for p in processes]
   for p, out in zip(processes, outputs):
     assert p.returncode == 0, out[-4000:]
