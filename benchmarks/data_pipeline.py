@@ -1,7 +1,8 @@
 """Throughput of the data side on this machine (preprocessing and the Grain pipeline), and
 how much of a batch is padding.
 
-  python benchmarks/data_pipeline.py [--batches 8] [--workers 0 4] [--json] [--fills_only]
+  python benchmarks/data_pipeline.py [--batches 64] [--workers 0 4] [--json] [--fills_only]
+                                     [--against DIR --rounds 3]
 
 Fill: on a SABER-like distribution (clips uniform in 0.5-30 s, video at 2 fps capped at
 40 frames of at most 224x224 (50176 px) in a few aspect ratios, audio interleaved,
@@ -21,16 +22,18 @@ Two settings:
         (the 50176-pixel cap), ~1.1-2.1k tokens; the Qwen2.5-Omni-7B host-side config;
         batch 8 in 8 data shards (one row per GPU of an 8-GPU host).
 For each setting and worker count: batches/s and examples/s over --batches batches after
-a first batch that starts the workers (not timed), and MB per batch. The last line is a
-JSON object with every number when --json is given; its "random" and "grouped" entries
-hold the fills.
+a first batch that starts the workers (not timed), and MB per batch, each timing in a
+fresh process (pipeline_timer.py). `--against DIR --rounds 3`: also time the pipeline of
+another checkout (e.g. `git worktree add DIR <older commit>`) on the same records and
+options, the two alternating, and print medians. The last line is a JSON object with
+every number when --json is given; its "random" and "grouped" entries hold the fills.
 """
 
 import argparse
-import dataclasses
 import json
 import os
 import pathlib
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +41,6 @@ import time
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(_ROOT))
 
-import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from saber_jax.cli import make_demo_data, preprocess  # noqa: E402
@@ -124,30 +126,37 @@ def fills(sizes: np.ndarray, group_batches: int, batch_size: int = 64, num_group
           'shapes': len(shapes), 'steps': plan.steps_per_epoch}
 
 
-def measure(model_config, data_config, paths, num_batches: int) -> dict:
-  iterator = pipeline.sft_batches(model_config, data_config, paths, seed=0, shard_index=0,
-                                  shard_count=1)
-  first = next(iterator)   # starts the workers; not timed
-  size = sum(x.nbytes for x in jax.tree.leaves(first)) / 2**20
-  length = first['input_ids'].shape[1]
-  start = time.perf_counter()
-  for _ in range(num_batches):
-    next(iterator)
-  seconds = time.perf_counter() - start
-  del first   # batches from worker processes live in shared memory until released
-  iterator.close()
-  return {'batches_per_s': num_batches / seconds,
-          'examples_per_s': num_batches * data_config.batch_size / seconds,
-          'mb_per_batch': size, 'first_batch_length': length}
+# Pipeline options of the two throughput settings (DataConfig fields; the worker count
+# is added per run). Every option is spelled out so that another checkout, whose
+# defaults may differ, is timed on the same batches.
+SETTINGS = {
+    'demo': dict(batch_size=8, num_data_shards=2, length_buckets=(256, 512, 1024),
+                 min_patches=256, min_frame_len=64, bucket_steps=4, read_threads=2),
+    '7b': dict(batch_size=8, num_data_shards=8, length_buckets=(1024, 1536, 2048, 2560, 3072, 4096),
+               min_patches=1024, min_frame_len=256, min_audio_chunks=4, min_vision_blocks=16,
+               bucket_steps=4, read_threads=2),
+}
+
+
+def measure(root, setting: str, paths, workers: int, num_batches: int) -> dict:
+  """Throughput of the pipeline of checkout `root` in a fresh process (pipeline_timer.py)."""
+  spec = dict(model=setting if setting == '7b' else 'tiny', paths=paths, batches=num_batches,
+              options=dict(SETTINGS[setting], worker_count=workers))
+  out = subprocess.run([sys.executable, str(_ROOT / 'benchmarks' / 'pipeline_timer.py'),
+                        str(root), json.dumps(spec)], check=True, capture_output=True, text=True)
+  return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--batches', type=int, default=8)
+  parser.add_argument('--batches', type=int, default=64)
   parser.add_argument('--workers', type=int, nargs='+', default=[0, 4])
   parser.add_argument('--clips', type=int, default=20000, help='clips of the fill measurement')
   parser.add_argument('--json', action='store_true')
   parser.add_argument('--fills_only', action='store_true')
+  parser.add_argument('--against', help="another checkout (e.g. a `git worktree` of an older "
+                      "commit) whose pipeline is timed on the same records, alternating")
+  parser.add_argument('--rounds', type=int, default=1, help='timings of each checkout')
   args = parser.parse_args(argv)
   results = {'devices': f'{os.cpu_count()} CPU cores', 'settings': {}}
   sizes = saber_sizes(args.clips)
@@ -176,29 +185,25 @@ def main(argv=None):
   with tempfile.TemporaryDirectory() as folder:
     demo_paths, demo_info = demo_records(os.path.join(folder, 'demo'), 32)
     results['preprocess_demo_clips_per_s'] = demo_info['preprocess_clips_per_s']
-    seven_paths = seven_b_records(os.path.join(folder, '7b'), 24)
-    settings = {
-        'demo': (DEMO_MODEL, pipeline.DataConfig(
-            batch_size=8, num_data_shards=2, length_buckets=(256, 512, 1024), min_patches=256,
-            min_frame_len=64), demo_paths),
-        '7b': (SEVEN_B, pipeline.DataConfig(
-            batch_size=8, num_data_shards=8, length_buckets=(1024, 1536, 2048, 2560, 3072, 4096),
-            min_patches=1024, min_frame_len=256, min_audio_chunks=4, min_vision_blocks=16),
-               seven_paths),
-    }
-    rows = []
-    for name, (model_config, data_config, paths) in settings.items():
-      for workers in args.workers:
-        config = dataclasses.replace(data_config, worker_count=workers, read_threads=2)
-        stats = measure(model_config, config, paths, args.batches)
-        results['settings'][f'{name}/workers={workers}'] = stats
-        rows.append((name, workers, stats))
+    paths = {'demo': demo_paths, '7b': seven_b_records(os.path.join(folder, '7b'), 24)}
+    checkouts = {'this': _ROOT, **({'against': args.against} if args.against else {})}
+    runs = {}    # (checkout, setting, workers) -> examples/s of each round
+    for _ in range(args.rounds):
+      for checkout, root in sorted(checkouts.items()):   # 'against' first, alternating
+        for name in SETTINGS:
+          for workers in args.workers:
+            stats = measure(root, name, paths[name], workers, args.batches)
+            results['settings'].setdefault(f'{checkout}/{name}/workers={workers}', []).append(stats)
+            runs.setdefault((name, workers), {}).setdefault(checkout, []).append(
+                stats['examples_per_s'])
   print(f'preprocess (demo clips, 1 process): {results["preprocess_demo_clips_per_s"]:.1f} clips/s')
-  print('| setting | workers | batches/s | examples/s | MB/batch |')
-  print('|---|---|---|---|---|')
-  for name, workers, s in rows:
-    print(f'| {name} | {workers} | {s["batches_per_s"]:.2f} | {s["examples_per_s"]:.1f} | '
-          f'{s["mb_per_batch"]:.0f} |')
+  print(f'examples/s per process over {args.rounds} round(s), median (range):')
+  print('| setting | workers | ' + ' | '.join(checkouts) + ' |')
+  print('|---|---|' + '---|' * len(checkouts))
+  for (name, workers), by_checkout in runs.items():
+    cells = [f'{np.median(v):.1f} ({min(v):.1f}-{max(v):.1f})' for _, v in sorted(
+        by_checkout.items(), key=lambda kv: list(checkouts).index(kv[0]))]
+    print(f'| {name} | {workers} | ' + ' | '.join(cells) + ' |')
   if args.json:
     print(json.dumps(results))
 
