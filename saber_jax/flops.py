@@ -308,7 +308,8 @@ def batch_counts(config: ThinkerConfig, batch: Mapping[str, Any],
   """The counts of a train-step batch: `input_ids`, `attention_mask`, optional `labels`
   (without them every valid position counts for the head, as for a full forward), the
   `audio` / `vision` dicts of `thinker.model_inputs` (leading data-shard axis) and, for
-  CA-DPO, `ref_chosen_logps` and `pair_segments`. `chunk_size` (the loss's) matters for hardware FLOPs only."""
+  CA-DPO, `ref_chosen_logps` and `pair_segments`. `chunk_size` (the loss's) matters for
+  hardware FLOPs only."""
   input_ids = np.asarray(batch['input_ids'])
   mask = batch.get('attention_mask')
   mask = np.ones(input_ids.shape, bool) if mask is None else np.asarray(mask).astype(bool)
