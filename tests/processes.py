@@ -1,20 +1,23 @@
-"""XLA flags and environments for tests, and for the processes they start."""
+"""XLA settings and environments for tests, and for the processes they start."""
 
 import os
 import socket
 
-# XLA:CPU ends a program whose devices wait over 40 s for each other in a collective; on
-# a loaded 2-core machine eight device threads can fall that far behind, so wait longer.
-_COLLECTIVE_TIMEOUT = '--xla_cpu_collective_call_terminate_timeout_seconds=600'
+# XLA:CPU runs the programs of all its devices on one pool of max(cores, devices) threads
+# (`PJRT_NPROC` stands in for the cores), and one device can block several of them at
+# once in independent collectives: with 8 devices on 8 threads a device can find none
+# free while the others wait for it in a collective (seen here, ~1 run in 5, as XLA's
+# "Expected 4 threads to join the rendezvous" abort). 32 threads leave room.
+THREADS = {'PJRT_NPROC': '32'}
 
 
 def xla_flags(devices: int) -> str:
-  return f'--xla_force_host_platform_device_count={devices} {_COLLECTIVE_TIMEOUT}'
+  return f'--xla_force_host_platform_device_count={devices}'
 
 
 def cpu_env(devices: int) -> dict:
   """This environment with `devices` CPU devices and no inherited coordinator."""
-  env = dict(os.environ, XLA_FLAGS=xla_flags(devices))
+  env = dict(os.environ, XLA_FLAGS=xla_flags(devices), **THREADS)
   env.pop('JAX_COORDINATOR_ADDRESS', None)
   return env
 
