@@ -6,7 +6,7 @@ import socket
 # XLA:CPU runs the programs of all its devices on one pool of max(cores, devices) threads
 # (`PJRT_NPROC` stands in for the cores), and one device can block several of them at
 # once in independent collectives: with 8 devices on 8 threads a device can find none
-# free while the others wait for it in a collective (seen here, ~1 run in 5, as XLA's
+# free while the others wait for it in a collective (seen here in 2 of 7 runs, as XLA's
 # "Expected 4 threads to join the rendezvous" abort). 32 threads leave room.
 THREADS = {'PJRT_NPROC': '32'}
 
