@@ -6,18 +6,24 @@ import socket
 # XLA:CPU runs the programs of all its devices on one pool of max(cores, devices) threads
 # (`PJRT_NPROC` stands in for the cores), and one device can block several of them at
 # once in independent collectives: with 8 devices on 8 threads a device can find none
-# free while the others wait for it in a collective (seen here in 2 of 7 runs, as XLA's
-# "Expected 4 threads to join the rendezvous" abort). 32 threads leave room.
-THREADS = {'PJRT_NPROC': '32'}
+# free while the others wait for it in a collective (seen in 2 of 7 one-process,
+# 8-device DPO runs). More threads leave room, but on 2 cores they also slow every
+# program down, past XLA's 40 s wait for a collective's late arrivals: so only the runs
+# that need them get them (`MANY_DEVICE_THREADS`), with a longer wait.
+MANY_DEVICE_THREADS = {'PJRT_NPROC': '32'}
+LONG_COLLECTIVE_WAIT = '--xla_cpu_collective_call_terminate_timeout_seconds=600'
 
 
 def xla_flags(devices: int) -> str:
   return f'--xla_force_host_platform_device_count={devices}'
 
 
-def cpu_env(devices: int) -> dict:
-  """This environment with `devices` CPU devices and no inherited coordinator."""
-  env = dict(os.environ, XLA_FLAGS=xla_flags(devices), **THREADS)
+def cpu_env(devices: int, many_threads: bool = False) -> dict:
+  """This environment with `devices` CPU devices and no inherited coordinator;
+  `many_threads`: MANY_DEVICE_THREADS and LONG_COLLECTIVE_WAIT."""
+  env = dict(os.environ, XLA_FLAGS=xla_flags(devices))
+  if many_threads:
+    env.update(MANY_DEVICE_THREADS, XLA_FLAGS=f'{xla_flags(devices)} {LONG_COLLECTIVE_WAIT}')
   env.pop('JAX_COORDINATOR_ADDRESS', None)
   return env
 

@@ -85,7 +85,7 @@ def record_sets(tmp_path_factory):
 
 def _launch(args, workdir, processes: int) -> list[subprocess.Popen]:
   """`processes` jax.distributed processes sharing 8 CPU devices, 8 examples per step."""
-  env = cpu_env(8 // processes)
+  env = cpu_env(8 // processes, many_threads=True)
   args = args + [f'--config.workdir={workdir}', f'--config.data.batch_size={8 // processes}']
   if processes > 1:
     port = free_port()
