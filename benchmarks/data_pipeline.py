@@ -48,7 +48,6 @@ from saber_jax.data import pipeline, prompt, records, sed  # noqa: E402
 from saber_jax.models import audio  # noqa: E402
 from saber_jax.models.config import ThinkerConfig  # noqa: E402
 
-DEMO_MODEL = ThinkerConfig()   # host side needs only patch/window/mel sizes and token ids
 SEVEN_B = ThinkerConfig.qwen2_5_omni_7b()
 
 
@@ -140,7 +139,7 @@ SETTINGS = {
 
 def measure(root, setting: str, paths, workers: int, num_batches: int) -> dict:
   """Throughput of the pipeline of checkout `root` in a fresh process (pipeline_timer.py)."""
-  spec = dict(model=setting if setting == '7b' else 'tiny', paths=paths, batches=num_batches,
+  spec = dict(model=setting, paths=paths, batches=num_batches,
               options=dict(SETTINGS[setting], worker_count=workers))
   out = subprocess.run([sys.executable, str(_ROOT / 'benchmarks' / 'pipeline_timer.py'),
                         str(root), json.dumps(spec)], check=True, capture_output=True, text=True)
@@ -186,24 +185,24 @@ def main(argv=None):
     demo_paths, demo_info = demo_records(os.path.join(folder, 'demo'), 32)
     results['preprocess_demo_clips_per_s'] = demo_info['preprocess_clips_per_s']
     paths = {'demo': demo_paths, '7b': seven_b_records(os.path.join(folder, '7b'), 24)}
-    checkouts = {'this': _ROOT, **({'against': args.against} if args.against else {})}
-    runs = {}    # (checkout, setting, workers) -> examples/s of each round
-    for _ in range(args.rounds):
-      for checkout, root in sorted(checkouts.items()):   # 'against' first, alternating
+    checkouts = {**({'against': args.against} if args.against else {}), 'this': _ROOT}
+    for _ in range(args.rounds):   # the checkouts alternate
+      for checkout, root in checkouts.items():
         for name in SETTINGS:
           for workers in args.workers:
             stats = measure(root, name, paths[name], workers, args.batches)
             results['settings'].setdefault(f'{checkout}/{name}/workers={workers}', []).append(stats)
-            runs.setdefault((name, workers), {}).setdefault(checkout, []).append(
-                stats['examples_per_s'])
   print(f'preprocess (demo clips, 1 process): {results["preprocess_demo_clips_per_s"]:.1f} clips/s')
   print(f'examples/s per process over {args.rounds} round(s), median (range):')
   print('| setting | workers | ' + ' | '.join(checkouts) + ' |')
   print('|---|---|' + '---|' * len(checkouts))
-  for (name, workers), by_checkout in runs.items():
-    cells = [f'{np.median(v):.1f} ({min(v):.1f}-{max(v):.1f})' for _, v in sorted(
-        by_checkout.items(), key=lambda kv: list(checkouts).index(kv[0]))]
-    print(f'| {name} | {workers} | ' + ' | '.join(cells) + ' |')
+  for name in SETTINGS:
+    for workers in args.workers:
+      cells = []
+      for checkout in checkouts:
+        v = [r['examples_per_s'] for r in results['settings'][f'{checkout}/{name}/workers={workers}']]
+        cells.append(f'{np.median(v):.1f} ({min(v):.1f}-{max(v):.1f})')
+      print(f'| {name} | {workers} | ' + ' | '.join(cells) + ' |')
   if args.json:
     print(json.dumps(results))
 

@@ -64,7 +64,7 @@ def pair_batch(model_config, pairs: int, shared: bool, seed: int = 0) -> dict:
     for side, n in zip(('chosen', 'rejected'), ANSWER_TOKENS):
       record[f'{side}_ids'] = text(n)
       record[f'{side}_segments'] = np.repeat(common.RESPONSE_SEGMENTS, -(-n // 3))[:n]
-      media = dict(
+    media = dict(
         use_audio_in_video=True,
         audio=rng.standard_normal((model_config.audio.num_mel_bins, CLIP_MEL_FRAMES),
                                   np.float32),

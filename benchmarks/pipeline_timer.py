@@ -3,7 +3,7 @@
   python benchmarks/pipeline_timer.py ROOT SPEC
 
 ROOT: the checkout whose `saber_jax` is timed (first on sys.path, so another commit's
-pipeline can be timed on the same records). SPEC: JSON {"model": "tiny" | "7b", "paths":
+pipeline can be timed on the same records). SPEC: JSON {"model": "demo" | "7b", "paths":
 [...], "options": {DataConfig fields}, "batches": N}. Prints one JSON line: batches/s,
 examples/s and MB per batch over N batches after a first one that starts the workers.
 """
@@ -19,6 +19,7 @@ def main(root: str, spec: dict) -> dict:
   from saber_jax.data import pipeline
   from saber_jax.models.config import ThinkerConfig
 
+  # The host side needs only patch, window and mel sizes and token ids of the model.
   model = ThinkerConfig.qwen2_5_omni_7b() if spec['model'] == '7b' else ThinkerConfig()
   options = dict(spec['options'], length_buckets=tuple(spec['options']['length_buckets']))
   config = pipeline.DataConfig(**options)

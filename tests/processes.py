@@ -21,9 +21,8 @@ def xla_flags(devices: int) -> str:
 def cpu_env(devices: int, many_threads: bool = False) -> dict:
   """This environment with `devices` CPU devices and no inherited coordinator;
   `many_threads`: MANY_DEVICE_THREADS and LONG_COLLECTIVE_WAIT."""
-  env = dict(os.environ, XLA_FLAGS=xla_flags(devices))
-  if many_threads:
-    env.update(MANY_DEVICE_THREADS, XLA_FLAGS=f'{xla_flags(devices)} {LONG_COLLECTIVE_WAIT}')
+  flags = f'{xla_flags(devices)} {LONG_COLLECTIVE_WAIT}' if many_threads else xla_flags(devices)
+  env = dict(os.environ, XLA_FLAGS=flags, **(MANY_DEVICE_THREADS if many_threads else {}))
   env.pop('JAX_COORDINATOR_ADDRESS', None)
   return env
 

@@ -12,9 +12,8 @@ import pytest
 
 from hf_reference import tiny_hf_config
 from saber_jax import flops, losses
-from saber_jax.models import ThinkerConfig, init_params
+from saber_jax.models import ThinkerConfig, init_params, text
 from saber_jax.models.config import TextConfig
-from saber_jax.models import text
 from saber_jax.models.text import TextModel
 from saber_jax.models.thinker import model_inputs
 from train_batches import ROWS, SIZES, _concat, _labels, make_batch
