@@ -64,6 +64,7 @@ from saber_jax.models import thinker
 from saber_jax.models.config import ThinkerConfig
 
 PAD_ID = 0   # padding positions are masked out; any id below vocab_size would do
+OVERLONG_MODES = ('truncate', 'drop')     # DataConfig.overlong
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +127,7 @@ def data_options(data_config: Any) -> DataConfig:
   if options.batch_size < 1 or options.num_data_shards < 1 or options.batch_size % options.num_data_shards:
     raise ValueError(f'batch_size ({options.batch_size}) must be a positive multiple of '
                      f'num_data_shards ({options.num_data_shards})')
-  if options.overlong not in ('truncate', 'drop'):
+  if options.overlong not in OVERLONG_MODES:
     raise ValueError(f"overlong must be 'truncate' or 'drop', got {options.overlong!r}")
   if not options.length_buckets or list(options.length_buckets) != sorted(set(options.length_buckets)):
     raise ValueError(f'length_buckets must be increasing, got {options.length_buckets}')

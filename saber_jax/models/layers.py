@@ -153,16 +153,20 @@ def _splash_kernel(num_heads: int, length: int, interpret: bool):
                                 interpret=interpret)
 
 
+# Rematerialisation of a layer stack (ThinkerConfig.remat): none, everything recomputed in
+# the backward pass, or the dense layers' outputs kept.
+REMAT_POLICIES = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
 def remat_policy(name: str):
   """The `jax.checkpoint` policy of a layer stack, or None for no rematerialisation."""
-  policies = {
-      'none': None,
-      'full': jax.checkpoint_policies.nothing_saveable,
-      'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-  }
-  if name not in policies:
-    raise ValueError(f'unknown remat policy {name!r}; expected one of {sorted(policies)}')
-  return policies[name]
+  if name not in REMAT_POLICIES:
+    raise ValueError(f'unknown remat policy {name!r}; expected one of {sorted(REMAT_POLICIES)}')
+  return REMAT_POLICIES[name]
 
 
 def layer_stack(block: Callable[..., nn.Module], length: int, remat: str,
