@@ -3,15 +3,35 @@ demo data -> records -> SED fine-tuning -> offline preference pairs -> reference
 log-probs -> CA-DPO. No downloads, a few minutes.
 
   python -m saber_jax.main --config=configs/demo.py
+
+With a stage as its argument (sft, ref_logps, dpo or generate) it is that stage alone, with
+the settings the pipeline runs it with (`c.pipeline.<settings>` below, the one definition)
+and the demo workdir's records and weights filled in, to rerun one stage by hand after
+the pipeline (the same fingerprint: a finished stage is found finished, an interrupted one
+resumes). `generate` answers the SFT records' prompts with the CA-DPO model.
+
+  python -m saber_jax.main --config=configs/demo.py:dpo --config.overwrite=True
 """
 
 import ml_collections
 
-from saber_jax.train.config import base_config
+from saber_jax.train.config import base_config, with_overrides
+
+# Each stage alone: which of c.pipeline's settings it runs with (the pipeline's reference
+# pass runs with the CA-DPO settings; generation with the shared ones), and the workdir
+# paths of its inputs.
+STAGES = {
+    'sft': dict(settings='sft', records=('sft_records', 'data/sft/sft'), init_from=None),
+    'ref_logps': dict(settings='dpo', records=('pref_records', 'data/pref/pref'),
+                      init_from='sft/final'),
+    'dpo': dict(settings='dpo', records=('pref_records', 'ref_logps/pref'),
+                init_from='sft/final'),
+    'generate': dict(settings=None, records=('generate.records', 'data/sft/sft'),
+                     init_from='dpo/final'),
+}
 
 
-def get_config(arg=None):
-  del arg
+def pipeline_config() -> ml_collections.ConfigDict:
   c = base_config()
   c.mode = 'pipeline'
   c.workdir = 'workdir/demo'
@@ -39,3 +59,26 @@ def get_config(arg=None):
       sft=dict(optim=dict(lr=3e-3, total_steps=40, warmup_steps=4)),
       dpo=dict(optim=dict(lr=2e-4, total_steps=16, warmup_steps=2))))
   return c
+
+
+def stage_config(c: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:
+  """`stage` of the pipeline config `c` alone; its paths follow `--config.workdir`."""
+  if stage not in STAGES:
+    raise ValueError(f'unknown config argument {stage!r}: configs/demo.py takes no argument '
+                     f'(the whole pipeline) or one stage of {", ".join(STAGES)}')
+  spec = STAGES[stage]
+  if spec['settings']:
+    c = with_overrides(c, c.pipeline[spec['settings']])
+  del c.pipeline
+  c.mode = stage
+  workdir = c.get_ref('workdir')
+  field, path = spec['records']
+  section, _, key = field.rpartition('.')
+  (c[section] if section else c)[key] = workdir + f'/{path}'
+  c.init_from = workdir + f'/{spec["init_from"]}' if spec['init_from'] else c.init_from
+  return c
+
+
+def get_config(arg=None):
+  c = pipeline_config()
+  return stage_config(c, arg) if arg else c

@@ -2,6 +2,7 @@
 `base_config()` and override what they need; `--config.<field>=...` overrides on the
 command line."""
 
+import copy
 import dataclasses
 import difflib
 import importlib.util
@@ -11,9 +12,11 @@ import numpy as np
 
 from saber_jax import losses
 from saber_jax.data import pipeline
+from saber_jax.models import layers
 from saber_jax.train import optim, steps
 
 MODES = ('sft', 'ref_logps', 'dpo', 'pipeline', 'generate')
+NONFINITE = ('stop', 'skip')     # what a non-finite loss or gradient does (train/trainer.py)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -74,75 +77,98 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def sed_sft_config(model_name: str, trainable: str = 'full') -> ml_collections.ConfigDict:
-  """The paper's SED fine-tuning: 2 epochs, batch 128 clips, lr 1e-4. On one host of 8
-  GPUs: 16 clips per micro-step, 8 micro-steps per update, FSDP over every device."""
-  c = base_config()
-  c.mode = 'sft'
-  c.workdir = f'workdir/sed_sft_{model_name}'
-  c.model.name = model_name
-  c.mesh = (1, -1, 1)
-  c.trainable = trainable
-  c.data.num_epochs = 2
-  c.data.batch_size = 16            # per process; x grad_accum_steps x processes = 128
-  c.optim.grad_accum_steps = 8
-  c.optim.lr = 1e-4
-  c.optim.warmup_ratio = 0.05
-  return c
+def with_overrides(config, overrides) -> ml_collections.ConfigDict:
+  """A copy of `config` with the fields of the nested `overrides` (a dict or ConfigDict)
+  replaced."""
+  config = copy.deepcopy(config)
+
+  def merge(node, changes):
+    for key, value in changes.items():
+      if hasattr(value, 'items'):
+        merge(node[key], value)
+      else:
+        node[key] = value
+  merge(config, overrides)
+  return config
 
 
-def ca_dpo_config(model_name: str, trainable: str = 'full') -> ml_collections.ConfigDict:
-  """The paper's CA-DPO: 1 epoch, batch 64 pairs, lr 1e-5, sigmoid loss with beta 0.1,
-  reference log-probs precomputed (mode=ref_logps) from the SED model."""
-  c = base_config()
-  c.mode = 'dpo'
-  c.workdir = f'workdir/ca_dpo_{model_name}'
-  c.model.name = model_name
-  c.mesh = (1, -1, 1)
-  c.trainable = trainable
-  c.data.num_epochs = 1
-  c.data.batch_size = 8             # pairs per process; x 8 micro-steps = 64
-  c.optim.grad_accum_steps = 8
-  c.optim.lr = 1e-5
-  c.optim.warmup_ratio = 0.1
-  c.optim.weight_decay = 0.0
-  return c
+# ----------------------------------------------------------------------------- paper recipes
 
-
-# TPU slices the 7B configs are planned for (README, "TPU pods"): chips, and the rows each
-# chip takes per micro-step at dry_run_seq_len tokens, from the dry runs.
+# The paper's two recipes, what each changes in `base_config()`. The batch is per process on
+# one host of 8 GPUs (FSDP over every device); x grad_accum_steps it is the paper's batch.
+RECIPES = {
+    # SED fine-tuning: 2 epochs, batch 128 clips (16 x 8), lr 1e-4, warmup 5 %.
+    'sed_sft': dict(mode='sft', data=dict(num_epochs=2, batch_size=16),
+                    optim=dict(grad_accum_steps=8, lr=1e-4, warmup_ratio=0.05)),
+    # CA-DPO: 1 epoch, batch 64 pairs (8 x 8), lr 1e-5, sigmoid loss with beta 0.1, the
+    # reference log-probs precomputed (mode=ref_logps) from the SED model.
+    'ca_dpo': dict(mode='dpo', data=dict(num_epochs=1, batch_size=8),
+                   optim=dict(grad_accum_steps=8, lr=1e-5, warmup_ratio=0.1,
+                              weight_decay=0.0)),
+}
+MODEL_SIZES = {'3b': 'qwen2_5_omni_3b', '7b': 'qwen2_5_omni_7b'}
+# TPU slices the paper configs are planned for (README, "TPU pods"): chips, and the rows each
+# chip takes per micro-step at dry_run_seq_len tokens, from the 7B dry runs.
 TPU_SLICES = {
     'v5p': dict(topology='v5p-64', chips=32, rows_per_chip=1),
     'v6e': dict(topology='v6e-64', chips=64, rows_per_chip=1),
 }
 CHIPS_PER_HOST = 4
+# A family config's argument: one word of each kind at most, in any order.
+VARIANT_WORDS = {'model size': tuple(MODEL_SIZES), 'trainable mode': steps.TRAINABLE_MODES,
+                 'TPU slice': tuple(TPU_SLICES)}
+VARIANT_DEFAULTS = {'model size': '7b', 'trainable mode': 'full', 'TPU slice': None}
 
 
-def tpu_slice_arg(arg: str | None) -> tuple[str, str]:
-  """(slice, trainable) from a TPU config's argument: a slice of TPU_SLICES and/or a
-  trainable mode, comma-joined in any order ('v6e,lora', 'lora', None: 'v5p', 'full')."""
-  words = [w for w in (arg or '').split(',') if w]
-  unknown = [w for w in words if w not in TPU_SLICES and w not in steps.TRAINABLE_MODES]
-  if unknown:
-    raise ValueError(f'unknown config argument {unknown[0]!r}: expected a TPU slice '
-                     f'{sorted(TPU_SLICES)} and/or a trainable mode {list(steps.TRAINABLE_MODES)}')
-  pick = lambda choices, default: next((w for w in words if w in choices), default)
-  return pick(TPU_SLICES, 'v5p'), pick(steps.TRAINABLE_MODES, 'full')
+def variant(arg: str | None) -> dict[str, str | None]:
+  """{kind: word} of a family config's argument ('7b,lora,v5p', 'lora', None), each kind
+  of VARIANT_WORDS at its default when the argument names none."""
+  words = [w.strip() for w in (arg or '').split(',') if w.strip()]
+  picked = dict(VARIANT_DEFAULTS)
+  seen = set()
+  for word in words:
+    kind = next((k for k, valid in VARIANT_WORDS.items() if word in valid), None)
+    if kind is None:
+      valid = '; '.join(f'{k}: {", ".join(v)}' for k, v in VARIANT_WORDS.items())
+      raise ValueError(f'unknown config argument {word!r} in {arg!r}: expected comma-joined '
+                       f'words of ({valid})')
+    if kind in seen:
+      raise ValueError(f'config argument {arg!r} names two of {kind} '
+                       f'({", ".join(VARIANT_WORDS[kind])})')
+    seen.add(kind)
+    picked[kind] = word
+  return picked
 
 
-def on_tpu_slice(c: ml_collections.ConfigDict, name: str, examples_per_update: int):
-  """`c` for a TPU slice of `TPU_SLICES`: FSDP over every chip, splash attention, one
-  process per 4-chip host, and gradient accumulation up to the paper's batch."""
+def paper_config(recipe: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """The paper's `recipe` (a key of RECIPES) for the variant `arg` names (see `variant`):
+  the model size, the trainable mode and, with a TPU slice, that slice's layout."""
+  v = variant(arg)
+  model_name = MODEL_SIZES[v['model size']]
+  c = with_overrides(base_config(), RECIPES[recipe])
+  c.workdir = f'workdir/{recipe}_{model_name}'
+  c.model.name = model_name
+  c.mesh = (1, -1, 1)
+  c.trainable = v['trainable mode']
+  if v['TPU slice']:
+    on_tpu_slice(c, v['TPU slice'])
+  return c
+
+
+def on_tpu_slice(c: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  """`c` (a one-host GPU recipe) for a TPU slice of `TPU_SLICES`: FSDP over every chip,
+  splash attention, one process per 4-chip host, and gradient accumulation up to the
+  recipe's batch."""
   if name not in TPU_SLICES:
     raise ValueError(f'unknown TPU slice {name!r}; expected one of {sorted(TPU_SLICES)}')
   tpu = TPU_SLICES[name]
+  examples_per_update = c.data.batch_size * c.optim.grad_accum_steps
   c.mesh = (1, -1, 1)
   c.model.attention = 'splash'
   c.data.batch_size = CHIPS_PER_HOST * tpu['rows_per_chip']     # per process (host)
   c.optim.grad_accum_steps = max(1, examples_per_update // (tpu['chips'] * tpu['rows_per_chip']))
   c.workdir += f'_{name}'
   return c
-
 
 
 # ----------------------------------------------------------------------------- validation
@@ -187,6 +213,12 @@ def check_overrides(argv: list[str], default_file: str) -> None:
     raise SystemExit('\n'.join(errors))
 
 
+def _either(values) -> str:
+  """'a', 'b' or 'c'."""
+  quoted = [repr(v) for v in values]
+  return ', '.join(quoted[:-1]) + ' or ' + quoted[-1] if len(quoted) > 1 else quoted[0]
+
+
 def validate(config) -> None:
   """Raises ValueError naming every field whose value makes no sense, before any work."""
   problems = []
@@ -208,11 +240,12 @@ def validate(config) -> None:
   need(config.mode in MODES, 'mode', f'one of {list(MODES)}')
   need(config.trainable in steps.TRAINABLE_MODES, 'trainable',
        f'one of {list(steps.TRAINABLE_MODES)}')
-  need(config.nonfinite in ('stop', 'skip'), 'nonfinite', "'stop' or 'skip'")
+  need(config.nonfinite in NONFINITE, 'nonfinite', _either(NONFINITE))
   need(isinstance(config.seed, int), 'seed', 'an integer')
-  need(config.model.remat in ('none', 'full', 'dots'), 'model.remat', "'none', 'full' or 'dots'")
-  need(config.model.attention in ('auto', 'xla', 'cudnn', 'splash'), 'model.attention',
-       "'auto', 'xla', 'cudnn' or 'splash'")
+  need(config.model.remat in layers.REMAT_POLICIES, 'model.remat',
+       _either(layers.REMAT_POLICIES))
+  attention = ('auto',) + layers.ATTENTION_IMPLEMENTATIONS
+  need(config.model.attention in attention, 'model.attention', _either(attention))
   for field in ('dtype', 'param_dtype'):
     need(dtype_name(config.model[field]), f'model.{field}', 'a float dtype name')
   mesh = tuple(config.mesh)
@@ -245,7 +278,7 @@ def validate(config) -> None:
   buckets = tuple(d.length_buckets)
   need(len(buckets) > 0 and all(b > 0 for b in buckets) and list(buckets) == sorted(set(buckets)),
        'data.length_buckets', 'increasing positive lengths')
-  need(d.overlong in ('truncate', 'drop'), 'data.overlong', "'truncate' or 'drop'")
+  need(d.overlong in pipeline.OVERLONG_MODES, 'data.overlong', _either(pipeline.OVERLONG_MODES))
   for field in ('worker_count', 'group_batches', 'min_audio_chunks', 'min_patches',
                 'min_vision_blocks', 'min_frame_len'):
     need(d[field] >= 0, f'data.{field}', '>= 0')

@@ -13,7 +13,6 @@ After each training stage the model's answer for one clip is printed.
 A stage whose output exists is skipped, so an interrupted pipeline resumes.
 """
 
-import copy
 import os
 
 import jax
@@ -22,6 +21,7 @@ from jax.experimental import multihost_utils
 from saber_jax import sampling
 from saber_jax.cli import make_demo_data, make_pairs, make_preference_records, preprocess
 from saber_jax.train import checkpoint, stages
+from saber_jax.train.config import with_overrides
 
 
 def run_tool(tool, *args) -> None:
@@ -33,20 +33,6 @@ def run_tool(tool, *args) -> None:
     print(f'$ saber-{name} ' + ' '.join(args), flush=True)
     tool.main(args)
   multihost_utils.sync_global_devices(f'demo: {tool.__name__} done')
-
-
-def with_overrides(config, overrides):
-  """A copy of `config` with the fields of the nested `overrides` replaced."""
-  config = copy.deepcopy(config)
-
-  def merge(node, changes):
-    for key, value in changes.items():
-      if hasattr(value, 'items'):
-        merge(node[key], value)
-      else:
-        node[key] = value
-  merge(config, overrides)
-  return config
 
 
 def _done(path: str) -> bool:
