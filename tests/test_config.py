@@ -34,6 +34,14 @@ def test_every_shipped_config_is_valid(path):
     ('nonfinite', 'ignore', "config.nonfinite = 'ignore': expected 'stop' or 'skip'"),
     ('mesh', (-1, -1, 1), 'config.mesh = (-1, -1, 1)'),
     ('dpo.beta', 0.0, 'config.dpo.beta = 0.0: expected > 0'),
+    # Value sets read from their owners (models/layers, data/pipeline, steps, losses).
+    ('model.remat', 'some', "config.model.remat = 'some': expected 'none', 'full' or 'dots'"),
+    ('model.attention', 'flash',
+     "config.model.attention = 'flash': expected 'auto', 'xla', 'cudnn' or 'splash'"),
+    ('data.overlong', 'cut', "config.data.overlong = 'cut': expected 'truncate' or 'drop'"),
+    ('trainable', 'head', "config.trainable = 'head': expected one of ['full', 'llm', 'lora']"),
+    ('dpo.loss_type', 'kto', "config.dpo.loss_type = 'kto': expected one of ['sigmoid', "
+                             "'sigmoid_norm', 'ipo', 'hinge', 'robust']"),
 ])
 def test_nonsense_value_is_named(field, value, expected):
   config = config_lib.base_config()

@@ -69,8 +69,8 @@ def test_tiny_thinker_compiles_for_a_v5p_slice():
 
 
 @pytest.mark.parametrize('name, arg, per_update', [
-    ('sed_sft_7b_tpu', 'v5p', 128), ('sed_sft_7b_tpu', 'v6e,lora', 128),
-    ('ca_dpo_7b_tpu', 'v5p,lora', 64), ('ca_dpo_7b_tpu', 'v6e', 64)])
+    ('sed_sft', 'v5p', 128), ('sed_sft', 'v6e,lora', 128),
+    ('ca_dpo', 'v5p,lora', 64), ('ca_dpo', 'v6e', 64)])
 def test_tpu_configs_keep_the_papers_batch(name, arg, per_update):
   spec = importlib.util.spec_from_file_location(name, ROOT / 'saber_jax' / 'configs' / f'{name}.py')
   module = importlib.util.module_from_spec(spec)

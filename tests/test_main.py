@@ -109,7 +109,7 @@ def test_two_processes_match_one(sft_records, tmp_path):
 
 @pytest.mark.parametrize('trainable', ['full', 'lora'])
 def test_7b_dry_run_prints_per_device_memory(trainable, tmp_path):
-  out = _run([f'--config=configs/sed_sft_7b.py:{trainable}', '--config.dry_run=True',
+  out = _run([f'--config=configs/sed_sft.py:7b,{trainable}', '--config.dry_run=True',
               '--config.optim.total_steps=10'], tmp_path, devices=8)
   line = [l for l in out.splitlines() if l.startswith('per_device_memory_gib=')]
   assert line, out[-3000:]

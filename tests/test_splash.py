@@ -98,8 +98,9 @@ def test_splash_decoder_equals_xla_on_a_mesh():
 
 
 def test_auto_attention_picks_splash_on_tpu(monkeypatch):
-  from saber_jax.train.config import sed_sft_config
-  config = sed_sft_config('tiny')
+  from saber_jax.train.config import paper_config
+  config = paper_config('sed_sft')
+  config.model.name = 'tiny'
   monkeypatch.setattr(jax, 'default_backend', lambda: 'tpu')
   assert trainer.model_config_of(config).attention == 'splash'
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
