@@ -132,3 +132,24 @@ def test_demo_pipeline_trains_both_stages(tmp_path):
   for stage in ('sft', 'dpo'):          # one clip's answer shown after each stage
     assert (tmp_path / f'answers_after_{stage}.jsonl').read_text().strip()
   print(f'demo pipeline: {elapsed:.0f} s')
+  _check_demo_stages_alone(tmp_path)
+
+
+def _check_demo_stages_alone(workdir):
+  """`configs/demo.py:<stage>` names the inputs the pipeline made in `workdir`, and a
+  training stage run alone there is the same run (its fingerprint matches, so it would
+  resume rather than refuse)."""
+  from saber_jax.configs import demo
+  from saber_jax.data import pipeline
+  from saber_jax.train import trainer
+  for stage in demo.STAGES:
+    config = demo.get_config(stage)
+    config.workdir = str(workdir)
+    records = {'sft': config.sft_records, 'generate': config.generate.records}.get(
+        stage, config.pref_records)
+    paths = pipeline.resolve_paths(records)
+    assert paths and all(os.path.exists(p) for p in paths), (stage, records)
+    assert not config.init_from or os.path.isdir(config.init_from), (stage, config.init_from)
+    if stage in ('sft', 'dpo'):
+      trainer.claim_workdir(config, os.path.join(config.workdir, stage), stage, paths,
+                            config.init_from)
