@@ -136,6 +136,6 @@ def test_dpo_dry_run_compiles_and_prints_per_device_memory(tmp_path):
   out = _run(['--config=configs/ca_dpo.py:7b,lora', '--config.dry_run=True',
               '--config.optim.total_steps=10'], tmp_path, devices=8)
   assert '[dry run] dpo trainable=lora' in out
-  line = [l for l in out.splitlines() if l.startswith('per_device_memory_gib=')]
-  assert line, out[-3000:]
-  assert 1.0 < float(line[0].split('=')[1]) < 80.0
+  memory = [row for row in out.splitlines() if row.startswith('per_device_memory_gib=')]
+  assert memory, out[-3000:]
+  assert 1.0 < float(memory[0].split('=')[1]) < 80.0
