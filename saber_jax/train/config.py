@@ -1,6 +1,8 @@
-"""Every field a run config has, with its default. The files in `configs/` start from
-`base_config()` and override what they need; `--config.<field>=...` overrides on the
-command line."""
+"""Every field a run config has, with its default, the paper's two recipes and the checks
+run at start-up. The files in `configs/` start from `base_config()` (the families
+`sed_sft.py` / `ca_dpo.py` from `paper_config`, their argument the variant) and override
+what they need; `--config.<field>=...` overrides on the command line. Value sets are read
+from the modules that use them, so a new attention kernel or loss is valid here at once."""
 
 import copy
 import dataclasses
@@ -104,7 +106,8 @@ RECIPES = {
     # reference log-probs precomputed (mode=ref_logps) from the SED model.
     'ca_dpo': dict(mode='dpo', data=dict(num_epochs=1, batch_size=8),
                    optim=dict(grad_accum_steps=8, lr=1e-5, warmup_ratio=0.1,
-                              weight_decay=0.0)),
+                              weight_decay=0.0),
+                   dpo=dict(loss_type='sigmoid', beta=0.1)),
 }
 MODEL_SIZES = {'3b': 'qwen2_5_omni_3b', '7b': 'qwen2_5_omni_7b'}
 # TPU slices the paper configs are planned for (README, "TPU pods"): chips, and the rows each
