@@ -5,7 +5,7 @@ import json
 import os
 from typing import Iterable, Iterator, Mapping
 
-from saber_jax import fingerprint, jsonl
+from saber_jax import files, fingerprint
 from saber_jax.judge import replies, runs
 
 
@@ -79,8 +79,8 @@ def produced_by(args: argparse.Namespace, input_path: str, also: tuple[str, ...]
 def check_unique_ids(path: str) -> None:
   """Exits naming the file and both records when an id appears twice in an input."""
   first: dict[str, int] = {}
-  for n, r in enumerate(jsonl.read_jsonl(path), 1):
-    rid = jsonl.record_id(r, f'{path} record {n}')
+  for n, r in enumerate(files.read_jsonl(path), 1):
+    rid = files.record_id(r, f'{path} record {n}')
     if rid in first:
       raise SystemExit(f'error: {path}: duplicate id {rid!r} (records {first[rid]} and {n}); '
                        'nothing was sent to the judge')
@@ -130,8 +130,8 @@ def load_by_id(path: str, required: tuple[str, ...] = (), ids: set[str] | None =
   """id -> record for a JSONL file (only `ids` when given); each kept record must have
   the `required` fields. Duplicate ids are an error naming the file."""
   out = {}
-  for n, r in enumerate(jsonl.read_jsonl(path), 1):
-    rid = jsonl.record_id(r, f'{path} record {n}')
+  for n, r in enumerate(files.read_jsonl(path), 1):
+    rid = files.record_id(r, f'{path} record {n}')
     if ids is not None and rid not in ids:
       continue
     for field in required:

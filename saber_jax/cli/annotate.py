@@ -28,7 +28,7 @@ import wave
 
 import numpy as np
 
-from saber_jax import jsonl
+from saber_jax import files
 from saber_jax.cli import _common
 from saber_jax.data import annotation as annotation_lib
 from saber_jax.data import media
@@ -232,7 +232,7 @@ def parse_args(argv=None):
 def main(argv=None) -> runs.RunSummary:
   args = parse_args(argv)
   judge = _common.judge_from_args(args)
-  items = _common.sharded(jsonl.read_jsonl(args.manifest), args)
+  items = _common.sharded(files.read_jsonl(args.manifest), args)
   return _common.run_judged(
       args, items, make_processor(args, judge, os.path.dirname(os.path.abspath(args.manifest))),
       input_path=args.manifest, out_path=os.path.join(args.out, 'annotations.jsonl'),

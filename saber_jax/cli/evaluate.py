@@ -35,7 +35,7 @@ import os
 
 import pydantic
 
-from saber_jax import jsonl, metrics
+from saber_jax import files, metrics
 from saber_jax.cli import _common
 from saber_jax.data import annotation as annotation_lib
 from saber_jax.data import sed
@@ -142,8 +142,8 @@ EMOBENCH_LABELS = {
 
 def emobench(args) -> dict:
   rows = []
-  for n, r in enumerate(jsonl.read_jsonl(args.predictions)):
-    rid = jsonl.record_id(r, f'{args.predictions} record {n + 1}')
+  for n, r in enumerate(files.read_jsonl(args.predictions)):
+    rid = files.record_id(r, f'{args.predictions} record {n + 1}')
     for field in ('response', 'task', 'label'):
       if not isinstance(r.get(field), str):
         raise ValueError(f'{args.predictions}: record {rid!r}: {field!r} must be a string')
@@ -162,7 +162,7 @@ def emobench(args) -> dict:
       labels[task].append(gold)
   categories = {r['task']: r['category'] for r in rows if r.get('category')}
   parsed_rows = []
-  with jsonl.AtomicJsonlWriter(os.path.join(args.out, 'parsed.jsonl')) as writer:
+  with files.AtomicJsonlWriter(os.path.join(args.out, 'parsed.jsonl')) as writer:
     for r in rows:
       pred = metrics.parse_emotion_answer(r['response'], labels[r['task']])
       parsed_rows.append((r['task'], r['label'], pred))
@@ -194,8 +194,8 @@ def emobench(args) -> dict:
 
 def _run_judged(args, references: dict, process, desc: str) -> runs.RunSummary:
   def items():
-    for n, r in enumerate(_common.sharded(jsonl.read_jsonl(args.predictions), args)):
-      rid = jsonl.record_id(r, f'{args.predictions} record {n + 1}')
+    for n, r in enumerate(_common.sharded(files.read_jsonl(args.predictions), args)):
+      rid = files.record_id(r, f'{args.predictions} record {n + 1}')
       if not isinstance(r.get('response'), str):
         raise ValueError(f"{args.predictions}: record {rid!r}: 'response' must be a string")
       yield {'id': rid, 'response': r['response']}
@@ -213,7 +213,7 @@ def _run_judged(args, references: dict, process, desc: str) -> runs.RunSummary:
 
 def _judgments(args) -> list[dict]:
   path = os.path.join(args.out, 'judgments.jsonl')
-  return list(jsonl.read_jsonl(path)) if os.path.exists(path) else []
+  return list(files.read_jsonl(path)) if os.path.exists(path) else []
 
 
 def _run_counts(run: runs.RunSummary) -> dict:

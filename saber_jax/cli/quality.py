@@ -30,7 +30,7 @@ succeeds ("pending").
 import argparse
 import os
 
-from saber_jax import jsonl, metrics
+from saber_jax import files, metrics
 from saber_jax.cli import _common
 from saber_jax.data import annotation as annotation_lib
 from saber_jax.data import sed
@@ -84,8 +84,8 @@ def consistency_qc(judged: dict | None) -> tuple[dict, list[tuple[str, str]]]:
 
 def checked_records(args, transcripts: dict):
   """(id, record, speech qc, speech reasons) per annotation of this shard."""
-  for n, r in enumerate(_common.sharded(jsonl.read_jsonl(args.annotations), args)):
-    rid = jsonl.record_id(r, f'{args.annotations} record {n + 1}')
+  for n, r in enumerate(_common.sharded(files.read_jsonl(args.annotations), args)):
+    rid = files.record_id(r, f'{args.annotations} record {n + 1}')
     r = {**r, 'annotation': annotation_lib.annotation_of(r, args.annotations, rid)}
     if r.get('lang') not in ('en', 'zh'):
       raise ValueError(f"{args.annotations}: clip {rid!r}: 'lang' must be 'en' or 'zh', got {r.get('lang')!r}")
@@ -140,11 +140,11 @@ def main(argv=None) -> dict:
                              out_path=judged_path, desc='consistency', also=('descriptions',))
   judged = {}
   if args.descriptions and os.path.exists(judged_path):
-    judged = {jsonl.record_id(r, judged_path): r for r in jsonl.read_jsonl(judged_path)}
+    judged = {files.record_id(r, judged_path): r for r in files.read_jsonl(judged_path)}
 
   counts = {'kept': 0, 'dropped': 0, 'pending': 0, 'reasons': {}}
-  with jsonl.AtomicJsonlWriter(os.path.join(args.out, 'kept.jsonl')) as kept, \
-       jsonl.AtomicJsonlWriter(os.path.join(args.out, 'dropped.jsonl')) as dropped:
+  with files.AtomicJsonlWriter(os.path.join(args.out, 'kept.jsonl')) as kept, \
+       files.AtomicJsonlWriter(os.path.join(args.out, 'dropped.jsonl')) as dropped:
     for rid, r, qc, reasons in checked_records(args, transcripts):
       if args.descriptions and not reasons:
         if rid in descriptions and rid not in judged:
