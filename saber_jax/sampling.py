@@ -42,12 +42,11 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from saber_jax import files, fingerprint, generate, sharding
+from saber_jax import files, fingerprint, generate, sharding, weights
 from saber_jax.data import pipeline, records, sed
 from saber_jax.data import prompt as prompt_lib
 from saber_jax.models import thinker
 from saber_jax.models.config import ThinkerConfig
-from saber_jax.train import trainer
 
 SIZE_KEYS = ('num_audio_chunks', 'num_audio_tokens', 'num_patches', 'num_windows',
              'window_len', 'num_frames', 'frame_len')
@@ -359,7 +358,7 @@ def _check_fingerprint(config, record_paths, init_from: str, out_path: str) -> N
              if os.path.exists(p)]
   g = config.generate
   produced_by = {'records': fingerprint.files_identity(pipeline.resolve_paths(record_paths)),
-                 'seed': config.seed, **trainer.weights_identity(config, init_from),
+                 'seed': config.seed, **weights.weights_identity(config, init_from),
                  'generate': {k: g[k] for k in ('max_new_tokens', 'temperature', 'top_p', 'top_k',
                                                 'num_samples', 'tokenizer')}}
   fingerprint.ensure(os.path.splitext(out_path)[0] + '.' + fingerprint.FILE, produced_by,
@@ -377,9 +376,9 @@ def generate_stage(config, record_paths, init_from: str, out_path: str,
   demo's one answer); otherwise returns []."""
   os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
   _check_fingerprint(config, record_paths, init_from, out_path)
-  model_config = trainer.model_config_of(config)
+  model_config = weights.model_config_of(config)
   mesh = sharding.make_mesh(config.mesh)
-  params = trainer.initial_params(config, model_config, mesh, init_from)
+  params = weights.initial_params(config, model_config, mesh, init_from)
   tokenizer = prompt_lib.load_tokenizer(config.generate.tokenizer or None)
   start, compiled = time.perf_counter(), generate.generate_inputs._cache_size()
   kept, stats = sample_records(config, model_config, params, mesh, record_paths, out_path,

@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from hf_reference import tiny_hf_config
-from saber_jax import sharding
+from saber_jax import sharding, weights
 from saber_jax.models import ThinkerConfig, abstract_params, init_params
 from saber_jax.train import checkpoint, optim, steps
 
@@ -43,7 +43,7 @@ def test_state_saved_on_one_device_restores_onto_eight(tmp_path):
   checkpoint.save(mngr, 7, state)
   mngr.wait_until_finished()
   target, shardings = _state(model_config, eight)
-  restored = checkpoint.restore(mngr, checkpoint.abstract_like(target, shardings))
+  restored = checkpoint.restore(mngr, sharding.abstract_like(target, shardings))
   mngr.close()
   assert int(restored.step) == 7
   kernel = restored.trainable['text']['layers']['mlp']['gate_proj']['kernel']
@@ -55,10 +55,10 @@ def test_state_saved_on_one_device_restores_onto_eight(tmp_path):
 def test_final_params_reload_with_their_config(tmp_path):
   model_config = ThinkerConfig.from_hf(tiny_hf_config().to_dict())
   params = nn.unbox(init_params(model_config, jax.random.key(1)))
-  checkpoint.save_params(str(tmp_path / 'final'), params, model_config)
-  config = checkpoint.params_config(str(tmp_path / 'final'))
+  weights.save_params(str(tmp_path / 'final'), params, model_config)
+  config = weights.params_config(str(tmp_path / 'final'))
   assert config == model_config
-  loaded = checkpoint.load_params(str(tmp_path / 'final'), nn.unbox(abstract_params(config)))
+  loaded = weights.load_params(str(tmp_path / 'final'), nn.unbox(abstract_params(config)))
   for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
     np.testing.assert_array_equal(got, want)
 
@@ -105,6 +105,6 @@ def test_nonfinite_saved_params_are_refused_naming_the_tensor(tmp_path):
   params = nn.unbox(init_params(model_config, jax.random.key(1)))
   kernel = params['text']['layers']['mlp']['up_proj']['kernel']
   params['text']['layers']['mlp']['up_proj']['kernel'] = kernel.at[1, 0, 0].set(jnp.nan)
-  checkpoint.save_params(str(tmp_path / 'final'), params, model_config)
+  weights.save_params(str(tmp_path / 'final'), params, model_config)
   with pytest.raises(ValueError, match=r"text/layers/mlp/up_proj/kernel.*non-finite"):
-    checkpoint.load_params(str(tmp_path / 'final'), nn.unbox(abstract_params(model_config)))
+    weights.load_params(str(tmp_path / 'final'), nn.unbox(abstract_params(model_config)))

@@ -8,7 +8,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from saber_jax import sharding
+from saber_jax import sharding, weights
 from saber_jax.train import config as run_config
 from saber_jax.train import trainer
 from test_main import _run
@@ -40,7 +40,7 @@ def test_config_loads_and_plans_its_stage(name, arg):
   config.optim.total_steps = 10           # 0 means "count the records"; there are none here
   stage = 'dpo' if config.mode == 'dpo' else 'sft'
   setup = trainer.plan(config, stage, sharding.make_mesh(config.mesh))
-  assert setup.model_config == trainer.model_config_of(config)
+  assert setup.model_config == weights.model_config_of(config)
   if (arg or 'full') == 'lora' and name != 'demo.py':
     assert set(setup.abstract_state.trainable) == {'lora'}
 

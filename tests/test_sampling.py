@@ -19,10 +19,9 @@ import pytest
 
 from hf_reference import make_batch, tiny_hf_config
 from processes import cpu_env, free_port
-from saber_jax import files, generate, sampling, sharding
+from saber_jax import files, generate, sampling, sharding, weights
 from saber_jax.data import prompt, records
 from saber_jax.models import ThinkerConfig, abstract_params, model_inputs
-from saber_jax.train import trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 from saber_jax.cli import make_demo_data, preprocess  # noqa: E402
@@ -85,9 +84,9 @@ def tokenizer():
 def run(config, paths, out_dir, devices=1, mesh_shape=(-1, 1, 1), batch_size=5):
   """sample_records on the first `devices` devices -> ({id: line}, stats)."""
   config.generate.batch_size = batch_size
-  model_config = trainer.model_config_of(config)
+  model_config = weights.model_config_of(config)
   mesh = sharding.make_mesh(mesh_shape, jax.devices()[:devices])
-  params = trainer.initial_params(config, model_config, mesh, '')
+  params = weights.initial_params(config, model_config, mesh, '')
   out = pathlib.Path(out_dir) / 'predictions.jsonl'
   out.parent.mkdir(parents=True, exist_ok=True)
   _, stats = sampling.sample_records(config, model_config, params, mesh, paths, str(out),

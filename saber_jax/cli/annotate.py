@@ -75,6 +75,22 @@ MEDIA_ZH = {
 }
 
 
+# The SABER six-dimension annotation (see saber_jax/data/annotation.py). This spec is
+# what the annotator is asked for (exact keys, sent as the json_schema); the content
+# rules are the shared ones, applied by `annotation.checked_annotation`.
+class AudioDescription(replies.Reply):
+  speech_content: str
+  acoustic_feat: replies.NonEmpty
+
+
+class AnnotationReply(replies.Reply):
+  video_desc: replies.NonEmpty
+  audio_desc: AudioDescription
+  facial_exp_desc: replies.NonEmpty
+  body_lang_desc: replies.NonEmpty
+  sentiment_analysis: replies.NonEmpty
+
+
 def annotation_prompt(lang: str, num_frames: int, with_audio: bool) -> str:
   prompt, media = {'en': (PROMPT_EN, MEDIA_EN), 'zh': (PROMPT_ZH, MEDIA_ZH)}[lang]
   return prompt.format(media=media[(num_frames > 0, with_audio)].format(n=num_frames))
@@ -209,7 +225,7 @@ def make_processor(args, judge, base_dir: str):
       check_language(annotation, lang)
       return annotation
 
-    reply = judge.ask(build_annotation_messages(prompt, frames, wav), _common.AnnotationReply,
+    reply = judge.ask(build_annotation_messages(prompt, frames, wav), AnnotationReply,
                       name='saber_annotation', check=check)
     return {**{k: v for k, v in item.items() if k != 'annotation'},
             'annotation': reply.value, 'annotator': args.model}

@@ -288,7 +288,7 @@ def judge_pairs(args) -> dict:
     responses_of(r, where)
     finished_of(r, where)
   references = {rid: annotation_lib.annotation_of(r, args.annotations, rid)
-                for rid, r in _common.load_by_id(args.annotations, ids=ids).items()}
+                for rid, r in files.load_by_id(args.annotations, ids=ids).items()}
   judge = _common.judge_from_args(args)
   scores_path = os.path.join(args.out, 'scores.jsonl')
 
@@ -361,10 +361,7 @@ def parse_args(argv=None):
   parser.add_argument('--perturbations', default=','.join(PERTURBATIONS),
                       help='perturb: kinds to build, comma-separated')
   parser.add_argument('--seed', type=int, default=0, help='perturb: seed')
-  _common.add_judge_args(parser)
-  for action in parser._actions:  # the judge is needed by --strategy judge only
-    if action.dest == 'model':
-      action.required = False
+  _common.add_judge_args(parser, model_required=False)   # the judge: --strategy judge only
   return parser.parse_args(argv)
 
 
@@ -377,7 +374,7 @@ def main(argv=None) -> dict:
   else:
     counts = perturb_pairs(args)
   counts['strategy'] = args.strategy
-  _common.write_json(os.path.join(args.out, 'summary.json'), counts)
+  files.write_json(os.path.join(args.out, 'summary.json'), counts)
   print(f"pairs={counts['pairs']}", flush=True)
   return counts
 

@@ -84,8 +84,7 @@ def consistency_qc(judged: dict | None) -> tuple[dict, list[tuple[str, str]]]:
 
 def checked_records(args, transcripts: dict):
   """(id, record, speech qc, speech reasons) per annotation of this shard."""
-  for n, r in enumerate(_common.sharded(files.read_jsonl(args.annotations), args)):
-    rid = files.record_id(r, f'{args.annotations} record {n + 1}')
+  for rid, r in _common.sharded(files.records_with_ids(args.annotations), args):
     r = {**r, 'annotation': annotation_lib.annotation_of(r, args.annotations, rid)}
     if r.get('lang') not in ('en', 'zh'):
       raise ValueError(f"{args.annotations}: clip {rid!r}: 'lang' must be 'en' or 'zh', got {r.get('lang')!r}")
@@ -101,11 +100,7 @@ def parse_args(argv=None):
   parser.add_argument('--descriptions', help='JSONL {"id", "description"}; enables the LLM check')
   parser.add_argument('--wer-threshold', type=float, default=DEFAULT_WER_THRESHOLD,
                       help='drop when WER (en) / CER (zh) exceeds this (default %(default)s)')
-  _common.add_judge_args(parser)
-  # The judge is needed only with --descriptions.
-  for action in parser._actions:
-    if action.dest == 'model':
-      action.required = False
+  _common.add_judge_args(parser, model_required=False)   # the judge: --descriptions only
   return parser.parse_args(argv)
 
 
@@ -116,13 +111,13 @@ def main(argv=None) -> dict:
   transcripts = {}
   if args.transcripts:
     transcripts = {k: r['transcript'] for k, r in
-                   _common.load_by_id(args.transcripts, required=('transcript',)).items()}
+                   files.load_by_id(args.transcripts, required=('transcript',)).items()}
   descriptions = {}
   judged_path = os.path.join(args.out, 'consistency.jsonl')
   run = None
   if args.descriptions:
     descriptions = {k: r['description'] for k, r in
-                    _common.load_by_id(args.descriptions, required=('description',)).items()}
+                    files.load_by_id(args.descriptions, required=('description',)).items()}
     judge = _common.judge_from_args(args)
 
     def items():
@@ -162,7 +157,7 @@ def main(argv=None) -> dict:
   counts['wer_threshold'] = args.wer_threshold
   if run is not None:
     counts['judge'] = {'done': run.done, 'skipped': run.skipped, 'failed': run.failed}
-  _common.write_json(os.path.join(args.out, 'summary.json'), counts)
+  files.write_json(os.path.join(args.out, 'summary.json'), counts)
   print(f"kept={counts['kept']} dropped={counts['dropped']} pending={counts['pending']}", flush=True)
   return counts
 
