@@ -1,6 +1,6 @@
 """saber_jax.judge: reply models (pydantic) and their check, the client against a real
 HTTP server through the real openai client (its own retries for transport errors, ours
-for unusable replies), and the resumable, fingerprinted JSONL run (saber_jax.jsonl)."""
+for unusable replies), and the resumable, fingerprinted JSONL run (judge/runs.py)."""
 
 import json
 import os
@@ -189,44 +189,6 @@ def test_api_key_is_redacted_from_errors(judge_server):
   with pytest.raises(client.JudgeError) as info:
     fast_judge(server, api_key=key).ask(MESSAGES, Score)
   assert key not in info.value.message and 'bad key <redacted>' in info.value.message
-
-
-# ----------------------------------------------------------------------------- files
-
-def test_repair_tail_drops_only_an_unterminated_line(tmp_path):
-  path = str(tmp_path / 'out.jsonl')
-  with open(path, 'w') as f:
-    f.write('{"id": "a"}\n{"id": "b"}\n{"id": "c", "x": ')
-  assert files.repair_tail(path) == len('{"id": "c", "x": ')
-  assert [r['id'] for r in files.read_jsonl(path)] == ['a', 'b']
-  assert files.repair_tail(path) == 0
-  with open(path, 'w') as f:
-    f.write('{"id": "only", "half')
-  files.repair_tail(path)
-  assert os.path.getsize(path) == 0
-
-
-def test_read_jsonl_names_file_and_line(tmp_path):
-  path = tmp_path / 'bad.jsonl'
-  path.write_text('{"id": 1}\n\nnot json\n')
-  with pytest.raises(ValueError, match=r'bad.jsonl:3: not valid JSON'):
-    list(files.read_jsonl(str(path)))
-  path.write_text('[1]\n')
-  with pytest.raises(ValueError, match=r'bad.jsonl:1: expected a JSON object'):
-    list(files.read_jsonl(str(path)))
-
-
-def test_appender_writes_whole_lines_from_many_threads(tmp_path):
-  path = str(tmp_path / 'out.jsonl')
-  with files.JsonlAppender(path) as out:
-    threads = [threading.Thread(target=lambda t=t: [out.append({'id': f'{t}-{i}', 'pad': 'x' * 500})
-                                                      for i in range(20)]) for t in range(4)]
-    for t in threads:
-      t.start()
-    for t in threads:
-      t.join()
-  ids = [r['id'] for r in files.read_jsonl(path)]
-  assert len(ids) == 80 and len(set(ids)) == 80
 
 
 # ----------------------------------------------------------------------------- runs
