@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from saber_jax import sharding, weights
+from saber_jax import files, sharding, weights
 from saber_jax.data import pipeline, records
 from saber_jax.train import steps, trainer
 
@@ -90,8 +90,7 @@ def ref_logps_stage(config, record_paths, init_from: str) -> str:
     os.makedirs(out, exist_ok=True)
     counts = records.fill_reference_logps(paths, values, key='index', out_dir=out,
                                           missing='keep')
-    with open(os.path.join(out, DONE), 'w') as f:
-      f.write(f'{counts}\n')
+    files.write_text(os.path.join(out, DONE), f'{counts}\n')
     print(f'[ref_logps] filled {counts["filled"]} pairs, kept {counts["kept"]} '
           f'(too long for the largest length bucket) -> {out}', flush=True)
   multihost_utils.sync_global_devices('ref_logps written')
