@@ -86,15 +86,14 @@ def run_judged(args: argparse.Namespace, items, process, *, input_path: str, out
   (status 1) before any request when an input id repeats or the output belongs to other
   inputs or settings, and after the run when every item failed."""
   try:
-    try:
-      files.check_unique_ids(input_path)
-    except files.DuplicateId as e:
-      raise SystemExit(f'error: {e}; nothing was sent to the judge') from None
+    files.check_unique_ids(input_path)
     run = runs.run_jobs(items, process, out_path=out_path,
                         errors_path=os.path.join(args.out, 'errors.jsonl'),
                         concurrency=args.concurrency, max_items=args.max_items, total=total,
                         desc=desc, produced_by=produced_by(args, input_path, also),
                         overwrite=args.overwrite)
+  except files.DuplicateId as e:
+    raise SystemExit(f'error: {e}; nothing was sent to the judge') from None
   except (fingerprint.Mismatch, ValueError) as e:
     raise SystemExit(f'error: {e}') from None
   if run.failed and not (run.done or run.skipped):

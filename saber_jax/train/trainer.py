@@ -60,7 +60,7 @@ def plan(config, stage: str, mesh: Mesh) -> Setup:
   model_config = weights.model_config_of(config)
   boxed = abstract_params(model_config)
   lora_config = weights.lora_config_of(config)
-  boxed_lora = _boxed_lora(lora_config, boxed) if lora_config else None
+  boxed_lora = _boxed_lora(lora_config, boxed) if lora_config is not None else None
   boxed_trainable, boxed_frozen = steps.split_params(boxed, config.trainable, boxed_lora)
   optimizer = optim.make_optimizer(config.optim)
   boxed_state = steps.TrainState(
@@ -83,7 +83,7 @@ def materialize(setup: Setup, config, init_from: str | None) -> Setup:
   params = weights.initial_params(config, setup.model_config, setup.mesh, init_from)
   shardings = setup.state_shardings
   lora_config, lora_params = weights.lora_config_of(config), None
-  if lora_config:
+  if lora_config is not None:
     lora_params = jax.jit(
         lambda p, key: lora.init_lora(key, p, rank=lora_config.rank,
                                       targets=tuple(lora_config.targets)),
