@@ -178,7 +178,8 @@ def emobench(args) -> dict:
     report.append('\n' + markdown_table(
         ['category', 'mean accuracy %'],
         [[c, fmt(100 * a, 1)] for c, a in summary['categories'].items()]))
-  report.append(f"\nAverage over tasks: {fmt(100 * summary['average'], 1) if summary['average'] is not None else '-'}%; "
+  average = fmt(100 * summary['average'], 1) if summary['average'] is not None else '-'
+  report.append(f"\nAverage over tasks: {average}%; "
                 f"unparseable answers: {fmt(100 * (summary['invalid_rate'] or 0), 1)}%.\n")
   files.write_text(os.path.join(args.out, 'report.md'), ''.join(report))
   bar_chart(os.path.join(args.out, 'emobench_tasks.png'), 'EmoBench-M accuracy per task',

@@ -187,12 +187,13 @@ def read_annotations(path: str | os.PathLike, *, shard_index: int = 0, num_shard
       except json.JSONDecodeError as e:
         raise AnnotationError(f'invalid JSON at column {e.colno}: {e.msg}') from None
       if not isinstance(record, Mapping):
-        raise AnnotationError(f'expected a JSON object with "id" and "annotation", got {_type_name(record)}')
+        raise AnnotationError('expected a JSON object with "id" and "annotation", got '
+                              f'{_type_name(record)}')
       clip_id = record.get('id')
       if isinstance(clip_id, bool) or not isinstance(clip_id, (str, int)):
         bad_id, clip_id = clip_id, None
-        raise AnnotationError('missing' if bad_id is None else f'expected a string, got {_type_name(bad_id)}',
-                              field='id')
+        raise AnnotationError('missing' if bad_id is None
+                              else f'expected a string, got {_type_name(bad_id)}', field='id')
       if 'annotation' not in record:
         raise AnnotationError('missing', clip_id=clip_id, field='annotation')
       value = record['annotation']
