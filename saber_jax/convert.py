@@ -9,12 +9,10 @@ final shape (placed on their sharding when a mesh is given), so a 7B is never he
 """
 
 import functools
-import glob
 import json
 import math
 import os
 import re
-import shutil
 from typing import Iterable, Iterator, Sequence
 
 import flax.linen as nn
@@ -26,14 +24,13 @@ import tqdm
 from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import Mesh, NamedSharding
 
+from saber_jax import files
 from saber_jax import sharding as sharding_lib
-from saber_jax.models import audio, text, vision
+from saber_jax.models import audio, layers, text, vision
 from saber_jax.models.config import ThinkerConfig
 from saber_jax.models.thinker import abstract_params
 
-Rule = tuple[str, str, tuple[int, ...] | None]
-
-LINEAR = (1, 0)              # torch Linear [out, in] -> flax Dense [in, out]
+Rule = layers.Rule
 
 
 def match_rule(rules: Sequence[Rule], name: str) -> tuple[str, int | None, tuple[int, ...] | None]:
@@ -317,27 +314,9 @@ def save_hf(config: ThinkerConfig, params: dict, path: str, *, prefix: str = '',
   temporary directory that then takes the folder's place, so no stale shard or index is
   left beside the new weights and a killed export leaves the old one intact. Files there
   that are not weights or config (a tokenizer, a README) are carried over."""
-  path = os.path.abspath(path)
-  for stale in glob.glob(glob.escape(path) + '.tmp-*') + glob.glob(glob.escape(path) + '.old-*'):
-    shutil.rmtree(stale, ignore_errors=True)   # left by a killed export
-  tmp, old = f'{path}.tmp-{os.getpid()}', f'{path}.old-{os.getpid()}'
-  os.makedirs(tmp)
-  try:
-    _write_hf(config, params, tmp, prefix, max_shard_bytes, progress)
-    if not os.path.isdir(path):
-      os.makedirs(os.path.dirname(path), exist_ok=True)
-      os.replace(tmp, path)
-      return
-    for name in os.listdir(path):
-      if not _is_export_file(name):
-        source = os.path.join(path, name)
-        copy = shutil.copytree if os.path.isdir(source) else shutil.copy2
-        copy(source, os.path.join(tmp, name))
-    os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+  files.replace_dir(path, lambda tmp: _write_hf(config, params, tmp, prefix, max_shard_bytes,
+                                                progress),
+                    carry_over=lambda name: not _is_export_file(name))
 
 
 def _is_export_file(name: str) -> bool:
@@ -346,8 +325,7 @@ def _is_export_file(name: str) -> bool:
 
 
 def _write_hf(config, params, path, prefix, max_shard_bytes, progress):
-  with open(os.path.join(path, 'config.json'), 'w') as f:
-    json.dump(config.to_hf(), f, indent=2)
+  files.write_json(os.path.join(path, 'config.json'), config.to_hf())
   shards, current, size = [], {}, 0
   for name, array in tqdm.tqdm(hf_tensors(params, prefix), desc='saving', unit=' tensors',
                                disable=not progress):
@@ -366,5 +344,5 @@ def _write_hf(config, params, path, prefix, max_shard_bytes, progress):
     write_safetensors(os.path.join(path, file), shard)
     weight_map.update(dict.fromkeys(shard, file))
   total = sum(a.nbytes for shard in shards for a in shard.values())
-  with open(os.path.join(path, 'model.safetensors.index.json'), 'w') as f:
-    json.dump(dict(metadata=dict(total_size=total), weight_map=weight_map), f, indent=2)
+  files.write_json(os.path.join(path, 'model.safetensors.index.json'),
+                   dict(metadata=dict(total_size=total), weight_map=weight_map))

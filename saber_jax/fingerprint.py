@@ -12,6 +12,8 @@ import json
 import os
 from typing import Any, Callable, Iterable
 
+from saber_jax import files
+
 FILE = 'fingerprint.json'
 
 
@@ -70,19 +72,12 @@ def _short(value: Any, limit: int = 120) -> str:
 
 
 def read(path: str) -> Any:
-  with open(path, encoding='utf-8') as f:
-    return json.load(f)
+  return files.read_json(path)
 
 
 def write(path: str, fingerprint: Any) -> None:
   """Atomic, so a kill leaves the old fingerprint or the new one, never half of one."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump(fingerprint, f, indent=1, sort_keys=True)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  files.write_json(path, fingerprint, indent=1, sort_keys=True)
 
 
 def ensure(path: str, fingerprint: Any, *, has_output: bool, overwrite: bool,

@@ -24,8 +24,8 @@ from absl import app, logging  # noqa: E402
 import jax  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from saber_jax import configs, sampling  # noqa: E402
-from saber_jax.train import config as config_lib, demo, dry_run, stages  # noqa: E402
+from saber_jax import configs, pipeline, sampling  # noqa: E402
+from saber_jax.train import config as config_lib, dry_run, stages  # noqa: E402
 
 CONFIGS = os.path.dirname(os.path.abspath(configs.__file__))
 DEFAULT_CONFIG = os.path.join(CONFIGS, 'demo.py')
@@ -77,7 +77,7 @@ def run(config) -> None:
     sampling.generate_stage(config, config.generate.records, config.init_from,
                             os.path.join(config.workdir, 'predictions.jsonl'))
   elif config.mode == 'pipeline':
-    demo.run_pipeline(config)
+    pipeline.run_pipeline(config)
   else:
     raise ValueError(f'unknown mode {config.mode!r}: sft, ref_logps, dpo, generate, pipeline')
 

@@ -33,7 +33,6 @@ with the error instead (a broken setup, not bad clips).
 import dataclasses
 import glob
 import hashlib
-import json
 import os
 import time
 from typing import Any, Iterator, Sequence
@@ -43,12 +42,11 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from saber_jax import fingerprint, generate, jsonl, sharding
+from saber_jax import files, fingerprint, generate, sharding, weights
 from saber_jax.data import pipeline, records, sed
 from saber_jax.data import prompt as prompt_lib
 from saber_jax.models import thinker
 from saber_jax.models.config import ThinkerConfig
-from saber_jax.train import trainer
 
 SIZE_KEYS = ('num_audio_chunks', 'num_audio_tokens', 'num_patches', 'num_windows',
              'window_len', 'num_frames', 'frame_len')
@@ -70,15 +68,6 @@ class Prompt:
 
 # ------------------------------------------------------------------------------ output
 
-def _append_durably(path: str, lines: Sequence[dict]) -> None:
-  if not lines:
-    return
-  with open(path, 'a', encoding='utf-8') as f:
-    f.write(''.join(json.dumps(line, ensure_ascii=False) + '\n' for line in lines))
-    f.flush()
-    os.fsync(f.fileno())
-
-
 def part_path(out_path: str, process: int) -> str:
   return f'{out_path}.part{process}'
 
@@ -92,23 +81,20 @@ def finished_ids(out_path: str) -> set[str]:
   (by 'path:index' for a record whose id could not be read)."""
   paths = [out_path, errors_path(out_path)] + glob.glob(glob.escape(out_path) + '.part*')
   return {str(line['id']) if line.get('id') is not None else line.get('where')
-          for path in paths for line in jsonl.read_whole_lines(path)} - {None}
+          for path in paths for line in files.read_whole_lines(path)} - {None}
 
 
-def merge_parts(out_path: str) -> int:
-  """`out_path` rewritten (atomically) with its lines and every part file's, each id once;
-  the part files removed. Returns the number of lines."""
+def merge_process_parts(out_path: str) -> int:
+  """`out_path` rewritten (atomically) with its lines and every process's part file's, each
+  id once; the part files removed. Returns the number of lines."""
   parts = sorted(glob.glob(glob.escape(out_path) + '.part*'))
-  seen, tmp = set(), out_path + '.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
+  seen = set()
+  with files.atomic_open(out_path) as f:
     for path in [out_path] + parts:
-      for line in jsonl.read_whole_lines(path):
+      for line in files.read_whole_lines(path):
         if line['id'] not in seen:
           seen.add(line['id'])
-          f.write(json.dumps(line, ensure_ascii=False) + '\n')
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, out_path)
+          f.write(files.jsonl_line(line))
   for path in parts:
     os.remove(path)
   return len(seen)
@@ -252,12 +238,12 @@ def sample_records(config, model_config: ThinkerConfig, params, mesh, record_pat
   model_config = dataclasses.replace(model_config, attention='xla')   # left-padded prompts
   key = jax.random.key(config.seed)
   own_part, own_errors = part_path(out_path, process), errors_path(out_path)
-  jsonl.repair_tail(own_part)
+  files.repair_tail(own_part)
   done = finished_ids(out_path)
   stats, kept = Stats(), []
 
   def error(prompt_id, where, reason):
-    _append_durably(own_errors, [dict(id=prompt_id, where=where, reason=reason)])
+    files.append_jsonl(own_errors, [dict(id=prompt_id, where=where, reason=reason)])
     stats.errors += 1
     print(f'[generate] skipped {prompt_id or where}: {reason}', flush=True)
 
@@ -312,7 +298,7 @@ def sample_records(config, model_config: ThinkerConfig, params, mesh, record_pat
                   num_tokens=out['lengths'][rows].tolist(),
                   logprob=[round(float(x), 5) for x in logprob[rows]])
       lines.append(line)
-    _append_durably(own_part, lines)
+    files.append_jsonl(own_part, lines)
     stats.written += len(lines)
     stats.batches += 1
     stats.padding_rows += sum(p is None for p in batch)
@@ -372,7 +358,7 @@ def _check_fingerprint(config, record_paths, init_from: str, out_path: str) -> N
              if os.path.exists(p)]
   g = config.generate
   produced_by = {'records': fingerprint.files_identity(pipeline.resolve_paths(record_paths)),
-                 'seed': config.seed, **trainer.weights_identity(config, init_from),
+                 'seed': config.seed, **weights.weights_identity(config, init_from),
                  'generate': {k: g[k] for k in ('max_new_tokens', 'temperature', 'top_p', 'top_k',
                                                 'num_samples', 'tokenizer')}}
   fingerprint.ensure(os.path.splitext(out_path)[0] + '.' + fingerprint.FILE, produced_by,
@@ -390,9 +376,9 @@ def generate_stage(config, record_paths, init_from: str, out_path: str,
   demo's one answer); otherwise returns []."""
   os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
   _check_fingerprint(config, record_paths, init_from, out_path)
-  model_config = trainer.model_config_of(config)
+  model_config = weights.model_config_of(config)
   mesh = sharding.make_mesh(config.mesh)
-  params = trainer.initial_params(config, model_config, mesh, init_from)
+  params = weights.initial_params(config, model_config, mesh, init_from)
   tokenizer = prompt_lib.load_tokenizer(config.generate.tokenizer or None)
   start, compiled = time.perf_counter(), generate.generate_inputs._cache_size()
   kept, stats = sample_records(config, model_config, params, mesh, record_paths, out_path,
@@ -405,6 +391,6 @@ def generate_stage(config, record_paths, init_from: str, out_path: str,
         f'rows, {waste:.0%} of decode row-steps after a row ended', flush=True)
   multihost_utils.sync_global_devices('generate: parts written')
   if jax.process_index() == 0:
-    print(f'[generate] {merge_parts(out_path)} lines in {out_path}', flush=True)
+    print(f'[generate] {merge_process_parts(out_path)} lines in {out_path}', flush=True)
   multihost_utils.sync_global_devices('generate: merged')
   return kept

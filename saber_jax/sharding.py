@@ -99,6 +99,13 @@ def tree_shardings(boxed_tree, mesh: Mesh, rules: Sequence[tuple[str, Any]] = AX
   return jax.tree.map(one, boxed_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
+def abstract_like(tree, shardings):
+  """ShapeDtypeStructs of `tree`'s leaves carrying the given shardings (what a restore
+  places arrays by, and what AOT compiles against)."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
 def _batch_axis(path) -> int:
   # position_ids is [3, B, L]; every other batch array leads with rows (or media shards).
   return 1 if getattr(path[-1], 'key', None) == 'position_ids' else 0

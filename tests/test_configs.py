@@ -10,7 +10,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from saber_jax import sharding
+from saber_jax import sharding, weights
 from saber_jax.train import config as run_config
 from saber_jax.train import trainer
 from test_main import _run
@@ -39,7 +39,7 @@ def load_config(name: str, arg: str | None):
 def plan(config, stage: str):
   config.optim.total_steps = 10           # 0 means "count the records"; there are none here
   setup = trainer.plan(config, stage, sharding.make_mesh(config.mesh))
-  assert setup.model_config == trainer.model_config_of(config)
+  assert setup.model_config == weights.model_config_of(config)
   return setup
 
 

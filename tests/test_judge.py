@@ -1,6 +1,6 @@
 """saber_jax.judge: reply models (pydantic) and their check, the client against a real
 HTTP server through the real openai client (its own retries for transport errors, ours
-for unusable replies), and the resumable, fingerprinted JSONL run (saber_jax.jsonl)."""
+for unusable replies), and the resumable, fingerprinted JSONL run (judge/runs.py)."""
 
 import json
 import os
@@ -11,7 +11,7 @@ from typing import Literal
 import pytest
 
 from judge_server import Reply, judge_server, user_text  # noqa: F401 (fixture)
-from saber_jax import fingerprint, jsonl
+from saber_jax import files, fingerprint
 from saber_jax.judge import client, replies, runs
 
 
@@ -191,44 +191,6 @@ def test_api_key_is_redacted_from_errors(judge_server):
   assert key not in info.value.message and 'bad key <redacted>' in info.value.message
 
 
-# ----------------------------------------------------------------------------- files
-
-def test_repair_tail_drops_only_an_unterminated_line(tmp_path):
-  path = str(tmp_path / 'out.jsonl')
-  with open(path, 'w') as f:
-    f.write('{"id": "a"}\n{"id": "b"}\n{"id": "c", "x": ')
-  assert jsonl.repair_tail(path) == len('{"id": "c", "x": ')
-  assert [r['id'] for r in jsonl.read_jsonl(path)] == ['a', 'b']
-  assert jsonl.repair_tail(path) == 0
-  with open(path, 'w') as f:
-    f.write('{"id": "only", "half')
-  jsonl.repair_tail(path)
-  assert os.path.getsize(path) == 0
-
-
-def test_read_jsonl_names_file_and_line(tmp_path):
-  path = tmp_path / 'bad.jsonl'
-  path.write_text('{"id": 1}\n\nnot json\n')
-  with pytest.raises(ValueError, match=r'bad.jsonl:3: not valid JSON'):
-    list(jsonl.read_jsonl(str(path)))
-  path.write_text('[1]\n')
-  with pytest.raises(ValueError, match=r'bad.jsonl:1: expected a JSON object'):
-    list(jsonl.read_jsonl(str(path)))
-
-
-def test_appender_writes_whole_lines_from_many_threads(tmp_path):
-  path = str(tmp_path / 'out.jsonl')
-  with jsonl.JsonlAppender(path) as out:
-    threads = [threading.Thread(target=lambda t=t: [out.append({'id': f'{t}-{i}', 'pad': 'x' * 500})
-                                                      for i in range(20)]) for t in range(4)]
-    for t in threads:
-      t.start()
-    for t in threads:
-      t.join()
-  ids = [r['id'] for r in jsonl.read_jsonl(path)]
-  assert len(ids) == 80 and len(set(ids)) == 80
-
-
 # ----------------------------------------------------------------------------- runs
 
 def _items(n):
@@ -261,13 +223,13 @@ def test_run_jobs_resumes_retries_failures_and_bounds_concurrency(judge_server, 
     f.write('{"id": "item00", "sco')
   s2 = runs.run_jobs(_items(12), process, out_path=out, errors_path=errors, concurrency=3)
   assert (s2.done, s2.skipped, s2.failed) == (5, 5, 2)  # item03 again, item07
-  assert sorted(r['id'] for r in jsonl.read_jsonl(errors)) == ['item03', 'item07']
-  err = next(jsonl.read_jsonl(errors))
+  assert sorted(r['id'] for r in files.read_jsonl(errors)) == ['item03', 'item07']
+  err = next(files.read_jsonl(errors))
   assert err['kind'] == 'invalid_reply' and err['raw'] == '{"score": 9, "ok": true}' and err['attempts'] == 2
   fixed.set()
   s3 = runs.run_jobs(_items(12), process, out_path=out, errors_path=errors, concurrency=3)
   assert (s3.done, s3.skipped, s3.failed) == (2, 10, 0)
-  ids = [r['id'] for r in jsonl.read_jsonl(out)]
+  ids = [r['id'] for r in files.read_jsonl(out)]
   assert sorted(ids) == [f'item{i:02d}' for i in range(12)]  # none lost, none twice
   assert os.path.getsize(errors) == 0  # finished ids leave errors.jsonl
   assert 'done=0 skipped=12 failed=0' == runs.run_jobs(
@@ -296,7 +258,7 @@ def test_item_errors_are_recorded_not_raised(tmp_path):
     return {'v': 1}
   s = runs.run_jobs([{'id': 'ok'}, {'id': 'broken'}], process, out_path=out, errors_path=errors)
   assert (s.done, s.failed) == (1, 1)
-  (err,) = list(jsonl.read_jsonl(errors))
+  (err,) = list(files.read_jsonl(errors))
   assert err['id'] == 'broken' and err['kind'] == 'bad_input' and 'decode' in err['message']
   assert json.loads(open(out).read()) == {'id': 'ok', 'v': 1}
 
@@ -310,4 +272,4 @@ def test_rerun_with_another_producer_is_refused_unless_overwritten(tmp_path):
   with pytest.raises(fingerprint.Mismatch, match='judge: "j1" -> "j2"'):
     run('j2')
   assert run('j2', overwrite=True).done == 2
-  assert [r['judge'] for r in jsonl.read_jsonl(out)] == ['j2', 'j2']
+  assert [r['judge'] for r in files.read_jsonl(out)] == ['j2', 'j2']

@@ -19,10 +19,9 @@ import pytest
 
 from hf_reference import make_batch, tiny_hf_config
 from processes import cpu_env, free_port
-from saber_jax import generate, jsonl, sampling, sharding
+from saber_jax import files, generate, sampling, sharding, weights
 from saber_jax.data import prompt, records
 from saber_jax.models import ThinkerConfig, abstract_params, model_inputs
-from saber_jax.train import trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 from saber_jax.cli import make_demo_data, preprocess  # noqa: E402
@@ -85,14 +84,14 @@ def tokenizer():
 def run(config, paths, out_dir, devices=1, mesh_shape=(-1, 1, 1), batch_size=5):
   """sample_records on the first `devices` devices -> ({id: line}, stats)."""
   config.generate.batch_size = batch_size
-  model_config = trainer.model_config_of(config)
+  model_config = weights.model_config_of(config)
   mesh = sharding.make_mesh(mesh_shape, jax.devices()[:devices])
-  params = trainer.initial_params(config, model_config, mesh, '')
+  params = weights.initial_params(config, model_config, mesh, '')
   out = pathlib.Path(out_dir) / 'predictions.jsonl'
   out.parent.mkdir(parents=True, exist_ok=True)
   _, stats = sampling.sample_records(config, model_config, params, mesh, paths, str(out),
                                      prompt.load_tokenizer())
-  sampling.merge_parts(str(out))
+  sampling.merge_process_parts(str(out))
   lines = [json.loads(line) for line in out.read_text().splitlines()]
   by_id = {line['id']: line for line in lines}
   assert len(by_id) == len(lines), 'an id was written twice'
@@ -170,9 +169,9 @@ def test_torn_tail_is_cut_and_finished_ids_read_every_part(tmp_path):
   (tmp_path / 'errors.jsonl').write_text('{"id": "d", "reason": "x"}\n'
                                          '{"id": null, "where": "f:3"}\n')
   assert sampling.finished_ids(str(out)) == {'a', 'b', 'c', 'd', 'f:3'}
-  assert jsonl.repair_tail(str(tmp_path / 'predictions.jsonl.part0')) == len('{"id": "c"')
+  assert files.repair_tail(str(tmp_path / 'predictions.jsonl.part0')) == len('{"id": "c"')
   assert (tmp_path / 'predictions.jsonl.part0').read_text() == '{"id": "b"}\n'
-  assert sampling.merge_parts(str(out)) == 3
+  assert sampling.merge_process_parts(str(out)) == 3
   assert out.read_text() == '{"id": "a"}\n{"id": "b"}\n{"id": "c"}\n'
   assert not list(tmp_path.glob('*.part*'))
 
@@ -241,7 +240,7 @@ def test_two_processes_killed_and_restarted_write_each_id_once_with_the_same_sam
     p.send_signal(signal.SIGKILL)
     p.wait()
   assert not (tmp_path / 'predictions.jsonl').exists()
-  before = sum(len(list(jsonl.read_whole_lines(str(p))))
+  before = sum(len(list(files.read_whole_lines(str(p))))
                for p in tmp_path.glob('predictions.jsonl.part*'))
   processes = _launch(tmp_path, prefix, free_port())
   outputs = [p.communicate(timeout=600)[0] for p in processes]

@@ -10,11 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from saber_jax import sharding
+from saber_jax import sharding, weights
 from saber_jax.models import layers
 from saber_jax.models.config import ThinkerConfig
 from saber_jax.models.text import TextModel
-from saber_jax.train import trainer
 
 
 def _segments(length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -102,6 +101,6 @@ def test_auto_attention_picks_splash_on_tpu(monkeypatch):
   config = paper_config('sed_sft')
   config.model.name = 'tiny'
   monkeypatch.setattr(jax, 'default_backend', lambda: 'tpu')
-  assert trainer.model_config_of(config).attention == 'splash'
+  assert weights.model_config_of(config).attention == 'splash'
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
-  assert trainer.model_config_of(config).attention == 'cudnn'
+  assert weights.model_config_of(config).attention == 'cudnn'

@@ -19,7 +19,7 @@ import wave
 import pytest
 
 from judge_server import Reply, judge_server, user_text  # noqa: F401 (fixture)
-from saber_jax import jsonl
+from saber_jax import files
 from saber_jax.judge import replies
 from saber_jax.cli import annotate, build_test_set, evaluate, make_pairs, quality
 
@@ -39,7 +39,7 @@ def write_jsonl(path, records):
 
 
 def read(path):
-  return list(jsonl.read_jsonl(str(path)))
+  return list(files.read_jsonl(str(path)))
 
 
 def marker_of(text):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from hf_reference import tiny_hf_config
-from saber_jax import sharding
+from saber_jax import sharding, weights
 from saber_jax.train import config as config_lib, trainer
 from train_batches import sft_batch
 
@@ -31,7 +31,7 @@ def test_skipped_nonfinite_step_resumes_identically(tmp_path, capsys):
   hf_config = str(tmp_path / 'model' / 'config.json')
   config = _config(tmp_path / 'straight', hf_config)
   mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-  good = sft_batch(trainer.model_config_of(config), 1)
+  good = sft_batch(weights.model_config_of(config), 1)
   bad = dict(good, labels=good['labels'].copy())
   bad['audio'] = dict(good['audio'], chunks=np.full_like(good['audio']['chunks'], np.nan))
   batches = [good, good, bad, good, good, good]      # step 3 is skipped

@@ -1,21 +1,23 @@
-"""Argument parsing and small helpers shared by the judge-driven tools."""
+"""What the judged tools share: the judge and run arguments, the fingerprinted judged run,
+the judge client from the arguments and line sharding of an input file."""
 
 import argparse
-import json
 import os
-from typing import Iterable, Iterator, Mapping
+from typing import Iterable, Iterator
 
-from saber_jax import fingerprint, jsonl
-from saber_jax.judge import replies, runs
+from saber_jax import files, fingerprint
+from saber_jax.judge import runs
 
 
 def add_judge_args(parser: argparse.ArgumentParser, *, timeout: float = 60.0,
-                   concurrency: int = 8) -> None:
+                   concurrency: int = 8, model_required: bool = True) -> None:
+  """The judge endpoint's arguments and the run's (`add_run_args`); a tool that needs the
+  judge only in some modes passes `model_required=False` and checks `--model` itself."""
   g = parser.add_argument_group('judge endpoint (any OpenAI-compatible chat-completions server)')
   g.add_argument('--base-url', default=os.environ.get('OPENAI_BASE_URL', 'http://localhost:8000/v1'),
                  help='server URL ending in /v1 (default: $OPENAI_BASE_URL or a local vLLM); '
                       'the key comes from $OPENAI_API_KEY, else "EMPTY"')
-  g.add_argument('--model', required=True, help='model name the server knows')
+  g.add_argument('--model', required=model_required, help='model name the server knows')
   g.add_argument('--temperature', type=float, default=0.0)
   g.add_argument('--max-tokens', type=int, default=None)
   g.add_argument('--timeout', type=positive(float), default=timeout, help='seconds per request')
@@ -76,17 +78,6 @@ def produced_by(args: argparse.Namespace, input_path: str, also: tuple[str, ...]
           **{name: value(getattr(args, name)) for name in also}}
 
 
-def check_unique_ids(path: str) -> None:
-  """Exits naming the file and both records when an id appears twice in an input."""
-  first: dict[str, int] = {}
-  for n, r in enumerate(jsonl.read_jsonl(path), 1):
-    rid = jsonl.record_id(r, f'{path} record {n}')
-    if rid in first:
-      raise SystemExit(f'error: {path}: duplicate id {rid!r} (records {first[rid]} and {n}); '
-                       'nothing was sent to the judge')
-    first[rid] = n
-
-
 def run_judged(args: argparse.Namespace, items, process, *, input_path: str, out_path: str,
                desc: str, total: int | None = None,
                also: tuple[str, ...] = ()) -> runs.RunSummary:
@@ -95,12 +86,14 @@ def run_judged(args: argparse.Namespace, items, process, *, input_path: str, out
   (status 1) before any request when an input id repeats or the output belongs to other
   inputs or settings, and after the run when every item failed."""
   try:
-    check_unique_ids(input_path)
+    files.check_unique_ids(input_path)
     run = runs.run_jobs(items, process, out_path=out_path,
                         errors_path=os.path.join(args.out, 'errors.jsonl'),
                         concurrency=args.concurrency, max_items=args.max_items, total=total,
                         desc=desc, produced_by=produced_by(args, input_path, also),
                         overwrite=args.overwrite)
+  except files.DuplicateId as e:
+    raise SystemExit(f'error: {e}; nothing was sent to the judge') from None
   except (fingerprint.Mismatch, ValueError) as e:
     raise SystemExit(f'error: {e}') from None
   if run.failed and not (run.done or run.skipped):
@@ -119,102 +112,12 @@ def judge_from_args(args: argparse.Namespace):
 
 
 def sharded(records: Iterable[dict], args: argparse.Namespace) -> Iterator[dict]:
+  """This shard's records (`--shard-index` of `--num-shards`, by line)."""
   if not 0 <= args.shard_index < args.num_shards:
     raise SystemExit(f'--shard-index must be in [0, {args.num_shards}), got {args.shard_index}')
-  for i, r in enumerate(records):
-    if i % args.num_shards == args.shard_index:
-      yield r
-
-
-def load_by_id(path: str, required: tuple[str, ...] = (), ids: set[str] | None = None) -> dict[str, dict]:
-  """id -> record for a JSONL file (only `ids` when given); each kept record must have
-  the `required` fields. Duplicate ids are an error naming the file."""
-  out = {}
-  for n, r in enumerate(jsonl.read_jsonl(path), 1):
-    rid = jsonl.record_id(r, f'{path} record {n}')
-    if ids is not None and rid not in ids:
-      continue
-    for field in required:
-      if field not in r:
-        raise ValueError(f'{path}: record {rid!r} has no {field!r} field')
-    if rid in out:
-      raise ValueError(f'{path}: duplicate id {rid!r}')
-    out[rid] = r
-  return out
-
-
-def count_lines(path: str) -> int:
-  with open(path, 'rb') as f:
-    return sum(1 for line in f if line.strip())
+  return files.sharded(records, args.shard_index, args.num_shards)
 
 
 def shard_total(path: str, args: argparse.Namespace) -> int:
   """How many records of `path` this shard processes (for the progress bar)."""
-  return len(range(args.shard_index, count_lines(path), args.num_shards))
-
-
-def write_json(path: str, value) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + '.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump(value, f, ensure_ascii=False, indent=2)
-    f.write('\n')
-  os.replace(tmp, path)
-
-
-def write_text(path: str, text: str) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, 'w', encoding='utf-8') as f:
-    f.write(text)
-
-
-def bar_chart(path: str, title: str, groups: Mapping[str, Mapping[str, float | None]],
-              ylabel: str = '', ylim: tuple[float, float] | None = None) -> None:
-  """Grouped bar chart: groups = {series name: {category: value}} (None drawn as 0)."""
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-  categories = list(dict.fromkeys(c for series in groups.values() for c in series))
-  n = max(1, len(groups))
-  width = 0.8 / n
-  fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(categories) * n + 1.5), 3.5))
-  for k, (name, series) in enumerate(groups.items()):
-    xs = [i + (k - (n - 1) / 2) * width for i in range(len(categories))]
-    ax.bar(xs, [series.get(c) or 0.0 for c in categories], width, label=name)
-  ax.set_xticks(range(len(categories)), categories, rotation=30 if len(categories) > 6 else 0)
-  ax.set_title(title)
-  ax.set_ylabel(ylabel)
-  if ylim:
-    ax.set_ylim(*ylim)
-  if len(groups) > 1:
-    ax.legend()
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-
-
-def fmt(value: float | None, digits: int = 3) -> str:
-  return '-' if value is None else f'{value:.{digits}f}'
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-  lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
-  lines += ['| ' + ' | '.join(r) + ' |' for r in rows]
-  return '\n'.join(lines) + '\n'
-
-
-# The SABER six-dimension annotation (see saber_jax/data/annotation.py). This spec is
-# what the annotator is asked for (exact keys, sent as the json_schema); the content
-# rules are the shared ones, applied by `annotation.checked_annotation`.
-class AudioDescription(replies.Reply):
-  speech_content: str
-  acoustic_feat: replies.NonEmpty
-
-
-class AnnotationReply(replies.Reply):
-  video_desc: replies.NonEmpty
-  audio_desc: AudioDescription
-  facial_exp_desc: replies.NonEmpty
-  body_lang_desc: replies.NonEmpty
-  sentiment_analysis: replies.NonEmpty
+  return files.shard_size(files.count_lines(path), args.shard_index, args.num_shards)

@@ -28,7 +28,7 @@ import wave
 
 import numpy as np
 
-from saber_jax import jsonl
+from saber_jax import files
 from saber_jax.cli import _common
 from saber_jax.data import annotation as annotation_lib
 from saber_jax.data import media
@@ -73,6 +73,22 @@ MEDIA_ZH = {
     (True, False): '提供了从片段中按时间顺序均匀采样的{n}帧画面，没有音频："speech_content"和"acoustic_feat"只填写画面能体现的内容（如口型），并说明没有音频。',
     (False, True): '只提供了音轨，没有画面。视觉相关字段填写"无视频。"',
 }
+
+
+# The SABER six-dimension annotation (see saber_jax/data/annotation.py). This spec is
+# what the annotator is asked for (exact keys, sent as the json_schema); the content
+# rules are the shared ones, applied by `annotation.checked_annotation`.
+class AudioDescription(replies.Reply):
+  speech_content: str
+  acoustic_feat: replies.NonEmpty
+
+
+class AnnotationReply(replies.Reply):
+  video_desc: replies.NonEmpty
+  audio_desc: AudioDescription
+  facial_exp_desc: replies.NonEmpty
+  body_lang_desc: replies.NonEmpty
+  sentiment_analysis: replies.NonEmpty
 
 
 def annotation_prompt(lang: str, num_frames: int, with_audio: bool) -> str:
@@ -209,7 +225,7 @@ def make_processor(args, judge, base_dir: str):
       check_language(annotation, lang)
       return annotation
 
-    reply = judge.ask(build_annotation_messages(prompt, frames, wav), _common.AnnotationReply,
+    reply = judge.ask(build_annotation_messages(prompt, frames, wav), AnnotationReply,
                       name='saber_annotation', check=check)
     return {**{k: v for k, v in item.items() if k != 'annotation'},
             'annotation': reply.value, 'annotator': args.model}
@@ -232,7 +248,7 @@ def parse_args(argv=None):
 def main(argv=None) -> runs.RunSummary:
   args = parse_args(argv)
   judge = _common.judge_from_args(args)
-  items = _common.sharded(jsonl.read_jsonl(args.manifest), args)
+  items = _common.sharded(files.read_jsonl(args.manifest), args)
   return _common.run_judged(
       args, items, make_processor(args, judge, os.path.dirname(os.path.abspath(args.manifest))),
       input_path=args.manifest, out_path=os.path.join(args.out, 'annotations.jsonl'),

@@ -21,7 +21,7 @@ import argparse
 import os
 from typing import Literal
 
-from saber_jax import jsonl, metrics
+from saber_jax import files, metrics
 from saber_jax.cli import _common
 from saber_jax.data import annotation as annotation_lib
 from saber_jax.data import sed
@@ -63,8 +63,7 @@ def main(argv=None) -> dict:
   judged_path = os.path.join(args.out, 'judgments.jsonl')
 
   def items():
-    for n, r in enumerate(_common.sharded(jsonl.read_jsonl(args.annotations), args)):
-      rid = jsonl.record_id(r, f'{args.annotations} record {n + 1}')
+    for rid, r in _common.sharded(files.records_with_ids(args.annotations), args):
       yield {'id': rid, 'annotation': annotation_lib.annotation_of(r, args.annotations, rid)}
 
   def process(item):
@@ -75,23 +74,21 @@ def main(argv=None) -> dict:
                            out_path=judged_path, desc='relation',
                            total=_common.shard_total(args.annotations, args))
   # Judgments of clips no longer in the input (an edited annotations file) are ignored.
-  present = {jsonl.record_id(r, f'{args.annotations} record {n + 1}')
-             for n, r in enumerate(_common.sharded(jsonl.read_jsonl(args.annotations), args))}
-  judgments = [j for j in (jsonl.read_jsonl(judged_path) if os.path.exists(judged_path) else [])
+  present = {rid for rid, _ in _common.sharded(files.records_with_ids(args.annotations), args)}
+  judgments = [j for j in (files.read_jsonl(judged_path) if os.path.exists(judged_path) else [])
                if str(j['id']) in present]
   selected, counts = metrics.select_test_set(judgments, args.per_class, balance=not args.no_balance)
   rank = {i: (subset, k) for subset, ids in selected.items() for k, i in enumerate(ids)}
   intensity = {str(j['id']): j['intensity'] for j in judgments}
   chosen = {}
-  for n, r in enumerate(jsonl.read_jsonl(args.annotations)):
-    rid = jsonl.record_id(r, f'{args.annotations} record {n + 1}')
+  for rid, r in files.records_with_ids(args.annotations):
     if rid in rank:
       chosen[rid] = {**r, 'id': rid, 'subset': rank[rid][0], 'intensity': intensity[rid]}
   ordered = [chosen[i] for subset in metrics.SUBSETS for i in selected[subset]]
-  jsonl.write_jsonl_atomic(os.path.join(args.out, 'test_set.jsonl'), ordered)
+  files.write_jsonl(os.path.join(args.out, 'test_set.jsonl'), ordered)
   summary = {**counts, 'per_class': args.per_class, 'balanced': not args.no_balance,
              'judge': {'done': run.done, 'skipped': run.skipped, 'failed': run.failed}}
-  _common.write_json(os.path.join(args.out, 'summary.json'), summary)
+  files.write_json(os.path.join(args.out, 'summary.json'), summary)
   for subset, short in counts['shortfall'].items():
     if short:
       print(f'warning: only {counts["available"][subset]} {subset} clips judged, '

@@ -13,9 +13,8 @@ import argparse
 
 import flax.linen as nn
 
-from saber_jax import convert
+from saber_jax import convert, weights
 from saber_jax.models import abstract_params
-from saber_jax.train import checkpoint
 
 
 def main(argv=None):
@@ -34,10 +33,10 @@ def main(argv=None):
   args = parser.parse_args(argv)
   if args.command == 'to-params':
     config, params = convert.load_hf(args.hf, args.dtype, progress=True)
-    checkpoint.save_params(args.out, params, config)
+    weights.save_params(args.out, params, config)
   else:
-    config = checkpoint.params_config(args.params)
-    params = checkpoint.load_params(args.params, nn.unbox(abstract_params(config)))
+    config = weights.params_config(args.params)
+    params = weights.load_params(args.params, nn.unbox(abstract_params(config)))
     convert.save_hf(config, params, args.out, prefix=args.prefix,
                     max_shard_bytes=int(args.max_shard_gb * 2**30), progress=True)
   print(f'wrote {args.out}')

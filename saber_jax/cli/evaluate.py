@@ -32,10 +32,11 @@ OUT/errors.jsonl, retried on the next run).
 import argparse
 import json
 import os
+from typing import Mapping
 
 import pydantic
 
-from saber_jax import jsonl, metrics
+from saber_jax import files, metrics
 from saber_jax.cli import _common
 from saber_jax.data import annotation as annotation_lib
 from saber_jax.data import sed
@@ -142,8 +143,7 @@ EMOBENCH_LABELS = {
 
 def emobench(args) -> dict:
   rows = []
-  for n, r in enumerate(jsonl.read_jsonl(args.predictions)):
-    rid = jsonl.record_id(r, f'{args.predictions} record {n + 1}')
+  for rid, r in files.records_with_ids(args.predictions):
     for field in ('response', 'task', 'label'):
       if not isinstance(r.get(field), str):
         raise ValueError(f'{args.predictions}: record {rid!r}: {field!r} must be a string')
@@ -162,7 +162,7 @@ def emobench(args) -> dict:
       labels[task].append(gold)
   categories = {r['task']: r['category'] for r in rows if r.get('category')}
   parsed_rows = []
-  with jsonl.AtomicJsonlWriter(os.path.join(args.out, 'parsed.jsonl')) as writer:
+  with files.AtomicJsonlWriter(os.path.join(args.out, 'parsed.jsonl')) as writer:
     for r in rows:
       pred = metrics.parse_emotion_answer(r['response'], labels[r['task']])
       parsed_rows.append((r['task'], r['label'], pred))
@@ -170,21 +170,22 @@ def emobench(args) -> dict:
                     'correct': pred is not None and pred == metrics.normalize_label(r['label'])})
   summary = metrics.emobench_summary(parsed_rows, categories)
   summary['label_sets'] = labels
-  table = [[t, str(summary['n'][t]), _common.fmt(100 * acc, 1), str(summary['invalid'][t])]
+  table = [[t, str(summary['n'][t]), fmt(100 * acc, 1), str(summary['invalid'][t])]
            for t, acc in summary['tasks'].items()]
   report = ['# EmoBench-M\n', f"Predictions: `{args.predictions}`\n",
-            _common.markdown_table(['task', 'n', 'accuracy %', 'unparseable'], table)]
+            markdown_table(['task', 'n', 'accuracy %', 'unparseable'], table)]
   if summary['categories']:
-    report.append('\n' + _common.markdown_table(
+    report.append('\n' + markdown_table(
         ['category', 'mean accuracy %'],
-        [[c, _common.fmt(100 * a, 1)] for c, a in summary['categories'].items()]))
-  report.append(f"\nAverage over tasks: {_common.fmt(100 * summary['average'], 1) if summary['average'] is not None else '-'}%; "
-                f"unparseable answers: {_common.fmt(100 * (summary['invalid_rate'] or 0), 1)}%.\n")
-  _common.write_text(os.path.join(args.out, 'report.md'), ''.join(report))
-  _common.bar_chart(os.path.join(args.out, 'emobench_tasks.png'), 'EmoBench-M accuracy per task',
+        [[c, fmt(100 * a, 1)] for c, a in summary['categories'].items()]))
+  average = fmt(100 * summary['average'], 1) if summary['average'] is not None else '-'
+  report.append(f"\nAverage over tasks: {average}%; "
+                f"unparseable answers: {fmt(100 * (summary['invalid_rate'] or 0), 1)}%.\n")
+  files.write_text(os.path.join(args.out, 'report.md'), ''.join(report))
+  bar_chart(os.path.join(args.out, 'emobench_tasks.png'), 'EmoBench-M accuracy per task',
                     {'accuracy': summary['tasks']}, 'accuracy', (0, 1))
   if summary['categories']:
-    _common.bar_chart(os.path.join(args.out, 'emobench_categories.png'), 'EmoBench-M accuracy per category',
+    bar_chart(os.path.join(args.out, 'emobench_categories.png'), 'EmoBench-M accuracy per category',
                       {'accuracy': summary['categories']}, 'accuracy', (0, 1))
   return summary
 
@@ -194,8 +195,7 @@ def emobench(args) -> dict:
 
 def _run_judged(args, references: dict, process, desc: str) -> runs.RunSummary:
   def items():
-    for n, r in enumerate(_common.sharded(jsonl.read_jsonl(args.predictions), args)):
-      rid = jsonl.record_id(r, f'{args.predictions} record {n + 1}')
+    for rid, r in _common.sharded(files.records_with_ids(args.predictions), args):
       if not isinstance(r.get('response'), str):
         raise ValueError(f"{args.predictions}: record {rid!r}: 'response' must be a string")
       yield {'id': rid, 'response': r['response']}
@@ -213,7 +213,7 @@ def _run_judged(args, references: dict, process, desc: str) -> runs.RunSummary:
 
 def _judgments(args) -> list[dict]:
   path = os.path.join(args.out, 'judgments.jsonl')
-  return list(jsonl.read_jsonl(path)) if os.path.exists(path) else []
+  return list(files.read_jsonl(path)) if os.path.exists(path) else []
 
 
 def _run_counts(run: runs.RunSummary) -> dict:
@@ -222,7 +222,7 @@ def _run_counts(run: runs.RunSummary) -> dict:
 
 def saber_test(args) -> dict:
   references = {}
-  for rid, r in _common.load_by_id(args.references, required=('subset', 'annotation')).items():
+  for rid, r in files.load_by_id(args.references, required=('subset', 'annotation')).items():
     if r['subset'] not in metrics.SUBSETS:
       raise ValueError(f"{args.references}: record {rid!r}: 'subset' must be one of {metrics.SUBSETS}, got {r['subset']!r}")
     references[rid] = {'subset': r['subset'],
@@ -240,22 +240,22 @@ def saber_test(args) -> dict:
   summary['judge_model'] = args.model
   summary['run'] = _run_counts(run)
   dims = metrics.SABER_TEST_DIMS
-  rows = [[name] + [_common.fmt(summary[name][d], 2) for d in dims] + [_common.fmt(summary['average'][name], 2)]
+  rows = [[name] + [fmt(summary[name][d], 2) for d in dims] + [fmt(summary['average'][name], 2)]
           for name in (*metrics.SUBSETS, 'drop')]
   report = ('# SABER-Test\n\n'
             f"Judge: `{args.model}`; n = {summary['n']['consistent']} consistent + "
             f"{summary['n']['inconsistent']} inconsistent; {summary['missing']} references unjudged.\n\n"
             'Mean judge score per dimension (0-3); drop = consistent - inconsistent.\n\n'
-            + _common.markdown_table(['subset', *dims, 'mean'], rows))
-  _common.write_text(os.path.join(args.out, 'report.md'), report)
-  _common.bar_chart(os.path.join(args.out, 'saber_test.png'), 'SABER-Test: mean judge score',
+            + markdown_table(['subset', *dims, 'mean'], rows))
+  files.write_text(os.path.join(args.out, 'report.md'), report)
+  bar_chart(os.path.join(args.out, 'saber_test.png'), 'SABER-Test: mean judge score',
                     {s: summary[s] for s in metrics.SUBSETS}, 'score (0-3)', (0, 3))
   return summary
 
 
 def emer(args) -> dict:
   references = {rid: r['reference'] for rid, r in
-                _common.load_by_id(args.references, required=('reference',)).items()}
+                files.load_by_id(args.references, required=('reference',)).items()}
   judge = _common.judge_from_args(args)
   run = _run_judged(args, references, lambda item, ref: emer_item(judge, ref, item['response'], args.lang), 'emer')
   judged = [j for j in _judgments(args) if j['id'] in references]
@@ -266,14 +266,52 @@ def emer(args) -> dict:
   report = ('# EMER\n\n'
             f"Judge: `{args.model}` (prompts: {args.lang}); n = {summary['n']}, "
             f"{summary['missing']} references unjudged.\n\n"
-            + _common.markdown_table(['metric', 'mean (0-10)'],
-                                     [['Clue Overlap', _common.fmt(summary['clue_overlap'], 2)],
-                                      ['Label Overlap', _common.fmt(summary['label_overlap'], 2)]]))
-  _common.write_text(os.path.join(args.out, 'report.md'), report)
-  _common.bar_chart(os.path.join(args.out, 'emer.png'), 'EMER',
+            + markdown_table(['metric', 'mean (0-10)'],
+                                     [['Clue Overlap', fmt(summary['clue_overlap'], 2)],
+                                      ['Label Overlap', fmt(summary['label_overlap'], 2)]]))
+  files.write_text(os.path.join(args.out, 'report.md'), report)
+  bar_chart(os.path.join(args.out, 'emer.png'), 'EMER',
                     {'mean': {'Clue Overlap': summary['clue_overlap'],
                               'Label Overlap': summary['label_overlap']}}, 'score (0-10)', (0, 10))
   return summary
+
+
+# ------------------------------------------------------------------------ report helpers
+
+def bar_chart(path: str, title: str, groups: Mapping[str, Mapping[str, float | None]],
+              ylabel: str = '', ylim: tuple[float, float] | None = None) -> None:
+  """Grouped bar chart: groups = {series name: {category: value}} (None drawn as 0)."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  categories = list(dict.fromkeys(c for series in groups.values() for c in series))
+  n = max(1, len(groups))
+  width = 0.8 / n
+  fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(categories) * n + 1.5), 3.5))
+  for k, (name, series) in enumerate(groups.items()):
+    xs = [i + (k - (n - 1) / 2) * width for i in range(len(categories))]
+    ax.bar(xs, [series.get(c) or 0.0 for c in categories], width, label=name)
+  ax.set_xticks(range(len(categories)), categories, rotation=30 if len(categories) > 6 else 0)
+  ax.set_title(title)
+  ax.set_ylabel(ylabel)
+  if ylim:
+    ax.set_ylim(*ylim)
+  if len(groups) > 1:
+    ax.legend()
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+  return '-' if value is None else f'{value:.{digits}f}'
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+  lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+  lines += ['| ' + ' | '.join(r) + ' |' for r in rows]
+  return '\n'.join(lines) + '\n'
 
 
 def parse_args(argv=None):
@@ -301,7 +339,7 @@ def main(argv=None) -> dict:
   args = parse_args(argv)
   run = {'saber-test': saber_test, 'emer': emer, 'emobench': emobench}[args.command]
   summary = run(args)
-  _common.write_json(os.path.join(args.out, 'summary.json'), summary)
+  files.write_json(os.path.join(args.out, 'summary.json'), summary)
   return summary
 
 

@@ -47,7 +47,7 @@ import os
 import random
 import re
 
-from saber_jax import jsonl, metrics
+from saber_jax import files, metrics
 from saber_jax.cli import _common
 from saber_jax.data import annotation as annotation_lib
 from saber_jax.data import sed
@@ -212,7 +212,7 @@ def _index_annotations(path: str) -> tuple[list[tuple[str, str, int]], dict[str,
           r = json.loads(line)
         except ValueError as e:
           raise ValueError(f'{path}: line {len(entries) + 1}: not valid JSON ({e})') from None
-        rid = jsonl.record_id(r, f'{path} record {len(entries) + 1}')
+        rid = files.record_id(r, f'{path} record {len(entries) + 1}')
         lang = str(r.get('lang', ''))
         by_lang.setdefault(lang, []).append(len(entries))
         entries.append((rid, lang, offset))
@@ -228,7 +228,7 @@ def perturb_pairs(args) -> dict:
   entries, by_lang = _index_annotations(args.annotations)
   counts = {'records': 0, 'pairs': 0, 'skipped': {k: 0 for k in kinds}}
   with open(args.annotations, 'rb') as reader, \
-       jsonl.AtomicJsonlWriter(os.path.join(args.out, 'pairs.jsonl')) as writer:
+       files.AtomicJsonlWriter(os.path.join(args.out, 'pairs.jsonl')) as writer:
 
     def load(index: int) -> tuple[str, dict]:
       rid, _, offset = entries[index]
@@ -282,18 +282,18 @@ def judge_pairs(args) -> dict:
   if not args.samples:
     raise SystemExit('--strategy judge needs --samples')
   ids = set()
-  for n, r in enumerate(jsonl.read_jsonl(args.samples)):
+  for n, r in enumerate(files.read_jsonl(args.samples)):
     where = f'{args.samples} record {n + 1}'
-    ids.add(jsonl.record_id(r, where))
+    ids.add(files.record_id(r, where))
     responses_of(r, where)
     finished_of(r, where)
   references = {rid: annotation_lib.annotation_of(r, args.annotations, rid)
-                for rid, r in _common.load_by_id(args.annotations, ids=ids).items()}
+                for rid, r in files.load_by_id(args.annotations, ids=ids).items()}
   judge = _common.judge_from_args(args)
   scores_path = os.path.join(args.out, 'scores.jsonl')
 
   def items():
-    for r in _common.sharded(jsonl.read_jsonl(args.samples), args):
+    for r in _common.sharded(files.read_jsonl(args.samples), args):
       rid = str(r['id'])
       for i, response in enumerate(r['responses']):
         yield {'id': f'{rid}#{i}', 'record_id': rid, 'index': i, 'response': response,
@@ -312,14 +312,14 @@ def judge_pairs(args) -> dict:
                            desc='score', also=('annotations',))
   scored: dict[str, dict[int, float]] = {}
   if os.path.exists(scores_path):
-    for s in jsonl.read_jsonl(scores_path):
+    for s in files.read_jsonl(scores_path):
       scored.setdefault(str(s['record_id']), {})[int(s['index'])] = float(s['score'])
   counts = {'prompts': 0, 'incomplete': 0, 'no_pairs': 0, 'pairs': 0, 'truncated_chosen': 0,
             'margin_mean': None,
             'judge': {'done': run.done, 'skipped': run.skipped, 'failed': run.failed}}
   margins = []
-  with jsonl.AtomicJsonlWriter(os.path.join(args.out, 'pairs.jsonl')) as writer:
-    for r in _common.sharded(jsonl.read_jsonl(args.samples), args):
+  with files.AtomicJsonlWriter(os.path.join(args.out, 'pairs.jsonl')) as writer:
+    for r in _common.sharded(files.read_jsonl(args.samples), args):
       rid, responses = str(r['id']), r['responses']
       counts['prompts'] += 1
       got = scored.get(rid, {})
@@ -361,10 +361,7 @@ def parse_args(argv=None):
   parser.add_argument('--perturbations', default=','.join(PERTURBATIONS),
                       help='perturb: kinds to build, comma-separated')
   parser.add_argument('--seed', type=int, default=0, help='perturb: seed')
-  _common.add_judge_args(parser)
-  for action in parser._actions:  # the judge is needed by --strategy judge only
-    if action.dest == 'model':
-      action.required = False
+  _common.add_judge_args(parser, model_required=False)   # the judge: --strategy judge only
   return parser.parse_args(argv)
 
 
@@ -377,7 +374,7 @@ def main(argv=None) -> dict:
   else:
     counts = perturb_pairs(args)
   counts['strategy'] = args.strategy
-  _common.write_json(os.path.join(args.out, 'summary.json'), counts)
+  files.write_json(os.path.join(args.out, 'summary.json'), counts)
   print(f"pairs={counts['pairs']}", flush=True)
   return counts
 

@@ -17,21 +17,15 @@ import os
 
 import tqdm
 
+from saber_jax import files
 from saber_jax.data import prompt, records
 
 
 def read_pairs(path: str) -> dict[str, list[dict]]:
   """Pairs grouped by clip id, in file order; a malformed line names the file and line."""
   by_clip = collections.defaultdict(list)
-  with open(path) as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        pair = json.loads(line)
-        by_clip[str(pair['id'])].append(pair)
-      except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f'{path}:{number}: not a pair object with an "id": {e}') from None
+  for rid, pair in files.records_with_ids(path):
+    by_clip[rid].append(pair)
   return by_clip
 
 
@@ -59,11 +53,9 @@ def make_records(pairs_path: str, sft_records: str, out: str, tokenizer) -> dict
   for clip_id, left in pairs.items():
     rejects += [{'id': f'{clip_id}#{k}', 'reason': 'no SFT record for this clip'}
                 for k in range(len(left))]
-  with open(os.path.join(out, 'rejects.jsonl'), 'w') as f:
-    f.writelines(json.dumps(r, ensure_ascii=False) + '\n' for r in rejects)
+  files.write_jsonl(os.path.join(out, 'rejects.jsonl'), rejects)
   stats = {'records': sum(made.values()), 'by_subset': dict(made), 'rejected': len(rejects)}
-  with open(os.path.join(out, 'stats.json'), 'w') as f:
-    json.dump(stats, f, indent=2)
+  files.write_json(os.path.join(out, 'stats.json'), stats)   # written last: the done mark
   return stats
 
 

@@ -63,7 +63,7 @@ import traceback
 
 import tqdm
 
-from saber_jax import fingerprint
+from saber_jax import files, fingerprint
 from saber_jax.data import annotation as annotation_lib
 from saber_jax.data import clips
 from saber_jax.data import prompt as prompt_lib
@@ -127,24 +127,21 @@ def read_manifest(path: str, shard_index: int, num_shards: int):
   """(entries, rejects) of this shard, entries in line order; duplicates are rejects."""
   base = os.path.dirname(os.path.abspath(path))
   entries, rejects, seen = [], [], set()
-  with open(path, 'rb') as f:   # decoded line by line: one bad byte is one bad line
-    for number, raw in enumerate(f, 1):
-      if not raw.strip():
-        continue
-      where = f'{path}:{number}'
-      try:
-        entry = _manifest_entry(raw, base, where)
-      except Reject as e:
-        if shard_index == 0:  # lines without a usable id are reported once, by shard 0
-          rejects.append(_reject(_loose_id(raw), e.reason, e.message))
-        continue
-      if shard_of(entry['id'], num_shards) != shard_index:
-        continue
-      if entry['id'] in seen:
-        rejects.append(_reject(entry['id'], 'duplicate_clip', f'{where}: id already listed'))
-        continue
-      seen.add(entry['id'])
-      entries.append(entry)
+  for number, raw in files.raw_lines(path):   # one bad byte is one bad line
+    where = f'{path}:{number}'
+    try:
+      entry = _manifest_entry(raw, base, where)
+    except Reject as e:
+      if shard_index == 0:  # lines without a usable id are reported once, by shard 0
+        rejects.append(_reject(_loose_id(raw), e.reason, e.message))
+      continue
+    if shard_of(entry['id'], num_shards) != shard_index:
+      continue
+    if entry['id'] in seen:
+      rejects.append(_reject(entry['id'], 'duplicate_clip', f'{where}: id already listed'))
+      continue
+    seen.add(entry['id'])
+    entries.append(entry)
   return entries, rejects
 
 
@@ -260,18 +257,6 @@ def _part(out, kind, shard_index, num_shards, ext):
   return os.path.join(out, 'parts', f'{kind}-{shard_index:05d}-of-{num_shards:05d}.{ext}')
 
 
-def _write_atomic(path, text):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
-def _jsonl(rows):
-  return ''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in rows)
-
-
 def _picklable(annotation):
   return str(annotation) if isinstance(annotation, annotation_lib.AnnotationError) else annotation
 
@@ -331,8 +316,8 @@ def run_shard(args, shard_index, settings, pool) -> dict:
                         blobs())
   progress.close()
   stats['rejects'] = len(rejects)
-  _write_atomic(_part(args.out, 'rejects', shard_index, n, 'jsonl'), _jsonl(rejects))
-  _write_atomic(_part(args.out, 'stats', shard_index, n, 'json'), json.dumps(stats, indent=1))
+  files.write_jsonl(_part(args.out, 'rejects', shard_index, n, 'jsonl'), rejects)
+  files.write_json(_part(args.out, 'stats', shard_index, n, 'json'), stats, indent=1)
   return stats
 
 
@@ -375,7 +360,7 @@ def remove_stale_tmp(out, shards, num_shards) -> None:
         os.remove(path)
 
 
-def merge_parts(out, num_shards) -> dict:
+def merge_shard_parts(out, num_shards) -> dict:
   """Rewrites OUT/stats.json and OUT/rejects.jsonl from the finished shards' parts."""
   total = new_stats(None, num_shards)
   del total['shard_index']
@@ -385,8 +370,7 @@ def merge_parts(out, num_shards) -> dict:
     stats_path = _part(out, 'stats', i, num_shards, 'json')
     if not os.path.exists(stats_path):
       continue
-    with open(stats_path, encoding='utf-8') as f:
-      part = json.load(f)
+    part = files.read_json(stats_path)
     total['shards_done'].append(i)
     for key in ('clips', 'records', 'rejects'):
       total[key] += part[key]
@@ -396,13 +380,12 @@ def merge_parts(out, num_shards) -> dict:
     _merge_summary(total['duration_seconds'], part['duration_seconds'])
     for key in total['tokens']:
       _merge_summary(total['tokens'][key], part['tokens'][key])
-    with open(_part(out, 'rejects', i, num_shards, 'jsonl'), encoding='utf-8') as f:
-      rejects += [json.loads(line) for line in f if line.strip()]
+    rejects += files.read_jsonl(_part(out, 'rejects', i, num_shards, 'jsonl'))
   total['complete'] = len(total['shards_done']) == num_shards
   for summary in [total['duration_seconds'], *total['tokens'].values()]:
     summary['mean'] = summary['sum'] / summary['count'] if summary['count'] else None
-  _write_atomic(os.path.join(out, 'rejects.jsonl'), _jsonl(rejects))
-  _write_atomic(os.path.join(out, 'stats.json'), json.dumps(total, indent=1, ensure_ascii=False))
+  files.write_jsonl(os.path.join(out, 'rejects.jsonl'), rejects)
+  files.write_json(os.path.join(out, 'stats.json'), total, indent=1)
   return total
 
 
@@ -455,11 +438,11 @@ def main(argv=None):
   try:
     for i in todo:
       run_shard(args, i, settings, pool)
-      merge_parts(args.out, args.num_shards)
+      merge_shard_parts(args.out, args.num_shards)
   finally:
     if pool:
       pool.shutdown()
-  total = merge_parts(args.out, args.num_shards)
+  total = merge_shard_parts(args.out, args.num_shards)
   if not args.quiet:
     print(json.dumps({k: total[k] for k in ('clips', 'records', 'rejects', 'outcomes',
                                             'annotation_rejects', 'complete')}, ensure_ascii=False))

@@ -30,7 +30,7 @@ succeeds ("pending").
 import argparse
 import os
 
-from saber_jax import jsonl, metrics
+from saber_jax import files, metrics
 from saber_jax.cli import _common
 from saber_jax.data import annotation as annotation_lib
 from saber_jax.data import sed
@@ -84,8 +84,7 @@ def consistency_qc(judged: dict | None) -> tuple[dict, list[tuple[str, str]]]:
 
 def checked_records(args, transcripts: dict):
   """(id, record, speech qc, speech reasons) per annotation of this shard."""
-  for n, r in enumerate(_common.sharded(jsonl.read_jsonl(args.annotations), args)):
-    rid = jsonl.record_id(r, f'{args.annotations} record {n + 1}')
+  for rid, r in _common.sharded(files.records_with_ids(args.annotations), args):
     r = {**r, 'annotation': annotation_lib.annotation_of(r, args.annotations, rid)}
     if r.get('lang') not in ('en', 'zh'):
       raise ValueError(f"{args.annotations}: clip {rid!r}: 'lang' must be 'en' or 'zh', got {r.get('lang')!r}")
@@ -101,11 +100,7 @@ def parse_args(argv=None):
   parser.add_argument('--descriptions', help='JSONL {"id", "description"}; enables the LLM check')
   parser.add_argument('--wer-threshold', type=float, default=DEFAULT_WER_THRESHOLD,
                       help='drop when WER (en) / CER (zh) exceeds this (default %(default)s)')
-  _common.add_judge_args(parser)
-  # The judge is needed only with --descriptions.
-  for action in parser._actions:
-    if action.dest == 'model':
-      action.required = False
+  _common.add_judge_args(parser, model_required=False)   # the judge: --descriptions only
   return parser.parse_args(argv)
 
 
@@ -116,13 +111,13 @@ def main(argv=None) -> dict:
   transcripts = {}
   if args.transcripts:
     transcripts = {k: r['transcript'] for k, r in
-                   _common.load_by_id(args.transcripts, required=('transcript',)).items()}
+                   files.load_by_id(args.transcripts, required=('transcript',)).items()}
   descriptions = {}
   judged_path = os.path.join(args.out, 'consistency.jsonl')
   run = None
   if args.descriptions:
     descriptions = {k: r['description'] for k, r in
-                    _common.load_by_id(args.descriptions, required=('description',)).items()}
+                    files.load_by_id(args.descriptions, required=('description',)).items()}
     judge = _common.judge_from_args(args)
 
     def items():
@@ -140,11 +135,11 @@ def main(argv=None) -> dict:
                              out_path=judged_path, desc='consistency', also=('descriptions',))
   judged = {}
   if args.descriptions and os.path.exists(judged_path):
-    judged = {jsonl.record_id(r, judged_path): r for r in jsonl.read_jsonl(judged_path)}
+    judged = {files.record_id(r, judged_path): r for r in files.read_jsonl(judged_path)}
 
   counts = {'kept': 0, 'dropped': 0, 'pending': 0, 'reasons': {}}
-  with jsonl.AtomicJsonlWriter(os.path.join(args.out, 'kept.jsonl')) as kept, \
-       jsonl.AtomicJsonlWriter(os.path.join(args.out, 'dropped.jsonl')) as dropped:
+  with files.AtomicJsonlWriter(os.path.join(args.out, 'kept.jsonl')) as kept, \
+       files.AtomicJsonlWriter(os.path.join(args.out, 'dropped.jsonl')) as dropped:
     for rid, r, qc, reasons in checked_records(args, transcripts):
       if args.descriptions and not reasons:
         if rid in descriptions and rid not in judged:
@@ -162,7 +157,7 @@ def main(argv=None) -> dict:
   counts['wer_threshold'] = args.wer_threshold
   if run is not None:
     counts['judge'] = {'done': run.done, 'skipped': run.skipped, 'failed': run.failed}
-  _common.write_json(os.path.join(args.out, 'summary.json'), counts)
+  files.write_json(os.path.join(args.out, 'summary.json'), counts)
   print(f"kept={counts['kept']} dropped={counts['dropped']} pending={counts['pending']}", flush=True)
   return counts
 

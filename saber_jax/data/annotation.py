@@ -19,6 +19,8 @@ import os
 import re
 from typing import Any, Collection, Iterator, Mapping
 
+from saber_jax import files
+
 # Attribute of `Annotation` -> path of keys in the JSON object.
 FIELD_PATHS = {
     'video_desc': ('video_desc',),
@@ -172,31 +174,31 @@ def read_annotations(path: str | os.PathLike, *, shard_index: int = 0, num_shard
   if not 0 <= shard_index < num_shards:
     raise ValueError(f'shard_index must be in [0, {num_shards}), got {shard_index}')
   path = os.fspath(path)
-  with open(path, 'rb') as f:   # decoded line by line: one bad byte is one bad line
-    for index, raw in enumerate(f):
-      if index % num_shards != shard_index or not raw.strip():
-        continue
-      source = f'{path}:{index + 1}'
-      clip_id = None
+  for number, raw in files.raw_lines(path):   # one bad byte is one bad line
+    if (number - 1) % num_shards != shard_index:
+      continue
+    source = f'{path}:{number}'
+    clip_id = None
+    try:
       try:
-        try:
-          record = json.loads(raw.decode('utf-8'))
-        except UnicodeDecodeError as e:
-          raise AnnotationError(f'not UTF-8 text (byte {e.start} of the line)') from None
-        except json.JSONDecodeError as e:
-          raise AnnotationError(f'invalid JSON at column {e.colno}: {e.msg}') from None
-        if not isinstance(record, Mapping):
-          raise AnnotationError(f'expected a JSON object with "id" and "annotation", got {_type_name(record)}')
-        clip_id = record.get('id')
-        if isinstance(clip_id, bool) or not isinstance(clip_id, (str, int)):
-          bad_id, clip_id = clip_id, None
-          raise AnnotationError('missing' if bad_id is None else f'expected a string, got {_type_name(bad_id)}',
-                                field='id')
-        if 'annotation' not in record:
-          raise AnnotationError('missing', clip_id=clip_id, field='annotation')
-        value = record['annotation']
-        result = (parse_annotation(value, clip_id, allow_empty=allow_empty) if isinstance(value, str)
-                  else validate_annotation(value, clip_id, allow_empty=allow_empty))
-      except AnnotationError as e:
-        result = e.with_source(source)
-      yield clip_id, result
+        record = json.loads(raw.decode('utf-8'))
+      except UnicodeDecodeError as e:
+        raise AnnotationError(f'not UTF-8 text (byte {e.start} of the line)') from None
+      except json.JSONDecodeError as e:
+        raise AnnotationError(f'invalid JSON at column {e.colno}: {e.msg}') from None
+      if not isinstance(record, Mapping):
+        raise AnnotationError('expected a JSON object with "id" and "annotation", got '
+                              f'{_type_name(record)}')
+      clip_id = record.get('id')
+      if isinstance(clip_id, bool) or not isinstance(clip_id, (str, int)):
+        bad_id, clip_id = clip_id, None
+        raise AnnotationError('missing' if bad_id is None
+                              else f'expected a string, got {_type_name(bad_id)}', field='id')
+      if 'annotation' not in record:
+        raise AnnotationError('missing', clip_id=clip_id, field='annotation')
+      value = record['annotation']
+      result = (parse_annotation(value, clip_id, allow_empty=allow_empty) if isinstance(value, str)
+                else validate_annotation(value, clip_id, allow_empty=allow_empty))
+    except AnnotationError as e:
+      result = e.with_source(source)
+    yield clip_id, result

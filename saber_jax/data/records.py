@@ -50,6 +50,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import msgpack
 import numpy as np
 
+from saber_jax import files
 from saber_jax.data import sed
 
 SCHEMA_VERSION = 1
@@ -349,23 +350,16 @@ def write_records(path: str, blobs: Iterable[bytes], options: str = WRITER_OPTIO
   The file is written as '{path}.tmp-{pid}' and renamed onto `path` only once closed, so
   `path` either does not exist or is complete; a failure removes the temporary file.
   """
-  tmp = f'{path}.tmp-{os.getpid()}'
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  writer = _array_record().ArrayRecordWriter(tmp, options)
   sizes = []
-  try:
-    for blob in blobs:
-      writer.write(blob)
-      sizes.append(record_sizes(unpack(blob)))
-    writer.close()
-    os.replace(tmp, path)
-    _save_sizes(path, np.array(sizes, np.int32).reshape(-1, len(SIZE_FIELDS)))
-  except BaseException:
-    if writer.is_open():
+  with files.atomic_path(path) as tmp:
+    writer = _array_record().ArrayRecordWriter(tmp, options)
+    try:
+      for blob in blobs:
+        writer.write(blob)
+        sizes.append(record_sizes(unpack(blob)))
+    finally:
       writer.close()
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  _save_sizes(path, np.array(sizes, np.int32).reshape(-1, len(SIZE_FIELDS)))
   return len(sizes)
 
 
@@ -488,10 +482,9 @@ def _fingerprint(shard: str, num_records: int) -> np.ndarray:
 
 
 def _save_sizes(shard: str, sizes: np.ndarray) -> None:
-  tmp = f'{sizes_path(shard)}.tmp-{os.getpid()}.npz'
-  np.savez(tmp, sizes=sizes, fields=np.array(SIZE_FIELDS),
-           fingerprint=_fingerprint(shard, len(sizes)))
-  os.replace(tmp, sizes_path(shard))
+  with files.atomic_open(sizes_path(shard), 'wb') as f:   # a file object: no '.npz' added
+    np.savez(f, sizes=sizes, fields=np.array(SIZE_FIELDS),
+             fingerprint=_fingerprint(shard, len(sizes)))
 
 
 def _cached_sizes(shard: str) -> tuple[np.ndarray | None, str]:

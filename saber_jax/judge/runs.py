@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Mapping
 import tqdm
 
 from saber_jax import fingerprint
-from saber_jax.jsonl import JsonlAppender, read_jsonl, record_id, repair_tail, write_jsonl_atomic
+from saber_jax.files import JsonlAppender, read_jsonl, record_id, repair_tail, write_jsonl
 
 
 class ItemFailure(Exception):
@@ -44,7 +44,7 @@ def compact_errors(errors_path: str, done: set[str]) -> int:
     if rid not in done:
       latest.pop(rid, None)
       latest[rid] = r
-  write_jsonl_atomic(errors_path, latest.values())
+  write_jsonl(errors_path, latest.values())
   return len(latest)
 
 

@@ -230,17 +230,8 @@ class AudioEncoder(nn.Module):
     return layers.dense(cfg.output_dim, ('audio_embed', 'embed'), use_bias=True, name='proj', **kw)(x)
 
 
-# Rules are `convert.Rule` tuples (pattern, param path, permutation). convert.py imports the
-# towers, so this module must not import it back.
-Rule = tuple[str, str, tuple[int, ...] | None]
-_LINEAR = (1, 0)               # torch Linear [out, in] -> flax Dense [in, out] (convert.LINEAR)
-
-
-def _linear(torch_name: str, path: str, bias: bool = True) -> list[Rule]:
-  rules = [(torch_name + r'\.weight', path + '/kernel', _LINEAR)]
-  if bias:
-    rules.append((torch_name + r'\.bias', path + '/bias', None))
-  return rules
+Rule = layers.Rule
+_linear = layers.linear_rules
 
 
 def _norm(torch_name: str, path: str) -> list[Rule]:

@@ -14,6 +14,20 @@ Dtype = jnp.dtype | str
 
 _init = nn.initializers.normal(0.02)
 
+# A checkpoint rule (see convert.py, which imports the towers, so they cannot import it):
+# (regex over the tensor name, '/'-joined param path, axis permutation from torch's layout
+# or None).
+Rule = tuple[str, str, tuple[int, ...] | None]
+LINEAR = (1, 0)           # torch Linear [out, in] -> flax Dense [in, out]
+
+
+def linear_rules(torch_name: str, path: str, bias: bool = True) -> list[Rule]:
+  """The rules of one torch Linear (regex name) stored as a Dense at `path`."""
+  rules = [(torch_name + r'\.weight', path + '/kernel', LINEAR)]
+  if bias:
+    rules.append((torch_name + r'\.bias', path + '/bias', None))
+  return rules
+
 
 def dense(features: int, axes: tuple[str | None, str | None], *, use_bias: bool, dtype: Dtype,
           param_dtype: Dtype, name: str | None = None) -> nn.Dense:

@@ -215,12 +215,13 @@ class TextModel(nn.Module):
 CHECKPOINT_RULES = [
     (r'embed_tokens\.weight', 'embed_tokens/embedding', None),
     (r'norm\.weight', 'norm/scale', None),
-    (r'lm_head\.weight', 'lm_head/kernel', (1, 0)),
+    (r'lm_head\.weight', 'lm_head/kernel', layers.LINEAR),
     *[(rf'layers\.(?P<layer>\d+)\.self_attn\.{p}\.{k}', f'layers/self_attn/{p}/{f}', perm)
       for p in ('q_proj', 'k_proj', 'v_proj')
-      for k, f, perm in (('weight', 'kernel', (1, 0)), ('bias', 'bias', None))],
-    (r'layers\.(?P<layer>\d+)\.self_attn\.o_proj\.weight', 'layers/self_attn/o_proj/kernel', (1, 0)),
-    *[(rf'layers\.(?P<layer>\d+)\.mlp\.{p}\.weight', f'layers/mlp/{p}/kernel', (1, 0))
+      for k, f, perm in (('weight', 'kernel', layers.LINEAR), ('bias', 'bias', None))],
+    (r'layers\.(?P<layer>\d+)\.self_attn\.o_proj\.weight', 'layers/self_attn/o_proj/kernel',
+     layers.LINEAR),
+    *[(rf'layers\.(?P<layer>\d+)\.mlp\.{p}\.weight', f'layers/mlp/{p}/kernel', layers.LINEAR)
       for p in ('gate_proj', 'up_proj', 'down_proj')],
     *[(rf'layers\.(?P<layer>\d+)\.{n}\.weight', f'layers/{n}/scale', None)
       for n in ('input_layernorm', 'post_attention_layernorm')],

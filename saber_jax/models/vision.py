@@ -319,14 +319,7 @@ class VisionEncoder(nn.Module):
     return jnp.where(token_mask[:, None], out, 0)
 
 
-# Rules are `convert.Rule` tuples (pattern, param path, permutation). convert.py imports the
-# towers, so this module must not import it back.
-_LINEAR = (1, 0)             # torch Linear [out, in] -> flax Dense [in, out] (convert.LINEAR)
-
-
-def _linear(torch_name: str, path: str) -> list[tuple]:
-  return [(rf'{torch_name}\.weight', f'{path}/kernel', _LINEAR),
-          (rf'{torch_name}\.bias', f'{path}/bias', None)]
+_linear = layers.linear_rules
 
 
 _LAYER = r'blocks\.(?P<layer>\d+)'

@@ -6,7 +6,6 @@ background) and atomic: a run killed mid-save leaves a temporary directory that 
 ignores, so the last complete checkpoint wins.
 """
 
-import json
 import os
 import sys
 import time
@@ -15,9 +14,6 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
-
-from saber_jax import convert
-from saber_jax.models.config import ThinkerConfig
 
 
 def manager(directory: str, *, keep: int, every_steps: int,
@@ -93,37 +89,3 @@ def _set_aside(mngr: ocp.CheckpointManager, steps) -> None:
       print(f'moved damaged checkpoint {step} to {target}', file=sys.stderr, flush=True)
   multihost_utils.sync_global_devices('damaged checkpoints set aside')
   mngr.reload()
-
-
-def abstract_like(tree, shardings):
-  """ShapeDtypeStructs of `tree`'s leaves carrying the given shardings."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      tree, shardings)
-
-
-CONFIG_FILE = 'thinker_config.json'
-
-
-def save_params(path: str, params, model_config: ThinkerConfig):
-  """The thinker params alone (LoRA merged) and their config, as the next stage's start
-  and reference; `saber-convert-hf` exports them to Hugging Face format."""
-  path = os.path.abspath(path)
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(os.path.join(path, 'params'), params, force=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(path, CONFIG_FILE), 'w') as f:
-      json.dump(model_config.to_hf(), f, indent=2)
-
-
-def params_config(path: str) -> ThinkerConfig:
-  return ThinkerConfig.from_hf(os.path.join(path, CONFIG_FILE))
-
-
-def load_params(path: str, abstract_params):
-  """Params saved by `save_params`, placed by the shardings of `abstract_params`."""
-  with ocp.StandardCheckpointer() as checkpointer:
-    params = checkpointer.restore(os.path.join(os.path.abspath(path), 'params'), abstract_params)
-  bad = convert.nonfinite_paths(params)
-  if bad:
-    raise ValueError(f'{path}: params {bad} hold non-finite values (NaN or inf)')
-  return params

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from tensorboardX import SummaryWriter
 
-from saber_jax import flops
+from saber_jax import files, flops
 
 
 def _scalar(value):
@@ -34,10 +34,7 @@ def drop_lines_after(path: str, stage: str, step: int) -> None:
   keep = [line for line in lines if not _after(line, stage, step)]
   if len(keep) == len(lines):
     return
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    f.writelines(line if line.endswith('\n') else line + '\n' for line in keep)
-  os.replace(tmp, path)
+  files.write_text(path, ''.join(line if line.endswith('\n') else line + '\n' for line in keep))
 
 
 def _after(line: str, stage: str, step: int) -> bool:

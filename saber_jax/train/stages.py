@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from saber_jax import sharding
+from saber_jax import files, sharding, weights
 from saber_jax.data import pipeline, records
-from saber_jax.train import checkpoint, steps, trainer
+from saber_jax.train import steps, trainer
 
 
 DONE = 'DONE'                # written last by the reference pass
@@ -34,15 +34,10 @@ def data_config(config, mesh):
   return data
 
 
-def _lora_config(config):
-  return config.lora if config.trainable == 'lora' else None
-
-
 def train_stage(config, stage: str, record_paths, init_from: str) -> str:
   """Train `stage` ('sft' or 'dpo') on the records; returns the final params directory."""
   mesh = sharding.make_mesh(config.mesh)
   config = copy.deepcopy(config)
-  model_config = trainer.model_config_of(config)
   data = data_config(config, mesh)
   paths = pipeline.resolve_paths(record_paths)
   accum = config.optim.grad_accum_steps
@@ -55,15 +50,16 @@ def train_stage(config, stage: str, record_paths, init_from: str) -> str:
   if micro_steps <= 0:
     raise ValueError(f'{stage}: {records.count_records(paths)} records make no optimizer step '
                      f'of batch {data.batch_size} x {accum} accumulation')
+  setup = trainer.plan(config, stage, mesh)    # after total_steps: the schedule reads it
   make = pipeline.sft_dataset if stage == 'sft' else pipeline.preference_dataset
-  iterator = iter(make(model_config, data, paths, seed=config.seed))
-  setup = trainer.plan(config, stage, mesh)
+  iterator = iter(make(setup.model_config, data, paths, seed=config.seed))
   workdir = stage_dir(config, stage)
   trainer.claim_workdir(config, workdir, stage, paths, init_from)
   setup = trainer.train(config, setup, iterator, iterator, workdir, stage, micro_steps,
                         init_from=init_from)
   final = os.path.join(workdir, 'final')
-  checkpoint.save_params(final, trainer.final_params(setup, _lora_config(config)), model_config)
+  weights.save_params(final, trainer.final_params(setup, weights.lora_config_of(config)),
+                      setup.model_config)
   return final
 
 
@@ -71,8 +67,8 @@ def ref_logps_stage(config, record_paths, init_from: str) -> str:
   """The frozen reference's summed response log-probs of every pair, written into a copy
   of the preference records; returns their directory."""
   mesh = sharding.make_mesh(config.mesh)
-  model_config = trainer.model_config_of(config)
-  params = trainer.initial_params(config, model_config, mesh, init_from)
+  model_config = weights.model_config_of(config)
+  params = weights.initial_params(config, model_config, mesh, init_from)
   logps_fn = jax.jit(sharding.on_mesh(lambda params, batch: jnp.stack(steps.pair_logps(
       params, batch, model_config=model_config, chunk_size=config.logps_chunk_size), axis=-1),
       mesh))
@@ -94,8 +90,7 @@ def ref_logps_stage(config, record_paths, init_from: str) -> str:
     os.makedirs(out, exist_ok=True)
     counts = records.fill_reference_logps(paths, values, key='index', out_dir=out,
                                           missing='keep')
-    with open(os.path.join(out, DONE), 'w') as f:
-      f.write(f'{counts}\n')
+    files.write_text(os.path.join(out, DONE), f'{counts}\n')
     print(f'[ref_logps] filled {counts["filled"]} pairs, kept {counts["kept"]} '
           f'(too long for the largest length bucket) -> {out}', flush=True)
   multihost_utils.sync_global_devices('ref_logps written')

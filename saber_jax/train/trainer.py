@@ -1,6 +1,6 @@
-"""Running a stage: params and train state placed on the mesh, the jitted step with explicit
-shardings and donated state, the loop with logging, non-finite checks and Orbax
-checkpoints, and the reference log-prob pass of CA-DPO."""
+"""Running a training stage: the train state placed on the mesh (its params from
+`weights.initial_params`), the jitted step with explicit shardings and donated state, the
+workdir's fingerprint, and the loop with logging, non-finite checks and Orbax checkpoints."""
 
 import dataclasses
 import functools
@@ -15,10 +15,10 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from saber_jax import convert, fingerprint, flops, sharding
+from saber_jax import fingerprint, flops, sharding, weights
 from saber_jax.data import pipeline, sed
 from saber_jax.models.config import ThinkerConfig
-from saber_jax.models.thinker import abstract_params, init_params
+from saber_jax.models.thinker import abstract_params
 from saber_jax.train import checkpoint, lora, optim, steps
 from saber_jax.train.log import MetricLogger
 
@@ -27,33 +27,8 @@ class NonFiniteError(FloatingPointError):
   pass
 
 
-def model_config_of(config) -> ThinkerConfig:
-  """The ThinkerConfig a run config names: a factory (`model.name`) or an HF config.json."""
-  m = config.model
-  base = (ThinkerConfig.from_hf(m.hf_config) if m.get('hf_config')
-          else getattr(ThinkerConfig, m.name)())
-  attention = m.attention
-  if attention == 'auto':
-    attention = {'gpu': 'cudnn', 'tpu': 'splash'}.get(jax.default_backend(), 'xla')
-  return dataclasses.replace(base, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
-                             attention=attention)
-
-
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
-
-
-def initial_params(config, model_config: ThinkerConfig, mesh: Mesh, init_from: str | None):
-  """Params on the mesh: from an HF checkpoint dir, a saved-params dir, or random init."""
-  shardings = sharding.tree_shardings(abstract_params(model_config), mesh)
-  if init_from and convert.is_hf_checkpoint(init_from):
-    _, params = convert.load_hf(init_from, model_config.param_dtype, mesh)
-    return params
-  if init_from:
-    abstract = nn.unbox(abstract_params(model_config))
-    return checkpoint.load_params(init_from, checkpoint.abstract_like(abstract, shardings))
-  init = jax.jit(lambda key: nn.unbox(init_params(model_config, key)), out_shardings=shardings)
-  return init(jax.random.key(config.seed))
 
 
 @dataclasses.dataclass
@@ -69,11 +44,11 @@ class Setup:
   state: steps.TrainState | None = None
 
 
-def _boxed_lora(config, boxed_params):
+def _boxed_lora(lora_config, boxed_params):
   """Abstract LoRA factors, boxed with the logical axes of the kernels they adapt."""
   abstract = jax.eval_shape(lambda: lora.init_lora(
-      jax.random.key(0), nn.unbox(boxed_params), rank=config.lora.rank,
-      targets=tuple(config.lora.targets)))
+      jax.random.key(0), nn.unbox(boxed_params), rank=lora_config.rank,
+      targets=tuple(lora_config.targets)))
   specs = lora.lora_logical_axes(nn.get_partition_spec(boxed_params), abstract)
   return jax.tree.map(lambda x, spec: nn.LogicallyPartitioned(x, tuple(spec)), abstract, specs,
                       is_leaf=lambda x: isinstance(x, PartitionSpec))
@@ -82,16 +57,17 @@ def _boxed_lora(config, boxed_params):
 def plan(config, stage: str, mesh: Mesh) -> Setup:
   """The abstract train state of `stage` ('sft' or 'dpo') on `mesh` and its jitted step
   (explicit in/out shardings, state donated); nothing is allocated."""
-  model_config = model_config_of(config)
+  model_config = weights.model_config_of(config)
   boxed = abstract_params(model_config)
-  boxed_lora = _boxed_lora(config, boxed) if config.trainable == 'lora' else None
+  lora_config = weights.lora_config_of(config)
+  boxed_lora = _boxed_lora(lora_config, boxed) if lora_config is not None else None
   boxed_trainable, boxed_frozen = steps.split_params(boxed, config.trainable, boxed_lora)
   optimizer = optim.make_optimizer(config.optim)
   boxed_state = steps.TrainState(
       step=jax.ShapeDtypeStruct((), jnp.int32), trainable=boxed_trainable, frozen=boxed_frozen,
       opt_state=jax.eval_shape(optimizer.init, boxed_trainable))
   state_shardings = sharding.tree_shardings(boxed_state, mesh)
-  abstract_state = checkpoint.abstract_like(nn.unbox(boxed_state), state_shardings)
+  abstract_state = sharding.abstract_like(nn.unbox(boxed_state), state_shardings)
   step_fn = jax.jit(
       sharding.on_mesh(functools.partial(
           steps.train_step, loss_fn=stage_loss(config, stage, model_config),
@@ -104,13 +80,13 @@ def plan(config, stage: str, mesh: Mesh) -> Setup:
 def materialize(setup: Setup, config, init_from: str | None) -> Setup:
   """The initial state on the mesh: params from `init_from` (or random), fresh LoRA
   factors and optimizer state, each created directly on its sharding."""
-  params = initial_params(config, setup.model_config, setup.mesh, init_from)
+  params = weights.initial_params(config, setup.model_config, setup.mesh, init_from)
   shardings = setup.state_shardings
-  lora_params = None
-  if config.trainable == 'lora':
+  lora_config, lora_params = weights.lora_config_of(config), None
+  if lora_config is not None:
     lora_params = jax.jit(
-        lambda p, key: lora.init_lora(key, p, rank=config.lora.rank,
-                                      targets=tuple(config.lora.targets)),
+        lambda p, key: lora.init_lora(key, p, rank=lora_config.rank,
+                                      targets=tuple(lora_config.targets)),
         out_shardings=shardings.trainable['lora'])(params, jax.random.key(config.seed + 1))
   trainable, frozen = steps.split_params(params, config.trainable, lora_params)
   opt_state = jax.jit(setup.optimizer.init, out_shardings=shardings.opt_state)(trainable)
@@ -120,7 +96,7 @@ def materialize(setup: Setup, config, init_from: str | None) -> Setup:
 
 
 def stage_loss(config, stage: str, model_config: ThinkerConfig):
-  lora_config = config.lora if config.trainable == 'lora' else None
+  lora_config = weights.lora_config_of(config)
   if stage == 'sft':
     return functools.partial(steps.sft_loss, model_config=model_config, lora_config=lora_config,
                              chunk_size=config.logps_chunk_size)
@@ -137,12 +113,6 @@ def final_params(setup: Setup, lora_config) -> dict:
                                                                                s.frozen)
 
 
-def weights_identity(config, init_from: str | None) -> dict:
-  """What a run's starting weights are, for fingerprints: the model and `init_from`'s files."""
-  return {'model': {k: config.model.get(k) for k in ('name', 'hf_config', 'dtype', 'param_dtype')},
-          'init_from': fingerprint.tree_identity(init_from) if init_from else None}
-
-
 def claim_workdir(config, workdir: str, stage: str, record_paths, init_from: str | None):
   """Checks a stage's workdir belongs to this run (`fingerprint.json`: the records, the
   start weights and every setting that changes the result); a mismatch is an error naming
@@ -152,8 +122,8 @@ def claim_workdir(config, workdir: str, stage: str, record_paths, init_from: str
                   'num_data_shards', 'batch_size')
   produced_by = {
       'stage': stage, 'records': fingerprint.files_identity(record_paths),
-      **weights_identity(c, init_from), 'trainable': c.trainable,
-      'lora': c.lora if c.trainable == 'lora' else None,
+      **weights.weights_identity(c, init_from), 'trainable': c.trainable,
+      'lora': weights.lora_config_of(c),
       'optim': c.optim, 'dpo': c.dpo if stage == 'dpo' else None, 'seed': c.seed,
       'nonfinite': c.nonfinite,
       'data': {**{k: v for k, v in c.data.items() if k not in runtime_only},

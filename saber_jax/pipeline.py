@@ -1,5 +1,6 @@
 """`mode=pipeline`: every stage of SABER-LLM in order, each printing the command-line
-tool it runs so the same steps can be run by hand at scale.
+tool it runs so the same steps can be run by hand at scale. It sits beside main.py, above
+the stages (train/), the generate stage (sampling.py) and the tools (cli/) it calls.
 
   1. saber-make-demo-data   generated clips (mp4 with audio, wav) and annotations (en, zh)
   2. saber-preprocess       SFT records (log-mel, frames, SED target tokens)
@@ -18,9 +19,9 @@ import os
 import jax
 from jax.experimental import multihost_utils
 
-from saber_jax import sampling
+from saber_jax import sampling, weights
 from saber_jax.cli import make_demo_data, make_pairs, make_preference_records, preprocess
-from saber_jax.train import checkpoint, stages
+from saber_jax.train import stages
 from saber_jax.train.config import with_overrides
 
 
@@ -61,7 +62,7 @@ def run_pipeline(config) -> None:
   sft_records = os.path.join(sft_dir, 'sft')
   sft_config = with_overrides(config, config.pipeline.sft)
   sft_final = os.path.join(stages.stage_dir(config, 'sft'), 'final')
-  if not _done(os.path.join(sft_final, checkpoint.CONFIG_FILE)):
+  if not _done(os.path.join(sft_final, weights.CONFIG_FILE)):
     stages.train_stage(sft_config, 'sft', sft_records, config.init_from)
     show_answer(config, 'sft', sft_records, sft_final)
   if not _done(os.path.join(pairs_dir, 'pairs.jsonl')):
@@ -74,7 +75,7 @@ def run_pipeline(config) -> None:
   if not _done(os.path.join(ref_dir, stages.DONE)):
     stages.ref_logps_stage(dpo_config, os.path.join(pref_dir, 'pref'), sft_final)
   dpo_final = os.path.join(stages.stage_dir(config, 'dpo'), 'final')
-  if not _done(os.path.join(dpo_final, checkpoint.CONFIG_FILE)):
+  if not _done(os.path.join(dpo_final, weights.CONFIG_FILE)):
     stages.train_stage(dpo_config, 'dpo', os.path.join(ref_dir, 'pref'), sft_final)
     show_answer(config, 'dpo', sft_records, dpo_final)
   if jax.process_index() == 0:

@@ -1,0 +1,91 @@
+"""The weights a run names and where they come from, in one place.
+
+- `model_config_of(config)`: the ThinkerConfig of a run config (a factory or an HF
+  config.json, with the run's dtypes, remat and attention); `lora_config_of`: whether the
+  run trains LoRA factors (their config) or not (None).
+- `initial_params`: the params a stage starts from, placed on the mesh: an HF checkpoint
+  directory (streamed, `convert.load_hf`), a params directory a stage saved, or random.
+- `weights_identity`: what those weights are, for fingerprints.
+- The params directory (a stage's `final/`, `saber-convert-hf to-params`' output):
+  `params/` (Orbax) and `thinker_config.json`; `save_params`, `load_params`,
+  `params_config`.
+"""
+
+import dataclasses
+import os
+
+import flax.linen as nn
+import jax
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh
+
+from saber_jax import convert, files, fingerprint, sharding
+from saber_jax.models.config import ThinkerConfig
+from saber_jax.models.thinker import abstract_params, init_params
+
+CONFIG_FILE = 'thinker_config.json'
+
+
+def model_config_of(config) -> ThinkerConfig:
+  """The ThinkerConfig a run config names: a factory (`model.name`) or an HF config.json."""
+  m = config.model
+  base = (ThinkerConfig.from_hf(m.hf_config) if m.get('hf_config')
+          else getattr(ThinkerConfig, m.name)())
+  attention = m.attention
+  if attention == 'auto':
+    attention = {'gpu': 'cudnn', 'tpu': 'splash'}.get(jax.default_backend(), 'xla')
+  return dataclasses.replace(base, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
+                             attention=attention)
+
+
+def lora_config_of(config):
+  """`config.lora` when the run trains LoRA factors (`trainable='lora'`), else None."""
+  return config.lora if config.trainable == 'lora' else None
+
+
+def initial_params(config, model_config: ThinkerConfig, mesh: Mesh, init_from: str | None):
+  """Params on the mesh: from an HF checkpoint dir, a saved-params dir, or random init
+  (seeded by `config.seed`). Each leaf is created directly on its sharding."""
+  boxed = abstract_params(model_config)
+  shardings = sharding.tree_shardings(boxed, mesh)
+  if init_from and convert.is_hf_checkpoint(init_from):
+    _, params = convert.load_hf(init_from, model_config.param_dtype, mesh)
+    return params
+  if init_from:
+    return load_params(init_from, sharding.abstract_like(nn.unbox(boxed), shardings))
+  init = jax.jit(lambda key: nn.unbox(init_params(model_config, key)), out_shardings=shardings)
+  return init(jax.random.key(config.seed))
+
+
+def weights_identity(config, init_from: str | None) -> dict:
+  """What a run's starting weights are, for fingerprints: the model and `init_from`'s files."""
+  return {'model': {k: config.model.get(k) for k in ('name', 'hf_config', 'dtype', 'param_dtype')},
+          'init_from': fingerprint.tree_identity(init_from) if init_from else None}
+
+
+# ------------------------------------------------------------------- the params directory
+
+def save_params(path: str, params, model_config: ThinkerConfig) -> None:
+  """The thinker params alone (LoRA merged) and their config, as the next stage's start
+  and reference; `saber-convert-hf` exports them to Hugging Face format."""
+  path = os.path.abspath(path)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(os.path.join(path, 'params'), params, force=True)
+  if jax.process_index() == 0:
+    files.write_json(os.path.join(path, CONFIG_FILE), model_config.to_hf())
+
+
+def params_config(path: str) -> ThinkerConfig:
+  return ThinkerConfig.from_hf(os.path.join(path, CONFIG_FILE))
+
+
+def load_params(path: str, abstract):
+  """Params saved by `save_params`, placed by the shardings of `abstract` (a tree of
+  ShapeDtypeStructs; plain arrays' shapes when it has none). Non-finite values are an
+  error naming the param."""
+  with ocp.StandardCheckpointer() as checkpointer:
+    params = checkpointer.restore(os.path.join(os.path.abspath(path), 'params'), abstract)
+  bad = convert.nonfinite_paths(params)
+  if bad:
+    raise ValueError(f'{path}: params {bad} hold non-finite values (NaN or inf)')
+  return params

@@ -1,0 +1,149 @@
+"""saber_jax.files: whole-file writes a kill cannot tear (temporary name with the pid,
+renamed only when complete, removed on an error), the directory swap, durable appends and
+torn-tail reads, JSONL reading and the id checks that name file, record and id."""
+
+import multiprocessing
+import os
+import threading
+import time
+
+import pytest
+
+from saber_jax import files
+
+
+# ------------------------------------------------------------------------- whole files
+
+def test_atomic_writes_leave_no_temporary_and_keep_the_old_file_on_an_error(tmp_path):
+  path = tmp_path / 'deep' / 'out.json'
+  files.write_json(path, {'a': 'é'})
+  assert files.read_json(path) == {'a': 'é'} and 'é' in path.read_text(encoding='utf-8')
+  with pytest.raises(RuntimeError):
+    with files.atomic_open(path) as f:
+      f.write('{"half": ')
+      assert os.path.exists(files.temp_path(path))       # written beside, under the pid
+      raise RuntimeError('killed mid-write')
+  assert files.read_json(path) == {'a': 'é'}
+  assert sorted(os.listdir(path.parent)) == ['out.json']
+  assert files.temp_path(path).endswith(f'.tmp-{os.getpid()}')
+  assert files.write_jsonl(tmp_path / 'r.jsonl', [{'id': 1}, {'id': 'b'}]) == 2
+  assert [r['id'] for r in files.read_jsonl(tmp_path / 'r.jsonl')] == [1, 'b']
+  files.write_bytes(tmp_path / 'b.bin', b'\x00\x01')
+  files.write_text(tmp_path / 'b.bin', 'text')
+  assert (tmp_path / 'b.bin').read_text() == 'text'
+  assert sorted(os.listdir(tmp_path)) == ['b.bin', 'deep', 'r.jsonl']
+
+
+def test_atomic_path_renames_what_a_writer_opened_by_name(tmp_path):
+  path = tmp_path / 'shard.bin'
+  with files.atomic_path(path) as tmp:
+    with open(tmp, 'wb') as f:
+      f.write(b'whole')
+    assert not path.exists()
+  assert path.read_bytes() == b'whole'
+  with pytest.raises(ValueError):
+    with files.atomic_path(path) as tmp:
+      open(tmp, 'wb').close()
+      raise ValueError('writer failed')
+  assert path.read_bytes() == b'whole' and os.listdir(tmp_path) == ['shard.bin']
+
+
+def test_replace_dir_swaps_whole_and_carries_over_what_it_is_told(tmp_path):
+  out = tmp_path / 'export'
+
+  def fill(names):
+    return lambda tmp: [open(os.path.join(tmp, n), 'w').close() for n in names]
+  files.replace_dir(out, fill(['a.safetensors', 'b.safetensors']))
+  (out / 'tokenizer.json').write_text('{}')
+  files.replace_dir(out, fill(['model.safetensors']),
+                    carry_over=lambda name: not name.endswith('.safetensors'))
+  assert sorted(os.listdir(out)) == ['model.safetensors', 'tokenizer.json']
+  with pytest.raises(OSError):
+    files.replace_dir(out, lambda tmp: (_ for _ in ()).throw(OSError('disk full')))
+  assert sorted(os.listdir(out)) == ['model.safetensors', 'tokenizer.json']
+  assert sorted(os.listdir(tmp_path)) == ['export']        # no temporary left beside it
+
+
+# ------------------------------------------------------------------- append-only files
+
+def _append_forever(path):
+  while True:
+    files.append_jsonl(path, [{'id': i, 'pad': 'x' * 4000} for i in range(8)])
+
+
+def test_append_jsonl_killed_mid_run_leaves_whole_batches(tmp_path):
+  path = str(tmp_path / 'part0')
+  files.append_jsonl(path, [])
+  assert not os.path.exists(path)                          # nothing to write, no file
+  process = multiprocessing.get_context('spawn').Process(target=_append_forever, args=(path,))
+  process.start()
+  deadline = time.time() + 60
+  while (not os.path.exists(path) or os.path.getsize(path) < 200_000) and time.time() < deadline:
+    time.sleep(0.001)
+  process.kill()
+  process.join()
+  lines = list(files.read_whole_lines(path))
+  assert lines and len(lines) % 8 == 0                      # each batch is one write
+  assert [r['id'] for r in lines[:8]] == list(range(8))
+
+
+def test_repair_tail_drops_only_an_unterminated_line(tmp_path):
+  path = str(tmp_path / 'out.jsonl')
+  with open(path, 'w') as f:
+    f.write('{"id": "a"}\n{"id": "b"}\n{"id": "c", "x": ')
+  assert files.repair_tail(path) == len('{"id": "c", "x": ')
+  assert [r['id'] for r in files.read_jsonl(path)] == ['a', 'b']
+  assert files.repair_tail(path) == 0
+  with open(path, 'w') as f:
+    f.write('{"id": "only", "half')
+  files.repair_tail(path)
+  assert os.path.getsize(path) == 0
+
+
+def test_read_jsonl_names_file_and_line(tmp_path):
+  path = tmp_path / 'bad.jsonl'
+  path.write_text('{"id": 1}\n\nnot json\n')
+  with pytest.raises(ValueError, match=r'bad.jsonl:3: not valid JSON'):
+    list(files.read_jsonl(str(path)))
+  path.write_text('[1]\n')
+  with pytest.raises(ValueError, match=r'bad.jsonl:1: expected a JSON object'):
+    list(files.read_jsonl(str(path)))
+
+
+def test_appender_writes_whole_lines_from_many_threads(tmp_path):
+  path = str(tmp_path / 'out.jsonl')
+  with files.JsonlAppender(path) as out:
+    threads = [threading.Thread(target=lambda t=t: [out.append({'id': f'{t}-{i}', 'pad': 'x' * 500})
+                                                      for i in range(20)]) for t in range(4)]
+    for t in threads:
+      t.start()
+    for t in threads:
+      t.join()
+  ids = [r['id'] for r in files.read_jsonl(path)]
+  assert len(ids) == 80 and len(set(ids)) == 80
+
+
+# ------------------------------------------------------------------------------ records
+
+def test_ids_are_checked_naming_file_record_and_id(tmp_path):
+  path = tmp_path / 'in.jsonl'
+  path.write_text('{"id": "a", "x": 1}\n{"id": 2}\n\n{"id": "a"}\n')
+  assert [rid for rid, _ in files.records_with_ids(path)] == ['a', '2', 'a']
+  with pytest.raises(files.DuplicateId, match=r"in.jsonl: duplicate id 'a' \(records 1 and 3\)"):
+    files.check_unique_ids(path)
+  assert files.load_by_id(path, ids={'2'}) == {'2': {'id': 2}}
+  with pytest.raises(ValueError, match=r"in.jsonl: record 'a' has no 'y' field"):
+    files.load_by_id(path, required=('y',))
+  with pytest.raises(files.DuplicateId, match=r"in.jsonl: duplicate id 'a'"):
+    files.load_by_id(path)
+  path.write_text('{"id": "a"}\n{"name": "no id"}\n')
+  with pytest.raises(ValueError, match=r"in.jsonl record 2: record has no 'id' field"):
+    files.check_unique_ids(path)
+
+
+def test_sharding_by_line_splits_every_item_once():
+  shards = [list(files.sharded(range(10), i, 3)) for i in range(3)]
+  assert sorted(sum(shards, [])) == list(range(10))
+  assert [len(s) for s in shards] == [files.shard_size(10, i, 3) for i in range(3)]
+  with pytest.raises(ValueError, match=r'shard index must be in \[0, 3\), got 3'):
+    list(files.sharded(range(10), 3, 3))

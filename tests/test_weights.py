@@ -1,0 +1,73 @@
+"""saber_jax.weights: the params directory a stage ends with reloads as the next stage's
+start (with its config, onto a mesh, non-finite values refused), the run config's model
+config and LoRA decision, and the initial params from each source."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hf_reference import tiny_hf_config
+from saber_jax import sharding, weights
+from saber_jax.models import ThinkerConfig, abstract_params, init_params
+from saber_jax.train import config as config_lib
+
+
+def test_final_params_reload_with_their_config(tmp_path):
+  model_config = ThinkerConfig.from_hf(tiny_hf_config().to_dict())
+  params = nn.unbox(init_params(model_config, jax.random.key(1)))
+  weights.save_params(str(tmp_path / 'final'), params, model_config)
+  config = weights.params_config(str(tmp_path / 'final'))
+  assert config == model_config
+  loaded = weights.load_params(str(tmp_path / 'final'), nn.unbox(abstract_params(config)))
+  for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(got, want)
+
+
+def test_nonfinite_saved_params_are_refused_naming_the_tensor(tmp_path):
+  model_config = ThinkerConfig.from_hf(tiny_hf_config().to_dict())
+  params = nn.unbox(init_params(model_config, jax.random.key(1)))
+  kernel = params['text']['layers']['mlp']['up_proj']['kernel']
+  params['text']['layers']['mlp']['up_proj']['kernel'] = kernel.at[1, 0, 0].set(jnp.nan)
+  weights.save_params(str(tmp_path / 'final'), params, model_config)
+  with pytest.raises(ValueError, match=r"text/layers/mlp/up_proj/kernel.*non-finite"):
+    weights.load_params(str(tmp_path / 'final'), nn.unbox(abstract_params(model_config)))
+
+
+def _run_config(tmp_path):
+  tiny_hf_config().save_pretrained(tmp_path / 'model')
+  c = config_lib.base_config()
+  c.model.hf_config, c.model.dtype, c.model.remat = str(tmp_path / 'model' / 'config.json'), \
+      'float32', 'none'
+  return c
+
+
+def test_run_config_names_the_model_and_whether_it_trains_lora(tmp_path):
+  c = _run_config(tmp_path)
+  model_config = weights.model_config_of(c)
+  assert model_config.param_dtype == c.model.param_dtype and model_config.remat == 'none'
+  assert model_config.text == ThinkerConfig.from_hf(c.model.hf_config).text
+  c.trainable = 'full'
+  assert weights.lora_config_of(c) is None
+  c.trainable = 'lora'
+  assert weights.lora_config_of(c) is c.lora
+
+
+@pytest.mark.slow
+def test_initial_params_from_saved_params_random_and_identity(tmp_path):
+  c = _run_config(tmp_path)
+  model_config = weights.model_config_of(c)
+  mesh = sharding.make_mesh((1, 4, 2))
+  random = weights.initial_params(c, model_config, mesh, None)
+  kernel = random['text']['layers']['mlp']['up_proj']['kernel']
+  assert len(kernel.sharding.device_set) == 8           # created on its sharding
+  weights.save_params(str(tmp_path / 'final'), random, model_config)
+  loaded = weights.initial_params(c, model_config, mesh, str(tmp_path / 'final'))
+  for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(random)):
+    assert got.sharding == want.sharding
+    np.testing.assert_array_equal(got, want)
+  identity = weights.weights_identity(c, str(tmp_path / 'final'))
+  assert identity['model']['hf_config'] == c.model.hf_config
+  assert {f['path'].rsplit('/', 1)[-1] for f in identity['init_from']} >= {weights.CONFIG_FILE}
+  assert weights.weights_identity(c, None)['init_from'] is None
