@@ -49,7 +49,7 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-from saber_jax.data.sed import IGNORE_INDEX
+from saber_jax.batch import IGNORE_INDEX
 from saber_jax.models.config import AudioConfig, TextConfig, ThinkerConfig, VisionConfig
 from saber_jax.train.steps import TRAINABLE_MODES
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from saber_jax import sharding
 from saber_jax.data.prompt import expand_placeholders
-from saber_jax.data.sed import IGNORE_INDEX
+from saber_jax.batch import IGNORE_INDEX
 from saber_jax.models.config import ThinkerConfig
 from saber_jax.models.thinker import model_inputs
 from saber_jax.train import trainer
