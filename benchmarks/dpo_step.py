@@ -18,7 +18,7 @@ tokens. Batches come from the data pipeline's `collate` (length buckets every 25
 
 Each variant runs in its own worker process, stepped in turn ("lockstep", see
 `train_step.py`); reported are step time, tokens/s (valid tokens of the batch), model
-FLOPs per step (`saber_jax.flops`), XLA's memory analysis of the compiled step
+FLOPs per step (`saber_jax.train.flops`), XLA's memory analysis of the compiled step
 (arguments and temporaries) and the process's peak host memory. The variants' first
 policy log-probs must agree. `--json`: the last line holds `shared_prompt_speedup`
 (two_rows / shared step time) and `precompute_speedup` (in_step / shared).
@@ -96,7 +96,7 @@ def setup_variant(args):
   import flax.linen as nn
   import jax
   import ml_collections
-  from saber_jax import flops
+  from saber_jax.train import flops
   from saber_jax.models.thinker import init_params
   from saber_jax.train import optim, steps
   model_config = dataclasses.replace(common.BENCH_CONFIG, remat=args.remat)
@@ -119,7 +119,7 @@ def setup_variant(args):
     loss_fn = functools.partial(steps.dpo_loss, **common_kw)
     frozen = {}
     del reference
-  state = steps.init_state(policy, frozen, optimizer)
+  state = common.fresh_state(policy, frozen, optimizer)
   del policy
   step = jax.jit(functools.partial(steps.train_step, loss_fn=loss_fn, optimizer=optimizer,
                                    skip_nonfinite=False), donate_argnums=0)
@@ -129,7 +129,8 @@ def setup_variant(args):
   state, metrics = compiled(state, device_batch)
   model_flops = flops.step_flops(model_config, batch)
   if args.side == 'in_step':
-    model_flops += flops.forward_step_flops(model_config, batch)
+    model_flops += flops.total(flops.forward_flops(model_config,
+                                                  flops.batch_counts(model_config, batch)))
   info = dict(loss=float(metrics['loss']), tokens=int(batch['attention_mask'].sum()),
               rows=int(batch['input_ids'].shape[0]), row_length=int(batch['input_ids'].shape[1]),
               logps=[float(x) for x in np.concatenate(ref_logps)],

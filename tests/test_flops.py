@@ -1,4 +1,4 @@
-"""The FLOP count of saber_jax.flops: a hand count on the tiny thinker (from the real param
+"""The FLOP count of saber_jax.train.flops: a hand count on the tiny thinker (from the real param
 shapes and the batch's own tokens, chunks, windows and frames) and XLA's own count of the
 compiled decoder forward and training step."""
 
@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from hf_reference import tiny_hf_config
-from saber_jax import flops, losses
+from saber_jax import losses
+from saber_jax.train import flops
 from saber_jax.models import ThinkerConfig, init_params, text
 from saber_jax.models.config import TextConfig
 from saber_jax.models.text import TextModel

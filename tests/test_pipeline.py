@@ -15,7 +15,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from saber_jax import flops, losses
+from saber_jax import losses
+from saber_jax.train import flops
 from saber_jax.data import pipeline, prompt, records
 from saber_jax.models import thinker
 from saber_jax.models.config import AudioConfig, TextConfig, ThinkerConfig, VisionConfig

@@ -11,7 +11,7 @@ from hf_reference import tiny_hf_config
 from saber_jax import sharding
 from saber_jax.models import ThinkerConfig, abstract_params, init_params
 from saber_jax.train import optim, steps
-from train_batches import ROWS, sft_batch
+from train_batches import ROWS, fresh_state, sft_batch
 
 
 @pytest.fixture(scope='module')
@@ -58,7 +58,7 @@ def test_sft_steps_lower_the_loss_and_touch_only_trainable_params(model_config, 
   lora_params = (lora.init_lora(jax.random.key(1), params, rank=4) if mode == 'lora' else None)
   trainable, frozen = steps.split_params(params, mode, lora_params)
   optimizer = optim.make_optimizer(_optim_config())
-  state = steps.init_state(trainable, frozen, optimizer)
+  state = fresh_state(trainable, frozen, optimizer)
   loss_fn = lambda t, f, b: steps.sft_loss(t, f, b, model_config=model_config,
                                           lora_config=lora_config)
   step = jax.jit(lambda s, b: steps.train_step(s, b, loss_fn=loss_fn, optimizer=optimizer,
@@ -81,7 +81,7 @@ def test_sft_steps_lower_the_loss_and_touch_only_trainable_params(model_config, 
 
 def test_nonfinite_step_is_skipped_when_asked(model_config, params):
   optimizer = optim.make_optimizer(_optim_config())
-  state = steps.init_state(params, {}, optimizer)
+  state = fresh_state(params, {}, optimizer)
   batch = sft_batch(model_config, 1)
   batch['audio']['chunks'] = np.full_like(batch['audio']['chunks'], np.nan)
   loss_fn = lambda t, f, b: steps.sft_loss(t, f, b, model_config=model_config)
@@ -107,7 +107,7 @@ def test_dpo_loss_is_log2_when_policy_is_the_reference(model_config, params):
   loss, metrics = loss_fn(params, {}, batch)
   np.testing.assert_allclose(loss, np.log(2.0), rtol=1e-6)
   optimizer = optim.make_optimizer(_optim_config(lr=1e-3))
-  state = steps.init_state(params, {}, optimizer)
+  state = fresh_state(params, {}, optimizer)
   step = jax.jit(lambda s, b: steps.train_step(s, b, loss_fn=loss_fn, optimizer=optimizer,
                                                skip_nonfinite=False))
   for _ in range(5):

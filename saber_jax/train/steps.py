@@ -148,8 +148,3 @@ def train_step(state: TrainState, batch: dict, *, loss_fn, optimizer, skip_nonfi
   state, update_metrics = apply_gradients(state, grads, loss, optimizer, skip_nonfinite)
   return state, {'loss': loss, **metrics, **update_metrics}
 
-
-def init_state(trainable, frozen, optimizer) -> TrainState:
-  return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen,
-                    opt_state=optimizer.init(trainable))
-

@@ -15,11 +15,11 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from saber_jax import convert, fingerprint, flops, sharding
+from saber_jax import convert, fingerprint, sharding
 from saber_jax.data import pipeline, sed
 from saber_jax.models.config import ThinkerConfig
 from saber_jax.models.thinker import abstract_params, init_params
-from saber_jax.train import checkpoint, lora, optim, steps
+from saber_jax.train import checkpoint, flops, lora, optim, steps
 from saber_jax.train.log import MetricLogger
 
 

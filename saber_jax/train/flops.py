@@ -248,11 +248,6 @@ def step_flops(model_config: ThinkerConfig, batch: Mapping[str, Any], *, trainab
   return total(training_flops(model_config, counts, trainable, hardware))
 
 
-def forward_step_flops(model_config: ThinkerConfig, batch: Mapping[str, Any]) -> float:
-  """Model FLOPs of one forward pass (e.g. the reference log-prob pass of CA-DPO)."""
-  return total(forward_flops(model_config, batch_counts(model_config, batch)))
-
-
 def mfu(flops_per_s: float, peak_flops_per_s: float) -> float:
   """Model FLOPs utilisation: achieved model FLOP/s over the peak FLOP/s (same devices)."""
   if peak_flops_per_s <= 0:
