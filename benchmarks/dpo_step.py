@@ -49,7 +49,7 @@ def _dpo_config():
 def pair_batch(model_config, pairs: int, shared: bool, seed: int = 0) -> dict:
   """`pairs` SABER-shaped pairs through the pipeline's collate, in one layout (the same
   tokens and media for both layouts)."""
-  from saber_jax.data import pipeline, records
+  from saber_jax.data import collate, examples as examples_lib, records
   from saber_jax.data.prompt import expand_placeholders
   rng = np.random.default_rng(seed)
   v = model_config.vision
@@ -72,12 +72,12 @@ def pair_batch(model_config, pairs: int, shared: bool, seed: int = 0) -> dict:
                        (int(np.prod(VIDEO_GRID)), v.patch_dim), np.float32),
                    video_grid_thw=np.array([VIDEO_GRID]),
                    video_second_per_grid=np.array([1.0], np.float32)))
-    examples.append(pipeline.Example(pipeline._rows_of(record, shared), media, False, index,
-                                     (0.0, 0.0)))
-  options = pipeline.DataConfig(batch_size=pairs, shared_prompt=shared,
-                                length_buckets=tuple(range(256, 8193, 256)))
-  return pipeline.collate(examples, model_config=model_config, options=options,
-                          preference=True)
+    examples.append(examples_lib.Example(examples_lib._rows_of(record, shared), media, False,
+                                         index, (0.0, 0.0)))
+  options = examples_lib.DataConfig(batch_size=pairs, shared_prompt=shared,
+                                    length_buckets=tuple(range(256, 8193, 256)))
+  return collate.collate(examples, model_config=model_config, options=options,
+                         preference=True)
 
 
 def dpo_with_reference(trainable, frozen, batch, *, model_config, dpo_config, chunk_size):

@@ -74,7 +74,6 @@ def setup_jax(args):
   import jax
   from saber_jax import convert
   from saber_jax.train import flops
-  from saber_jax.train import steps
   common.full_fp32_matmuls()
   model_config, params = convert.load_hf(args.model_dir)
   model_config = dataclasses.replace(model_config, remat=args.remat)

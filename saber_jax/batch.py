@@ -26,8 +26,8 @@ media are encoded on the devices holding its rows, so media arrays lead with the
                                             REJECTED, PAIR_PADDING
   ref_chosen_logps,   [P] float32           preference data: the reference model's    0
   ref_rejected_logps                        summed answer log-probs (0: no example)
-  pair_index          [P] int64             reference pass: the pair's position in    0
-                                            the record files (-1: padding)
+  pair_index          [P] int64             reference pass: the pair's position in    none
+  (PAIR_INDEX)                              the record files (-1: padding); host only
   fill (FILL)         [4] int64             FILL_FIELDS of the global batch; not a    none
                                             model input (the trainer pops it)
 
@@ -53,7 +53,9 @@ SEGMENT_NAMES = {segment_id: name for name, segment_id in SECTION_IDS.items()}
 # also text.SHARED_PREFIX: the segment every answer of a shared-prompt row attends to.
 PAIR_PADDING, PAIR_PROMPT, CHOSEN, REJECTED = 0, 1, 2, 3
 
+# Keys the host reads and the step does not: popped before a batch goes to the devices.
 FILL = 'fill'
+PAIR_INDEX = 'pair_index'
 FILL_FIELDS = ('text_real', 'text_padded', 'media_real', 'media_padded')
 
 # The keys the thinker reads (`Thinker.__call__`); the rest of a batch is for the losses.

@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 
 from saber_jax import losses
-from saber_jax.data import pipeline
+from saber_jax.data.examples import DataConfig
 from saber_jax.train import optim, steps
 
 MODES = ('sft', 'ref_logps', 'dpo', 'pipeline', 'generate')
@@ -54,7 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.dpo = ml_collections.ConfigDict(dict(beta=0.1, label_smoothing=0.0, loss_type='sigmoid',
                                          sft_weight=0.0))
 
-  c.data = ml_collections.ConfigDict(dataclasses.asdict(pipeline.DataConfig()))
+  c.data = ml_collections.ConfigDict(dataclasses.asdict(DataConfig()))
   c.data.num_epochs = 1
   c.sft_records = ''          # SFT ArrayRecord shards (files, or the shard prefix)
   c.pref_records = ''         # preference ArrayRecord shards

@@ -69,7 +69,7 @@ class MetricLogger:
 
   def add(self, metrics: dict, tokens: int, model_flops: float, fill=None):
     """One step's metrics (host scalars), trained tokens and model FLOPs (of this
-    process's batch) and fill counts (`pipeline.FILL_FIELDS` of the global batch);
+    process's batch) and fill counts (`batch.FILL_FIELDS` of the global batch);
     `write` logs their means and rates since the last write."""
     if fill is not None:
       self.fill += np.asarray(fill, np.int64)

@@ -16,7 +16,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from saber_jax import convert, fingerprint, sharding
-from saber_jax.data import pipeline, sed
+from saber_jax.batch import FILL, IGNORE_INDEX
 from saber_jax.models.config import ThinkerConfig
 from saber_jax.models.thinker import abstract_params, init_params
 from saber_jax.train import checkpoint, flops, lora, optim, steps
@@ -209,12 +209,12 @@ def train(config, setup: Setup, batches: Iterator[dict], data_iterator, workdir:
   try:
     while step < total_steps:
       batch = next(batches)
-      fill = batch.pop(pipeline.FILL, None)   # the global batch's padding, not a model input
+      fill = batch.pop(FILL, None)   # the global batch's padding, not a model input
       state, metrics = setup.step_fn(state, sharding.global_batch(batch, setup.mesh))
       step += 1
       # Counted on the host while the (asynchronously dispatched) step runs.
       pending.append((step, metrics, dict(
-          tokens=int(np.sum(batch['labels'] != sed.IGNORE_INDEX)),
+          tokens=int(np.sum(batch['labels'] != IGNORE_INDEX)),
           model_flops=flops.step_flops(setup.model_config, batch, trainable=config.trainable),
           fill=fill)))
       log_now = step % config.log_every == 0 or step == total_steps
