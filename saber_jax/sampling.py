@@ -8,8 +8,9 @@
 
 Batches are built by the training collate code (`data.collate`: `data_shard_batches`,
 `media_sizes` with the ladders of `config.data`, `encode` with left padding), one data
-shard per data-parallel device, so a whole run compiles once per bucket it uses. Memory is bounded by the window (decoded
-prompts of `window_batches` batches) and the set of finished ids.
+shard per data-parallel device, so a whole run compiles once per bucket it uses. Memory
+is bounded by the window (decoded prompts of `window_batches` batches) and the set of
+finished ids.
 
 Sample j of record `id` draws from fold_in(fold_in(key(seed), hash(id)), j): the same
 tokens whatever the batch size, process count, bucket or resume point.

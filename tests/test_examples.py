@@ -8,7 +8,8 @@ from saber_jax.data import examples, records
 
 
 def test_data_options_read_a_config_dict():
-  config = ml_collections.ConfigDict(dict(batch_size=6, num_data_shards=3, length_buckets=[128, 256],
+  config = ml_collections.ConfigDict(dict(batch_size=6, num_data_shards=3,
+                                          length_buckets=[128, 256],
                                           other_field='ignored'))
   options = examples.data_options(config)
   assert (options.batch_size, options.num_data_shards, options.length_buckets) == (6, 3, (128, 256))

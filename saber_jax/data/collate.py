@@ -168,7 +168,7 @@ def data_shard_batches(examples: Sequence[Example | None], num_data_shards: int,
           for s in range(num_data_shards)]
 
 
-def _group_needs(shards: list[dict[str, Any]], config: ThinkerConfig) -> dict[str, int]:
+def _shard_needs(shards: list[dict[str, Any]], config: ThinkerConfig) -> dict[str, int]:
   """The largest tower needs of any data shard (audio chunks; vision patches, windows,
   frames, patches per frame) before bucketing."""
   window = 2 * config.audio.n_window
@@ -177,7 +177,8 @@ def _group_needs(shards: list[dict[str, Any]], config: ThinkerConfig) -> dict[st
     if 'feature_attention_mask' in g:
       lengths = g['feature_attention_mask'].sum(-1)
       needs['audio_chunks'] = max(needs['audio_chunks'], int(np.sum(-(-lengths // window))))
-    grids = [np.asarray(g[k]).reshape(-1, 3) for k in ('image_grid_thw', 'video_grid_thw') if k in g]
+    grids = [np.asarray(g[k]).reshape(-1, 3)
+             for k in ('image_grid_thw', 'video_grid_thw') if k in g]
     vision = _vision_needs([tuple(int(x) for x in row) for grid in grids for row in grid],
                            config.vision)
     needs.update({k: max(needs[k], vision[k]) for k in vision})
@@ -206,7 +207,7 @@ def media_buckets(needs: dict[str, int], config: ThinkerConfig,
 def media_sizes(shards: list[dict[str, Any]], config: ThinkerConfig,
                 options: DataConfig) -> dict[str, int]:
   """Bucketed tower sizes shared by all data shards of a batch, from the shards themselves."""
-  return media_buckets(_group_needs(shards, config), config, options)
+  return media_buckets(_shard_needs(shards, config), config, options)
 
 
 def encode(shards: list[dict[str, Any]], model_config: ThinkerConfig, sizes: dict[str, int],
@@ -255,9 +256,10 @@ def collate(examples: Sequence[Example | None], *, model_config: ThinkerConfig,
                               pairs=preference)
   if shapes:
     sizes = shapes['media']
-    needs = dict(_group_needs(shards, model_config), length=longest)
+    needs = dict(_shard_needs(shards, model_config), length=longest)
     planned = dict(audio_chunks=sizes['num_audio_chunks'], length=length,
-                   **{k: sizes[k] for k in ('num_patches', 'num_windows', 'num_frames', 'frame_len')})
+                   **{k: sizes[k]
+                      for k in ('num_patches', 'num_windows', 'num_frames', 'frame_len')})
     over = {k: (needs[k], planned[k]) for k in planned if needs[k] > planned[k]}
     if over:
       raise records.RecordError(
@@ -270,7 +272,8 @@ def collate(examples: Sequence[Example | None], *, model_config: ThinkerConfig,
                  shared_prompt=preference and options.shared_prompt)
   real = np.array([e is not None and e.rows is not None for e in examples])
   batch['example_mask'] = np.repeat(real, rows_per_example)
-  batch['truncated'] = np.repeat([e is not None and e.truncated for e in examples], rows_per_example)
+  batch['truncated'] = np.repeat([e is not None and e.truncated for e in examples],
+                                 rows_per_example)
   if preference:
     ref = np.array([e.ref_logps if e is not None and e.rows is not None else (0.0, 0.0)
                     for e in examples], np.float32).reshape(-1, 2)

@@ -138,8 +138,8 @@ def reference_batches(model_config: ThinkerConfig, data_config: Any,
                       paths: str | Sequence[str], *, shard_index: int | None = None,
                       shard_count: int | None = None) -> grain.DatasetIterator:
   """The reference pass: every pair once, in size order (one epoch), the last batch padded
-  so all processes take the same number of steps. `pair_index` [P] says which pair each is (-1: padding; a pair
-  dropped as too long has example_mask False), for `records.fill_reference_logps(...,
-  key='index')`."""
+  so all processes take the same number of steps. `pair_index` [P] says which pair each
+  is (-1: padding; a pair dropped as too long has example_mask False), for
+  `records.fill_reference_logps(..., key='index')`."""
   return iter(_dataset(model_config, data_config, paths, records.PREFERENCE, seed=0,
                        shard_index=shard_index, shard_count=shard_count, reference=True))

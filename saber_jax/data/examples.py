@@ -83,12 +83,14 @@ def data_options(data_config: Any) -> DataConfig:
       if value is not None:
         values[field.name] = tuple(value) if field.name == 'length_buckets' else value
     options = DataConfig(**values)
-  if options.batch_size < 1 or options.num_data_shards < 1 or options.batch_size % options.num_data_shards:
+  shards = options.num_data_shards
+  if options.batch_size < 1 or shards < 1 or options.batch_size % shards:
     raise ValueError(f'batch_size ({options.batch_size}) must be a positive multiple of '
                      f'num_data_shards ({options.num_data_shards})')
   if options.overlong not in ('truncate', 'drop'):
     raise ValueError(f"overlong must be 'truncate' or 'drop', got {options.overlong!r}")
-  if not options.length_buckets or list(options.length_buckets) != sorted(set(options.length_buckets)):
+  buckets = options.length_buckets
+  if not buckets or list(buckets) != sorted(set(buckets)):
     raise ValueError(f'length_buckets must be increasing, got {options.length_buckets}')
   if options.bucket_steps < 1:
     raise ValueError(f'bucket_steps must be >= 1, got {options.bucket_steps}')
@@ -98,10 +100,11 @@ def data_options(data_config: Any) -> DataConfig:
 def _rows_of(record: dict, shared_prompt: bool) -> list[dict[str, np.ndarray]]:
   """Token rows of a record: one for SFT; for a preference pair one row `[prompt |
   chosen | rejected]` (shared_prompt) or the rows `[prompt | chosen]`, `[prompt |
-  rejected]`. `pair_segments` marks the prompt (PAIR_PROMPT) and the answers (CHOSEN, REJECTED). In the shared
-  row each answer starts with a copy of the prompt's last token, which predicts the
-  answer's first token: every token then predicts the label after it, in either layout.
-The batch plan sizes these rows with `row_lengths`: change both together."""
+  rejected]`. `pair_segments` marks the prompt (PAIR_PROMPT) and the answers (CHOSEN,
+  REJECTED). In the shared row each answer starts with a copy of the prompt's last token,
+  which predicts the answer's first token: every token then predicts the label after it,
+  in either layout. The batch plan sizes these rows with `row_lengths`: change both
+  together."""
   if record['kind'] == records.SFT:
     return [{k: np.asarray(record[k]) for k in ('input_ids', 'labels', 'segments')}]
   prompt = np.asarray(record['prompt_ids'])
@@ -112,10 +115,12 @@ The batch plan sizes these rows with `row_lengths`: change both together."""
     return [{'input_ids': np.concatenate([prompt, ids]),
              'labels': np.concatenate([ignored(len(prompt)), ids]),
              'segments': np.concatenate([np.full(len(prompt), PROMPT, np.int8), segments]),
-             'pair_segments': np.repeat([PAIR_PROMPT, answer], [len(prompt), len(ids)]).astype(np.int8)}
+             'pair_segments': np.repeat([PAIR_PROMPT, answer],
+                                        [len(prompt), len(ids)]).astype(np.int8)}
             for answer, (ids, segments) in zip((CHOSEN, REJECTED), answers)]
   head, last = prompt[:-1], prompt[-1:]
-  parts = [dict(input_ids=head, labels=ignored(len(head)), segments=np.full(len(head), PROMPT, np.int8),
+  parts = [dict(input_ids=head, labels=ignored(len(head)),
+                segments=np.full(len(head), PROMPT, np.int8),
                 pair_segments=np.full(len(head), PAIR_PROMPT, np.int8))]
   for answer, (ids, segments) in zip((CHOSEN, REJECTED), answers):
     parts.append(dict(input_ids=np.concatenate([last, ids]),

@@ -57,7 +57,8 @@ def example_needs(sizes: np.ndarray, kind: str, model_config: ThinkerConfig,
       text_real=np.where(kept, np.minimum(rows, max_len).sum(1), rows.shape[1]),
       audio_chunks=copies * -(-field['mel_frames'] // (2 * a.n_window)),
       num_patches=copies * (video_t * video_h * video_w + image_t * image_h * image_w),
-      num_windows=copies * (windows(video_t, video_h, video_w) + windows(image_t, image_h, image_w)),
+      num_windows=copies * (windows(video_t, video_h, video_w)
+                            + windows(image_t, image_h, image_w)),
       num_frames=copies * (video_t + image_t),
       frame_len=np.where(kept, np.maximum(video_h * video_w, image_h * image_w), 0))
   needs['media_real'] = copies * field['mel_frames'] + needs['num_patches']
@@ -121,7 +122,8 @@ class BatchPlan:
                reference: bool = False):
     self.needs, self.rows_per_example = needs, rows_per_example
     self.batch_size, self.num_data_shards = batch_size, num_data_shards
-    self.model_config, self.options, self.seed, self.reference = model_config, options, seed, reference
+    self.model_config, self.options = model_config, options
+    self.seed, self.reference = seed, reference
     n = len(needs['length'])
     self.steps_per_epoch = -(-n // batch_size) if reference else n // batch_size
     if not self.steps_per_epoch:

@@ -6,9 +6,10 @@ the adapters and the frozen tree the base; the forward merges them.
 
 Batches are dicts of arrays keyed as `saber_jax.batch` lists them: the thinker reads
 `batch.MODEL_KEYS`, the losses `labels`, `segments` and, for DPO, `pair_segments` and the
-reference log-probs of P pairs, in one of two layouts told apart by the row count: one row `[prompt | chosen | rejected]` per pair (B = P; the
-prompt and media are computed once, the answers attend to the prompt and to themselves
-only), or chosen and rejected of pair i in rows 2i and 2i + 1 (B = 2P).
+reference log-probs of P pairs, in one of two layouts told apart by the row count: one
+row `[prompt | chosen | rejected]` per pair (B = P; the prompt and media are computed
+once, the answers attend to the prompt and to themselves only), or chosen and rejected
+of pair i in rows 2i and 2i + 1 (B = 2P).
 """
 
 from typing import Any

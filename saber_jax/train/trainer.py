@@ -1,6 +1,6 @@
 """Running a stage: params and train state placed on the mesh, the jitted step with explicit
 shardings and donated state, the loop with logging, non-finite checks and Orbax
-checkpoints, and the reference log-prob pass of CA-DPO."""
+checkpoints. (The reference log-prob pass of CA-DPO is `stages.ref_logps_stage`.)"""
 
 import dataclasses
 import functools
