@@ -169,7 +169,7 @@ def run_dataset(args) -> dict:
     hf_tokens = 0
     for record in records.iter_records(records.shard_paths(prefix)):
       example = examples.prompt_example(record, model_config, 'records')
-      batch = collate.group_batch([example], 1, len(example.rows[0]['input_ids']))
+      batch = collate.shard_batch([example], 1, len(example.rows[0]['input_ids']))
       del batch['labels'], batch['segments']
       inputs = {k: torch.as_tensor(v) for k, v in batch.items() if k != 'use_audio_in_video'}
       with torch.inference_mode():

@@ -28,7 +28,7 @@ from saber_jax.data.examples import DataConfig, Example, num_rows
 from saber_jax.models import thinker
 from saber_jax.models.config import ThinkerConfig
 
-# The rows of `group_batch` that are not model inputs (the losses read them).
+# The rows of `shard_batch` that are not model inputs (the losses read them).
 TEXT_KEYS = ('labels', 'segments', 'pair_segments')
 
 
@@ -72,8 +72,8 @@ def _items(example: Example):
   return [example.media] * len(example.rows) if example.rows is not None else []
 
 
-def group_batch(examples: list[Example | None], rows_per_example: int, length: int,
-                 pairs: bool = False) -> dict[str, Any]:
+def shard_batch(examples: list[Example | None], rows_per_example: int, length: int,
+                pairs: bool = False) -> dict[str, Any]:
   """The processor-style batch of one data shard, text right-padded to `length` (with
   `pair_segments` when `pairs`)."""
   num_rows = len(examples) * rows_per_example
@@ -160,10 +160,10 @@ def left_pad(batch: Mapping[str, Any], length: int | None, pad_id: int) -> dict[
 
 def data_shard_batches(examples: Sequence[Example | None], num_data_shards: int,
                        rows_per_example: int, length: int, pairs: bool = False) -> list[dict]:
-  """The right-padded processor-style batch (`group_batch`) of each of `num_data_shards`
+  """The right-padded processor-style batch (`shard_batch`) of each of `num_data_shards`
   contiguous data shards of `examples` (None: a padding slot)."""
   per_shard = len(examples) // num_data_shards
-  return [group_batch(list(examples[s * per_shard:(s + 1) * per_shard]), rows_per_example,
+  return [shard_batch(list(examples[s * per_shard:(s + 1) * per_shard]), rows_per_example,
                       length, pairs)
           for s in range(num_data_shards)]
 

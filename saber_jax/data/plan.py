@@ -90,7 +90,7 @@ def balanced_deal(weights: np.ndarray, num_data_shards: int) -> np.ndarray:
   each to the shard with room whose largest share (of each weight's batch total) stays
   smallest."""
   batches, size, _ = weights.shape
-  per_group = size // num_data_shards
+  per_shard = size // num_data_shards
   totals = weights.sum(1, keepdims=True)
   share = weights / np.where(totals > 0, totals, 1)
   load = np.zeros((batches, num_data_shards, share.shape[2]))
@@ -99,10 +99,10 @@ def balanced_deal(weights: np.ndarray, num_data_shards: int) -> np.ndarray:
   rows = np.arange(batches)
   for i in np.argsort(-share.sum(2), axis=1, kind='stable').T:   # i: [batches]
     after = (load + share[rows, i][:, None]).max(2)
-    group = np.where(count < per_group, after, np.inf).argmin(1)
-    load[rows, group] += share[rows, i]
-    slot[rows, i] = group * per_group + count[rows, group]
-    count[rows, group] += 1
+    shard = np.where(count < per_shard, after, np.inf).argmin(1)
+    load[rows, shard] += share[rows, i]
+    slot[rows, i] = shard * per_shard + count[rows, shard]
+    count[rows, shard] += 1
   return np.argsort(slot, axis=1)
 
 
