@@ -12,7 +12,9 @@ media are encoded on the devices holding its rows, so media arrays lead with the
   input_ids           [B, L] int64          tokens, right padded with PAD_ID          0
   attention_mask      [B, L] int64          1: a real token                           0
   position_ids        [3, B, L] int64       TMRoPE ids (temporal, height, width)      1
-  attention_segments  [B, L] int32          packed segments (see text.segment_mask)   0
+  attention_segments  [B, L] int32          segments that attend apart (text.         0
+                                            segment_mask); the DPO step sets them
+                                            from pair_segments, collate does not
   audio               {k: [S, ...]}         audio tower inputs of each data shard     0
   vision              {k: [S, ...]}         vision tower inputs of each data shard    0
   labels              [B, L] int32          token trained at each position, else      0
