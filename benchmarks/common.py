@@ -312,3 +312,11 @@ def gib(num_bytes: float) -> float:
 def machine() -> str:
   import jax
   return f'{jax.devices()[0].device_kind}, {os.cpu_count()} cpus, load {os.getloadavg()[0]:.1f}'
+
+
+def fresh_state(trainable, frozen, optimizer):
+  """A train state at step 0, unsharded (the trainer builds its own, sharded)."""
+  import jax.numpy as jnp
+  from saber_jax.train import steps
+  return steps.TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen,
+                          opt_state=optimizer.init(trainable))

@@ -44,7 +44,9 @@ sys.path.insert(0, str(_ROOT))
 import numpy as np  # noqa: E402
 
 from saber_jax.cli import make_demo_data, preprocess  # noqa: E402
-from saber_jax.data import pipeline, prompt, records, sed  # noqa: E402
+from saber_jax.data import prompt, records, sed  # noqa: E402
+from saber_jax.data.examples import DataConfig  # noqa: E402
+from saber_jax.data.plan import BatchPlan, example_needs  # noqa: E402
 from saber_jax.models import audio  # noqa: E402
 from saber_jax.models.config import ThinkerConfig  # noqa: E402
 
@@ -109,13 +111,13 @@ def saber_sizes(n: int, seed: int = 0) -> np.ndarray:
 OLD_LADDERS = dict(length_buckets=(256, 512, 1024, 2048, 4096), bucket_steps=2)
 
 
-def fills(sizes: np.ndarray, group_batches: int, batch_size: int = 64, num_groups: int = 8,
+def fills(sizes: np.ndarray, group_batches: int, batch_size: int = 64, num_data_shards: int = 8,
           **ladders) -> dict:
-  options = pipeline.DataConfig(group_batches=group_batches, **ladders)
-  plan = pipeline.BatchPlan(
-      pipeline.example_needs(sizes, records.SFT, SEVEN_B, options), rows_per_example=1,
-      batch_size=batch_size, num_groups=num_groups, model_config=SEVEN_B, options=options,
-      seed=0)
+  options = DataConfig(group_batches=group_batches, **ladders)
+  plan = BatchPlan(
+      example_needs(sizes, records.SFT, SEVEN_B, options), rows_per_example=1,
+      batch_size=batch_size, num_data_shards=num_data_shards, model_config=SEVEN_B,
+      options=options, seed=0)
   totals, shapes = np.zeros(4), set()
   for step in range(plan.steps_per_epoch):
     batch = plan.shapes(step)
@@ -162,11 +164,11 @@ def main(argv=None):
   start = time.perf_counter()
   results['random_old_ladders'] = fills(sizes, group_batches=0, **OLD_LADDERS)
   results['random'] = fills(sizes, group_batches=0)
-  results['grouped'] = fills(sizes, group_batches=pipeline.DataConfig.group_batches)
+  results['grouped'] = fills(sizes, group_batches=DataConfig.group_batches)
   results['plan_seconds'] = (time.perf_counter() - start) / 3
   start = time.perf_counter()
   results['grouped_pod'] = fills(saber_sizes(5 * args.clips, seed=1), batch_size=512,
-                                 num_groups=64, group_batches=pipeline.DataConfig.group_batches)
+                                 num_data_shards=64, group_batches=DataConfig.group_batches)
   results['pod_plan_seconds'] = time.perf_counter() - start
   print(f'fill over {args.clips} SABER-like clips, batch 64 on 8 devices, default ladders '
         f'(grouped_pod: {5 * args.clips} clips, batch 512 on 64 devices):')

@@ -18,7 +18,7 @@ tokens. Batches come from the data pipeline's `collate` (length buckets every 25
 
 Each variant runs in its own worker process, stepped in turn ("lockstep", see
 `train_step.py`); reported are step time, tokens/s (valid tokens of the batch), model
-FLOPs per step (`saber_jax.flops`), XLA's memory analysis of the compiled step
+FLOPs per step (`saber_jax.train.flops`), XLA's memory analysis of the compiled step
 (arguments and temporaries) and the process's peak host memory. The variants' first
 policy log-probs must agree. `--json`: the last line holds `shared_prompt_speedup`
 (two_rows / shared step time) and `precompute_speedup` (in_step / shared).
@@ -49,7 +49,7 @@ def _dpo_config():
 def pair_batch(model_config, pairs: int, shared: bool, seed: int = 0) -> dict:
   """`pairs` SABER-shaped pairs through the pipeline's collate, in one layout (the same
   tokens and media for both layouts)."""
-  from saber_jax.data import pipeline, records
+  from saber_jax.data import collate, examples as examples_lib, records
   from saber_jax.data.prompt import expand_placeholders
   rng = np.random.default_rng(seed)
   v = model_config.vision
@@ -72,12 +72,12 @@ def pair_batch(model_config, pairs: int, shared: bool, seed: int = 0) -> dict:
                        (int(np.prod(VIDEO_GRID)), v.patch_dim), np.float32),
                    video_grid_thw=np.array([VIDEO_GRID]),
                    video_second_per_grid=np.array([1.0], np.float32)))
-    examples.append(pipeline.Example(pipeline._rows_of(record, shared), media, False, index,
-                                     (0.0, 0.0)))
-  options = pipeline.DataConfig(batch_size=pairs, shared_prompt=shared,
-                                length_buckets=tuple(range(256, 8193, 256)))
-  return pipeline.collate(examples, model_config=model_config, options=options,
-                          preference=True)
+    examples.append(examples_lib.Example(examples_lib._rows_of(record, shared), media, False,
+                                         index, (0.0, 0.0)))
+  options = examples_lib.DataConfig(batch_size=pairs, shared_prompt=shared,
+                                    length_buckets=tuple(range(256, 8193, 256)))
+  return collate.collate(examples, model_config=model_config, options=options,
+                         preference=True)
 
 
 def dpo_with_reference(trainable, frozen, batch, *, model_config, dpo_config, chunk_size):
@@ -96,7 +96,7 @@ def setup_variant(args):
   import flax.linen as nn
   import jax
   import ml_collections
-  from saber_jax import flops
+  from saber_jax.train import flops
   from saber_jax.models.thinker import init_params
   from saber_jax.train import optim, steps
   model_config = dataclasses.replace(common.BENCH_CONFIG, remat=args.remat)
@@ -119,7 +119,7 @@ def setup_variant(args):
     loss_fn = functools.partial(steps.dpo_loss, **common_kw)
     frozen = {}
     del reference
-  state = steps.init_state(policy, frozen, optimizer)
+  state = common.fresh_state(policy, frozen, optimizer)
   del policy
   step = jax.jit(functools.partial(steps.train_step, loss_fn=loss_fn, optimizer=optimizer,
                                    skip_nonfinite=False), donate_argnums=0)
@@ -129,7 +129,8 @@ def setup_variant(args):
   state, metrics = compiled(state, device_batch)
   model_flops = flops.step_flops(model_config, batch)
   if args.side == 'in_step':
-    model_flops += flops.forward_step_flops(model_config, batch)
+    model_flops += flops.total(flops.forward_flops(model_config,
+                                                  flops.batch_counts(model_config, batch)))
   info = dict(loss=float(metrics['loss']), tokens=int(batch['attention_mask'].sum()),
               rows=int(batch['input_ids'].shape[0]), row_length=int(batch['input_ids'].shape[1]),
               logps=[float(x) for x in np.concatenate(ref_logps)],

@@ -135,7 +135,7 @@ def run_dataset(args) -> dict:
   from saber_jax import sampling
   from saber_jax.cli import make_demo_data, preprocess
   from saber_jax.configs import demo
-  from saber_jax.data import pipeline, records
+  from saber_jax.data import collate, examples, records
   from saber_jax.generate import EOS_TOKEN_IDS, PAD_TOKEN_ID
   from saber_jax.models.config import ThinkerConfig
   from common import save_hf_model
@@ -168,7 +168,9 @@ def run_dataset(args) -> dict:
     model_config = ThinkerConfig.tiny()
     hf_tokens = 0
     for record in records.iter_records(records.shard_paths(prefix)):
-      batch = pipeline.prompt_batch([record], model_config)
+      example = examples.prompt_example(record, model_config, 'records')
+      batch = collate.shard_batch([example], 1, len(example.rows[0]['input_ids']))
+      del batch['labels'], batch['segments']
       inputs = {k: torch.as_tensor(v) for k, v in batch.items() if k != 'use_audio_in_video'}
       with torch.inference_mode():
         sequences = model.generate(**inputs, max_new_tokens=args.new_tokens, do_sample=True,

@@ -16,15 +16,18 @@ import time
 def main(root: str, spec: dict) -> dict:
   sys.path.insert(0, root)
   import jax
-  from saber_jax.data import pipeline
+  try:
+    from saber_jax.data import datasets as pipeline   # data/pipeline.py split in four
+  except ImportError:                                  # a checkout from before the split
+    from saber_jax.data import pipeline
   from saber_jax.models.config import ThinkerConfig
 
   # The host side needs only patch, window and mel sizes and token ids of the model.
   model = ThinkerConfig.qwen2_5_omni_7b() if spec['model'] == '7b' else ThinkerConfig()
   options = dict(spec['options'], length_buckets=tuple(spec['options']['length_buckets']))
   config = pipeline.DataConfig(**options)
-  iterator = pipeline.sft_batches(model, config, spec['paths'], seed=0, shard_index=0,
-                                  shard_count=1)
+  iterator = iter(pipeline.sft_dataset(model, config, spec['paths'], seed=0, shard_index=0,
+                                       shard_count=1))
   first = next(iterator)   # starts the workers; not timed
   size = sum(x.nbytes for x in jax.tree.leaves(first)) / 2**20
   del first   # batches from worker processes live in shared memory until released

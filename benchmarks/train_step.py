@@ -25,7 +25,7 @@ worker runs its first step (compilation for saber_jax; the losses are compared) 
 warm-up step before the timed ones. Times are medians over a repeat's steps, then the
 median over `--repeats` fresh pairs of workers; `paired_speedup` is the median of the
 per-step ratios. Tokens are the valid (non-padding) tokens of the batch; `mfu` is model
-FLOPs (`saber_jax.flops.step_flops`) per second over the measured peak, `hfu` the same
+FLOPs (`saber_jax.train.flops.step_flops`) per second over the measured peak, `hfu` the same
 with what the step really executes (`hardware=True`). Defaults: remat 'dots', loss chunks
 of 512 positions (`--remat`, `--chunk_size`).
 
@@ -72,13 +72,13 @@ def setup_jax(args):
   """Worker setup: the converted weights, the compiled step (state donated) and its first
   step; each STEP then runs one more step."""
   import jax
-  from saber_jax import convert, flops
-  from saber_jax.train import steps
+  from saber_jax import convert
+  from saber_jax.train import flops
   common.full_fp32_matmuls()
   model_config, params = convert.load_hf(args.model_dir)
   model_config = dataclasses.replace(model_config, remat=args.remat)
   batch = common.jax_batch(model_config, common.load_batch(args.batch))
-  state = steps.init_state(params, {}, _optimizer())
+  state = common.fresh_state(params, {}, _optimizer())
   del params
   device_batch = jax.device_put(batch)
   step = _jax_step(model_config, args.chunk_size).lower(state, device_batch).compile()
@@ -255,7 +255,7 @@ def slice_batch(model_config, rows: int, length: int) -> dict:
 def llm_slice(args) -> dict:
   import jax
   import ml_collections
-  from saber_jax import flops
+  from saber_jax.train import flops
   from saber_jax.models.thinker import abstract_params, init_params
   from saber_jax.train import optim, steps
   import flax.linen as nn
@@ -274,7 +274,7 @@ def llm_slice(args) -> dict:
       optimizer=optimizer, skip_nonfinite=False), donate_argnums=0)
   abstract = nn.unbox(abstract_params(model_config))
   trainable, frozen = steps.split_params(abstract, 'llm')
-  abstract_state = jax.eval_shape(lambda t, f: steps.init_state(t, f, optimizer), trainable,
+  abstract_state = jax.eval_shape(lambda t, f: common.fresh_state(t, f, optimizer), trainable,
                                   frozen)
   shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), batch)
   compiled = step.lower(abstract_state, shapes).compile()
@@ -297,7 +297,7 @@ def llm_slice(args) -> dict:
     return result
   params = jax.jit(lambda key: nn.unbox(init_params(model_config, key)))(jax.random.key(0))
   trainable, frozen = steps.split_params(params, 'llm')
-  state = steps.init_state(trainable, frozen, optimizer)
+  state = common.fresh_state(trainable, frozen, optimizer)
   del params, trainable, frozen
   device_batch = jax.device_put(batch)
 

@@ -27,6 +27,7 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from saber_jax import sharding
+from saber_jax.data.collate import left_pad
 from saber_jax.data.prompt import OmniTokenIds
 from saber_jax.models.config import ThinkerConfig
 from saber_jax.models.text import KVCache, cache_attention_mask
@@ -98,41 +99,6 @@ def sample_keys(key, streams, num_samples: int):
 
 
 # ------------------------------------------------------------------------ host-side prep
-
-def left_pad(batch: Mapping[str, Any], length: int | None = None,
-             pad_token_id: int = PAD_TOKEN_ID) -> dict[str, Any]:
-  """The batch with each row's tokens moved to the right end (left padding), `length`
-  slots wide (default: as wide as now). `input_ids`, `attention_mask` and, when present,
-  `position_ids` [3, B, L] move; media inputs stay as they are (their order is kept)."""
-  input_ids = np.asarray(batch['input_ids'])
-  mask = batch.get('attention_mask')
-  mask = np.ones(input_ids.shape, bool) if mask is None else np.asarray(mask).astype(bool)
-  rows, width = input_ids.shape
-  length = width if length is None else length
-  counts = mask.sum(-1)
-  starts = np.argmax(mask, axis=-1)
-  for row in range(rows):
-    if not mask[row, starts[row]:starts[row] + counts[row]].all():
-      raise ValueError(f'row {row}: attention_mask has padding between prompt tokens')
-  if counts.max(initial=0) > length:
-    raise ValueError(f'a prompt has {counts.max()} tokens, more than the {length} slots asked for')
-  out = dict(batch)
-  out['input_ids'] = np.full((rows, length), pad_token_id, input_ids.dtype)
-  out['attention_mask'] = np.zeros((rows, length), np.int64)
-  positions = batch.get('position_ids')
-  if positions is not None:
-    positions = np.asarray(positions)
-    # Padding gets position 1, as in rope_index.
-    out['position_ids'] = np.ones((3, rows, length), positions.dtype)
-  for row in range(rows):
-    src = slice(starts[row], starts[row] + counts[row])
-    dst = slice(length - counts[row], length)
-    out['input_ids'][row, dst] = input_ids[row, src]
-    out['attention_mask'][row, dst] = 1
-    if positions is not None:
-      out['position_ids'][:, row, dst] = positions[:, row, src]
-  return out
-
 
 def first_new_positions(position_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
   """int32 [B]: the TMRoPE position of each row's first generated token, on all three

@@ -17,7 +17,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from saber_jax.data.sed import IGNORE_INDEX
+from saber_jax.batch import IGNORE_INDEX
 
 DEFAULT_CHUNK_SIZE = 512
 

@@ -21,15 +21,10 @@ import jax
 import jax.numpy as jnp
 
 from saber_jax import lm_head
-from saber_jax.data.sed import SECTION_IDS
-from saber_jax.lm_head import DEFAULT_CHUNK_SIZE, IGNORE_INDEX
+from saber_jax.batch import CHOSEN, IGNORE_INDEX, REJECTED, SEGMENT_NAMES
+from saber_jax.lm_head import DEFAULT_CHUNK_SIZE
 
-# `segments` values (see DESIGN.md, "Batches"); 0 is the prompt.
-SEGMENT_NAMES = {segment_id: name for name, segment_id in SECTION_IDS.items()}
 DPO_LOSS_TYPES = ('sigmoid', 'sigmoid_norm', 'ipo', 'hinge', 'robust')
-# `pair_segments` values of preference batches: which answer a token belongs to (0 is
-# padding, 1 the prompt shared by both answers; see `pipeline` and `text.segment_mask`).
-CHOSEN, REJECTED = 2, 3
 
 
 # ---------------------------------------------------------------------------
@@ -107,13 +102,6 @@ def sequence_logps(logits, labels, *, chunk_size: int = DEFAULT_CHUNK_SIZE):
   """[B] float32: log p(response | prompt), summed over response tokens (as TRL's
   DPOTrainer: summed, not averaged)."""
   return jnp.sum(token_logps(logits, labels, chunk_size=chunk_size), axis=-1)
-
-
-def sequence_logps_from_hidden(hidden, head_kernel, labels, *,
-                               chunk_size: int = DEFAULT_CHUNK_SIZE):
-  """`sequence_logps` from hidden states and the LM head kernel."""
-  return jnp.sum(token_logps_from_hidden(hidden, head_kernel, labels, chunk_size=chunk_size),
-                 axis=-1)
 
 
 def split_pairs(per_token, labels, pair_segments, num_pairs: int):

@@ -6,10 +6,11 @@
   -> `generate.generate_inputs` with rows sharded over ('data', 'fsdp')
   -> JSONL lines appended and fsynced per batch -> per-process files merged at the end
 
-Batches are built by the training collate code (`pipeline.media_sizes`, `length_bucket`
-and the media ladders of `config.data`), one media group per data-parallel device, so a
-whole run compiles once per bucket it uses. Memory is bounded by the window (decoded
-prompts of `window_batches` batches) and the set of finished ids.
+Batches are built by the training collate code (`data.collate`: `data_shard_batches`,
+`media_sizes` with the ladders of `config.data`, `encode` with left padding), one data
+shard per data-parallel device, so a whole run compiles once per bucket it uses. Memory
+is bounded by the window (decoded prompts of `window_batches` batches) and the set of
+finished ids.
 
 Sample j of record `id` draws from fold_in(fold_in(key(seed), hash(id)), j): the same
 tokens whatever the batch size, process count, bucket or resume point.
@@ -35,7 +36,7 @@ import glob
 import hashlib
 import os
 import time
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import grain
 import jax
@@ -43,9 +44,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from saber_jax import files, fingerprint, generate, sharding, weights
-from saber_jax.data import pipeline, records, sed
+from saber_jax.data import collate as collate_lib
+from saber_jax.data import datasets, examples, records
 from saber_jax.data import prompt as prompt_lib
-from saber_jax.models import thinker
 from saber_jax.models.config import ThinkerConfig
 
 SIZE_KEYS = ('num_audio_chunks', 'num_audio_tokens', 'num_patches', 'num_windows',
@@ -62,7 +63,7 @@ class Prompt:
   """One record's prompt, ready to collate."""
   id: str
   where: str
-  example: pipeline.Example
+  example: examples.Example
   size: tuple[int, ...]      # (length bucket, media sizes of the record alone): the sort key
 
 
@@ -102,31 +103,14 @@ def merge_process_parts(out_path: str) -> int:
 
 # ------------------------------------------------------------------------------ prompts
 
-def _prompt_tokens(record: dict) -> np.ndarray:
-  if record['kind'] == records.PREFERENCE:
-    return np.asarray(record['prompt_ids'])
-  return np.asarray(record['input_ids'])[:records.prompt_length(record)]
-
-
-def _group(examples: Sequence[pipeline.Example | None], length: int,
-           pad_token_id: int) -> dict[str, Any]:
-  """The left-padded processor-style batch of one media group (None: a padding row)."""
-  group = pipeline.group_batch(list(examples), 1, length)
-  del group['labels'], group['segments']
-  return generate.left_pad(group, length, pad_token_id)
-
-
 def make_prompt(record: dict, where: str, model_config: ThinkerConfig,
-                options: pipeline.DataConfig) -> Prompt:
+                options: examples.DataConfig) -> Prompt:
   """A record's prompt and media (patched here, once) with its bucket sizes; RecordError
   or ValueError for a record that cannot be generated from."""
-  tokens = _prompt_tokens(record)
-  row = dict(input_ids=tokens, labels=np.full(len(tokens), sed.IGNORE_INDEX, np.int32),
-             segments=np.zeros(len(tokens), np.int8))
-  example = pipeline.Example([row], pipeline.media_of(record, model_config, where), False, -1)
-  length = pipeline.length_bucket(len(tokens), options.length_buckets)
-  sizes = pipeline.media_sizes([pipeline.group_batch([example], 1, length)], model_config,
-                               options)
+  example = examples.prompt_example(record, model_config, where)
+  length = collate_lib.length_bucket(len(example.rows[0]['input_ids']), options.length_buckets)
+  sizes = collate_lib.media_sizes(collate_lib.data_shard_batches([example], 1, 1, length),
+                                  model_config, options)
   return Prompt(str(record['id']), where, example, (length,) + tuple(sizes[k] for k in SIZE_KEYS))
 
 
@@ -160,23 +144,18 @@ def windows(prompts: Iterator[Prompt], batch_size: int, window_batches: int
 
 # ------------------------------------------------------------------------------ batches
 
-def _split(items: Sequence, n: int) -> list[Sequence]:
-  per = len(items) // n
-  return [items[g * per:(g + 1) * per] for g in range(n)]
-
-
-def collate_prompts(prompts: Sequence[Prompt | None], model_config, options, num_groups: int,
-                    pad_token_id: int) -> tuple[list[dict], np.ndarray]:
-  """(left-padded processor-style batch of each media group, the shape it needs:
-  int [1 + len(SIZE_KEYS)], the length bucket and the media sizes; zeros if all padding)."""
+def collate_prompts(prompts: Sequence[Prompt | None], model_config, options,
+                    num_data_shards: int) -> tuple[list[dict], np.ndarray]:
+  """(processor-style batch of each data shard, the shape it needs: int
+  [1 + len(SIZE_KEYS)], the length bucket and the media sizes; zeros if all padding)."""
   real = [p for p in prompts if p is not None]
   length = max([p.size[0] for p in real] + [1])
-  groups = [_group([p and p.example for p in g], length, pad_token_id)
-            for g in _split(prompts, num_groups)]
+  shards = collate_lib.data_shard_batches([p and p.example for p in prompts], num_data_shards,
+                                          1, length)
   if not real:
-    return groups, np.zeros(1 + len(SIZE_KEYS), np.int64)
-  sizes = pipeline.media_sizes(groups, model_config, options)
-  return groups, np.array([length] + [sizes[k] for k in SIZE_KEYS], np.int64)
+    return shards, np.zeros(1 + len(SIZE_KEYS), np.int64)
+  sizes = collate_lib.media_sizes(shards, model_config, options)
+  return shards, np.array([length] + [sizes[k] for k in SIZE_KEYS], np.int64)
 
 
 def agree(shape: np.ndarray) -> np.ndarray:
@@ -186,13 +165,12 @@ def agree(shape: np.ndarray) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(shape)).max(axis=0)
 
 
-def batch_inputs(prompts: Sequence[Prompt | None], groups: list[dict], shape: np.ndarray,
+def batch_inputs(prompts: Sequence[Prompt | None], shards: list[dict], shape: np.ndarray,
                  model_config, pad_token_id: int) -> dict:
-  """Host arrays of `generate_inputs` for this process's rows, padded to `shape`."""
+  """Host arrays of `generate_inputs` for this process's rows, left padded to `shape`."""
   length, sizes = int(shape[0]), dict(zip(SIZE_KEYS, (int(s) for s in shape[1:])))
-  inputs = thinker.stack_shards([
-      thinker.model_inputs(model_config, generate.left_pad(g, length, pad_token_id), **sizes)
-      for g in groups])
+  inputs = collate_lib.encode(shards, model_config, sizes, padding='left', length=length,
+                              pad_id=pad_token_id, keep_text=False)
   first = generate.first_new_positions(inputs['position_ids'], inputs['attention_mask'])
   streams = np.array([id_stream(p.id) if p is not None else 0 for p in prompts], np.uint32)
   return dict(inputs=inputs, first=first, streams=streams)
@@ -224,12 +202,12 @@ def sample_records(config, model_config: ThinkerConfig, params, mesh, record_pat
   """The loop of `generate_stage` (see the module docstring). Returns (the lines this
   process wrote when `limit` is set, else [], the counts)."""
   g = config.generate
-  options = pipeline.data_options(config.data)
+  options = examples.data_options(config.data)
   process, count = jax.process_index(), jax.process_count()
-  num_groups = max(mesh.shape['data'] * mesh.shape['fsdp'] // count, 1)
-  if g.batch_size % num_groups:
+  num_data_shards = max(mesh.shape['data'] * mesh.shape['fsdp'] // count, 1)
+  if g.batch_size % num_data_shards:
     raise ValueError(f'generate.batch_size ({g.batch_size}) must be a multiple of the '
-                     f'{num_groups} data-parallel devices of each process')
+                     f'{num_data_shards} data-parallel devices of each process')
   settings = generate.DecodeSettings(
       int(g.max_new_tokens), float(g.temperature), int(g.top_k), float(g.top_p),
       int(g.num_samples), tuple(g.get('eos_token_ids') or generate.EOS_TOKEN_IDS),
@@ -249,7 +227,7 @@ def sample_records(config, model_config: ThinkerConfig, params, mesh, record_pat
 
   def prompts() -> Iterator[Prompt]:
     taken = 0
-    for where, blob in _own_records(pipeline.resolve_paths(record_paths), process, count):
+    for where, blob in _own_records(datasets.resolve_paths(record_paths), process, count):
       if limit is not None and taken >= limit:
         return
       if where in done:
@@ -270,10 +248,10 @@ def sample_records(config, model_config: ThinkerConfig, params, mesh, record_pat
         error(str(record['id']), where, str(e))
 
   def collate(batch: list[Prompt | None]):
-    return collate_prompts(batch, model_config, options, num_groups, settings.pad_token_id)
+    return collate_prompts(batch, model_config, options, num_data_shards)
 
-  def run(batch: list[Prompt | None], groups: list[dict], shape: np.ndarray) -> None:
-    host = batch_inputs(batch, groups, shape, model_config, settings.pad_token_id)
+  def run(batch: list[Prompt | None], shards: list[dict], shape: np.ndarray) -> None:
+    host = batch_inputs(batch, shards, shape, model_config, settings.pad_token_id)
     placed = sharding.global_batch(host, mesh)
     stats.shapes.add(tuple(int(x) for x in shape))
     with jax.set_mesh(mesh):           # rows stay split through the decode loop
@@ -342,11 +320,11 @@ def sample_records(config, model_config: ThinkerConfig, params, mesh, record_pat
       continue
     # Several processes step together: every one runs each step, with padding rows when
     # it has no prompts left, until none has.
-    groups, shape = collate(batch)
+    shards, shape = collate(batch)
     shape = agree(shape)
     if not shape[0]:
       break
-    run(batch, groups, shape)
+    run(batch, shards, shape)
   return kept, stats
 
 
@@ -357,7 +335,7 @@ def _check_fingerprint(config, record_paths, init_from: str, out_path: str) -> N
   outputs = [p for p in [out_path, errors_path(out_path)] + glob.glob(glob.escape(out_path) + '.part*')
              if os.path.exists(p)]
   g = config.generate
-  produced_by = {'records': fingerprint.files_identity(pipeline.resolve_paths(record_paths)),
+  produced_by = {'records': fingerprint.files_identity(datasets.resolve_paths(record_paths)),
                  'seed': config.seed, **weights.weights_identity(config, init_from),
                  'generate': {k: g[k] for k in ('max_new_tokens', 'temperature', 'top_p', 'top_k',
                                                 'num_samples', 'tokenizer')}}

@@ -17,6 +17,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from saber_jax.batch import split_axis
+
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
 # logical axis -> mesh axes (a name, a tuple of names, or None for replicated).
@@ -107,8 +109,7 @@ def abstract_like(tree, shardings):
 
 
 def _batch_axis(path) -> int:
-  # position_ids is [3, B, L]; every other batch array leads with rows (or media shards).
-  return 1 if getattr(path[-1], 'key', None) == 'position_ids' else 0
+  return split_axis(getattr(path[-1], 'key', None))   # see saber_jax.batch
 
 
 def global_batch(batch: dict, mesh: Mesh) -> dict:

@@ -15,6 +15,7 @@ from hf_reference import tiny_hf_config
 from saber_jax import sharding
 from saber_jax.models import ThinkerConfig, abstract_params, init_params
 from saber_jax.train import checkpoint, optim, steps
+from train_batches import fresh_state
 
 
 def _state(model_config, mesh):
@@ -24,7 +25,7 @@ def _state(model_config, mesh):
   optimizer = optim.make_optimizer(ml_collections.ConfigDict(dict(total_steps=10)))
   trainable, frozen = steps.split_params(params, 'llm')
   boxed_trainable, boxed_frozen = steps.split_params(boxed, 'llm')
-  state = steps.init_state(trainable, frozen, optimizer)
+  state = fresh_state(trainable, frozen, optimizer)
   shardings = steps.TrainState(
       step=NamedSharding(mesh, PartitionSpec()),
       trainable=sharding.tree_shardings(boxed_trainable, mesh),

@@ -7,7 +7,7 @@ the next global batch.
 
 The records are read in file order (`shuffle=False`) and every global batch holds the
 same sizes, so each run compiles one step (minutes on a loaded 2-core machine); how the
-plan groups and shuffles is tested in test_pipeline.py."""
+plan groups and shuffles is tested in test_plan.py."""
 
 import json
 import os

@@ -1,4 +1,4 @@
-"""The FLOP count of saber_jax.flops: a hand count on the tiny thinker (from the real param
+"""The FLOP count of saber_jax.train.flops: a hand count on the tiny thinker (from the real param
 shapes and the batch's own tokens, chunks, windows and frames) and XLA's own count of the
 compiled decoder forward and training step."""
 
@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from hf_reference import tiny_hf_config
-from saber_jax import flops, losses
+from saber_jax import losses
+from saber_jax.train import flops
 from saber_jax.models import ThinkerConfig, init_params, text
 from saber_jax.models.config import TextConfig
 from saber_jax.models.text import TextModel
@@ -171,7 +172,7 @@ def test_training_hardware_flops_match_xla_cost_analysis(remat, stage):
                                          chunk_size=LENGTH)[0]
     # The DPO loss: its backward would recompute the logits, but in one chunk XLA reuses
     # the forward's (3 passes).
-    return losses.sequence_logps_from_hidden(h, w, labels, chunk_size=LENGTH).sum()
+    return jnp.sum(losses.token_logps_from_hidden(h, w, labels, chunk_size=LENGTH), axis=-1).sum()
   xla = _xla_flops(jax.value_and_grad(loss), params)
   config = ThinkerConfig(text=TEXT, remat=remat)
   batch = dict(input_ids=np.zeros((ROWS_, LENGTH)), labels=labels)
@@ -231,8 +232,8 @@ def test_chunked_losses_equal_full_logits_values_and_gradients(chunk_size):
   pairs = [
       (lambda h, w: losses.sed_loss_from_hidden(h, w, labels, segments, chunk_size=chunk_size)[0],
        lambda h, w: losses.sed_loss(h @ w, labels, segments, chunk_size=64)[0]),
-      (lambda h, w: jnp.sum(losses.sequence_logps_from_hidden(h, w, labels, chunk_size=chunk_size)
-                            * jnp.array([1.0, -2.0, 0.5])),
+      (lambda h, w: jnp.sum(jnp.sum(losses.token_logps_from_hidden(
+          h, w, labels, chunk_size=chunk_size), axis=-1) * jnp.array([1.0, -2.0, 0.5])),
        lambda h, w: jnp.sum(losses.sequence_logps(h @ w, labels, chunk_size=64)
                             * jnp.array([1.0, -2.0, 0.5]))),
   ]

@@ -11,6 +11,7 @@ from transformers.generation.logits_process import (TemperatureLogitsWarper, Top
 from hf_reference import make_batch, tiny_hf_model
 from saber_jax import convert, sharding
 from saber_jax import generate as gen
+from saber_jax.data import collate
 from saber_jax.data.prompt import load_tokenizer
 from saber_jax.models import abstract_params, model_inputs, thinker_logits
 
@@ -214,14 +215,15 @@ def test_left_pad_moves_rows_and_rejects_holes():
   batch = dict(input_ids=np.array([[5, 6, 7, 0], [0, 0, 8, 9]]),
                attention_mask=np.array([[1, 1, 1, 0], [0, 0, 1, 1]]),
                position_ids=np.array([[[0, 1, 2, 1], [1, 1, 0, 1]]] * 3))
-  out = gen.left_pad(batch, length=5, pad_token_id=0)
+  out = collate.left_pad(batch, length=5, pad_id=0)
   np.testing.assert_array_equal(out['input_ids'], [[0, 0, 5, 6, 7], [0, 0, 0, 8, 9]])
   np.testing.assert_array_equal(out['attention_mask'], [[0, 0, 1, 1, 1], [0, 0, 0, 1, 1]])
   np.testing.assert_array_equal(out['position_ids'][0], [[1, 1, 0, 1, 2], [1, 1, 1, 0, 1]])
   np.testing.assert_array_equal(gen.first_new_positions(out['position_ids'],
                                                         out['attention_mask']), [3, 2])
   with pytest.raises(ValueError, match='row 0: attention_mask has padding between'):
-    gen.left_pad(dict(input_ids=np.ones((1, 4)), attention_mask=np.array([[1, 0, 1, 1]])))
+    collate.left_pad(dict(input_ids=np.ones((1, 4)), attention_mask=np.array([[1, 0, 1, 1]])),
+                     None, gen.PAD_TOKEN_ID)
 
 
 def test_bad_settings_are_named(reference):
@@ -268,7 +270,7 @@ def test_finished_rows_leave_the_decode_batch_without_changing_a_sample(referenc
   np.testing.assert_allclose(got['logprobs'], want['logprobs'], atol=1e-6, rtol=0)
   assert gen.halvings(16, 1) == [16, 8, 4, 2, 1] and gen.halvings(16, 4) == [16, 8, 4]
   assert gen.halvings(12, 4) == [12]
-  inputs = model_inputs(config, gen.left_pad(batch, None, PAD))
+  inputs = model_inputs(config, collate.left_pad(batch, None, PAD))
   first = gen.first_new_positions(inputs['position_ids'], inputs['attention_mask'])
   lowered = lambda compact: gen.generate_inputs.lower(
       config, gen.DecodeSettings(40, 1.0, num_samples=12, eos_token_ids=(5,), pad_token_id=PAD,

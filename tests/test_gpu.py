@@ -9,6 +9,7 @@ import functools
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -37,7 +38,7 @@ def test_cudnn_decoder_attention_matches_xla():
     model_config = dataclasses.replace(config, attention=attention)
     hidden = Thinker(model_config).apply({'params': params}, inputs)
     head = params['text']['embed_tokens']['embedding'].T.astype(hidden.dtype)
-    return losses.sequence_logps_from_hidden(hidden, head, labels).sum(), hidden
+    return jnp.sum(losses.token_logps_from_hidden(hidden, head, labels), axis=-1).sum(), hidden
 
   results = {}
   for attention in ('xla', 'cudnn'):

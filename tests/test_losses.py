@@ -11,8 +11,9 @@ import pytest
 from jax.test_util import check_grads
 
 from saber_jax import losses
+from saber_jax.batch import IGNORE_INDEX, SEGMENT_NAMES
 
-IGNORE = losses.IGNORE_INDEX
+IGNORE = IGNORE_INDEX
 
 
 # ---------------------------------------------------------------------------
@@ -136,7 +137,9 @@ def test_grad_matches_finite_differences_in_float64():
     logits64 = hidden64 @ head64
     check_grads(jax.jit(lambda x: losses.sed_loss(x, labels, segments, chunk_size=3)[0]), (logits64,),
                 order=1, modes=['rev'], atol=1e-6, rtol=1e-6)
-    check_grads(jax.jit(lambda h, w: losses.sequence_logps_from_hidden(h, w, labels, chunk_size=2).sum()),
+    seq_logps = lambda h, w: jnp.sum(losses.token_logps_from_hidden(h, w, labels, chunk_size=2),
+                                     axis=-1)
+    check_grads(jax.jit(lambda h, w: seq_logps(h, w).sum()),
                 (hidden64, head64), order=1, modes=['rev'], atol=1e-6, rtol=1e-6)
     policy = jnp.array([-3.0, -5.0, -2.5], jnp.float64), jnp.array([-4.0, -4.5, -2.0], jnp.float64)
     ref = jnp.array([-3.5, -4.0, -3.0]), jnp.array([-3.8, -5.0, -2.2])
@@ -157,7 +160,7 @@ def test_from_hidden_never_materialises_full_logits():
           jax.ShapeDtypeStruct((batch, length), jnp.int32))
 
   def total(h, w, labels):
-    return losses.sequence_logps_from_hidden(h, w, labels, chunk_size=chunk).sum()
+    return jnp.sum(losses.token_logps_from_hidden(h, w, labels, chunk_size=chunk), axis=-1).sum()
 
   for fn in (jax.jit(total), jax.jit(jax.grad(total, argnums=(0, 1)))):
     temp = fn.lower(*args).compile().memory_analysis().temp_size_in_bytes
@@ -214,7 +217,7 @@ def test_sed_segment_metrics_are_per_segment_token_means():
   next_segment = segments[:, 1:]
   loss, metrics = losses.sed_loss(logits, labels, segments)
   np.testing.assert_allclose(loss, nll[labels[:, 1:] != IGNORE].mean(), rtol=1e-5)
-  for segment_id, name in losses.SEGMENT_NAMES.items():
+  for segment_id, name in SEGMENT_NAMES.items():
     picked = nll[(next_segment == segment_id) & (labels[:, 1:] != IGNORE)]
     assert metrics[f'tokens/{name}'] == picked.size
     expected = picked.mean() if picked.size else 0.0  # empty segment: defined as 0
@@ -382,7 +385,8 @@ def test_dpo_equals_trl_dpo_trainer_compute_loss(trl_setup, loss_type, beta, eps
   s = trl_setup
   expected_loss, expected_metrics = run_trl_dpo_loss(s, loss_type, beta, eps, sft_weight)
   pairs = s['labels'].shape[0] // 2
-  seq_logps = losses.sequence_logps_from_hidden(s['hidden'], s['head'], s['labels'], chunk_size=4)
+  seq_logps = jnp.sum(losses.token_logps_from_hidden(s['hidden'], s['head'], s['labels'],
+                                                     chunk_size=4), axis=-1)
   lengths = losses.response_lengths(s['labels'])
   loss, metrics = losses.ca_dpo_loss(
       seq_logps[:pairs], seq_logps[pairs:], s['inputs']['ref_chosen_logps'].numpy(),

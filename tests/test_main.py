@@ -140,14 +140,14 @@ def _check_demo_stages_alone(workdir):
   training stage run alone there is the same run (its fingerprint matches, so it would
   resume rather than refuse)."""
   from saber_jax.configs import demo
-  from saber_jax.data import pipeline
+  from saber_jax.data import datasets
   from saber_jax.train import trainer
   for stage in demo.STAGES:
     config = demo.get_config(stage)
     config.workdir = str(workdir)
     records = {'sft': config.sft_records, 'generate': config.generate.records}.get(
         stage, config.pref_records)
-    paths = pipeline.resolve_paths(records)
+    paths = datasets.resolve_paths(records)
     assert paths and all(os.path.exists(p) for p in paths), (stage, records)
     assert not config.init_from or os.path.isdir(config.init_from), (stage, config.init_from)
     if stage in ('sft', 'dpo'):

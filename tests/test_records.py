@@ -9,12 +9,13 @@ import msgpack
 import numpy as np
 import pytest
 
+from saber_jax.batch import IGNORE_INDEX, REASONING
 from saber_jax.data import annotation, prompt, records, sed
 
 
 def _sft_fields(rng, clip_id='clip-1', with_image=False):
   length = 37
-  labels = np.full(length, sed.IGNORE_INDEX, np.int32)
+  labels = np.full(length, IGNORE_INDEX, np.int32)
   labels[20:] = rng.integers(0, 1000, length - 20)
   fields = dict(
       id=clip_id, lang='en', subset='consistent', duration=3.25,
@@ -123,7 +124,7 @@ def test_preference_from_sft_keeps_the_sft_tokenization():
   np.testing.assert_array_equal(np.concatenate([pair['prompt_ids'], pair['chosen_ids']]),
                                 example['input_ids'])
   np.testing.assert_array_equal(pair['chosen_segments'], example['segments'][len(prompt_ids):])
-  assert set(pair['rejected_segments'].tolist()) == {sed.REASONING}
+  assert set(pair['rejected_segments'].tolist()) == {REASONING}
   assert tokenizer.decode(pair['rejected_ids']) == 'Holistic reasoning:\nAngry.<|im_end|>\n'
   np.testing.assert_array_equal(pair['input_features'], sft['input_features'])
   assert (pair['id'], pair['clip_id'], pair['margin']) == ('c1#0', 'c1', 8.0)

@@ -20,7 +20,7 @@ import pytest
 from hf_reference import make_batch, tiny_hf_config
 from processes import cpu_env, free_port
 from saber_jax import files, generate, sampling, sharding, weights
-from saber_jax.data import prompt, records
+from saber_jax.data import collate, prompt, records
 from saber_jax.models import ThinkerConfig, abstract_params, model_inputs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -184,7 +184,7 @@ def test_rows_shard_over_eight_devices_a_quarter_of_the_flops_or_less(mesh_shape
   vocab = 4096
   config = ThinkerConfig.from_hf(tiny_hf_config(vocab_size=vocab).to_dict())
   batch = make_batch([[('text', 5 + i)] for i in range(8)])
-  inputs = model_inputs(config, generate.left_pad(batch))
+  inputs = model_inputs(config, collate.left_pad(batch, None, generate.PAD_TOKEN_ID))
   first = generate.first_new_positions(inputs['position_ids'], inputs['attention_mask'])
   settings = generate.DecodeSettings(8, temperature=0.8, num_samples=2, eos_token_ids=(),
                                      pad_token_id=0)

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from saber_jax.batch import ACOUSTIC, IGNORE_INDEX, PROMPT, REASONING, VISUAL
 from saber_jax.data import annotation, prompt, sed
 
 try:
@@ -43,7 +44,7 @@ def _example(tok, ann, lang, **kwargs):
 
 def test_default_target_orders_visual_acoustic_reasoning(fixture_annotation):
   target = sed.sed_target(fixture_annotation, 'en')
-  assert [segment for segment, _ in target] == [sed.VISUAL, sed.ACOUSTIC, sed.REASONING]
+  assert [segment for segment, _ in target] == [VISUAL, ACOUSTIC, REASONING]
   text = sed.response_text(target)
   a = fixture_annotation
   positions = [text.index(s) for s in ('Visual evidence:', a.video_desc, a.facial_exp_desc, a.body_lang_desc,
@@ -70,10 +71,10 @@ def test_chinese_target_uses_chinese_headers_and_labels():
 def test_order_and_headers_are_configurable(fixture_annotation):
   headers = {'visual': '[SEE]', 'acoustic': '[HEAR]', 'reasoning': '[THINK]'}
   target = sed.sed_target(fixture_annotation, 'en', order=('acoustic', 'visual', 'reasoning'), headers=headers)
-  assert [segment for segment, _ in target] == [sed.ACOUSTIC, sed.VISUAL, sed.REASONING]
+  assert [segment for segment, _ in target] == [ACOUSTIC, VISUAL, REASONING]
   assert [t.split('\n')[0] for _, t in target] == ['[HEAR]', '[SEE]', '[THINK]']
   reasoning_only = sed.sed_target(fixture_annotation, 'en', order=('reasoning',))
-  assert reasoning_only == [(sed.REASONING, 'Holistic reasoning:\n' + fixture_annotation.sentiment_analysis)]
+  assert reasoning_only == [(REASONING, 'Holistic reasoning:\n' + fixture_annotation.sentiment_analysis)]
 
 
 def test_bad_order_or_language_is_rejected(fixture_annotation):
@@ -102,9 +103,9 @@ def test_split_sed_response_inverts_sed_target(fixture_annotation, lang):
 
 def test_split_sed_response_handles_missing_and_unstructured_sections():
   text = 'Preamble.\nAcoustic evidence:\n- x\n\nHolistic reasoning:\nsad'
-  assert sed.split_sed_response(text) == [(sed.ACOUSTIC, 'Preamble.\nAcoustic evidence:\n- x\n\n'),
-                                          (sed.REASONING, 'Holistic reasoning:\nsad')]
-  assert sed.split_sed_response('just sad') == [(sed.REASONING, 'just sad')]
+  assert sed.split_sed_response(text) == [(ACOUSTIC, 'Preamble.\nAcoustic evidence:\n- x\n\n'),
+                                          (REASONING, 'Holistic reasoning:\nsad')]
+  assert sed.split_sed_response('just sad') == [(REASONING, 'just sad')]
 
 
 # ----------------------------------------------------------------------- labels, segments
@@ -117,9 +118,9 @@ def test_labels_are_ignored_exactly_on_the_prompt(tok, fixture_annotation, lang)
   assert {k: (v.dtype, v.shape) for k, v in example.items()} == {
       k: (np.dtype(np.int32), example['input_ids'].shape) for k in ('input_ids', 'labels', 'segments')}
   np.testing.assert_array_equal(example['input_ids'][:n], prompt_ids)
-  assert (example['labels'][:n] == sed.IGNORE_INDEX).all()
+  assert (example['labels'][:n] == IGNORE_INDEX).all()
   np.testing.assert_array_equal(example['labels'][n:], example['input_ids'][n:])
-  assert (example['labels'][n:] != sed.IGNORE_INDEX).all()
+  assert (example['labels'][n:] != IGNORE_INDEX).all()
   # The trained tail: the last text token, then <|im_end|> and '\n'.
   assert tok.decode(example['input_ids'][-2:]) == '<|im_end|>\n'
 
@@ -130,8 +131,8 @@ def test_segments_cover_every_response_token(tok, fixture_annotation, lang):
   prompt_ids, target, example = _example(tok, ann, lang)
   segments, ids = example['segments'], example['input_ids']
   n = len(prompt_ids)
-  assert (segments[:n] == sed.PROMPT).all()
-  assert set(segments[n:]) == {sed.VISUAL, sed.ACOUSTIC, sed.REASONING}
+  assert (segments[:n] == PROMPT).all()
+  assert set(segments[n:]) == {VISUAL, ACOUSTIC, REASONING}
   assert (np.diff(segments[n:]) >= 0).all()     # one contiguous run per section, in order
   # Decoding each segment's tokens gives back exactly its section text (header included):
   # no token straddles two sections.
@@ -160,17 +161,17 @@ def test_response_tokens_equal_those_of_the_whole_conversation(tok, fixture_anno
 def test_ms_swift_suffix_trains_im_end_without_newline(tok, fixture_annotation):
   _, _, example = _example(tok, fixture_annotation, 'en', response_suffix='<|im_end|>')
   assert example['input_ids'][-1] == 151645 and example['labels'][-1] == 151645
-  assert example['segments'][-1] == sed.REASONING
+  assert example['segments'][-1] == REASONING
 
 
 def test_custom_order_segments_follow_the_order(tok, fixture_annotation):
   target = sed.sed_target(fixture_annotation, 'en', order=('reasoning', 'visual'))
   example = sed.build_sft_example(tok, np.array([1, 2, 3]), target)
   response_segments = example['segments'][3:]
-  first_visual = np.argmax(response_segments == sed.VISUAL)
-  assert (response_segments[:first_visual] == sed.REASONING).all()
-  assert (response_segments[first_visual:] == sed.VISUAL).all()
-  assert sed.ACOUSTIC not in response_segments
+  first_visual = np.argmax(response_segments == VISUAL)
+  assert (response_segments[:first_visual] == REASONING).all()
+  assert (response_segments[first_visual:] == VISUAL).all()
+  assert ACOUSTIC not in response_segments
 
 
 def test_build_sft_example_rejects_bad_inputs(tok):

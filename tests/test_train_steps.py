@@ -11,7 +11,7 @@ from hf_reference import tiny_hf_config
 from saber_jax import sharding
 from saber_jax.models import ThinkerConfig, abstract_params, init_params
 from saber_jax.train import optim, steps
-from train_batches import ROWS, sft_batch
+from train_batches import ROWS, fresh_state, sft_batch
 
 
 @pytest.fixture(scope='module')
@@ -58,7 +58,7 @@ def test_sft_steps_lower_the_loss_and_touch_only_trainable_params(model_config, 
   lora_params = (lora.init_lora(jax.random.key(1), params, rank=4) if mode == 'lora' else None)
   trainable, frozen = steps.split_params(params, mode, lora_params)
   optimizer = optim.make_optimizer(_optim_config())
-  state = steps.init_state(trainable, frozen, optimizer)
+  state = fresh_state(trainable, frozen, optimizer)
   loss_fn = lambda t, f, b: steps.sft_loss(t, f, b, model_config=model_config,
                                           lora_config=lora_config)
   step = jax.jit(lambda s, b: steps.train_step(s, b, loss_fn=loss_fn, optimizer=optimizer,
@@ -81,7 +81,7 @@ def test_sft_steps_lower_the_loss_and_touch_only_trainable_params(model_config, 
 
 def test_nonfinite_step_is_skipped_when_asked(model_config, params):
   optimizer = optim.make_optimizer(_optim_config())
-  state = steps.init_state(params, {}, optimizer)
+  state = fresh_state(params, {}, optimizer)
   batch = sft_batch(model_config, 1)
   batch['audio']['chunks'] = np.full_like(batch['audio']['chunks'], np.nan)
   loss_fn = lambda t, f, b: steps.sft_loss(t, f, b, model_config=model_config)
@@ -107,7 +107,7 @@ def test_dpo_loss_is_log2_when_policy_is_the_reference(model_config, params):
   loss, metrics = loss_fn(params, {}, batch)
   np.testing.assert_allclose(loss, np.log(2.0), rtol=1e-6)
   optimizer = optim.make_optimizer(_optim_config(lr=1e-3))
-  state = steps.init_state(params, {}, optimizer)
+  state = fresh_state(params, {}, optimizer)
   step = jax.jit(lambda s, b: steps.train_step(s, b, loss_fn=loss_fn, optimizer=optimizer,
                                                skip_nonfinite=False))
   for _ in range(5):
@@ -129,10 +129,10 @@ PROMPTS = [   # hf_reference rows: each pair's prompt with its media
 
 
 def _pair_example(index: int, spec, rng):
-  """A pipeline Example of one pair (prompt and media from hf_reference, answers of
+  """An Example (data.examples) of one pair (prompt and media from hf_reference, answers of
   unequal lengths), in both layouts: {shared_prompt: Example}."""
   from hf_reference import FIRST_TEXT_ID, make_batch
-  from saber_jax.data import pipeline, records
+  from saber_jax.data import examples as examples_lib, records
   b = make_batch([spec], padding_side='right', use_audio_in_video=True, seed=index)
   media = {'use_audio_in_video': bool(b.get('use_audio_in_video', False))}
   if 'input_features' in b:
@@ -147,7 +147,8 @@ def _pair_example(index: int, spec, rng):
     record[f'{side}_ids'] = rng.integers(FIRST_TEXT_ID, 99, n)
     record[f'{side}_segments'] = np.sort(rng.integers(1, 4, n)).astype(np.int8)
   ref = tuple(rng.normal(-30, 3, 2))
-  return {shared: pipeline.Example(pipeline._rows_of(record, shared), media, False, index, ref)
+  return {shared: examples_lib.Example(examples_lib._rows_of(record, shared), media, False, index,
+                                       ref)
           for shared in (True, False)}
 
 
@@ -160,12 +161,12 @@ def pair_examples():
 
 
 def _pair_batch(model_config, examples, shared: bool, num_data_shards: int):
-  from saber_jax.data import pipeline
-  options = pipeline.DataConfig(batch_size=8, num_data_shards=num_data_shards,
-                                shared_prompt=shared, length_buckets=(64, 128), min_patches=16,
-                                min_vision_blocks=2, min_frame_len=16)
-  return pipeline.collate(examples[shared], model_config=model_config, options=options,
-                          preference=True)
+  from saber_jax.data import collate, examples as examples_lib
+  options = examples_lib.DataConfig(batch_size=8, num_data_shards=num_data_shards,
+                                    shared_prompt=shared, length_buckets=(64, 128),
+                                    min_patches=16, min_vision_blocks=2, min_frame_len=16)
+  return collate.collate(examples[shared], model_config=model_config, options=options,
+                         preference=True)
 
 
 DPO_OPTIONS = ml_collections.ConfigDict(dict(beta=0.5, label_smoothing=0.0,

@@ -1,10 +1,12 @@
 """Synthetic training batches for the step tests: processor-style rows from hf_reference,
 split into data shards, with labels on the last tokens of each row."""
 
+import jax.numpy as jnp
 import numpy as np
 
 from hf_reference import make_batch
 from saber_jax.models.thinker import model_inputs, stack_shards
+from saber_jax.train import steps
 
 ROWS = [
     [('text', 3), ('video+audio', (2, 4, 4), 1.0, 60), ('text', 8)],
@@ -55,3 +57,9 @@ def _concat(parts):
   if any(p.get('use_audio_in_video') for p in parts):
     out['use_audio_in_video'] = True
   return out
+
+
+def fresh_state(trainable, frozen, optimizer):
+  """A train state at step 0, unsharded (the trainer builds its own, sharded)."""
+  return steps.TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen,
+                          opt_state=optimizer.init(trainable))

@@ -32,9 +32,10 @@ import av
 import numpy as np
 from PIL import Image, ImageDraw
 
+from saber_jax.data.media import SAMPLING_RATE
+
 EMOTIONS = ('happy', 'sad', 'angry', 'neutral')
 WIDTH, HEIGHT, FPS = 160, 128, 10
-SAMPLING_RATE = 16000
 
 BACKGROUNDS = {  # name -> (rgb, English, Chinese)
     'blue': ((70, 110, 200), 'blue', '蓝色'),

@@ -72,7 +72,8 @@ from saber_jax.data.clips import Reject, Settings
 
 LANGS = ('en', 'zh')
 RECORD_PREFIX = 'sft'
-# Token-length histogram edges: the pipeline's default length buckets.
+# Token-length histogram edges of the report (coarser than the default length buckets of
+# data.examples.DataConfig, every 256 tokens).
 LENGTH_EDGES = (256, 512, 1024, 2048, 4096)
 
 

@@ -26,6 +26,8 @@ import numpy as np
 import soundfile
 from PIL import Image
 
+from saber_jax.models.config import VisionConfig
+
 # Audio: the Qwen2.5-Omni preprocessor (WhisperFeatureExtractor, feature_size 128,
 # chunk_length 300); the processor pads every clip to 300 s and truncates beyond.
 SAMPLING_RATE = 16000
@@ -34,10 +36,11 @@ HOP_LENGTH = 160
 NUM_MEL_BINS = 128
 MAX_AUDIO_SAMPLES = 300 * SAMPLING_RATE
 
-# Vision: Qwen2-VL patching and the OpenAI CLIP normalisation.
-PATCH_SIZE = 14
-TEMPORAL_PATCH_SIZE = 2
-MERGE_SIZE = 2
+# Vision: Qwen2-VL patching (the geometry is the vision tower's) and the OpenAI CLIP
+# normalisation.
+PATCH_SIZE = VisionConfig.patch_size
+TEMPORAL_PATCH_SIZE = VisionConfig.temporal_patch_size
+MERGE_SIZE = VisionConfig.spatial_merge_size
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_MIN_PIXELS = 56 * 56

@@ -30,7 +30,7 @@ from typing import Sequence
 import numpy as np
 
 from saber_jax.models.audio import audio_token_count
-from saber_jax.models.config import ThinkerConfig
+from saber_jax.models.config import ThinkerConfig, VisionConfig
 from saber_jax.models.rope import chunk_bounds
 
 # What the HF chat template inserts when the conversation has no system message, and
@@ -42,7 +42,8 @@ OMNI_SYSTEM_PROMPT = ('You are Qwen, a virtual human developed by the Qwen Team,
                       'perceiving auditory and visual inputs, as well as generating text and speech.')
 
 MODALITIES = ('video', 'audio', 'image')
-DEFAULT_MEDIA_ORDER = ('video', 'audio', 'image')
+DEFAULT_MEDIA_ORDER = MODALITIES
+MERGE_SIZE = VisionConfig.spatial_merge_size   # patches per side of one vision token
 
 
 TOKEN_TEXT = {
@@ -201,7 +202,7 @@ def load_tokenizer(path: str | os.PathLike | None = None):
 
 # ------------------------------------------------------------------ placeholder expansion
 
-def vision_token_count(grid_thw: Sequence[int], merge_size: int = 2) -> int:
+def vision_token_count(grid_thw: Sequence[int], merge_size: int = MERGE_SIZE) -> int:
   """Placeholder tokens of one image / video grid (t, h, w in patches): t*h*w / merge^2."""
   t, h, w = (int(x) for x in grid_thw)
   if min(t, h, w) < 1 or h % merge_size or w % merge_size:
@@ -210,7 +211,7 @@ def vision_token_count(grid_thw: Sequence[int], merge_size: int = 2) -> int:
   return t * h * w // merge_size**2
 
 
-def video_token_times(grid_thw: Sequence[int], second_per_grid: float, merge_size: int = 2,
+def video_token_times(grid_thw: Sequence[int], second_per_grid: float, merge_size: int = MERGE_SIZE,
                       position_id_per_seconds: float = 25) -> np.ndarray:
   """Temporal value of each video token in processor order: t_index * second_per_grid * rate.
 
@@ -227,12 +228,12 @@ def audio_block(mel_frames: int, ids: OmniTokenIds = OmniTokenIds()) -> list[int
   return [ids.audio_bos] + [ids.audio] * audio_token_count(mel_frames) + [ids.audio_eos]
 
 
-def image_block(grid_thw: Sequence[int], merge_size: int = 2, ids: OmniTokenIds = OmniTokenIds()) -> list[int]:
+def image_block(grid_thw: Sequence[int], merge_size: int = MERGE_SIZE, ids: OmniTokenIds = OmniTokenIds()) -> list[int]:
   return [ids.vision_bos] + [ids.image] * vision_token_count(grid_thw, merge_size) + [ids.vision_eos]
 
 
 def video_block(grid_thw: Sequence[int], *, second_per_grid: float | None = None,
-                audio_mel_frames: int | None = None, merge_size: int = 2,
+                audio_mel_frames: int | None = None, merge_size: int = MERGE_SIZE,
                 position_id_per_seconds: float = 25, seconds_per_chunk: float = 2.0,
                 ids: OmniTokenIds = OmniTokenIds()) -> list[int]:
   """One video; with `audio_mel_frames` its audio track is interleaved per TMRoPE chunk
@@ -269,7 +270,7 @@ def _check_media(audio_lengths, video_grids, video_second_per_grid, use_audio_in
 def expand_placeholders(*, audio_lengths: Sequence[int] = (), video_grids: Sequence[Sequence[int]] = (),
                         video_second_per_grid: Sequence[float] | None = None,
                         image_grids: Sequence[Sequence[int]] = (), use_audio_in_video: bool = False,
-                        media_order: Sequence[str] = DEFAULT_MEDIA_ORDER, merge_size: int = 2,
+                        media_order: Sequence[str] = DEFAULT_MEDIA_ORDER, merge_size: int = MERGE_SIZE,
                         position_id_per_seconds: float = 25, seconds_per_chunk: float = 2.0,
                         ids: OmniTokenIds = OmniTokenIds()) -> np.ndarray:
   """Token ids of all media blocks of a user turn, int32 [N].
@@ -354,7 +355,7 @@ def build_prompt(tokenizer, *, text: str, system: str | None = DEFAULT_SYSTEM_PR
                  audio_lengths: Sequence[int] = (), video_grids: Sequence[Sequence[int]] = (),
                  video_second_per_grid: Sequence[float] | None = None,
                  image_grids: Sequence[Sequence[int]] = (), use_audio_in_video: bool = False,
-                 media_order: Sequence[str] = DEFAULT_MEDIA_ORDER, merge_size: int = 2,
+                 media_order: Sequence[str] = DEFAULT_MEDIA_ORDER, merge_size: int = MERGE_SIZE,
                  position_id_per_seconds: float = 25, seconds_per_chunk: float = 2.0,
                  add_generation_prompt: bool = True) -> np.ndarray:
   """input_ids int32 [L] of a one-turn prompt, equal to Qwen2_5OmniProcessor's.

@@ -50,7 +50,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import msgpack
 import numpy as np
 
-from saber_jax import files
+from saber_jax import batch, files
 from saber_jax.data import sed
 
 SCHEMA_VERSION = 1
@@ -270,7 +270,7 @@ def encode_preference_record(*, id: str, lang: str, prompt_ids, chosen_ids, reje
 
 def prompt_length(sft_record: Mapping[str, Any]) -> int:
   """Tokens before the response of an SFT record: the leading run of labels == -100."""
-  trained = np.flatnonzero(np.asarray(sft_record['labels']) != sed.IGNORE_INDEX)
+  trained = np.flatnonzero(np.asarray(sft_record['labels']) != batch.IGNORE_INDEX)
   return int(trained[0]) if len(trained) else len(sft_record['labels'])
 
 

@@ -17,8 +17,8 @@ language. English target with the default headers:
   Holistic reasoning:
   <sentiment_analysis>
 
-Segment ids (the `segments` array of a batch): 0 prompt, 1 visual, 2 acoustic,
-3 reasoning. A section's header and the blank line after it belong to that section.
+Segment ids (the `segments` array of a batch, `batch.SECTION_IDS`): 0 prompt, 1 visual,
+2 acoustic, 3 reasoning. A section's header and the blank line after it belong to that section.
 """
 
 import json
@@ -27,10 +27,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from saber_jax.batch import IGNORE_INDEX, PROMPT, REASONING, SECTION_IDS
 from saber_jax.data.annotation import FIELD_PATHS, Annotation
 
-PROMPT, VISUAL, ACOUSTIC, REASONING = 0, 1, 2, 3
-SECTION_IDS = {'visual': VISUAL, 'acoustic': ACOUSTIC, 'reasoning': REASONING}
 SECTION_FIELDS = {
     'visual': ('video_desc', 'facial_exp_desc', 'body_lang_desc'),
     'acoustic': ('speech_content', 'acoustic_feat'),
@@ -38,7 +37,6 @@ SECTION_FIELDS = {
 }
 DEFAULT_ORDER = ('visual', 'acoustic', 'reasoning')   # the paper's order: evidence before reasoning
 SECTION_SEPARATOR = '\n\n'
-IGNORE_INDEX = -100
 
 DEFAULT_HEADERS = {
     'en': {'visual': 'Visual evidence:', 'acoustic': 'Acoustic evidence:', 'reasoning': 'Holistic reasoning:'},
@@ -63,14 +61,6 @@ SED_INSTRUCTIONS = {
            '然后描述声学证据：说话内容以及声音特点（音调、音量、语速和语气）；'
            '最后综合以上所有证据进行推理，说明说话者的整体情绪状态。'),
 }
-# The instruction of the SABER-LLM release's ms-swift inference example (README,
-# infer/SABER_Swift_Infer.sh); use it to evaluate that released checkpoint.
-SABER_RELEASE_INSTRUCTION_ZH = (
-    '请通过依次完成以下任务，对提供的媒体进行一次全面的多模态分析：\n'
-    '- 请详细描述视频的场景及其背景信息。\n'
-    '- 请对这段音频进行详细分析。\n'
-    '- 请详细分析说话者的面部表情和肢体语言。\n'
-    '- 最后，请综合以上所有观察结果，对说话者的情绪状态进行全面分析。')
 
 
 def _lookup(table: Mapping, lang: str, what: str) -> Mapping:

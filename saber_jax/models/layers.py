@@ -1,7 +1,7 @@
 """Building blocks shared by the three towers: dense layers with logical axis names,
 norms, attention, and the scanned layer stack."""
 
-from typing import Callable, Sequence
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -194,7 +194,3 @@ def layer_stack(block: Callable[..., nn.Module], length: int, remat: str,
                  in_axes=(nn.broadcast,) * broadcast_args, length=length,
                  metadata_params={nn.PARTITION_NAME: 'layers'})
 
-
-def logical_axes(tree) -> Sequence:
-  """The logical axis names of every leaf of an (abstract) param tree."""
-  return nn.get_partition_spec(tree)

@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from saber_jax.batch import PAIR_PROMPT
 from saber_jax.models import layers
 from saber_jax.models.config import TextConfig
 from saber_jax.models.rope import apply_rope, mrope_cos_sin
@@ -106,7 +107,7 @@ def attention_mask(attention_mask):
   return causal[None, None] & attention_mask[:, None, None, :].astype(bool)
 
 
-SHARED_PREFIX = 1   # the segment id every other segment of the row also attends to
+SHARED_PREFIX = PAIR_PROMPT   # the segment every other segment of the row also attends to
 
 
 def segment_mask(segments):

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from saber_jax.batch import split_axis
 from saber_jax.models import audio as audio_lib
 from saber_jax.models import layers
 from saber_jax.models import vision as vision_lib
@@ -159,7 +160,7 @@ def stack_shards(shards: list[dict[str, Any]]) -> dict[str, Any]:
   """One batch from the `model_inputs` of each data shard (all padded to the same sizes):
   rows concatenated, media stacked on the shard axis."""
   first = shards[0]
-  out = {k: np.concatenate([s[k] for s in shards], axis=1 if k == 'position_ids' else 0)
+  out = {k: np.concatenate([s[k] for s in shards], axis=split_axis(k))
          for k in ('input_ids', 'attention_mask', 'position_ids', 'attention_segments')
          if k in first}
   for name in ('audio', 'vision'):

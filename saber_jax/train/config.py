@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 
 from saber_jax import losses
-from saber_jax.data import pipeline
+from saber_jax.data import examples
 from saber_jax.models import layers
 from saber_jax.train import optim, steps
 
@@ -59,7 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.dpo = ml_collections.ConfigDict(dict(beta=0.1, label_smoothing=0.0, loss_type='sigmoid',
                                          sft_weight=0.0))
 
-  c.data = ml_collections.ConfigDict(dataclasses.asdict(pipeline.DataConfig()))
+  c.data = ml_collections.ConfigDict(dataclasses.asdict(examples.DataConfig()))
   c.data.num_epochs = 1
   c.sft_records = ''          # SFT ArrayRecord shards (files, or the shard prefix)
   c.pref_records = ''         # preference ArrayRecord shards
@@ -281,7 +281,7 @@ def validate(config) -> None:
   buckets = tuple(d.length_buckets)
   need(len(buckets) > 0 and all(b > 0 for b in buckets) and list(buckets) == sorted(set(buckets)),
        'data.length_buckets', 'increasing positive lengths')
-  need(d.overlong in pipeline.OVERLONG_MODES, 'data.overlong', _either(pipeline.OVERLONG_MODES))
+  need(d.overlong in examples.OVERLONG_MODES, 'data.overlong', _either(examples.OVERLONG_MODES))
   for field in ('worker_count', 'group_batches', 'min_audio_chunks', 'min_patches',
                 'min_vision_blocks', 'min_frame_len'):
     need(d[field] >= 0, f'data.{field}', '>= 0')

@@ -15,9 +15,9 @@ import re
 import jax
 import numpy as np
 
+from saber_jax import batch as batch_lib
 from saber_jax import sharding
 from saber_jax.data.prompt import expand_placeholders
-from saber_jax.data.sed import IGNORE_INDEX
 from saber_jax.models.config import ThinkerConfig
 from saber_jax.models.thinker import model_inputs
 from saber_jax.train import trainer
@@ -56,7 +56,8 @@ def example_inputs(model_config: ThinkerConfig, seq_len: int) -> dict:
       video_grid_thw=np.array([GRID]), video_second_per_grid=np.array([1.0]),
       use_audio_in_video=True)
   inputs = model_inputs(model_config, batch)
-  labels = np.where(np.arange(seq_len) >= seq_len // 2, input_ids, IGNORE_INDEX).astype(np.int32)
+  labels = np.where(np.arange(seq_len) >= seq_len // 2, input_ids,
+                    batch_lib.IGNORE_INDEX).astype(np.int32)
   return dict(inputs, labels=labels, segments=np.ones_like(labels))
 
 
@@ -65,10 +66,10 @@ def global_shapes(shard: dict, num_shards: int, rows_per_shard: int) -> dict:
   def scale(path, x):
     x = np.asarray(x)
     key = getattr(path[0], 'key', None)
-    if key in ('audio', 'vision', 'ref_chosen_logps', 'ref_rejected_logps'):   # per shard
-      factor, axis = num_shards, 0
-    else:
-      factor, axis = num_shards * rows_per_shard, 1 if key == 'position_ids' else 0
+    # A dry-run shard holds one pair row: its per-pair keys scale with the shards too.
+    per_shard = key in batch_lib.PER_SHARD_KEYS or key in batch_lib.PER_PAIR_KEYS
+    factor = num_shards if per_shard else num_shards * rows_per_shard
+    axis = batch_lib.split_axis(key)
     shape = list(x.shape)
     shape[axis] *= factor
     return jax.ShapeDtypeStruct(tuple(shape), x.dtype)

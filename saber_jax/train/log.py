@@ -3,7 +3,7 @@
 Only process 0 writes; every line of metrics.jsonl is one JSON object with `stage`,
 `step`, `loss` and the loss metrics, each the mean over the steps since the last line,
 and the throughput over those steps: trained tokens per second, model FLOP/s per device
-(`saber_jax.flops`) and, on an accelerator whose peak `flops.peak_flops` knows, MFU.
+(`saber_jax.train.flops`) and, on an accelerator whose peak `flops.peak_flops` knows, MFU.
 With the batch plan's fill counts, also `data/text_fill` (real / padded text positions)
 and `data/media_fill` (real / padded audio + vision positions) of those steps' global
 batches; model FLOPs ignore padding, so MFU stays honest.
@@ -17,7 +17,8 @@ import jax
 import numpy as np
 from tensorboardX import SummaryWriter
 
-from saber_jax import files, flops
+from saber_jax import files
+from saber_jax.train import flops
 
 
 def _scalar(value):
@@ -66,7 +67,7 @@ class MetricLogger:
 
   def add(self, metrics: dict, tokens: int, model_flops: float, fill=None):
     """One step's metrics (host scalars), trained tokens and model FLOPs (of this
-    process's batch) and fill counts (`pipeline.FILL_FIELDS` of the global batch);
+    process's batch) and fill counts (`batch.FILL_FIELDS` of the global batch);
     `write` logs their means and rates since the last write."""
     if fill is not None:
       self.fill += np.asarray(fill, np.int64)

@@ -15,7 +15,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from saber_jax import files, sharding, weights
-from saber_jax.data import pipeline, records
+from saber_jax.batch import FILL, PAIR_INDEX
+from saber_jax.data import datasets, records
 from saber_jax.train import steps, trainer
 
 
@@ -39,19 +40,19 @@ def train_stage(config, stage: str, record_paths, init_from: str) -> str:
   mesh = sharding.make_mesh(config.mesh)
   config = copy.deepcopy(config)
   data = data_config(config, mesh)
-  paths = pipeline.resolve_paths(record_paths)
+  paths = datasets.resolve_paths(record_paths)
   accum = config.optim.grad_accum_steps
   if config.optim.total_steps:
     micro_steps = config.optim.total_steps * accum
   else:
-    micro_steps = (pipeline.steps_per_epoch(records.count_records(paths), data)
+    micro_steps = (datasets.steps_per_epoch(records.count_records(paths), data)
                    * config.data.num_epochs) // accum * accum
     config.optim.total_steps = micro_steps // accum
   if micro_steps <= 0:
     raise ValueError(f'{stage}: {records.count_records(paths)} records make no optimizer step '
                      f'of batch {data.batch_size} x {accum} accumulation')
   setup = trainer.plan(config, stage, mesh)    # after total_steps: the schedule reads it
-  make = pipeline.sft_dataset if stage == 'sft' else pipeline.preference_dataset
+  make = datasets.sft_dataset if stage == 'sft' else datasets.preference_dataset
   iterator = iter(make(setup.model_config, data, paths, seed=config.seed))
   workdir = stage_dir(config, stage)
   trainer.claim_workdir(config, workdir, stage, paths, init_from)
@@ -72,11 +73,11 @@ def ref_logps_stage(config, record_paths, init_from: str) -> str:
   logps_fn = jax.jit(sharding.on_mesh(lambda params, batch: jnp.stack(steps.pair_logps(
       params, batch, model_config=model_config, chunk_size=config.logps_chunk_size), axis=-1),
       mesh))
-  paths = pipeline.resolve_paths(record_paths)
+  paths = datasets.resolve_paths(record_paths)
   values = {}
-  for batch in pipeline.reference_batches(model_config, data_config(config, mesh), paths):
-    pair_index = batch.pop('pair_index')
-    batch.pop(pipeline.FILL)
+  for batch in datasets.reference_batches(model_config, data_config(config, mesh), paths):
+    pair_index = batch.pop(PAIR_INDEX)
+    batch.pop(FILL)
     logps = logps_fn(params, sharding.global_batch(batch, mesh))
     logps = np.asarray(multihost_utils.process_allgather(logps, tiled=True)).reshape(-1, 2)
     pair_index = np.asarray(multihost_utils.process_allgather(pair_index, tiled=True))

@@ -4,13 +4,12 @@ The params are split in two trees by `config.trainable`: `trainable` (what the o
 updates and holds moments for) and `frozen` (kept as is). For LoRA the trainable tree is
 the adapters and the frozen tree the base; the forward merges them.
 
-Batches are dicts of arrays: the thinker's `model_inputs` (`input_ids`, `attention_mask`,
-`position_ids`, `audio`, `vision`) plus `labels` [B, L] (-100 not trained) and `segments`
-[B, L]. DPO batches hold P pairs, `ref_chosen_logps` / `ref_rejected_logps` [P] and
-`pair_segments` [B, L] (1 prompt, 2 chosen, 3 rejected, 0 padding), in one of two layouts
-told apart by the row count: one row `[prompt | chosen | rejected]` per pair (B = P; the
-prompt and media are computed once, the answers attend to the prompt and to themselves
-only), or chosen and rejected of pair i in rows 2i and 2i + 1 (B = 2P).
+Batches are dicts of arrays keyed as `saber_jax.batch` lists them: the thinker reads
+`batch.MODEL_KEYS`, the losses `labels`, `segments` and, for DPO, `pair_segments` and the
+reference log-probs of P pairs, in one of two layouts told apart by the row count: one
+row `[prompt | chosen | rejected]` per pair (B = P; the prompt and media are computed
+once, the answers attend to the prompt and to themselves only), or chosen and rejected
+of pair i in rows 2i and 2i + 1 (B = 2P).
 """
 
 from typing import Any
@@ -21,12 +20,11 @@ import jax.numpy as jnp
 import optax
 
 from saber_jax import lm_head, losses
+from saber_jax.batch import MODEL_KEYS
 from saber_jax.models.config import ThinkerConfig
 from saber_jax.models.thinker import Thinker
 from saber_jax.train import lora
 
-MODEL_KEYS = ('input_ids', 'attention_mask', 'position_ids', 'attention_segments', 'audio',
-              'vision')
 TRAINABLE_MODES = ('full', 'llm', 'lora')
 
 
@@ -147,9 +145,4 @@ def train_step(state: TrainState, batch: dict, *, loss_fn, optimizer, skip_nonfi
       state.trainable, state.frozen, batch)
   state, update_metrics = apply_gradients(state, grads, loss, optimizer, skip_nonfinite)
   return state, {'loss': loss, **metrics, **update_metrics}
-
-
-def init_state(trainable, frozen, optimizer) -> TrainState:
-  return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen,
-                    opt_state=optimizer.init(trainable))
 

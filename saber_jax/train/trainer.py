@@ -15,11 +15,11 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from saber_jax import fingerprint, flops, sharding, weights
-from saber_jax.data import pipeline, sed
+from saber_jax import fingerprint, sharding, weights
+from saber_jax.batch import FILL, IGNORE_INDEX
 from saber_jax.models.config import ThinkerConfig
 from saber_jax.models.thinker import abstract_params
-from saber_jax.train import checkpoint, lora, optim, steps
+from saber_jax.train import checkpoint, flops, lora, optim, steps
 from saber_jax.train.log import MetricLogger
 
 
@@ -179,12 +179,12 @@ def train(config, setup: Setup, batches: Iterator[dict], data_iterator, workdir:
   try:
     while step < total_steps:
       batch = next(batches)
-      fill = batch.pop(pipeline.FILL, None)   # the global batch's padding, not a model input
+      fill = batch.pop(FILL, None)   # the global batch's padding, not a model input
       state, metrics = setup.step_fn(state, sharding.global_batch(batch, setup.mesh))
       step += 1
       # Counted on the host while the (asynchronously dispatched) step runs.
       pending.append((step, metrics, dict(
-          tokens=int(np.sum(batch['labels'] != sed.IGNORE_INDEX)),
+          tokens=int(np.sum(batch['labels'] != IGNORE_INDEX)),
           model_flops=flops.step_flops(setup.model_config, batch, trainable=config.trainable),
           fill=fill)))
       log_now = step % config.log_every == 0 or step == total_steps

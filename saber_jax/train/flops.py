@@ -49,7 +49,7 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-from saber_jax.data.sed import IGNORE_INDEX
+from saber_jax.batch import IGNORE_INDEX
 from saber_jax.models.config import AudioConfig, TextConfig, ThinkerConfig, VisionConfig
 from saber_jax.train.steps import TRAINABLE_MODES
 
@@ -246,11 +246,6 @@ def step_flops(model_config: ThinkerConfig, batch: Mapping[str, Any], *, trainab
   """
   counts = batch_counts(model_config, batch, chunk_size=chunk_size)
   return total(training_flops(model_config, counts, trainable, hardware))
-
-
-def forward_step_flops(model_config: ThinkerConfig, batch: Mapping[str, Any]) -> float:
-  """Model FLOPs of one forward pass (e.g. the reference log-prob pass of CA-DPO)."""
-  return total(forward_flops(model_config, batch_counts(model_config, batch)))
 
 
 def mfu(flops_per_s: float, peak_flops_per_s: float) -> float:

@@ -1,4 +1,4 @@
-"""The Grain pipelines over real preprocessed records: deterministic per seed, epochs
+"""The Grain datasets (data.datasets) over real preprocessed records: deterministic per seed, epochs
 reshuffled, exact resume from a saved state, disjoint process shards, bucketed shapes,
 preference pairs kept together, and batches the tiny thinker runs on."""
 
@@ -11,30 +11,21 @@ import pathlib
 
 import flax.linen as nn
 import jax
-import ml_collections
 import numpy as np
 import pytest
 
-from saber_jax import flops, losses
-from saber_jax.data import pipeline, prompt, records
+from saber_jax import losses
+from saber_jax.batch import CHOSEN, FILL, REJECTED
+from saber_jax.data import collate, datasets, prompt, records
+from saber_jax.data.examples import DataConfig
 from saber_jax.models import thinker
-from saber_jax.models.config import AudioConfig, TextConfig, ThinkerConfig, VisionConfig
-from saber_jax.train import steps
+from saber_jax.train import flops, steps
+from tiny_data import BASE, TINY
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 from saber_jax.cli import make_demo_data, preprocess  # noqa: E402
 
 NUM_CLIPS = 12
-# Real Omni token ids (up to 151656) need the real vocabulary size; everything else is tiny.
-TINY = ThinkerConfig(
-    audio=AudioConfig(d_model=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32,
-                      n_window=50, output_dim=32),
-    vision=VisionConfig(depth=2, hidden_size=16, intermediate_size=32, num_heads=2,
-                        fullatt_block_indexes=(1,), out_hidden_size=32),
-    text=TextConfig(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                    num_attention_heads=2, num_key_value_heads=1, mrope_section=(2, 3, 3)))
-BASE = pipeline.DataConfig(batch_size=4, num_data_shards=2, length_buckets=(384, 512),
-                           min_patches=64, min_frame_len=16, min_vision_blocks=2, read_threads=1)
 
 
 @pytest.fixture(scope='module')
@@ -60,6 +51,14 @@ def data(tmp_path_factory):
   return sft, pref, by_ids
 
 
+def sft_batches(*args, **kwargs):
+  return iter(datasets.sft_dataset(*args, **kwargs))
+
+
+def preference_batches(*args, **kwargs):
+  return iter(datasets.preference_dataset(*args, **kwargs))
+
+
 def _row_ids(batch, by_ids):
   """Clip id of each row that holds an example (None for empty rows)."""
   out = []
@@ -79,30 +78,12 @@ def _assert_batches_equal(a, b):
     np.testing.assert_array_equal(x, y)
 
 
-def test_bucket_ladder():
-  assert [pipeline.bucket_size(n, 64) for n in (1, 64, 65, 96, 97, 129, 200)] == [
-      64, 64, 96, 96, 128, 192, 256]
-  assert [pipeline.bucket_size(n, 64, steps=1) for n in (1, 65, 129)] == [64, 128, 256]
-  assert pipeline.bucket_size(97, 10, steps=4, multiple=4) == 100   # 10,12,15,17,20,...,80,100
-  assert pipeline.bucket_size(0, 2) == 2
-
-
-def test_data_options_read_a_config_dict():
-  config = ml_collections.ConfigDict(dict(batch_size=6, num_data_shards=3, length_buckets=[128, 256],
-                                          other_field='ignored'))
-  options = pipeline.data_options(config)
-  assert (options.batch_size, options.num_data_shards, options.length_buckets) == (6, 3, (128, 256))
-  assert options.overlong == 'truncate'
-  with pytest.raises(ValueError, match='multiple of num_data_shards'):
-    pipeline.data_options(dict(batch_size=5, num_data_shards=2))
-
-
 def test_same_seed_same_batches_and_each_epoch_reshuffled(data):
   sft, _, by_ids = data
   config = dataclasses.replace(BASE, num_epochs=2)
-  make = lambda seed: pipeline.sft_batches(TINY, config, sft, seed=seed, shard_index=0, shard_count=1)
+  make = lambda seed: sft_batches(TINY, config, sft, seed=seed, shard_index=0, shard_count=1)
   first, second = list(make(7)), list(make(7))
-  steps_per_epoch = pipeline.steps_per_epoch(NUM_CLIPS, config, shard_count=1)
+  steps_per_epoch = datasets.steps_per_epoch(NUM_CLIPS, config, shard_count=1)
   assert len(first) == len(second) == 2 * steps_per_epoch == 6
   for a, b in zip(first, second):
     _assert_batches_equal(a, b)
@@ -118,7 +99,7 @@ def test_same_seed_same_batches_and_each_epoch_reshuffled(data):
 def test_restored_state_continues_with_the_next_batch(data, restore_at):
   sft, _, _ = data
   config = dataclasses.replace(BASE, num_epochs=2)
-  make = lambda: pipeline.sft_batches(TINY, config, sft, seed=1, shard_index=0, shard_count=1)
+  make = lambda: sft_batches(TINY, config, sft, seed=1, shard_index=0, shard_count=1)
   reference = list(make())
   running = make()
   _take(running, restore_at)
@@ -134,7 +115,7 @@ def test_restored_state_continues_with_the_next_batch(data, restore_at):
 def test_processes_see_disjoint_halves_that_cover_everything(data):
   sft, _, by_ids = data
   config = dataclasses.replace(BASE, batch_size=2, num_data_shards=1, num_epochs=1)
-  seen = [[i for b in pipeline.sft_batches(TINY, config, sft, seed=5, shard_index=p, shard_count=2)
+  seen = [[i for b in sft_batches(TINY, config, sft, seed=5, shard_index=p, shard_count=2)
            for i in _row_ids(b, by_ids)] for p in range(2)]
   assert len(seen[0]) == len(seen[1]) == NUM_CLIPS // 2
   assert not set(seen[0]) & set(seen[1])
@@ -142,15 +123,15 @@ def test_processes_see_disjoint_halves_that_cover_everything(data):
 
 
 @functools.cache
-def _ladder(minimum, steps=pipeline.DataConfig.bucket_steps, multiple=1, top=1 << 14):
+def _ladder(minimum, steps=DataConfig.bucket_steps, multiple=1, top=1 << 14):
   """Every size `bucket_size` can give below `top`."""
-  return frozenset(pipeline.bucket_size(n, minimum, steps, multiple) for n in range(top))
+  return frozenset(collate.bucket_size(n, minimum, steps, multiple) for n in range(top))
 
 
 def test_batch_shapes_fall_in_the_buckets(data):
   sft, _, _ = data
   config = dataclasses.replace(BASE, num_epochs=3)
-  batches = list(pipeline.sft_batches(TINY, config, sft, seed=0, shard_index=0, shard_count=1))
+  batches = list(sft_batches(TINY, config, sft, seed=0, shard_index=0, shard_count=1))
   shapes = set()
   for b in batches:
     rows, length = b['input_ids'].shape
@@ -180,7 +161,7 @@ def test_batch_shapes_fall_in_the_buckets(data):
 
 def test_batches_run_through_the_tiny_thinker(data):
   sft, _, _ = data
-  batch = next(pipeline.sft_batches(TINY, BASE, sft, seed=0, shard_index=0, shard_count=1))
+  batch = next(sft_batches(TINY, BASE, sft, seed=0, shard_index=0, shard_count=1))
   params = jax.jit(lambda key: nn.unbox(thinker.init_params(TINY, key)))(jax.random.key(0))
 
   @jax.jit
@@ -202,7 +183,7 @@ def test_batches_run_through_the_tiny_thinker(data):
 def test_worker_processes_give_the_same_batches_and_resume(data):
   sft, _, _ = data
   config = dataclasses.replace(BASE, num_epochs=1)
-  make = lambda workers: pipeline.sft_batches(
+  make = lambda workers: sft_batches(
       TINY, dataclasses.replace(config, worker_count=workers), sft, seed=2, shard_index=0,
       shard_count=1)
   reference = list(make(0))
@@ -235,7 +216,7 @@ def test_overlong_rows_are_truncated_or_dropped_and_flagged(data, overlong):
   assert expected['dropped'] and (overlong == 'drop' or expected['truncated'])
   config = dataclasses.replace(BASE, length_buckets=(limit,), overlong=overlong, num_epochs=1)
   got = collections.Counter()
-  for b in pipeline.sft_batches(TINY, config, sft, seed=0, shard_index=0, shard_count=1):
+  for b in sft_batches(TINY, config, sft, seed=0, shard_index=0, shard_count=1):
     assert b['input_ids'].shape[1] == limit
     for row in range(len(b['input_ids'])):
       valid, labels = b['attention_mask'][row], b['labels'][row]
@@ -258,12 +239,12 @@ def test_preference_pairs_share_prompt_and_media_and_carry_reference_logps(data,
                                shared_prompt=shared_prompt)
   rows_per_pair = 1 if shared_prompt else 2
   with pytest.raises(records.RecordError, match=r"record 'demo-\d+#0': field 'ref_chosen_logps'"):
-    next(pipeline.preference_batches(TINY, config, pref, seed=0, shard_index=0, shard_count=1))
+    next(preference_batches(TINY, config, pref, seed=0, shard_index=0, shard_count=1))
 
   # The reference pass: every pair once over two processes, padded to whole batches.
   logps, seen = {}, []
   for process in range(2):
-    for b in pipeline.reference_batches(TINY, config, pref, shard_index=process, shard_count=2):
+    for b in datasets.reference_batches(TINY, config, pref, shard_index=process, shard_count=2):
       assert b['input_ids'].shape[0] == rows_per_pair * config.batch_size
       assert b['pair_index'].shape == (config.batch_size,)
       for pair, index in enumerate(b['pair_index']):
@@ -277,15 +258,15 @@ def test_preference_pairs_share_prompt_and_media_and_carry_reference_logps(data,
   records.fill_reference_logps(pref, logps, key='index', out_dir=str(tmp_path))
 
   pairs = list(records.iter_records(filled))
-  batches = list(pipeline.preference_batches(TINY, config, filled, seed=0, shard_index=0,
+  batches = list(preference_batches(TINY, config, filled, seed=0, shard_index=0,
                                              shard_count=1))
   assert len(batches) == NUM_CLIPS // config.batch_size
   for k, b in enumerate(batches):
     for pair in range(config.batch_size):
       record = pairs[k * config.batch_size + pair]   # shuffle=False: file order
       n_prompt = len(record['prompt_ids'])
-      for answer, side in ((losses.CHOSEN, 'chosen'), (losses.REJECTED, 'rejected')):
-        row = pair if shared_prompt else 2 * pair + answer - losses.CHOSEN
+      for answer, side in ((CHOSEN, 'chosen'), (REJECTED, 'rejected')):
+        row = pair if shared_prompt else 2 * pair + answer - CHOSEN
         # The prompt and this answer: the whole row in two rows, a part of the shared one.
         sees = np.isin(b['pair_segments'][row], (1, answer))
         assert np.all(b['attention_mask'][row] == (b['pair_segments'][row] > 0))
@@ -306,27 +287,11 @@ def test_preference_pairs_share_prompt_and_media_and_carry_reference_logps(data,
   assert batches[0]['ref_chosen_logps'].dtype == np.float32
 
 
-def test_overlong_pair_row_cuts_the_longer_answer_first():
-  record = dict(kind=records.PREFERENCE, prompt_ids=np.arange(100, 110),
-                chosen_ids=np.arange(200, 205), chosen_segments=np.ones(5, np.int8),
-                rejected_ids=np.arange(300, 320), rejected_segments=np.ones(20, np.int8))
-  rows = pipeline._rows_of(record, shared_prompt=True)
-  assert len(rows) == 1 and len(rows[0]['input_ids']) == 9 + (1 + 5) + (1 + 20)
-  (row,), truncated = pipeline._fit_rows(rows, 25, 'truncate')
-  # 25 = 9 shared prompt tokens + (last prompt token + 5 chosen) + (last prompt token + 9 rejected)
-  assert truncated and len(row['input_ids']) == 25
-  np.testing.assert_array_equal(row['input_ids'][9:],
-                                [109, *range(200, 205), 109, *range(300, 309)])
-  np.testing.assert_array_equal(row['pair_segments'], [1] * 9 + [2] * 6 + [3] * 10)
-  assert pipeline._fit_rows(rows, 12, 'truncate') == (None, False)   # no room for an answer
-  assert pipeline._fit_rows(rows, 25, 'drop') == (None, False)
-
-
 def test_orbax_checkpoint_restores_the_iterator(data, tmp_path):
   """The trainer's checkpoints (Orbax + grain.checkpoint) carry the iterator position."""
   from saber_jax.train import checkpoint
   sft, _, _ = data
-  make = lambda: pipeline.sft_batches(TINY, BASE, sft, seed=4, shard_index=0, shard_count=1)
+  make = lambda: sft_batches(TINY, BASE, sft, seed=4, shard_index=0, shard_count=1)
   running = make()
   _take(running, 2)
   state = {'w': jax.numpy.ones(3)}
@@ -345,7 +310,7 @@ def _join_processes(batches):
   """One batch from the same step's batches of processes 0, 1, ... (rows in process order)."""
   def join(path, *xs):
     key = getattr(path[-1], 'key', None)
-    if key == pipeline.FILL:   # global already: every process has the same
+    if key == FILL:   # global already: every process has the same
       assert all(np.array_equal(x, xs[0]) for x in xs)
       return xs[0]
     return np.concatenate(xs, axis=1 if key == 'position_ids' else 0)
@@ -363,9 +328,9 @@ def filled(data, tmp_path_factory):
 
 @pytest.mark.parametrize('kind', ['sft', 'preference'])
 def test_global_batches_are_the_same_for_1_2_4_processes_and_0_2_workers(data, filled, kind):
-  make = pipeline.sft_batches if kind == 'sft' else pipeline.preference_batches
+  make = sft_batches if kind == 'sft' else preference_batches
   paths = data[0] if kind == 'sft' else filled
-  # 4 examples and 4 row groups per global batch, however many processes.
+  # 4 examples and 4 data shards per global batch, however many processes.
   config = dataclasses.replace(BASE, num_epochs=1, group_batches=2)
   one = list(make(TINY, dataclasses.replace(config, batch_size=4, num_data_shards=4), paths,
                   seed=3, shard_index=0, shard_count=1))
@@ -382,94 +347,14 @@ def test_global_batches_are_the_same_for_1_2_4_processes_and_0_2_workers(data, f
 
 def test_the_planned_fill_counts_what_the_batches_hold(data):
   sft, _, _ = data
-  for batch in pipeline.sft_batches(TINY, dataclasses.replace(BASE, num_epochs=1), sft, seed=0,
+  for batch in sft_batches(TINY, dataclasses.replace(BASE, num_epochs=1), sft, seed=0,
                                     shard_index=0, shard_count=1):
     audio, vision = batch['audio'], batch['vision']
     mel = audio['chunk_lengths']
     chunk = 2 * TINY.audio.n_window
-    assert batch[pipeline.FILL].tolist() == [
+    assert batch[FILL].tolist() == [
         batch['attention_mask'].sum(), batch['attention_mask'].size,
         mel.sum() + vision['patch_mask'].sum(), mel.size * chunk + vision['patch_mask'].size]
-
-
-def _needs(n, seed=0):
-  """Needs of n SABER-like records (lengths and media sizes spread widely)."""
-  rng = np.random.default_rng(seed)
-  seconds = rng.uniform(0.5, 30, n)
-  frames = np.minimum(40, np.maximum(2, (2 * seconds).astype(int) // 2 * 2))
-  sizes = np.stack([40 + (seconds * 25).astype(int) + frames // 2 * 16,
-                    rng.integers(150, 600, n), np.zeros(n, int), (seconds * 100).astype(int),
-                    frames, np.full(n, 112), np.full(n, 112), np.zeros(n, int), np.zeros(n, int)],
-                   1).astype(np.int32)
-  return pipeline.example_needs(sizes, records.SFT, TINY, PLANNED)
-
-
-PLANNED = dataclasses.replace(BASE, length_buckets=(256, 512, 768, 1024, 1536, 2048))
-
-
-def _plan(needs, **options):
-  return pipeline.BatchPlan(needs, rows_per_example=1, batch_size=16, num_groups=4,
-                            model_config=TINY, seed=0,
-                            options=dataclasses.replace(PLANNED, **options))
-
-
-def test_plan_takes_every_record_once_per_epoch_minus_leftovers_and_reshuffles():
-  needs = _needs(500)
-  plan = _plan(needs)
-  assert plan.steps_per_epoch == 500 // 16
-  epochs = [plan.epoch(e) for e in range(2)]
-  for order in epochs:
-    assert order.shape == (31, 16) and len(set(order.ravel())) == 31 * 16
-    assert order.min() >= 0 and order.max() < 500
-  assert set(epochs[0].ravel()) != set(epochs[1].ravel())       # other leftovers
-  np.testing.assert_array_equal(plan.examples(31 + 5), epochs[1][5])
-  np.testing.assert_array_equal(_plan(needs).epoch(1), epochs[1])   # a pure function
-  # The reference pass: every record once, the last batch padded with -1.
-  reference = pipeline.BatchPlan(needs, rows_per_example=1, batch_size=16, num_groups=4,
-                                 model_config=TINY, seed=0, options=plan.options, reference=True)
-  order = reference.epoch(0)
-  assert order.shape == (32, 16) and sorted(order[order >= 0]) == list(range(500))
-  assert (order == -1).sum() == 32 * 16 - 500
-  assert reference.shapes(31)['fill'][0] > 0
-
-
-def test_grouped_plan_pads_less_than_random_batches_and_every_row_fits():
-  needs = _needs(2000)
-  fills = {}
-  for name, window in (('random', 0), ('grouped', 16)):
-    plan = _plan(needs, group_batches=window)
-    totals = np.zeros(4)
-    for step in range(plan.steps_per_epoch):
-      shapes, examples = plan.shapes(step), plan.examples(step)
-      assert needs['length'][examples].max() <= shapes['length']
-      groups = needs['num_patches'][examples].reshape(4, -1).sum(1)
-      assert groups.max() <= shapes['media']['num_patches']
-      totals += shapes['fill']
-    fills[name] = (totals[0] / totals[1], totals[2] / totals[3])
-  assert fills['grouped'][0] > fills['random'][0] + 0.1, fills
-  assert fills['grouped'][1] > fills['random'][1] + 0.1, fills
-
-
-def test_balanced_deal_spreads_audio_and_vision_evenly_over_the_groups():
-  weights = np.array([[[4, 0], [4, 0], [0, 4], [0, 4], [1, 1], [1, 1], [2, 2], [0, 0]],
-                      [[1, 1]] * 8], float)     # a padding slot; all equal
-  dealt = pipeline.balanced_deal(weights, num_groups=4)
-  for b, positions in enumerate(dealt):
-    assert sorted(positions) == list(range(8))
-  groups = weights[0][dealt[0]].reshape(4, 2, 2).sum(1)
-  assert groups.max(0).tolist() == [4, 4], groups      # the least any deal can do
-  # Over a SABER-like epoch, the largest group (what every group is padded to) carries
-  # under 2% more than the mean; the snake deal of the size-sorted batch (what the plan
-  # did before) 8-11% more.
-  needs = _needs(2000)
-  order = _plan(needs).epoch(0)
-  snake = np.array([0, 1, 2, 3, 7, 6, 5, 4, 8, 9, 10, 11, 15, 14, 13, 12])
-  resorted = np.take_along_axis(order, np.argsort(needs['length'][order] * 10**6 +
-                                                  needs['num_patches'][order], 1), 1)[:, snake]
-  for key in ('audio_chunks', 'num_patches'):
-    excess = lambda o: (lambda g: g.max(1).sum() / g.mean(1).sum())(
-        needs[key][o].reshape(len(o), 4, 4).sum(2))
-    assert excess(order) < 1.02 and excess(resorted) > 1.05, key
 
 
 def test_stale_size_index_is_caught_by_collate(data, tmp_path):
@@ -482,6 +367,6 @@ def test_stale_size_index_is_caught_by_collate(data, tmp_path):
   np.savez(records.sizes_path(copy[0]), sizes=sizes, fields=np.array(records.SIZE_FIELDS),
            fingerprint=np.load(records.sizes_path(copy[0]))['fingerprint'])
   with pytest.raises(records.RecordError, match='size index does not match'):
-    list(pipeline.sft_batches(TINY, dataclasses.replace(BASE, num_epochs=1, batch_size=6,
+    list(sft_batches(TINY, dataclasses.replace(BASE, num_epochs=1, batch_size=6,
                                                         num_data_shards=1),
                               copy, seed=0, shard_index=0, shard_count=1))
