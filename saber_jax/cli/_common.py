@@ -3,6 +3,7 @@
 import argparse
 import json
 import os
+import sys
 from typing import Iterable, Iterator, Mapping
 
 from saber_jax import fingerprint, jsonl
@@ -38,6 +39,23 @@ def add_run_args(parser: argparse.ArgumentParser, concurrency: int = 8) -> None:
   g.add_argument('--overwrite', action='store_true',
                  help='delete results made from other inputs, judge or settings and start '
                       'fresh (by default such a rerun is an error naming what differs)')
+
+
+def dashed(argv: list[str] | None, parser: argparse.ArgumentParser) -> list[str]:
+  """`argv` with the old underscore spellings of the parser's options (`--num_shards`,
+  `--sft_records=X`) replaced by its dashed ones, each with a deprecation note."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  known = set(parser._option_string_actions)
+  out = []
+  for arg in argv:
+    name, eq, value = arg.partition('=')
+    if arg.startswith('--') and '_' in name and name not in known:
+      new = name.replace('_', '-')
+      if new in known:
+        print(f'note: {name} is deprecated, spell it {new}', file=sys.stderr)
+        arg = new + eq + value
+    out.append(arg)
+  return out
 
 
 def at_least(minimum, kind=int):
@@ -88,10 +106,11 @@ def check_unique_ids(path: str) -> None:
 
 
 def run_judged(args: argparse.Namespace, items, process, *, input_path: str, out_path: str,
-               desc: str, total: int | None = None,
-               also: tuple[str, ...] = ()) -> runs.RunSummary:
+               desc: str, total: int | None = None, also: tuple[str, ...] = (),
+               produced: dict | None = None) -> runs.RunSummary:
   """`runs.run_jobs` over the items of `input_path`, fingerprinted by `produced_by`
-  (`also`: the other arguments that change the judge's results); exits with an error
+  (`also`: the other arguments that change the judge's results; `produced`: the whole
+  fingerprint instead, for tools without a judge); exits with an error
   (status 1) before any request when an input id repeats or the output belongs to other
   inputs or settings, and after the run when every item failed."""
   try:
@@ -99,7 +118,8 @@ def run_judged(args: argparse.Namespace, items, process, *, input_path: str, out
     run = runs.run_jobs(items, process, out_path=out_path,
                         errors_path=os.path.join(args.out, 'errors.jsonl'),
                         concurrency=args.concurrency, max_items=args.max_items, total=total,
-                        desc=desc, produced_by=produced_by(args, input_path, also),
+                        desc=desc,
+                        produced_by=produced or produced_by(args, input_path, also),
                         overwrite=args.overwrite)
   except (fingerprint.Mismatch, ValueError) as e:
     raise SystemExit(f'error: {e}') from None
