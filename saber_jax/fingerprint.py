@@ -12,10 +12,12 @@ import json
 import os
 from typing import Any, Callable, Iterable
 
+from saber_jax.errors import UserError
+
 FILE = 'fingerprint.json'
 
 
-class Mismatch(ValueError):
+class Mismatch(UserError):
   """A rerun whose inputs or settings differ from those of the output it would resume."""
 
 

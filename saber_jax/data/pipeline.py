@@ -58,6 +58,7 @@ import numpy as np
 
 from saber_jax import losses
 from saber_jax.data import media
+from saber_jax.errors import UserError
 from saber_jax.data import records
 from saber_jax.data import sed
 from saber_jax.models import thinker
@@ -595,7 +596,9 @@ class BatchPlan:
     n = len(needs['length'])
     self.steps_per_epoch = -(-n // batch_size) if reference else n // batch_size
     if not self.steps_per_epoch:
-      raise ValueError(f'{n} records are fewer than one global batch of {batch_size}')
+      raise UserError(f'{n} records are fewer than one global batch of {batch_size} '
+                      '(data.batch_size x processes): add records or lower '
+                      '--config.data.batch_size')
     self._orders = {}   # epoch -> its order; the current and the previous epoch
 
   def _key(self) -> np.ndarray:

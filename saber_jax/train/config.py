@@ -10,6 +10,7 @@ import ml_collections
 import numpy as np
 
 from saber_jax import losses
+from saber_jax.errors import UserError
 from saber_jax.data import pipeline
 from saber_jax.train import optim, steps
 
@@ -263,4 +264,4 @@ def validate(config) -> None:
   need(g.top_k >= 0, 'generate.top_k', '>= 0 (0: off)')
   need(g.num_samples >= 1, 'generate.num_samples', '>= 1')
   if problems:
-    raise ValueError('invalid config:\n  ' + '\n  '.join(problems))
+    raise UserError('invalid config:\n  ' + '\n  '.join(problems))
