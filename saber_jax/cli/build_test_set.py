@@ -92,7 +92,8 @@ def main(argv=None) -> dict:
       chosen[rid] = {**r, 'id': rid, 'subset': rank[rid][0], 'intensity': intensity[rid]}
   ordered = [chosen[i] for subset in metrics.SUBSETS for i in selected[subset]]
   jsonl.write_jsonl_atomic(os.path.join(args.out, 'test_set.jsonl'), ordered)
-  _common.write_text(os.path.join(args.out, 'test_ids.txt'), ''.join(f"{r['id']}\n" for r in ordered))
+  _common.write_text(os.path.join(args.out, 'test_ids.txt'),
+                     ''.join(f"{r['id']}\n" for r in ordered))
   summary = {**counts, 'per_class': args.per_class, 'balanced': not args.no_balance,
              'judge': {'done': run.done, 'skipped': run.skipped, 'failed': run.failed}}
   _common.write_json(os.path.join(args.out, 'summary.json'), summary)

@@ -341,8 +341,9 @@ def judge_pairs(args) -> dict:
         counts['incomplete'] += 1
         continue
       scores = [got[i] for i in usable]
-      pairs = [p for p in metrics.select_pairs(scores, pairing=args.pairing, min_margin=args.min_margin)
-               if responses[usable[p.chosen]] != responses[usable[p.rejected]]]  # identical texts teach nothing
+      pairs = metrics.select_pairs(scores, pairing=args.pairing, min_margin=args.min_margin)
+      # Identical texts teach nothing.
+      pairs = [p for p in pairs if responses[usable[p.chosen]] != responses[usable[p.rejected]]]
       finished = r.get('finished', [True] * len(responses))
       counts['truncated_chosen'] += sum(not finished[usable[p.chosen]] for p in pairs)
       candidates = pairs

@@ -28,7 +28,8 @@ frequent reason.
 
   saber-transcribe --manifest clips.jsonl --model openai/whisper-large-v3 --out asr/
   saber-quality --annotations ann/annotations.jsonl --transcripts asr/transcripts.jsonl \\
-      --out qc/ --descriptions captions.jsonl --base-url http://localhost:8000/v1 --model Qwen/Qwen2.5-72B-Instruct
+      --out qc/ --descriptions captions.jsonl \\
+      --base-url http://localhost:8000/v1 --model Qwen/Qwen2.5-72B-Instruct
 """
 
 import argparse
