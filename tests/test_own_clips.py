@@ -31,7 +31,7 @@ pytestmark = pytest.mark.slow
 # pairs.
 TINY = ('--config=configs/demo.py --config.optim.warmup_steps=1 --config.log_every=1 '
         '--config.checkpoint.every_steps=1000 --config.generate.batch_size=8')
-SFT = f'{TINY} --config.optim.lr=3e-3 --config.optim.total_steps=30'
+SFT = f'{TINY} --config.optim.lr=3e-3 --config.optim.min_lr_ratio=1 --config.optim.total_steps=20'
 DPO = f'{TINY} --config.optim.lr=2e-4 --config.optim.total_steps=2 --config.data.batch_size=2'
 # Sizes a test can afford, replaced where the README writes the paper's.
 SMALLER = {'--per-class 900': '--per-class 1', 'num_samples=10': 'num_samples=4'}
@@ -60,7 +60,26 @@ def expand(command: str, variables: dict[str, str]) -> list[str]:
   return shlex.split(command)
 
 
-def judge(annotations: dict[str, list[dict]]):
+# The judge's annotations: short, so that the tiny thinker learns within a few SFT steps
+# to end its answers (a sample cut at max_new_tokens is never a chosen answer).
+MOODS = {'en': [('A smile.', 'Bright, quick humming.', 'Happy.'),
+                ('A frown.', 'Low, slow humming.', 'Sad.'),
+                ('A smile.', 'Low, slow humming.', 'Mixed: happy face, sad voice.')],
+         'zh': [('微笑。', '明快的哼唱。', '开心。'),
+                ('皱眉。', '低沉缓慢的哼唱。', '难过。'),
+                ('微笑。', '低沉缓慢的哼唱。', '矛盾：脸开心，声音难过。')]}
+SCENE = {'en': ('A cartoon face.', 'Still.'), 'zh': ('一张卡通脸。', '静止。')}
+
+
+def annotation(lang: str, k: int) -> dict:
+  face, voice, sentiment = MOODS[lang][k % len(MOODS[lang])]
+  video, body = SCENE[lang]
+  return {'video_desc': video, 'facial_exp_desc': face, 'body_lang_desc': body,
+          'audio_desc': {'speech_content': '', 'acoustic_feat': voice},   # hummed: no words
+          'sentiment_analysis': sentiment}
+
+
+def judge():
   """The loopback judge's answers, by the reply schema each tool asks for."""
   counts, lock = {}, threading.Lock()
 
@@ -73,10 +92,7 @@ def judge(annotations: dict[str, list[dict]]):
     kind = body['response_format']['json_schema']['name']
     if kind == 'saber_annotation':    # the clip's language, as the prompt is written in it
       lang = 'zh' if re.search(r'[\u4e00-\u9fff]', user_text(body)) else 'en'
-      pool = annotations[lang]
-      annotation = json.loads(json.dumps(pool[next_of(lang) % len(pool)]))
-      annotation['audio_desc']['speech_content'] = ''   # hummed audio: no words
-      return json.dumps(annotation, ensure_ascii=False)
+      return json.dumps(annotation(lang, next_of(lang)), ensure_ascii=False)
     if kind == 'av_relation':
       k = next_of(kind)
       return json.dumps({'relation': ('consistent', 'inconsistent')[k % 2], 'intensity': k % 10})
@@ -110,10 +126,8 @@ def run_command(argv: list[str], log: list[str]) -> str:
 
 def test_readme_chain_runs_on_generated_clips(judge_server, tmp_path, monkeypatch):
   make_demo_data.make_demo_data(str(tmp_path), n=10, seed=0)    # clips.jsonl, media/
-  demo = list(jsonl.read_jsonl(str(tmp_path / 'annotations.jsonl')))
   os.remove(tmp_path / 'annotations.jsonl')   # the judge annotates, from the clips
-  server = judge_server(judge({lang: [r['annotation'] for r in demo if r['lang'] == lang]
-                               for lang in ('en', 'zh')}), lifetime=1800)
+  server = judge_server(judge(), lifetime=1800)
   variables, commands = readme_block()
   assert set(variables) == {'OPENAI_API_KEY', 'J', 'ASR', 'BASE', 'SFT', 'DPO', 'W'}
   variables.update(J=f'--base-url {server.base_url} --model test-judge --concurrency 2',

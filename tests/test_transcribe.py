@@ -101,3 +101,26 @@ def test_quality_without_transcripts_is_a_usage_error_naming_saber_transcribe(cl
   assert e.value.code == 2
   assert 'saber-transcribe' in capsys.readouterr().err
   assert not (tmp_path / 'qc').exists()
+
+
+def test_batcher_groups_waiting_clips_by_language_and_isolates_a_failing_one():
+  import concurrent.futures
+  calls = []
+
+  def run(waveforms, lang):
+    calls.append((lang, list(waveforms)))
+    if 'bad' in waveforms:
+      raise RuntimeError('cannot transcribe')
+    return [f'{lang}:{w}' for w in waveforms]
+
+  batcher = transcribe.Batcher(run, batch_size=4, linger=5.0)  # all four in one batch
+  jobs = [('a', 'en'), ('b', 'zh'), ('bad', 'en'), ('c', 'en')]
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    futures = [pool.submit(batcher.transcribe, w, lang) for w, lang in jobs]
+    results = [f.exception() or f.result() for f in futures]
+  batcher.close()
+  assert results[0] == 'en:a' and results[1] == 'zh:b' and results[3] == 'en:c'
+  assert isinstance(results[2], RuntimeError)
+  # One batch of four, split by language; the failing English group retried clip by clip.
+  assert sorted((lang, tuple(w)) for lang, w in calls) == [
+      ('en', ('a',)), ('en', ('a', 'bad', 'c')), ('en', ('bad',)), ('en', ('c',)), ('zh', ('b',))]

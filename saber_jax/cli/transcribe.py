@@ -36,7 +36,6 @@ from saber_jax.data import media
 from saber_jax.judge import runs
 
 LANGUAGES = ('clip', 'en', 'zh', 'auto')
-WHISPER_LANGUAGE = {'en': 'english', 'zh': 'chinese'}
 
 
 def model_identity(model: str):
@@ -54,7 +53,7 @@ def generate_kwargs(asr, lang: str | None) -> dict:
     return {}
   kwargs = {'task': 'transcribe'}
   if lang is not None:
-    kwargs['language'] = WHISPER_LANGUAGE[lang]
+    kwargs['language'] = lang     # Whisper takes the code ('en', 'zh') as its language
   return kwargs
 
 
