@@ -6,11 +6,7 @@ sampled responses (mode=generate writes them grouped, so k stays together):
    "prompt": "..."?, "subset": "..."?}
 `finished[i]` false marks response i as cut at max_new_tokens (no end-of-sequence): it
 is scored and may be rejected but never chosen (a pair whose winner was cut is dropped).
-Without "finished" every response counts as complete. Before any judge call each
-response is made what a preference record can hold: leading whitespace is removed (a
-decoded sample often starts with the space of its first token; the record tokenizes the
-answer right after 'assistant\\n') and an empty response is left out (never judged nor
-paired); summary.json counts both ("trimmed", "empty").
+Without "finished" every response counts as complete.
 and --annotations JSONL {"id", "annotation"} (the gold evidence of each clip). The judge
 scores every response 0-10 for logical consistency (the reasoning follows from the
 evidence it states) and evidence alignment (its evidence agrees with the gold
@@ -20,7 +16,11 @@ index tie-break), the top-2 winners are paired with the bottom-2 losers
 and a prompt whose best and worst tie, or differ by less than --min-margin, gives no
 pairs (saber_jax.metrics.select_pairs). Scores are in OUT/scores.jsonl (one line per
 response, resumable; failures in OUT/errors.jsonl); a prompt with an unscored response
-gives no pairs until a rerun scores it.
+gives no pairs until a rerun scores it. Before any judge call each
+response is made what a preference record can hold: leading whitespace is removed (a
+decoded sample often starts with the space of its first token; the record tokenizes the
+answer right after 'assistant\\n') and an empty response is left out (never judged nor
+paired); summary.json counts both ("trimmed", "empty").
 
 --strategy perturb: no judge. From --annotations ({"id", "lang", "annotation"}), the
 gold answer rendered as its SED target text (saber_jax.data.sed: visual evidence,

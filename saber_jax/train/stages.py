@@ -56,7 +56,7 @@ def train_stage(config, stage: str, record_paths, init_from: str) -> str:
     config.optim.total_steps = micro_steps // accum
   if micro_steps <= 0:
     raise UserError(f'{stage}: {records.count_records(paths)} records make no optimizer step '
-                     f'of batch {data.batch_size} x {accum} accumulation')
+                    f'of batch {data.batch_size} x {accum} accumulation')
   make = pipeline.sft_dataset if stage == 'sft' else pipeline.preference_dataset
   iterator = iter(make(model_config, data, paths, seed=config.seed))
   setup = trainer.plan(config, stage, mesh)
