@@ -38,3 +38,48 @@ def save_tiny_ctc(path: str, *, seed: int = 0, silent: bool = False) -> str:
   model.save_pretrained(path)
   Wav2Vec2Processor(feature_extractor=features, tokenizer=tokenizer).save_pretrained(path)
   return path
+
+
+def save_tiny_whisper(path: str, *, seed: int = 0) -> str:
+  """A two-layer random Whisper with a byte-level vocabulary and Whisper's special tokens
+  (<|en|>, <|zh|>, <|transcribe|>, ...), so the pipeline's language and task settings and
+  batched decoding run as with a real checkpoint."""
+  import torch
+  from transformers import (GenerationConfig, WhisperConfig, WhisperFeatureExtractor,
+                            WhisperForConditionalGeneration, WhisperProcessor,
+                            WhisperTokenizer)
+  from transformers.convert_slow_tokenizer import bytes_to_unicode
+  os.makedirs(path, exist_ok=True)
+  vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
+  specials = ['<|endoftext|>', '<|startoftranscript|>', '<|en|>', '<|zh|>', '<|translate|>',
+              '<|transcribe|>', '<|startoflm|>', '<|startofprev|>', '<|nocaptions|>',
+              '<|notimestamps|>']
+  ids = {s: len(vocab) + k for k, s in enumerate(specials)}
+  vocab.update(ids)
+  with open(os.path.join(path, 'vocab.json'), 'w') as f:
+    json.dump(vocab, f)
+  with open(os.path.join(path, 'merges.txt'), 'w') as f:
+    f.write('#version: 0.2\n')
+  end = ids['<|endoftext|>']
+  tokenizer = WhisperTokenizer(os.path.join(path, 'vocab.json'), os.path.join(path, 'merges.txt'),
+                               unk_token='<|endoftext|>', bos_token='<|endoftext|>',
+                               eos_token='<|endoftext|>', pad_token='<|endoftext|>')
+  tokenizer.add_special_tokens({'additional_special_tokens': specials[1:]})
+  config = WhisperConfig(
+      vocab_size=len(vocab), num_mel_bins=80, encoder_layers=1, decoder_layers=1,
+      encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+      decoder_ffn_dim=32, d_model=16, max_source_positions=1500, max_target_positions=64,
+      pad_token_id=end, bos_token_id=end, eos_token_id=end,
+      decoder_start_token_id=ids['<|startoftranscript|>'])
+  torch.manual_seed(seed)
+  model = WhisperForConditionalGeneration(config).eval()
+  model.generation_config = GenerationConfig(
+      decoder_start_token_id=ids['<|startoftranscript|>'], eos_token_id=end, pad_token_id=end,
+      bos_token_id=end, max_length=24, is_multilingual=True,
+      lang_to_id={'<|en|>': ids['<|en|>'], '<|zh|>': ids['<|zh|>']},
+      task_to_id={'transcribe': ids['<|transcribe|>'], 'translate': ids['<|translate|>']},
+      no_timestamps_token_id=ids['<|notimestamps|>'])
+  model.save_pretrained(path)
+  WhisperProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=80),
+                   tokenizer=tokenizer).save_pretrained(path)
+  return path

@@ -124,3 +124,25 @@ def test_batcher_groups_waiting_clips_by_language_and_isolates_a_failing_one():
   # One batch of four, split by language; the failing English group retried clip by clip.
   assert sorted((lang, tuple(w)) for lang, w in calls) == [
       ('en', ('a',)), ('en', ('a', 'bad', 'c')), ('en', ('bad',)), ('en', ('c',)), ('zh', ('b',))]
+
+
+def test_whisper_runs_batched_in_each_clips_language(clips, tmp_path):
+  import transformers
+  from asr_helpers import save_tiny_whisper
+  manifest, _, _, _ = clips
+  model = save_tiny_whisper(str(tmp_path / 'whisper'))
+  out = tmp_path / 'asr'
+  run = transcribe.main(['--manifest', manifest, '--out', str(out), '--model', model,
+                         '--batch-size', '4'])
+  assert (run.done, run.failed) == (5, 1)
+  got = {r['id']: r['transcript'] for r in read(out / 'transcripts.jsonl')}
+  asr = transformers.pipeline('automatic-speech-recognition', model=model, device='cpu')
+  base = os.path.dirname(manifest)
+  for clip in read(manifest)[:5]:
+    waveform = media.load_audio(os.path.join(base, clip.get('audio') or clip['video']))
+    alone = asr({'raw': waveform, 'sampling_rate': 16000},
+                generate_kwargs={'task': 'transcribe', 'language': clip['lang']})
+    assert got[clip['id']] == alone['text'].strip()
+  run = transcribe.main(['--manifest', manifest, '--out', str(tmp_path / 'auto'), '--model', model,
+                         '--language', 'auto'])
+  assert run.done == 5
