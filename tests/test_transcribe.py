@@ -6,7 +6,6 @@ run without transcripts."""
 import json
 import os
 
-import numpy as np
 import pytest
 
 from asr_helpers import save_tiny_ctc

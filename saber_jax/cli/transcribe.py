@@ -25,7 +25,6 @@ Needs PyTorch (`pip install -e ".[asr]"`).
 
 import argparse
 import concurrent.futures
-import json
 import os
 import queue
 import threading
