@@ -13,11 +13,12 @@ import os
 from typing import Any, Callable, Iterable
 
 from saber_jax import files
+from saber_jax.errors import UserError
 
 FILE = 'fingerprint.json'
 
 
-class Mismatch(ValueError):
+class Mismatch(UserError):
   """A rerun whose inputs or settings differ from those of the output it would resume."""
 
 

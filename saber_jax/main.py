@@ -4,7 +4,9 @@ config.mode: sft (SED fine-tuning), ref_logps (the frozen reference's log-probs 
 into the preference records), dpo (CA-DPO), pipeline (every stage in order; the demo
 config also makes its data) or generate (JSONL predictions for a record set).
 `--config.dry_run=True` compiles the step for the mesh without weights and prints its
-per-device memory.
+per-device memory. A user error (an invalid config, a refused rerun, too few records,
+missing record shards or weights) is one `error: ...` line and exit status 1; `--debug`
+shows its traceback.
 """
 
 import os
@@ -20,16 +22,19 @@ if any(a.startswith('--config.dry_run_topology=') and a.partition('=')[2] for a 
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
   os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 
-from absl import app, logging  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 import jax  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from saber_jax import configs, pipeline, sampling  # noqa: E402
+from saber_jax import configs, errors, pipeline, sampling  # noqa: E402
 from saber_jax.train import config as config_lib, dry_run, stages  # noqa: E402
 
 CONFIGS = os.path.dirname(os.path.abspath(configs.__file__))
 DEFAULT_CONFIG = os.path.join(CONFIGS, 'demo.py')
 _CONFIG = config_flags.DEFINE_config_file('config', DEFAULT_CONFIG, 'run config file')
+_DEBUG = flags.DEFINE_bool('debug', False, 'show the traceback of a user error')
+# What a user fixes by changing the input or the command; anything else is a bug.
+USER_ERRORS = (errors.UserError, FileNotFoundError)
 
 
 def with_packaged_configs(argv: list[str]) -> list[str]:
@@ -84,7 +89,16 @@ def run(config) -> None:
 
 def main(argv):
   del argv
-  config = _CONFIG.value
+  try:
+    start(_CONFIG.value)
+  except USER_ERRORS as e:
+    if _DEBUG.value:
+      raise
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+def start(config) -> None:
   config_lib.validate(config)
   logging.set_verbosity(logging.WARNING)     # Orbax logs every save step at INFO
   if config.compilation_cache:

@@ -69,7 +69,7 @@ def run_pipeline(config) -> None:
     run_tool(make_pairs, '--strategy', 'perturb', '--annotations',
              os.path.join(raw, 'annotations.jsonl'), '--out', pairs_dir, '--seed', config.seed)
   run_tool(make_preference_records, '--pairs', os.path.join(pairs_dir, 'pairs.jsonl'),
-           '--sft_records', sft_records, '--out', pref_dir)
+           '--sft-records', sft_records, '--out', pref_dir)
   dpo_config = with_overrides(config, config.pipeline.dpo)
   ref_dir = stages.stage_dir(config, 'ref_logps')
   if not _done(os.path.join(ref_dir, stages.DONE)):

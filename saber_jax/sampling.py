@@ -346,6 +346,19 @@ def _check_fingerprint(config, record_paths, init_from: str, out_path: str) -> N
   multihost_utils.sync_global_devices('generate: output checked')
 
 
+def warn_short_budget(max_new_tokens: int, paths) -> int:
+  """Warns when the records' own answers (their SED targets, EOS included) are longer
+  than `max_new_tokens`: samples of that length would be cut, and a cut sample is never
+  a chosen answer. Returns the longest answer's token count."""
+  sizes = records.load_sizes(paths)
+  longest = int(sizes[:, records.SIZE_FIELDS.index('response_tokens')].max(initial=0))
+  if longest > max_new_tokens:
+    print(f'[generate] warning: the records\' answers reach {longest} tokens but '
+          f'generate.max_new_tokens is {max_new_tokens}: answers that long will be cut '
+          f'(set it to ~{int(longest * 1.5)})', flush=True)
+  return longest
+
+
 def generate_stage(config, record_paths, init_from: str, out_path: str,
                    limit: int | None = None) -> list[dict]:
   """Responses of the model at `init_from` to the prompts of the records, in the JSONL
@@ -354,6 +367,8 @@ def generate_stage(config, record_paths, init_from: str, out_path: str,
   demo's one answer); otherwise returns []."""
   os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
   _check_fingerprint(config, record_paths, init_from, out_path)
+  if jax.process_index() == 0:
+    warn_short_budget(config.generate.max_new_tokens, datasets.resolve_paths(record_paths))
   model_config = weights.model_config_of(config)
   mesh = sharding.make_mesh(config.mesh)
   params = weights.initial_params(config, model_config, mesh, init_from)

@@ -295,3 +295,56 @@ def test_demo_data_is_deterministic_and_labels_follow_the_content(tmp_path):
               'angry': (0.19, 0.3)}
     low, high = bounds[clip['voice']]
     assert low < rms < high, (clip['voice'], rms)
+
+
+def test_held_out_clips_are_left_out_or_taken_alone(dataset, tmp_path):
+  test_set = tmp_path / 'test_set.jsonl'
+  test_set.write_text(''.join(json.dumps({'id': i, 'subset': 'consistent'}) + '\n'
+                              for i in GOOD[:2]))
+  stats = _run(dataset, tmp_path / 'train', '--exclude', str(test_set))
+  assert sorted(_record_ids(tmp_path / 'train')) == GOOD[2:]
+  # Three manifest lines: demo-0001 is listed twice.
+  assert stats['left_out'] == 3 and stats['clips'] == sum(stats['outcomes'].values())
+  # The test clips' own records, from the same manifest (a plain id list works too).
+  ids = tmp_path / 'ids.txt'
+  ids.write_text('\n'.join(GOOD[:2]) + '\n')
+  for only, out in ((test_set, 'test'), (ids, 'test_ids')):
+    stats = _run(dataset, tmp_path / out, '--only', str(only))
+    assert sorted(_record_ids(tmp_path / out)) == GOOD[:2]
+    assert stats['records'] == 2
+    # Still rejected: the lines without a readable id, demo-0001's second line.
+    assert sorted((r['id'] or '', r['reason']) for r in _rejects(tmp_path / out)) == [
+        ('', 'bad_annotation'), ('', 'bad_manifest'), ('', 'bad_manifest'),
+        ('demo-0001', 'duplicate_clip')]
+  # Another selection is another output: refused, not mixed.
+  with pytest.raises(SystemExit):
+    _run(dataset, tmp_path / 'test', '--only', str(ids))
+
+
+def test_no_record_at_all_exits_1_with_the_counts_and_reason(dataset, tmp_path, capsys):
+  manifest, labels = dataset
+  with pytest.raises(SystemExit) as e:
+    preprocess.main(['--manifest', manifest, '--annotations', labels, '--out', str(tmp_path),
+                     '--quiet', '--min-seconds', '29'])
+  assert e.value.code == 1
+  err = capsys.readouterr().err
+  assert 'wrote no record' in err and 'most frequent reason: too_short' in err
+
+
+def test_preference_records_refuse_nothing_and_count_reasons(dataset, tmp_path, capsys):
+  from saber_jax.cli import make_preference_records
+  _run(dataset, tmp_path / 'sft', '--num_shards', '2')      # the old spelling still works
+  assert '--num_shards is deprecated' in capsys.readouterr().err
+  good = 'Visual evidence: a face.\nReasoning: calm.'
+  pairs = tmp_path / 'pairs.jsonl'
+  pairs.write_text(''.join(json.dumps(p) + '\n' for p in [
+      {'id': GOOD[0], 'chosen': ' ' + good, 'rejected': good},
+      {'id': GOOD[1], 'chosen': ' ' + good, 'rejected': good},
+      {'id': 'nowhere', 'chosen': good, 'rejected': good + '!'}]))
+  args = ['--pairs', str(pairs), '--sft-records', str(tmp_path / 'sft' / 'sft')]
+  with pytest.raises(SystemExit, match=r'no record \(3 pairs rejected; most frequent reason: '
+                                       r'chosen: the response must be non-empty'):
+    make_preference_records.main(args + ['--out', str(tmp_path / 'none')])
+  pairs.write_text(json.dumps({'id': GOOD[0], 'chosen': good, 'rejected': good + '!'}) + '\n')
+  stats = make_preference_records.main(args + ['--out', str(tmp_path / 'one')])
+  assert (stats['records'], stats['rejected']) == (1, 0)

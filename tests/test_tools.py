@@ -388,8 +388,12 @@ def test_make_pairs_incomplete_prompt_waits_for_its_scores(judge_server, tmp_pat
   server = judge_server(lambda body: plan({**body, 'messages': [
       {'role': 'user', 'content': user_text(body).split('Response to grade:')[1]}]}))
   out = str(tmp_path / 'out')
-  counts = make_pairs.main(['--samples', samples, '--annotations', annotations, '--out', out,
-                            *judge_args(server, retries=0)])
+  # No pair at all: exit 1 naming the counts and why.
+  with pytest.raises(SystemExit, match='made no pair .*most frequent reason: prompts waiting '
+                                       'for a failed judge call'):
+    make_pairs.main(['--samples', samples, '--annotations', annotations, '--out', out,
+                     *judge_args(server, retries=0)])
+  counts = json.loads(open(os.path.join(out, 'summary.json')).read())
   assert (counts['incomplete'], counts['pairs']) == (1, 0)
   plan.plan['p#2'] = ['ok']
   counts = make_pairs.main(['--samples', samples, '--annotations', annotations, '--out', out,
@@ -415,6 +419,27 @@ def test_make_pairs_never_chooses_a_truncated_response(judge_server, tmp_path):
   with pytest.raises(ValueError, match="record 1: 'finished' must be a list of booleans"):
     make_pairs.main(['--samples', bad, '--annotations', annotations, '--out', str(out),
                      *judge_args(server)])
+
+
+def test_make_pairs_trims_leading_space_and_skips_empty_responses_before_judging(judge_server,
+                                                                                 tmp_path):
+  # r1 is empty (never judged), r0 and r3 start with whitespace (judged and paired trimmed).
+  samples = write_jsonl(tmp_path / 's.jsonl', [{'id': 'p', 'responses': [
+      ' [[p#0]] r', ' \n', '[[p#2]] r', '\t[[p#3]] r']}])
+  annotations = write_jsonl(tmp_path / 'a.jsonl', [{'id': 'p', 'annotation': annotation('p')}])
+  plan = Plan(lambda body, tag: json.dumps({'logical_consistency': int(tag[-1]) * 3,
+                                            'evidence_alignment': 0}), {})
+  server = judge_server(lambda body: plan({**body, 'messages': [
+      {'role': 'user', 'content': user_text(body).split('Response to grade:')[1]}]}))
+  out = tmp_path / 'out'
+  counts = make_pairs.main(['--samples', samples, '--annotations', annotations, '--out', str(out),
+                            '--pairing', 'zipped', *judge_args(server)])
+  assert (counts['trimmed'], counts['empty'], counts['judge']['done']) == (2, 1, 3)
+  assert all(user_text(r).split('Response to grade:\n')[1].startswith('[[')
+             for r in server.requests)
+  (pair,) = read(out / 'pairs.jsonl')   # r3 (9) over r0 (0); r2 is both second and second-worst
+  assert (pair['chosen'], pair['rejected']) == ('[[p#3]] r', '[[p#0]] r')
+  assert (pair['chosen_index'], pair['rejected_index']) == (3, 0)
 
 
 def _fields(a):

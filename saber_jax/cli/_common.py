@@ -3,6 +3,7 @@ the judge client from the arguments and line sharding of an input file."""
 
 import argparse
 import os
+import sys
 from typing import Iterable, Iterator
 
 from saber_jax import files, fingerprint
@@ -42,6 +43,23 @@ def add_run_args(parser: argparse.ArgumentParser, concurrency: int = 8) -> None:
                       'fresh (by default such a rerun is an error naming what differs)')
 
 
+def dashed(argv: list[str] | None, parser: argparse.ArgumentParser) -> list[str]:
+  """`argv` with the old underscore spellings of the parser's options (`--num_shards`,
+  `--sft_records=X`) replaced by its dashed ones, each with a deprecation note."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  known = set(parser._option_string_actions)
+  out = []
+  for arg in argv:
+    name, eq, value = arg.partition('=')
+    if arg.startswith('--') and '_' in name and name not in known:
+      new = name.replace('_', '-')
+      if new in known:
+        print(f'note: {name} is deprecated, spell it {new}', file=sys.stderr)
+        arg = new + eq + value
+    out.append(arg)
+  return out
+
+
 def at_least(minimum, kind=int):
   """An argparse type: `kind` values >= minimum, else a usage error naming the bound."""
   def parse(text):
@@ -79,10 +97,11 @@ def produced_by(args: argparse.Namespace, input_path: str, also: tuple[str, ...]
 
 
 def run_judged(args: argparse.Namespace, items, process, *, input_path: str, out_path: str,
-               desc: str, total: int | None = None,
-               also: tuple[str, ...] = ()) -> runs.RunSummary:
+               desc: str, total: int | None = None, also: tuple[str, ...] = (),
+               produced: dict | None = None) -> runs.RunSummary:
   """`runs.run_jobs` over the items of `input_path`, fingerprinted by `produced_by`
-  (`also`: the other arguments that change the judge's results); exits with an error
+  (`also`: the other arguments that change the judge's results; `produced`: the whole
+  fingerprint instead, for tools without a judge); exits with an error
   (status 1) before any request when an input id repeats or the output belongs to other
   inputs or settings, and after the run when every item failed."""
   try:
@@ -90,7 +109,8 @@ def run_judged(args: argparse.Namespace, items, process, *, input_path: str, out
     run = runs.run_jobs(items, process, out_path=out_path,
                         errors_path=os.path.join(args.out, 'errors.jsonl'),
                         concurrency=args.concurrency, max_items=args.max_items, total=total,
-                        desc=desc, produced_by=produced_by(args, input_path, also),
+                        desc=desc,
+                        produced_by=produced or produced_by(args, input_path, also),
                         overwrite=args.overwrite)
   except files.DuplicateId as e:
     raise SystemExit(f'error: {e}; nothing was sent to the judge') from None

@@ -242,7 +242,7 @@ def parse_args(argv=None):
   parser.add_argument('--sample-rate', type=int, default=media.SAMPLING_RATE)
   parser.add_argument('--no-audio', action='store_true', help='send frames only')
   _common.add_judge_args(parser, timeout=180.0, concurrency=4)
-  return parser.parse_args(argv)
+  return parser.parse_args(_common.dashed(argv, parser))
 
 
 def main(argv=None) -> runs.RunSummary:

@@ -11,7 +11,10 @@ by intensity are selected (ties broken by id, so reruns agree), evenly split by 
 Input: annotations JSONL (e.g. quality.py's kept.jsonl: id, lang, annotation).
 Output: OUT/judgments.jsonl (resumable; failures in OUT/errors.jsonl),
 OUT/test_set.jsonl (the input record plus "subset" and "intensity", ranked within each
-class; the reference file for `evaluate.py saber-test`), OUT/summary.json.
+class; the reference file for `evaluate.py saber-test`), OUT/test_ids.txt (its ids, one a
+line), OUT/summary.json. Keep the test clips out of training: `saber-preprocess
+--exclude OUT/test_set.jsonl` for the SFT records, `--only OUT/test_set.jsonl` for the
+test clips' own records (what mode=generate answers).
 
   saber-build-test-set --annotations qc/kept.jsonl --out saber_test/ \\
       --per-class 900 --base-url http://localhost:8000/v1 --model Qwen/Qwen2.5-72B-Instruct
@@ -54,7 +57,7 @@ def parse_args(argv=None):
   parser.add_argument('--no-balance', action='store_true',
                       help='keep every available clip of a class even when the other falls short')
   _common.add_judge_args(parser)
-  return parser.parse_args(argv)
+  return parser.parse_args(_common.dashed(argv, parser))
 
 
 def main(argv=None) -> dict:
@@ -86,6 +89,8 @@ def main(argv=None) -> dict:
       chosen[rid] = {**r, 'id': rid, 'subset': rank[rid][0], 'intensity': intensity[rid]}
   ordered = [chosen[i] for subset in metrics.SUBSETS for i in selected[subset]]
   files.write_jsonl(os.path.join(args.out, 'test_set.jsonl'), ordered)
+  files.write_text(os.path.join(args.out, 'test_ids.txt'),
+                   ''.join(f"{r['id']}\n" for r in ordered))
   summary = {**counts, 'per_class': args.per_class, 'balanced': not args.no_balance,
              'judge': {'done': run.done, 'skipped': run.skipped, 'failed': run.failed}}
   files.write_json(os.path.join(args.out, 'summary.json'), summary)

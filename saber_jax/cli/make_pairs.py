@@ -16,7 +16,11 @@ index tie-break), the top-2 winners are paired with the bottom-2 losers
 and a prompt whose best and worst tie, or differ by less than --min-margin, gives no
 pairs (saber_jax.metrics.select_pairs). Scores are in OUT/scores.jsonl (one line per
 response, resumable; failures in OUT/errors.jsonl); a prompt with an unscored response
-gives no pairs until a rerun scores it.
+gives no pairs until a rerun scores it. Before any judge call each
+response is made what a preference record can hold: leading whitespace is removed (a
+decoded sample often starts with the space of its first token; the record tokenizes the
+answer right after 'assistant\\n') and an empty response is left out (never judged nor
+paired); summary.json counts both ("trimmed", "empty").
 
 --strategy perturb: no judge. From --annotations ({"id", "lang", "annotation"}), the
 gold answer rendered as its SED target text (saber_jax.data.sed: visual evidence,
@@ -34,6 +38,7 @@ Output OUT/pairs.jsonl, one preference pair per line:
   {"id", "chosen", "rejected", "chosen_score", "rejected_score", "margin", "subset"?, ...}
 (judge: plus chosen_index / rejected_index and "prompt" when given; perturb: scores
 and margin are null, plus "perturbation" and "donor_id"), and OUT/summary.json.
+Making no pair at all exits 1 naming the counts and the most frequent reason.
 
   saber-make-pairs --samples samples.jsonl --annotations kept.jsonl --out pairs/ \\
       --base-url http://localhost:8000/v1 --model Qwen/Qwen2.5-72B-Instruct
@@ -86,6 +91,11 @@ def responses_of(record: dict, where: str) -> list[str]:
   if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
     raise ValueError(f"{where}: 'responses' must be a list of strings")
   return responses
+
+
+def normalized(response: str) -> str:
+  """A response as a preference record takes it: no leading whitespace."""
+  return response.lstrip()
 
 
 def finished_of(record: dict, where: str) -> list[bool]:
@@ -296,8 +306,9 @@ def judge_pairs(args) -> dict:
     for r in _common.sharded(files.read_jsonl(args.samples), args):
       rid = str(r['id'])
       for i, response in enumerate(r['responses']):
-        yield {'id': f'{rid}#{i}', 'record_id': rid, 'index': i, 'response': response,
-               'prompt': r.get('prompt')}
+        if normalized(response):
+          yield {'id': f'{rid}#{i}', 'record_id': rid, 'index': i,
+                 'response': normalized(response), 'prompt': r.get('prompt')}
 
   def process(item):
     annotation = references.get(item['record_id'])
@@ -315,29 +326,36 @@ def judge_pairs(args) -> dict:
     for s in files.read_jsonl(scores_path):
       scored.setdefault(str(s['record_id']), {})[int(s['index'])] = float(s['score'])
   counts = {'prompts': 0, 'incomplete': 0, 'no_pairs': 0, 'pairs': 0, 'truncated_chosen': 0,
-            'margin_mean': None,
+            'no_pairs_cut': 0, 'trimmed': 0, 'empty': 0, 'margin_mean': None,
             'judge': {'done': run.done, 'skipped': run.skipped, 'failed': run.failed}}
   margins = []
   with files.AtomicJsonlWriter(os.path.join(args.out, 'pairs.jsonl')) as writer:
     for r in _common.sharded(files.read_jsonl(args.samples), args):
-      rid, responses = str(r['id']), r['responses']
+      rid, responses = str(r['id']), [normalized(t) for t in r['responses']]
       counts['prompts'] += 1
+      counts['trimmed'] += sum(t != normalized(t) for t in r['responses'] if normalized(t))
+      usable = [i for i, t in enumerate(responses) if t]   # index among the k samples
+      counts['empty'] += len(responses) - len(usable)
       got = scored.get(rid, {})
-      if len(got) < len(responses):
+      if any(i not in got for i in usable):
         counts['incomplete'] += 1
         continue
-      scores = [got[i] for i in range(len(responses))]
-      pairs = [p for p in metrics.select_pairs(scores, pairing=args.pairing, min_margin=args.min_margin)
-               if responses[p.chosen] != responses[p.rejected]]  # identical texts teach nothing
+      scores = [got[i] for i in usable]
+      pairs = metrics.select_pairs(scores, pairing=args.pairing, min_margin=args.min_margin)
+      # Identical texts teach nothing.
+      pairs = [p for p in pairs if responses[usable[p.chosen]] != responses[usable[p.rejected]]]
       finished = r.get('finished', [True] * len(responses))
-      counts['truncated_chosen'] += sum(not finished[p.chosen] for p in pairs)
-      pairs = [p for p in pairs if finished[p.chosen]]      # a cut response is never chosen
+      counts['truncated_chosen'] += sum(not finished[usable[p.chosen]] for p in pairs)
+      candidates = pairs
+      pairs = [p for p in pairs if finished[usable[p.chosen]]]   # a cut response is never chosen
       if not pairs:
         counts['no_pairs'] += 1
+        counts['no_pairs_cut'] += bool(candidates)
       for p in pairs:
-        out = {'id': rid, 'chosen': responses[p.chosen], 'rejected': responses[p.rejected],
+        chosen, rejected = usable[p.chosen], usable[p.rejected]
+        out = {'id': rid, 'chosen': responses[chosen], 'rejected': responses[rejected],
                'chosen_score': scores[p.chosen], 'rejected_score': scores[p.rejected],
-               'margin': p.margin, 'chosen_index': p.chosen, 'rejected_index': p.rejected}
+               'margin': p.margin, 'chosen_index': chosen, 'rejected_index': rejected}
         for key in ('subset', 'prompt'):
           if key in r:
             out[key] = r[key]
@@ -362,7 +380,22 @@ def parse_args(argv=None):
                       help='perturb: kinds to build, comma-separated')
   parser.add_argument('--seed', type=int, default=0, help='perturb: seed')
   _common.add_judge_args(parser, model_required=False)   # the judge: --strategy judge only
-  return parser.parse_args(argv)
+  return parser.parse_args(_common.dashed(argv, parser))
+
+
+def why_no_pairs(counts: dict) -> str:
+  """The most frequent reason a run made no pair, from its counts."""
+  if counts['strategy'] == 'perturb':
+    reasons = {f'{kind} could not change the record': n for kind, n in counts['skipped'].items()}
+    reasons['no annotation records'] = 0 if counts['records'] else 1
+  else:
+    reasons = {'prompts waiting for a failed judge call (rerun to retry)': counts['incomplete'],
+               'prompts whose best and worst tie or differ by less than --min-margin':
+                   counts['no_pairs'] - counts['no_pairs_cut'],
+               'prompts whose better responses were all cut at max_new_tokens (raise '
+               'generate.max_new_tokens)': counts['no_pairs_cut'],
+               'no samples': 0 if counts['prompts'] else 1}
+  return max(reasons.items(), key=lambda kv: kv[1])[0]
 
 
 def main(argv=None) -> dict:
@@ -376,6 +409,10 @@ def main(argv=None) -> dict:
   counts['strategy'] = args.strategy
   files.write_json(os.path.join(args.out, 'summary.json'), counts)
   print(f"pairs={counts['pairs']}", flush=True)
+  if not counts['pairs']:
+    shown = {k: v for k, v in counts.items() if k not in ('judge', 'margin_mean', 'strategy')}
+    raise SystemExit(f'error: saber-make-pairs made no pair ({json.dumps(shown)}); most frequent '
+                     f'reason: {why_no_pairs(counts)}')
   return counts
 
 

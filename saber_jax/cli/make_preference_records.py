@@ -2,12 +2,13 @@
 prompt and media of its clip's SFT record (preprocess.py).
 
   saber-make-preference-records --pairs pairs/pairs.jsonl \
-      --sft_records records/sft --out pref/
+      --sft-records records/sft --out pref/
 
 Writes `OUT/pref-00000-of-00001.array_record` (ref log-probs empty until the reference
 pass), `OUT/rejects.jsonl` (pairs that cannot become a record, with the reason) and
 `OUT/stats.json`. A pair's `id` is its clip id; the record id is `<clip id>#<k>`.
-A finished output (stats.json present) is left alone unless --force.
+A finished output (stats.json present) is left alone unless --force. Writing no record
+at all exits 1 naming the counts and the most frequent reject reason.
 """
 
 import argparse
@@ -18,6 +19,7 @@ import os
 import tqdm
 
 from saber_jax import files
+from saber_jax.cli import _common
 from saber_jax.data import prompt, records
 
 
@@ -54,7 +56,9 @@ def make_records(pairs_path: str, sft_records: str, out: str, tokenizer) -> dict
     rejects += [{'id': f'{clip_id}#{k}', 'reason': 'no SFT record for this clip'}
                 for k in range(len(left))]
   files.write_jsonl(os.path.join(out, 'rejects.jsonl'), rejects)
-  stats = {'records': sum(made.values()), 'by_subset': dict(made), 'rejected': len(rejects)}
+  reasons = collections.Counter(r['reason'].split(': ', 2)[-1].split(',')[0] for r in rejects)
+  stats = {'records': sum(made.values()), 'by_subset': dict(made), 'rejected': len(rejects),
+           'most_frequent_reject': reasons.most_common(1)[0][0] if reasons else None}
   files.write_json(os.path.join(out, 'stats.json'), stats)   # written last: the done mark
   return stats
 
@@ -63,17 +67,22 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--pairs', required=True, help='pairs JSONL of make_pairs.py')
-  parser.add_argument('--sft_records', required=True, help='SFT shard prefix or files')
+  parser.add_argument('--sft-records', required=True, help='SFT shard prefix or files')
   parser.add_argument('--out', required=True)
   parser.add_argument('--tokenizer', default=None, help='HF tokenizer dir (default: offline Qwen)')
   parser.add_argument('--force', action='store_true')
-  args = parser.parse_args(argv)
+  args = parser.parse_args(_common.dashed(argv, parser))
   if os.path.exists(os.path.join(args.out, 'stats.json')) and not args.force:
     print(f'{args.out} is done (stats.json present); --force to rebuild')
     return
   stats = make_records(args.pairs, args.sft_records, args.out,
                        prompt.load_tokenizer(args.tokenizer))
   print(json.dumps(stats))
+  if not stats['records']:
+    raise SystemExit(f"error: saber-make-preference-records wrote no record ({stats['rejected']} "
+                     f"pairs rejected; most frequent reason: {stats['most_frequent_reject']}; see "
+                     f"{os.path.join(args.out, 'rejects.jsonl')})")
+  return stats
 
 
 if __name__ == '__main__':

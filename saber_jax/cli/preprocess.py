@@ -1,7 +1,8 @@
 """Turn clips + SABER annotations into SFT records (ArrayRecord shards) for training.
 
   saber-preprocess --manifest clips.jsonl --annotations ann.jsonl --out DIR \\
-      [--num_shards N [--shard_index I]] [--workers W] [--tokenizer PATH]
+      [--exclude test/test_set.jsonl | --only test/test_set.jsonl] \\
+      [--num-shards N [--shard-index I]] [--workers W] [--tokenizer PATH]
 
 Inputs
   --manifest: one JSON object per line, {"id", "video"?, "audio"?, "lang", "subset"?};
@@ -9,6 +10,11 @@ Inputs
     When there is no "audio" the video's own audio track is used.
   --annotations: one line per clip, {"id": ..., "annotation": {six SABER fields}}
     (or the annotator's raw JSON text), see saber_jax.data.annotation.
+  --exclude / --only: a JSONL whose lines have an "id" (saber-build-test-set's
+    test_set.jsonl) or a text file of ids, one a line. --exclude leaves those clips out
+    (the held-out test clips, so SABER-Test is never measured on training clips);
+    --only keeps just those (the test set's own records, for mode=generate). Clips left
+    out are counted in stats.json ("left_out"), not rejected.
 
 Per clip: annotation check -> probe -> filters -> audio -> log-mel -> video frames (fps 2,
 at most 40 frames, at most 50176 pixels each) -> SED prompt (the video's audio interleaved
@@ -26,7 +32,7 @@ with it, as Qwen2.5-Omni's use_audio_in_video) -> SED target -> record. Filters,
 
 Sharding: clip i goes to shard sha256(id) mod N, so the assignment does not depend on line
 order and the manifest and annotation files need not be aligned. Lines without a readable
-id are reported by shard 0. Without --shard_index every shard is run in turn; with it, only
+id are reported by shard 0. Without --shard-index every shard is run in turn; with it, only
 that one, so shards can run on separate machines and write to the same DIR.
 
 Outputs under DIR:
@@ -44,6 +50,8 @@ the temporary files and pool workers of a run killed even by SIGKILL do not outl
 OUT/fingerprint.json records the manifest and annotation files (path, size, mtime), the
 tokenizer, the filters and the shard count: a rerun with any of them changed (clips
 added to the manifest) is an error naming what differs, or starts fresh with --overwrite.
+A run that finishes every shard with no record at all exits 1 naming the counts and the
+most frequent reject reason.
 """
 
 import argparse
@@ -64,6 +72,7 @@ import traceback
 import tqdm
 
 from saber_jax import files, fingerprint
+from saber_jax.cli import _common
 from saber_jax.data import annotation as annotation_lib
 from saber_jax.data import clips
 from saber_jax.data import prompt as prompt_lib
@@ -124,26 +133,52 @@ def _manifest_entry(line: bytes, base: str, where: str) -> dict:
   return {'id': clip_id, 'lang': lang, 'subset': subset, 'where': where, **paths}
 
 
-def read_manifest(path: str, shard_index: int, num_shards: int):
-  """(entries, rejects) of this shard, entries in line order; duplicates are rejects."""
+def read_ids(path: str) -> set[str]:
+  """The ids a selection file names: a JSONL of records with an "id", or plain text, one
+  id a line."""
+  with open(path, encoding='utf-8') as f:
+    first = next((line for line in f if line.strip()), '')
+  if first.lstrip().startswith('{'):
+    return {files.record_id(r, f'{path} record {n}')
+            for n, r in enumerate(files.read_jsonl(path), 1)}
+  with open(path, encoding='utf-8') as f:
+    return {line.strip() for line in f if line.strip()}
+
+
+def selection(exclude: str | None, only: str | None):
+  """clip id -> whether this run takes the clip (--exclude / --only)."""
+  excluded = read_ids(exclude) if exclude else set()
+  kept = read_ids(only) if only else None
+  return lambda clip_id: clip_id not in excluded and (kept is None or clip_id in kept)
+
+
+def read_manifest(path: str, shard_index: int, num_shards: int, selected=lambda clip_id: True):
+  """(entries, rejects, left out) of this shard, entries in line order; duplicates are
+  rejects; clips `selected` refuses are only counted."""
   base = os.path.dirname(os.path.abspath(path))
-  entries, rejects, seen = [], [], set()
+  entries, rejects, seen, left_out = [], [], set(), 0
   for number, raw in files.raw_lines(path):   # one bad byte is one bad line
     where = f'{path}:{number}'
     try:
       entry = _manifest_entry(raw, base, where)
     except Reject as e:
-      if shard_index == 0:  # lines without a usable id are reported once, by shard 0
-        rejects.append(_reject(_loose_id(raw), e.reason, e.message))
+      loose = _loose_id(raw)
+      if loose is not None and not selected(str(loose)):
+        left_out += shard_index == 0
+      elif shard_index == 0:  # lines without a usable id are reported once, by shard 0
+        rejects.append(_reject(loose, e.reason, e.message))
       continue
     if shard_of(entry['id'], num_shards) != shard_index:
+      continue
+    if not selected(entry['id']):
+      left_out += 1
       continue
     if entry['id'] in seen:
       rejects.append(_reject(entry['id'], 'duplicate_clip', f'{where}: id already listed'))
       continue
     seen.add(entry['id'])
     entries.append(entry)
-  return entries, rejects
+  return entries, rejects, left_out
 
 
 def _loose_id(line):
@@ -154,9 +189,10 @@ def _loose_id(line):
     return None
 
 
-def read_shard_annotations(path: str, shard_index: int, num_shards: int):
-  """{id: Annotation | AnnotationError} of this shard, and rejects for duplicate lines
-  and (shard 0 only) lines whose id cannot be read."""
+def read_shard_annotations(path: str, shard_index: int, num_shards: int,
+                           selected=lambda clip_id: True):
+  """{id: Annotation | AnnotationError} of this shard's `selected` clips, and rejects for
+  duplicate lines and (shard 0 only) lines whose id cannot be read."""
   found, rejects = {}, []
   for clip_id, result in annotation_lib.read_annotations(
       path, allow_empty=annotation_lib.SILENT_CLIP_MAY_BE_EMPTY):
@@ -165,7 +201,7 @@ def read_shard_annotations(path: str, shard_index: int, num_shards: int):
         rejects.append(_reject(None, 'bad_annotation', str(result)))
       continue
     clip_id = str(clip_id)
-    if shard_of(clip_id, num_shards) != shard_index:
+    if shard_of(clip_id, num_shards) != shard_index or not selected(clip_id):
       continue
     if clip_id in found:
       source = getattr(result, 'source', None) or path
@@ -241,7 +277,7 @@ def _histogram_key(length):
 
 def new_stats(shard_index, num_shards):
   return {'shard_index': shard_index, 'num_shards': num_shards, 'clips': 0, 'records': 0,
-          'outcomes': {}, 'annotation_rejects': {}, 'rejects': 0,
+          'outcomes': {}, 'annotation_rejects': {}, 'rejects': 0, 'left_out': 0,
           'duration_seconds': _summary(),
           'tokens': {k: _summary() for k in ('prompt', 'response', 'total')},
           'total_tokens_histogram': {}}
@@ -277,9 +313,12 @@ def _ordered_map(pool, fn, jobs, window):
 def run_shard(args, shard_index, settings, pool) -> dict:
   """Processes one shard; returns its stats (also written, last, as the done marker)."""
   n = args.num_shards
-  entries, rejects = read_manifest(args.manifest, shard_index, n)
-  annotations, annotation_rejects = read_shard_annotations(args.annotations, shard_index, n)
+  selected = selection(args.exclude, args.only)
+  entries, rejects, left_out = read_manifest(args.manifest, shard_index, n, selected)
+  annotations, annotation_rejects = read_shard_annotations(args.annotations, shard_index, n,
+                                                           selected)
   stats = new_stats(shard_index, n)
+  stats['left_out'] = left_out
   stats['clips'] = len(entries) + sum(1 for r in rejects if r['reason'] in ('bad_manifest', 'duplicate_clip'))
   for r in rejects:
     _count(stats['outcomes'], r['reason'])
@@ -336,7 +375,9 @@ def claim_output(args, settings) -> None:
       'manifest': fingerprint.file_identity(args.manifest),
       'annotations': fingerprint.file_identity(args.annotations),
       'tokenizer': fingerprint.tree_identity(args.tokenizer) if args.tokenizer else 'offline',
-      'settings': dataclasses.asdict(settings), 'num_shards': args.num_shards}
+      'settings': dataclasses.asdict(settings), 'num_shards': args.num_shards,
+      **{k: fingerprint.file_identity(getattr(args, k)) for k in ('exclude', 'only')
+         if getattr(args, k)}}
 
   def clear():
     for path in _outputs(args.out):
@@ -373,8 +414,8 @@ def merge_shard_parts(out, num_shards) -> dict:
       continue
     part = files.read_json(stats_path)
     total['shards_done'].append(i)
-    for key in ('clips', 'records', 'rejects'):
-      total[key] += part[key]
+    for key in ('clips', 'records', 'rejects', 'left_out'):
+      total[key] += part.get(key, 0)
     for key in ('outcomes', 'annotation_rejects', 'total_tokens_histogram'):
       for name, count in part[key].items():
         total[key][name] = total[key].get(name, 0) + count
@@ -395,26 +436,29 @@ def main(argv=None):
   parser.add_argument('--manifest', required=True)
   parser.add_argument('--annotations', required=True)
   parser.add_argument('--out', required=True)
-  parser.add_argument('--num_shards', type=int, default=1)
-  parser.add_argument('--shard_index', type=int, default=None,
+  parser.add_argument('--exclude', help='ids to leave out (a JSONL with "id"s, e.g. the '
+                      "test set's test_set.jsonl, or one id a line)")
+  parser.add_argument('--only', help='take just these ids (same formats as --exclude)')
+  parser.add_argument('--num-shards', type=int, default=1)
+  parser.add_argument('--shard-index', type=int, default=None,
                       help='run only this shard (default: every shard in turn)')
   parser.add_argument('--workers', type=int, default=1, help='processes for the per-clip work')
   parser.add_argument('--tokenizer', default=None,
                       help='Qwen2.5-Omni tokenizer directory (default: the offline one)')
-  parser.add_argument('--min_seconds', type=float, default=Settings.min_seconds)
-  parser.add_argument('--max_seconds', type=float, default=Settings.max_seconds)
-  parser.add_argument('--min_side', type=int, default=Settings.min_side)
+  parser.add_argument('--min-seconds', type=float, default=Settings.min_seconds)
+  parser.add_argument('--max-seconds', type=float, default=Settings.max_seconds)
+  parser.add_argument('--min-side', type=int, default=Settings.min_side)
   parser.add_argument('--force', action='store_true', help='redo shards already done')
   parser.add_argument('--overwrite', action='store_true',
                       help='delete an earlier output made from other inputs or settings')
   parser.add_argument('--quiet', action='store_true', help='no progress bar')
-  args = parser.parse_args(argv)
+  args = parser.parse_args(_common.dashed(argv, parser))
   if args.num_shards < 1:
-    parser.error('--num_shards must be >= 1')
+    parser.error('--num-shards must be >= 1')
   if args.shard_index is not None and not 0 <= args.shard_index < args.num_shards:
-    parser.error(f'--shard_index must be in [0, {args.num_shards})')
-  for path in (args.manifest, args.annotations):
-    if not os.path.isfile(path):
+    parser.error(f'--shard-index must be in [0, {args.num_shards})')
+  for path in (args.manifest, args.annotations, args.exclude, args.only):
+    if path is not None and not os.path.isfile(path):
       parser.error(f'{path}: no such file')
   settings = Settings(min_seconds=args.min_seconds, max_seconds=args.max_seconds,
                       min_side=args.min_side)
@@ -445,8 +489,14 @@ def main(argv=None):
       pool.shutdown()
   total = merge_shard_parts(args.out, args.num_shards)
   if not args.quiet:
-    print(json.dumps({k: total[k] for k in ('clips', 'records', 'rejects', 'outcomes',
+    print(json.dumps({k: total[k] for k in ('clips', 'records', 'rejects', 'left_out', 'outcomes',
                                             'annotation_rejects', 'complete')}, ensure_ascii=False))
+  if total['complete'] and not total['records']:
+    reasons = {k: v for k, v in total['outcomes'].items() if k != 'ok'}
+    top = max(reasons.items(), key=lambda kv: kv[1])[0] if reasons else 'no clips selected'
+    parser.exit(1, f"error: saber-preprocess wrote no record: {total['clips']} clips, "
+                   f"{total['rejects']} rejects, {total['left_out']} left out; most frequent "
+                   f"reason: {top} (see {os.path.join(args.out, 'rejects.jsonl')})\n")
   return total
 
 

@@ -8,9 +8,11 @@
     conversational film audio, so 0.3 leaves room for both transcribers' honest
     mistakes while a wrong or hallucinated transcript -- a different sentence, half
     the speech missing -- lands far above it; on a 5-word line 0.3 allows one error).
-    The transcript comes from a `transcript` field of the record (a manifest column,
-    carried through by annotate.py) or from --transcripts JSONL {"id", "transcript"};
-    a clip with neither is dropped ("no ASR transcript").
+    The transcript comes from --transcripts JSONL {"id", "transcript"} (what
+    saber-transcribe writes) or from a `transcript` field of the record (a manifest
+    column, carried through by annotate.py); without --transcripts every record must
+    have that field (else a usage error naming saber-transcribe), and a clip in neither
+    is dropped ("no ASR transcript").
 (b) With --descriptions JSONL {"id", "description"} (an independent description of
     the clip, e.g. from another captioning model), an LLM judge decides whether it
     and the annotation are semantically consistent: {"consistent": bool, "reason": str}
@@ -21,10 +23,13 @@
 Writes OUT/kept.jsonl and OUT/dropped.jsonl (the input record plus "qc": {wer,
 wer_unit, consistent, consistency_reason} and, when dropped, "drop_reasons"), and
 OUT/summary.json. Clips whose judge call failed are in neither file until a rerun
-succeeds ("pending").
+succeeds ("pending"). Keeping no clip at all exits 1 naming the counts and the most
+frequent reason.
 
-  saber-quality --annotations ann/annotations.jsonl --out qc/ \\
-      --descriptions captions.jsonl --base-url http://localhost:8000/v1 --model Qwen/Qwen2.5-72B-Instruct
+  saber-transcribe --manifest clips.jsonl --model openai/whisper-large-v3 --out asr/
+  saber-quality --annotations ann/annotations.jsonl --transcripts asr/transcripts.jsonl \\
+      --out qc/ --descriptions captions.jsonl \\
+      --base-url http://localhost:8000/v1 --model Qwen/Qwen2.5-72B-Instruct
 """
 
 import argparse
@@ -96,12 +101,33 @@ def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--annotations', required=True, help='annotate.py output (id, lang, annotation)')
   parser.add_argument('--out', required=True, help='output folder')
-  parser.add_argument('--transcripts', help='JSONL {"id", "transcript"} from an ASR model')
+  parser.add_argument('--transcripts',
+                      help='JSONL {"id", "transcript"} from an ASR model (saber-transcribe)')
   parser.add_argument('--descriptions', help='JSONL {"id", "description"}; enables the LLM check')
   parser.add_argument('--wer-threshold', type=float, default=DEFAULT_WER_THRESHOLD,
                       help='drop when WER (en) / CER (zh) exceeds this (default %(default)s)')
   _common.add_judge_args(parser, model_required=False)   # the judge: --descriptions only
-  return parser.parse_args(argv)
+  args = parser.parse_args(_common.dashed(argv, parser))
+  if not args.transcripts:
+    missing = first_without_transcript(args.annotations)
+    if missing is not None:
+      parser.error(f'{args.annotations}: clip {missing!r} has no "transcript" field and no '
+                   '--transcripts file was given; make one with `saber-transcribe --manifest '
+                   'clips.jsonl --model openai/whisper-large-v3 --out asr/` and pass '
+                   '--transcripts asr/transcripts.jsonl')
+  return args
+
+
+def first_without_transcript(path: str) -> str | None:
+  """The id of the first record of `path` without a `transcript` field, else None."""
+  for n, r in enumerate(files.read_jsonl(path), 1):
+    if 'transcript' not in r:
+      return files.record_id(r, f'{path} record {n}')
+  return None
+
+
+def most_frequent(reasons: dict) -> str:
+  return max(reasons.items(), key=lambda kv: kv[1])[0] if reasons else 'none'
 
 
 def main(argv=None) -> dict:
@@ -159,6 +185,10 @@ def main(argv=None) -> dict:
     counts['judge'] = {'done': run.done, 'skipped': run.skipped, 'failed': run.failed}
   files.write_json(os.path.join(args.out, 'summary.json'), counts)
   print(f"kept={counts['kept']} dropped={counts['dropped']} pending={counts['pending']}", flush=True)
+  if not counts['kept']:
+    raise SystemExit(f"error: saber-quality kept no clip (dropped {counts['dropped']}, pending "
+                     f"{counts['pending']}; most frequent reason: "
+                     f"{most_frequent(counts['reasons'])}; see {args.out}/dropped.jsonl)")
   return counts
 
 

@@ -51,7 +51,7 @@ def pipeline_config() -> ml_collections.ConfigDict:
   c.log_every = 4
   c.logps_chunk_size = 128
   c.optim.weight_decay = 0.0
-  c.generate.max_new_tokens = 96
+  c.generate.max_new_tokens = 256     # the demo's SED answers: 134-160 tokens; 1.6x margin
   c.generate.batch_size = 1
   c.pipeline = ml_collections.ConfigDict(dict(
       num_clips=32,

@@ -20,6 +20,7 @@ from saber_jax.data import media, records
 from saber_jax.data.collate import length_bucket, media_buckets, vision_window
 from saber_jax.data.examples import DataConfig, data_options, num_rows, row_lengths
 from saber_jax.models.config import ThinkerConfig
+from saber_jax.errors import UserError
 
 
 def example_needs(sizes: np.ndarray, kind: str, model_config: ThinkerConfig,
@@ -127,7 +128,9 @@ class BatchPlan:
     n = len(needs['length'])
     self.steps_per_epoch = -(-n // batch_size) if reference else n // batch_size
     if not self.steps_per_epoch:
-      raise ValueError(f'{n} records are fewer than one global batch of {batch_size}')
+      raise UserError(f'{n} records are fewer than one global batch of {batch_size} '
+                      '(data.batch_size x processes): add records or lower '
+                      '--config.data.batch_size')
     self._orders = {}   # epoch -> its order; the current and the previous epoch
 
   def _key(self) -> np.ndarray:

@@ -14,6 +14,7 @@ import numpy as np
 
 from saber_jax import losses
 from saber_jax.data import examples
+from saber_jax.errors import UserError
 from saber_jax.models import layers
 from saber_jax.train import optim, steps
 
@@ -67,9 +68,11 @@ def base_config() -> ml_collections.ConfigDict:
   # mode=generate: responses to the prompts of `records` (JSONL predictions in workdir);
   # num_samples 10 at temperature 0.8 gives the samples CA-DPO pairs are judged from.
   # batch_size: prompts per process and batch; window_batches: prompts are sorted by size
-  # within windows of this many batches (saber_jax/sampling.py).
+  # within windows of this many batches (saber_jax/sampling.py). max_new_tokens must cover
+  # the SFT answers (a cut sample is never a chosen answer): 1024 is 1.7x the 600-token
+  # answers planned for; the generate stage warns when the records' answers are longer.
   c.generate = ml_collections.ConfigDict(dict(
-      records='', batch_size=8, max_new_tokens=512, temperature=0.0, top_p=1.0, top_k=0,
+      records='', batch_size=8, max_new_tokens=1024, temperature=0.0, top_p=1.0, top_k=0,
       num_samples=1, tokenizer='', window_batches=32))
 
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3))
@@ -299,4 +302,4 @@ def validate(config) -> None:
   need(g.top_k >= 0, 'generate.top_k', '>= 0 (0: off)')
   need(g.num_samples >= 1, 'generate.num_samples', '>= 1')
   if problems:
-    raise ValueError('invalid config:\n  ' + '\n  '.join(problems))
+    raise UserError('invalid config:\n  ' + '\n  '.join(problems))

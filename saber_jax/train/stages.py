@@ -8,15 +8,17 @@ filled into `ref_logps/`.
 
 import copy
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from saber_jax import files, sharding, weights
+from saber_jax import files, fingerprint, sharding, weights
 from saber_jax.batch import FILL, PAIR_INDEX
 from saber_jax.data import datasets, records
+from saber_jax.errors import UserError
 from saber_jax.train import steps, trainer
 
 
@@ -49,8 +51,8 @@ def train_stage(config, stage: str, record_paths, init_from: str) -> str:
                    * config.data.num_epochs) // accum * accum
     config.optim.total_steps = micro_steps // accum
   if micro_steps <= 0:
-    raise ValueError(f'{stage}: {records.count_records(paths)} records make no optimizer step '
-                     f'of batch {data.batch_size} x {accum} accumulation')
+    raise UserError(f'{stage}: {records.count_records(paths)} records make no optimizer step '
+                    f'of batch {data.batch_size} x {accum} accumulation')
   setup = trainer.plan(config, stage, mesh)    # after total_steps: the schedule reads it
   make = datasets.sft_dataset if stage == 'sft' else datasets.preference_dataset
   iterator = iter(make(setup.model_config, data, paths, seed=config.seed))
@@ -64,16 +66,40 @@ def train_stage(config, stage: str, record_paths, init_from: str) -> str:
   return final
 
 
+def claim_ref_output(config, out: str, paths, init_from: str | None) -> None:
+  """The reference pass's output belongs to its records and weights (`fingerprint.json`
+  as a training stage's): a rerun from other weights or records is an error naming what
+  differs, or, with `config.overwrite`, the old output is deleted first."""
+  produced_by = {'stage': 'ref_logps', 'records': fingerprint.files_identity(paths),
+                 **weights.weights_identity(config, init_from),
+                 'data': trainer.data_identity(config)}
+  outputs = [os.path.join(out, name) for name in os.listdir(out)
+             if name != fingerprint.FILE] if os.path.isdir(out) else []
+
+  def clear():
+    for path in outputs:
+      shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    print(f'[ref_logps] config.overwrite: deleted the earlier output in {out}', flush=True)
+
+  fingerprint.ensure(os.path.join(out, fingerprint.FILE), produced_by,
+                     has_output=bool(outputs), overwrite=config.get('overwrite', False),
+                     clear=clear, overwrite_hint='--config.overwrite=True',
+                     writer=jax.process_index() == 0)
+  multihost_utils.sync_global_devices('ref_logps output claimed')
+
+
 def ref_logps_stage(config, record_paths, init_from: str) -> str:
   """The frozen reference's summed response log-probs of every pair, written into a copy
   of the preference records; returns their directory."""
   mesh = sharding.make_mesh(config.mesh)
   model_config = weights.model_config_of(config)
+  paths = datasets.resolve_paths(record_paths)
+  out = stage_dir(config, 'ref_logps')
+  claim_ref_output(config, out, paths, init_from)
   params = weights.initial_params(config, model_config, mesh, init_from)
   logps_fn = jax.jit(sharding.on_mesh(lambda params, batch: jnp.stack(steps.pair_logps(
       params, batch, model_config=model_config, chunk_size=config.logps_chunk_size), axis=-1),
       mesh))
-  paths = datasets.resolve_paths(record_paths)
   values = {}
   for batch in datasets.reference_batches(model_config, data_config(config, mesh), paths):
     pair_index = batch.pop(PAIR_INDEX)
@@ -86,7 +112,6 @@ def ref_logps_stage(config, record_paths, init_from: str) -> str:
     for index, (chosen, rejected), real in zip(pair_index, logps, mask):
       if index >= 0 and real:
         values[int(index)] = (float(chosen), float(rejected))
-  out = stage_dir(config, 'ref_logps')
   if jax.process_index() == 0:
     os.makedirs(out, exist_ok=True)
     counts = records.fill_reference_logps(paths, values, key='index', out_dir=out,

@@ -113,21 +113,26 @@ def final_params(setup: Setup, lora_config) -> dict:
                                                                                s.frozen)
 
 
+def data_identity(config) -> dict:
+  """The data settings that change a stage's result (not how fast it is read)."""
+  runtime_only = ('worker_count', 'worker_buffer_size', 'read_threads', 'prefetch',
+                  'num_data_shards', 'batch_size')
+  return {**{k: v for k, v in config.data.items() if k not in runtime_only},
+          'global_batch_size': config.data.batch_size * jax.process_count()}
+
+
 def claim_workdir(config, workdir: str, stage: str, record_paths, init_from: str | None):
   """Checks a stage's workdir belongs to this run (`fingerprint.json`: the records, the
   start weights and every setting that changes the result); a mismatch is an error naming
   what differs, or, with `config.overwrite`, the old stage is deleted and starts fresh."""
   c = config
-  runtime_only = ('worker_count', 'worker_buffer_size', 'read_threads', 'prefetch',
-                  'num_data_shards', 'batch_size')
   produced_by = {
       'stage': stage, 'records': fingerprint.files_identity(record_paths),
       **weights.weights_identity(c, init_from), 'trainable': c.trainable,
       'lora': weights.lora_config_of(c),
       'optim': c.optim, 'dpo': c.dpo if stage == 'dpo' else None, 'seed': c.seed,
       'nonfinite': c.nonfinite,
-      'data': {**{k: v for k, v in c.data.items() if k not in runtime_only},
-               'global_batch_size': c.data.batch_size * jax.process_count()}}
+      'data': data_identity(c)}
   checkpoints, final = os.path.join(workdir, 'checkpoints'), os.path.join(workdir, 'final')
   has_output = any(os.path.exists(p) and os.listdir(p) for p in (checkpoints, final))
 
