@@ -3,6 +3,7 @@
   saber-convert-hf to-params --hf Qwen2.5-Omni-7B/ --out params/ [--dtype bfloat16]
   saber-convert-hf to-hf --params workdir/sft/final --out hf_out/ [--prefix thinker.]
   saber-convert-hf to-hf --params workdir/dpo/final --base Qwen2.5-Omni-7B/ --out omni_out/
+  saber-convert-hf to-peft --params workdir/sft/final --out adapter/ [--base-model NAME]
 
 `to-params` writes an Orbax params directory (what `--config.init_from` and the stages
 read); `to-hf` writes safetensors + config.json that
@@ -10,7 +11,9 @@ read); `to-hf` writes safetensors + config.json that
 exported merged). With `--base` (the full Qwen2.5-Omni checkpoint the run started from)
 it writes the complete model `Qwen2_5OmniForConditionalGeneration.from_pretrained` and
 `vllm serve` load: the run's thinker, the base's talker, token2wav, config, speakers,
-tokenizer and processor files; streamed, about one shard in host memory.
+tokenizer and processor files; streamed, about one shard in host memory. `to-peft`
+writes the adapter a LoRA stage keeps in `final/adapter/` as a PEFT adapter
+(adapter_config.json + adapter_model.safetensors) for the thinker the run started from.
 """
 
 import argparse
@@ -20,7 +23,7 @@ import jax
 
 from saber_jax import convert
 from saber_jax.models import abstract_params
-from saber_jax.train import checkpoint
+from saber_jax.train import adapters, checkpoint
 
 
 def main(argv=None):
@@ -39,10 +42,17 @@ def main(argv=None):
                      'token2wav, config and tokenizer files complete the export')
   to_hf.add_argument('--dtype', help='cast the thinker tensors (default: as stored)')
   to_hf.add_argument('--max-shard-gb', type=float, default=4.0)
+  to_peft = sub.add_parser('to-peft', help="a LoRA stage's adapter -> PEFT adapter directory")
+  to_peft.add_argument('--params', required=True, help='final/ of a stage run with trainable=lora')
+  to_peft.add_argument('--out', required=True, help='PEFT adapter directory to write')
+  to_peft.add_argument('--base-model', help='base_model_name_or_path (default: the init_from '
+                       'the run started from)')
   args = parser.parse_args(argv)
   if args.command == 'to-params':
     config, params = convert.load_hf(args.hf, args.dtype, progress=True)
     checkpoint.save_params(args.out, params, config)
+  elif args.command == 'to-peft':
+    adapters.stage_adapter_to_peft(args.params, args.out, args.base_model)
   elif args.base:
     if args.prefix not in ('', 'thinker.'):
       parser.error('--prefix does not apply with --base: the full model names the thinker '

@@ -46,6 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.lora = ml_collections.ConfigDict(dict(
       rank=8, alpha=32.0, targets=(r'^text/.*(q_proj|k_proj|v_proj|o_proj)/kernel$',
                                    r'^text/.*(gate_proj|up_proj|down_proj)/kernel$')))
+  c.init_lora = ''             # a PEFT adapter directory a LoRA stage starts from
 
   c.optim = optim.default_config()
   c.optim.total_steps = 0     # 0: epochs x batches per epoch of the training data
@@ -235,6 +236,8 @@ def validate(config) -> None:
        'optim.grad_accum_steps', 'an integer >= 1')
   need(config.lora.rank >= 1, 'lora.rank', '>= 1')
   need(config.lora.alpha > 0, 'lora.alpha', '> 0')
+  need(not config.get('init_lora') or config.trainable == 'lora', 'init_lora',
+       "'' unless trainable='lora' (a PEFT adapter starts a LoRA stage)")
   need(config.dpo.beta > 0, 'dpo.beta', '> 0')
   need(0 <= config.dpo.label_smoothing < 0.5, 'dpo.label_smoothing', 'in [0, 0.5)')
   need(config.dpo.get('sft_weight', 0.0) >= 0, 'dpo.sft_weight', '>= 0')

@@ -19,7 +19,7 @@ from saber_jax import convert, fingerprint, flops, sharding
 from saber_jax.data import pipeline, sed
 from saber_jax.models.config import ThinkerConfig
 from saber_jax.models.thinker import abstract_params, init_params
-from saber_jax.train import checkpoint, lora, optim, steps
+from saber_jax.train import adapters, checkpoint, lora, optim, steps
 from saber_jax.train.log import MetricLogger
 
 
@@ -103,7 +103,8 @@ def plan(config, stage: str, mesh: Mesh) -> Setup:
 
 def materialize(setup: Setup, config, init_from: str | None) -> Setup:
   """The initial state on the mesh: params from `init_from` (or random), fresh LoRA
-  factors and optimizer state, each created directly on its sharding."""
+  factors (or those of the PEFT adapter `config.init_lora`) and optimizer state, each
+  created directly on its sharding."""
   params = initial_params(config, setup.model_config, setup.mesh, init_from)
   shardings = setup.state_shardings
   lora_params = None
@@ -112,6 +113,10 @@ def materialize(setup: Setup, config, init_from: str | None) -> Setup:
         lambda p, key: lora.init_lora(key, p, rank=config.lora.rank,
                                       targets=tuple(config.lora.targets)),
         out_shardings=shardings.trainable['lora'])(params, jax.random.key(config.seed + 1))
+    if config.get('init_lora'):         # a PEFT adapter to start from
+      lora_params = jax.device_put(
+          adapters.load_peft(config.init_lora, lora_params, rank=config.lora.rank,
+                             alpha=config.lora.alpha), shardings.trainable['lora'])
   trainable, frozen = steps.split_params(params, config.trainable, lora_params)
   opt_state = jax.jit(setup.optimizer.init, out_shardings=shardings.opt_state)(trainable)
   state = steps.TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), shardings.step),
@@ -154,6 +159,7 @@ def claim_workdir(config, workdir: str, stage: str, record_paths, init_from: str
       'stage': stage, 'records': fingerprint.files_identity(record_paths),
       **weights_identity(c, init_from), 'trainable': c.trainable,
       'lora': c.lora if c.trainable == 'lora' else None,
+      **({'init_lora': fingerprint.tree_identity(c.init_lora)} if c.get('init_lora') else {}),
       'optim': c.optim, 'dpo': c.dpo if stage == 'dpo' else None, 'seed': c.seed,
       'nonfinite': c.nonfinite,
       'data': {**{k: v for k, v in c.data.items() if k not in runtime_only},
