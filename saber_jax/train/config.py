@@ -70,6 +70,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3))
   c.log_every = 10
+  # Weights & Biases beside TensorBoard (the `wandb` extra): off while project is ''.
+  # mode: '' (wandb's default / WANDB_MODE), 'online', 'offline' or 'disabled'.
+  c.wandb = ml_collections.ConfigDict(dict(project='', entity='', name='', mode=''))
   c.nonfinite = 'stop'        # stop | skip: what a non-finite loss or gradient does
   c.logps_chunk_size = 512    # sequence positions per chunk of the vocabulary projection
   return c
@@ -257,6 +260,8 @@ def validate(config) -> None:
   need(config.checkpoint.every_steps >= 1, 'checkpoint.every_steps', '>= 1')
   need(config.checkpoint.keep >= 1, 'checkpoint.keep', '>= 1')
   need(config.log_every >= 1, 'log_every', '>= 1')
+  need(config.wandb.mode in ('', 'online', 'offline', 'disabled'), 'wandb.mode',
+       "'', 'online', 'offline' or 'disabled'")
   need(config.logps_chunk_size >= 1, 'logps_chunk_size', '>= 1')
   need(config.dry_run_seq_len >= 1, 'dry_run_seq_len', '>= 1')
   need(g.batch_size >= 1, 'generate.batch_size', '>= 1')

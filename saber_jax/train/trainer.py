@@ -197,7 +197,8 @@ def train(config, setup: Setup, batches: Iterator[dict], data_iterator, workdir:
   elif jax.process_index() == 0:
     print(f'[{stage}] resumed from step {int(jax.device_get(state.step))}', flush=True)
   step = int(jax.device_get(state.step))
-  logger = MetricLogger(config.workdir, stage, total_steps, start_step=step)
+  logger = MetricLogger(config.workdir, stage, total_steps, start_step=step,
+                        wandb=config.get('wandb'), run_config=config.to_dict())
   schedule = optim.learning_rate_schedule(config.optim)
   pending = []     # (step, device metrics, host work counts) not yet fetched
 
