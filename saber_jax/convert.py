@@ -401,7 +401,7 @@ def write_shards(path: str, tensors: Iterable[tuple[str, np.ndarray]], max_shard
   return weight_map
 
 
-# --- the full Omni model: the run's thinker beside the base checkpoint's talker and token2wav ---
+# --- the full Omni model: the run's thinker beside the base's talker and token2wav ---
 
 def save_full_hf(config: ThinkerConfig, leaf, base: str, path: str, *,
                  max_shard_bytes: int = 4 << 30, dtype: str | None = None,

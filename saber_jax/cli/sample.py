@@ -272,7 +272,8 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   g = parser.add_argument_group('server (any OpenAI-compatible chat-completions endpoint)')
-  g.add_argument('--base-url', default=os.environ.get('OPENAI_BASE_URL', 'http://localhost:8000/v1'),
+  g.add_argument('--base-url',
+                 default=os.environ.get('OPENAI_BASE_URL', 'http://localhost:8000/v1'),
                  help='server URL ending in /v1; the key comes from $OPENAI_API_KEY, else "EMPTY"')
   g.add_argument('--model', required=True, help='model name the server serves')
   g.add_argument('--timeout', type=_common.positive(float), default=600.0,

@@ -70,7 +70,8 @@ def load_adapter(path: str, config: ThinkerConfig) -> tuple[dict, dict]:
 # --- PEFT's format ---
 
 def _module_template(tower: str, kernel_path: str) -> str:
-  """'text', 'layers/self_attn/q_proj/kernel' -> 'model.language_model.layers.{layer}.self_attn.q_proj'."""
+  """('text', 'layers/self_attn/q_proj/kernel') ->
+  'model.language_model.layers.{layer}.self_attn.q_proj'."""
   for pattern, path, _ in convert.TOWER_RULES[tower]:
     if path == kernel_path:
       template = convert._name_template(pattern).removesuffix('.weight')
