@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import ml_dtypes
 import numpy as np
+import psutil
 
 from saber_jax import convert
 from saber_jax.models import abstract_params
@@ -71,11 +72,27 @@ def main():
     del params
     print(f'[{args.layout}] wrote params and base in {time.time() - start:.0f} s', flush=True)
     start = time.time()
-    subprocess.run([sys.executable, '-m', 'saber_jax.cli.convert_hf', 'to-hf', '--params',
-                    os.path.join(args.dir, 'params'), '--base', os.path.join(args.dir, 'base'),
-                    '--out', os.path.join(args.dir, 'out'), '--max-shard-gb',
-                    str(args.max_shard_gb)], check=True, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+    child = subprocess.Popen(
+        [sys.executable, '-m', 'saber_jax.cli.convert_hf', 'to-hf', '--params',
+         os.path.join(args.dir, 'params'), '--base', os.path.join(args.dir, 'base'),
+         '--out', os.path.join(args.dir, 'out'), '--max-shard-gb', str(args.max_shard_gb)],
+        env=dict(os.environ, JAX_PLATFORMS='cpu'), stderr=subprocess.DEVNULL)
+    timeline = []          # (seconds, resident GiB, of which file-backed GiB) every 0.5 s
+    process = psutil.Process(child.pid)
+    while child.poll() is None:
+      try:
+        info = process.memory_info()
+        timeline.append((round(time.time() - start, 1), round(info.rss / 2**30, 2),
+                         round(info.shared / 2**30, 2)))
+      except psutil.NoSuchProcess:
+        break
+      time.sleep(0.5)
+    if child.returncode:
+      raise SystemExit(f'the export failed ({child.returncode})')
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    top = max(timeline, key=lambda t: t[1])
+    print(f'[{args.layout}] resident at its peak sample: {top[1]} GiB, {top[2]} GiB of it '
+          f'file-backed (memory-mapped base shards) at {top[0]} s', flush=True)
     out = os.path.join(args.dir, 'out')
     total = sum(os.path.getsize(os.path.join(out, n)) for n in os.listdir(out)
                 if n.endswith('.safetensors'))

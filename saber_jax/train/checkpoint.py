@@ -148,7 +148,7 @@ def params_leaf_reader(path: str, abstract_params):
       restored = checkpointer.restore(directory, args=ocp.args.PyTreeRestore(
           item=item, restore_args=restore_args, partial_restore=True))
     value = flax.traverse_util.flatten_dict(restored, sep='/')[key]
-    if not np.isfinite(value).all():
+    if not all(np.isfinite(part).all() for part in (value if value.ndim > 1 else [value])):
       raise ValueError(f'{path}: param {key} holds non-finite values (NaN or inf)')
     return value
   return leaf
