@@ -414,10 +414,11 @@ def save_full_hf(config: ThinkerConfig, leaf, base: str, path: str, *,
   processor, chat template, generation config) copied.
 
   Streamed: base tensors are memory-mapped and written shard by shard, thinker params read
-  one leaf at a time, so the host holds about one shard and one layer stack. The thinker
-  tensors written must be exactly those of `base` (by name), or nothing is replaced. The
-  export is atomic like `save_hf`'s. `dtype` casts the thinker tensors (None: as stored).
-  Returns the weight map.
+  one leaf at a time, so the host holds about one shard and one layer stack (twice, while
+  Orbax decodes it). The thinker tensors written must be exactly those of `base` (by name),
+  or nothing is replaced. The export is atomic like `save_hf`'s. The thinker tensors are
+  cast to `dtype` (None: the dtype of `base`'s thinker tensors, e.g. bf16 for the released
+  models, whatever the params' storage dtype). Returns the weight map.
   """
   base = os.fspath(base)
   base_config_path = os.path.join(base, 'config.json')
@@ -437,12 +438,13 @@ def save_full_hf(config: ThinkerConfig, leaf, base: str, path: str, *,
         base_others.append((file, name))
       else:
         base_thinker[routed] = name
+        dtype = dtype or array.dtype
   written = []
 
   def thinker():
     for name, array in streamed_hf_tensors(leaf, 'thinker.'):
       written.append(name)
-      yield name, array if dtype is None else array.astype(dtype)
+      yield name, array if array.dtype == dtype else array.astype(dtype)
 
   def others():
     opened = {}

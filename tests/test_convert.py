@@ -1,6 +1,7 @@
 """Checkpoint conversion: HF -> params -> HF round trips, hub layout, errors, sharded loading,
 and the 7B parameter count."""
 
+import copy
 import dataclasses
 import json
 import os
@@ -296,3 +297,24 @@ def test_full_export_refuses_params_that_do_not_fit_the_base(full_base, tmp_path
   with pytest.raises(ValueError, match=rf'{thinker_only}/config.json: not a full Qwen2.5-Omni'):
     convert.save_full_hf(config, convert.params_leaf(params), str(thinker_only),
                          str(tmp_path / 'o'))
+
+
+def test_full_export_writes_the_thinker_in_the_bases_dtype(full_base, tmp_path):
+  """A bf16 release as the base and fp32 params: the export's thinker is bf16 (what the
+  base's config and a server expect), the rest copied as is; --dtype overrides."""
+  model, base = full_base
+  base16 = tmp_path / 'base16'
+  copy.deepcopy(model).to(torch.bfloat16).save_pretrained(base16)
+  (base16 / 'spk_dict.pt').write_bytes((base / 'spk_dict.pt').read_bytes())
+  config, params = convert.load_hf(str(base))                       # fp32 params
+  convert.save_full_hf(config, convert.params_leaf(params), str(base16), str(tmp_path / 'o'))
+  exported = dict(convert.read_safetensors(str(tmp_path / 'o' / 'model.safetensors')))
+  assert {a.dtype.name for a in exported.values()} == {'bfloat16'}
+  want = dict(convert.hf_tensors(params, 'thinker.'))
+  name = 'thinker.model.layers.1.mlp.up_proj.weight'
+  np.testing.assert_array_equal(exported[name], want[name].astype('bfloat16'))
+  convert.save_full_hf(config, convert.params_leaf(params), str(base16), str(tmp_path / 'o'),
+                       dtype='float32')
+  exported = dict(convert.read_safetensors(str(tmp_path / 'o' / 'model.safetensors')))
+  np.testing.assert_array_equal(exported[name], want[name])
+  assert exported['talker.codec_head.weight'].dtype.name == 'bfloat16'
