@@ -107,7 +107,9 @@ def parse_prompt(tokens, tokenizer) -> list[dict]:
     while j < len(body):
       if body[j] in (ids.vision_bos, ids.audio_bos):
         close = ids.vision_eos if body[j] == ids.vision_bos else ids.audio_eos
-        k = body.index(close, j) if close in body[j:] else len(body)
+        if close not in body[j:]:
+          raise ValueError(f'the media block at token {i + 1 + j} is not closed')
+        k = body.index(close, j)
         if text:
           content.append({'type': 'text', 'text': tokenizer.decode(text)})
           text = []
