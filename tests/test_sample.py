@@ -54,6 +54,10 @@ def _lines(path):
   return [json.loads(line) for line in open(path)]
 
 
+def _errors(out):
+  return _lines(out / 'errors.jsonl') if (out / 'errors.jsonl').exists() else []
+
+
 def test_requests_carry_the_clip_and_render_to_the_records_prompt(dataset, tmp_path,
                                                                   judge_server):
   manifest, labels, prefix = dataset
@@ -65,9 +69,8 @@ def test_requests_carry_the_clip_and_render_to_the_records_prompt(dataset, tmp_p
   base = os.path.dirname(manifest)
   by_video = {open(os.path.join(base, c['video']), 'rb').read(): c['id'] for c in clips.values()}
   recs = {r['id']: r for r in records.iter_records(records.shard_paths(prefix))}
-  separate = {i for i, c in clips.items() if 'audio' in c}
-  assert len(separate) == 1 and len(recs) == 4
-  assert len(server.requests) == 3
+  separate, = [i for i, c in clips.items() if 'audio' in c]
+  assert len(recs) == 4 and len(server.requests) == 4
   proc = th.hf_processor()
   for body in server.requests:
     assert (body['model'], body['n'], body['temperature'], body['max_tokens']) == (
@@ -77,33 +80,41 @@ def test_requests_carry_the_clip_and_render_to_the_records_prompt(dataset, tmp_p
     video, = [p for m in body['messages'] if isinstance(m['content'], list)
               for p in m['content'] if p['type'] == 'video_url']
     head, data = video['video_url']['url'].split(',', 1)
-    assert head == 'data:video/mp4;base64'
-    rid = by_video[base64.b64decode(data)]
+    sent = tmp_path / 'sent'
+    sent.write_bytes(base64.b64decode(data))
+    if head == 'data:video/x-matroska;base64':   # the silent video with its wav muxed in
+      rid = separate
+      np.testing.assert_array_equal(media.load_video(str(sent))[0], media.load_video(
+          os.path.join(base, clips[rid]['video']))[0])
+    else:
+      assert head == 'data:video/mp4;base64'
+      rid = by_video[sent.read_bytes()]
     record = recs[rid]
-    # The server's view of the messages, through the Omni chat template and processor,
-    # with the clip's own audio track: exactly the record's prompt tokens.
+    # The server's view: the messages through the Omni chat template and processor, with
+    # the audio track of the video it got: exactly the record's prompt tokens.
     rendered = proc.apply_chat_template(sample.template_messages(body['messages']),
                                         tokenize=False, add_generation_prompt=True)
-    waveform = media.load_audio(os.path.join(base, clips[rid]['video']))
+    waveform = media.load_audio(str(sent))
     out = proc(text=rendered, videos=[record['frames']], audio=[waveform],
                audio_from_video_indices=[0], load_audio_from_video=True,
                videos_kwargs={'fps': record['video_fps']})
     np.testing.assert_array_equal(np.asarray(out['input_ids'][0]), sample.prompt_tokens(record))
+    if rid == separate:   # the muxed track is the wav, to the sample (16-bit PCM)
+      np.testing.assert_allclose(waveform, media.load_audio(
+          os.path.join(base, clips[rid]['audio'])), atol=1 / 32767)
 
   lines = _lines(tmp_path / 'predictions.jsonl')
-  assert sorted(line['id'] for line in lines) == sorted(set(recs) - separate)
+  assert sorted(line['id'] for line in lines) == sorted(recs)
+  tok = prompt.load_tokenizer()
   for line in lines:
     assert list(line) == ['id', 'response', 'responses', 'finished', 'num_tokens', 'logprob']
     assert [r.split(' of ')[0] for r in line['responses']] == [f'sample-{i}' for i in range(N)]
     assert line['response'] == line['responses'][0]
     assert line['finished'] == [True] * (N - 1) + [False]
     assert line['logprob'] == [-0.5 * (i + 1) for i in range(N)]
-    tok = prompt.load_tokenizer()
     assert line['num_tokens'] == [len(tok.encode(r, add_special_tokens=False))
                                   for r in line['responses']]
-  error, = _lines(tmp_path / 'errors.jsonl')
-  assert error['id'] in separate and error['kind'] == 'unsupported'
-  assert 'separate file' in error['message']
+  assert not _errors(tmp_path)
 
   # Resumable: a rerun asks only for what is missing.
   kept = lines[1:]
@@ -111,7 +122,7 @@ def test_requests_carry_the_clip_and_render_to_the_records_prompt(dataset, tmp_p
     f.writelines(json.dumps(line) + '\n' for line in kept)
     f.write('{"id": "torn')                                 # a kill mid-write
   sample.main(_sample_args(server, tmp_path, dataset))
-  assert len(server.requests) == 4
+  assert len(server.requests) == 5
   again = _lines(tmp_path / 'predictions.jsonl')
   assert sorted(line['id'] for line in again) == sorted(line['id'] for line in lines)
   # Other sampling settings on the same output: refused, naming what differs.
@@ -135,12 +146,14 @@ def test_server_failures_go_to_errors_and_are_retried(dataset, tmp_path, judge_s
   failing = judge_server(lambda body: Reply(status=400, error='model not loaded'))
   with pytest.raises(SystemExit, match='every record failed'):
     sample.main(_sample_args(failing, tmp_path, dataset, '--max-retries', '0'))
-  kinds = {e['kind'] for e in _lines(tmp_path / 'errors.jsonl')}
-  assert kinds == {'http_error', 'unsupported'}
+  errors = _lines(tmp_path / 'errors.jsonl')
+  assert len(errors) == 4 and {e['kind'] for e in errors} == {'http_error'}
+  assert 'model not loaded' in errors[0]['message']
   counter = iter(range(1000))
   working = judge_server(lambda body: Reply(body=_completion(body, next(counter))))
   sample.main(_sample_args(working, tmp_path, dataset, '--max-retries', '0'))
-  assert len(_lines(tmp_path / 'predictions.jsonl')) == 3
+  assert len(_lines(tmp_path / 'predictions.jsonl')) == 4
+  assert not _errors(tmp_path)
 
 
 def test_prompt_without_generation_prompt_or_system_turn_is_refused():

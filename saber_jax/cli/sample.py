@@ -24,9 +24,10 @@ clip: the server must compute features from a clip itself. So video and audio ar
 source files the --manifest (saber-preprocess's: {"id", "video"?, "audio"?}) names,
 sent as base64 data URLs (`video_url`, and `input_audio` WAV, decoded to 16 kHz mono when
 the file is not a WAV); a video block holding audio tokens (the video's own track,
-interleaved) sets `mm_processor_kwargs.use_audio_in_video` as vLLM's Qwen2.5-Omni expects
-(such a clip whose manifest names a separate audio file is refused: the request can carry
-the video's own track only; mux the two into one file).
+interleaved) sets `mm_processor_kwargs.use_audio_in_video` as vLLM's Qwen2.5-Omni expects;
+when the manifest names a separate audio file for such a clip, it is muxed into the video
+first (Matroska, the video stream copied, the audio as 16 kHz PCM: no re-encoding loss,
+no padding).
 Images are stored whole in the record and sent as PNG. A record whose media the manifest
 lacks is an error line, not a guess.
 
@@ -159,6 +160,28 @@ def _wav_base64(path: str) -> str:
   return base64.b64encode(buffer.getvalue()).decode()
 
 
+def _muxed_url(video_path: str, audio_path: str) -> str:
+  """A Matroska data URL of the video's stream (copied) with the audio file as its track:
+  16-bit PCM, 16 kHz mono as saber-preprocess decodes it, so the server's audio has the
+  record's length to the sample (AAC in MP4 would pad it)."""
+  import av
+  from saber_jax.data import media
+  samples = (np.clip(media.load_audio(audio_path), -1, 1) * 32767).astype(np.int16)
+  buffer = io.BytesIO()
+  with av.open(video_path) as source, av.open(buffer, 'w', format='matroska') as out:
+    video = out.add_stream_from_template(source.streams.video[0])
+    audio = out.add_stream('pcm_s16le', rate=media.SAMPLING_RATE, layout='mono')
+    for packet in source.demux(source.streams.video[0]):
+      if packet.dts is not None:
+        packet.stream = video
+        out.mux(packet)
+    frame = av.AudioFrame.from_ndarray(samples[None], format='s16', layout='mono')
+    frame.rate = media.SAMPLING_RATE
+    for packet in [*audio.encode(frame), *audio.encode(None)]:
+      out.mux(packet)
+  return f'data:video/x-matroska;base64,{base64.b64encode(buffer.getvalue()).decode()}'
+
+
 def _png_url(image: np.ndarray) -> str:
   from PIL import Image
   buffer = io.BytesIO()
@@ -192,13 +215,14 @@ def request_messages(record: dict, clip: dict | None, tokenizer) -> tuple[list[d
       if not os.path.exists(source):
         raise runs.ItemError('no_media', f'record {rid!r}: {kind} file {source} not found')
       if kind == 'video':
-        if part['audio_in_video'] and (clip or {}).get('audio'):
-          # The server takes the interleaved audio from the video file's own track.
-          raise runs.ItemError('unsupported', f'record {rid!r}: its audio is interleaved with '
-                               f'the video but is the separate file {clip["audio"]}; a request '
-                               'carries the video\'s own track only (mux them into one file)')
         in_video |= part['audio_in_video']
-        parts.append({'type': 'video_url', 'video_url': {'url': _data_url(source, 'video/mp4')}})
+        separate = part['audio_in_video'] and (clip or {}).get('audio')
+        if separate and not os.path.exists(separate):
+          raise runs.ItemError('no_media', f'record {rid!r}: audio file {separate} not found')
+        # The server takes interleaved audio from the video file's own track: a separate
+        # audio file is muxed in first.
+        url = _muxed_url(source, separate) if separate else _data_url(source, 'video/mp4')
+        parts.append({'type': 'video_url', 'video_url': {'url': url}})
       else:
         parts.append({'type': 'input_audio',
                       'input_audio': {'data': _wav_base64(source), 'format': 'wav'}})
