@@ -9,10 +9,12 @@ final shape (placed on their sharding when a mesh is given), so a 7B is never he
 """
 
 import functools
+import itertools
 import json
 import math
 import os
 import re
+import shutil
 from typing import Iterable, Iterator, Sequence
 
 import flax.linen as nn
@@ -287,13 +289,18 @@ def _name_template(pattern: str) -> str:
 
 def hf_tensors(params: dict, prefix: str = '') -> Iterator[tuple[str, np.ndarray]]:
   """(checkpoint name, torch-layout array) of every tensor, one layer at a time."""
+  return streamed_hf_tensors(params_leaf(params), prefix)
+
+
+def streamed_hf_tensors(leaf, prefix: str = '') -> Iterator[tuple[str, np.ndarray]]:
+  """`hf_tensors` of params read one leaf at a time: `leaf(tower, path)` gives the array
+  at '/'-joined `path` inside `tower`'s params, or None when the model has none (e.g. no
+  lm_head when tied to the embedding). Only that leaf and the layer being yielded are held."""
   for tower, rules in TOWER_RULES.items():
     for pattern, path, perm in rules:
-      value = params[tower]
-      for key in path.split('/'):
-        value = value.get(key) if isinstance(value, dict) else None
+      value = leaf(tower, path)
       if value is None:
-        continue                       # e.g. no lm_head when tied to the embedding
+        continue
       template = _name_template(pattern)
       hf_prefix = '' if template.startswith('lm_head.') else _HF_PREFIX[tower]
       inverse = None if perm is None else tuple(np.argsort(perm))
@@ -302,6 +309,7 @@ def hf_tensors(params: dict, prefix: str = '') -> Iterator[tuple[str, np.ndarray
         array = np.asarray(value if layer is None else value[layer])
         yield (prefix + hf_prefix + template.format(layer=layer),
                array if inverse is None else np.ascontiguousarray(np.transpose(array, inverse)))
+      del value
 
 
 def save_hf(config: ThinkerConfig, params: dict, path: str, *, prefix: str = '',
@@ -310,13 +318,13 @@ def save_hf(config: ThinkerConfig, params: dict, path: str, *, prefix: str = '',
   (`Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained`). `prefix='thinker.'` gives
   the hub's layout. Files above `max_shard_bytes` are split, with an index.
 
-  An earlier export in `path` is replaced whole: the new one is written to a sibling
-  temporary directory that then takes the folder's place, so no stale shard or index is
-  left beside the new weights and a killed export leaves the old one intact. Files there
-  that are not weights or config (a tokenizer, a README) are carried over."""
-  files.replace_dir(path, lambda tmp: _write_hf(config, params, tmp, prefix, max_shard_bytes,
-                                                progress),
-                    carry_over=lambda name: not _is_export_file(name))
+  An earlier export in `path` is replaced whole (`files.replace_dir`): no stale shard or
+  index is left beside the new weights and a killed export leaves the old one intact. Files
+  there that are not weights or config (a tokenizer, a README) are carried over."""
+  def write(tmp):
+    files.write_json(os.path.join(tmp, 'config.json'), config.to_hf())
+    write_shards(tmp, hf_tensors(params, prefix), max_shard_bytes, progress)
+  files.replace_dir(path, write, carry_over=lambda name: not _is_export_file(name))
 
 
 def _is_export_file(name: str) -> bool:
@@ -324,25 +332,142 @@ def _is_export_file(name: str) -> bool:
           or (name.startswith('pytorch_model') and name.endswith(('.bin', '.bin.index.json'))))
 
 
-def _write_hf(config, params, path, prefix, max_shard_bytes, progress):
-  files.write_json(os.path.join(path, 'config.json'), config.to_hf())
-  shards, current, size = [], {}, 0
-  for name, array in tqdm.tqdm(hf_tensors(params, prefix), desc='saving', unit=' tensors',
-                               disable=not progress):
+def write_shards(path: str, tensors: Iterable[tuple[str, np.ndarray]], max_shard_bytes: int,
+                 progress: bool = False) -> dict[str, str]:
+  """Write (name, array) pairs as `model.safetensors`, or as `model-0000i-of-0000n` shards of
+  at most `max_shard_bytes` (a bigger tensor gets a shard of its own) with the hub's
+  `model.safetensors.index.json`. Each shard is written as soon as it is full, so the host
+  holds one shard at a time. Returns the weight map (tensor name -> file)."""
+  parts, current, size, total = [], {}, 0, 0
+  names = set()
+
+  def flush():
+    part = os.path.join(path, f'part-{len(parts):05d}.safetensors')
+    write_safetensors(part, current)
+    parts.append((part, list(current)))
+
+  for name, array in tqdm.tqdm(tensors, desc='saving', unit=' tensors', disable=not progress):
+    if name in names:
+      raise ValueError(f'tensor {name!r} is written twice')
+    names.add(name)
     if current and size + array.nbytes > max_shard_bytes:
-      shards.append(current)
+      flush()
       current, size = {}, 0
     current[name] = array
     size += array.nbytes
-  shards.append(current)
-  if len(shards) == 1:
-    write_safetensors(os.path.join(path, 'model.safetensors'), shards[0])
-    return
+    total += array.nbytes
+  flush()
+  current = None
+  if len(parts) == 1:
+    os.replace(parts[0][0], os.path.join(path, 'model.safetensors'))
+    return dict.fromkeys(parts[0][1], 'model.safetensors')
   weight_map = {}
-  for i, shard in enumerate(shards):
-    file = f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors'
-    write_safetensors(os.path.join(path, file), shard)
-    weight_map.update(dict.fromkeys(shard, file))
-  total = sum(a.nbytes for shard in shards for a in shard.values())
+  for i, (part, shard_names) in enumerate(parts):
+    file = f'model-{i + 1:05d}-of-{len(parts):05d}.safetensors'
+    os.replace(part, os.path.join(path, file))
+    weight_map.update(dict.fromkeys(shard_names, file))
   files.write_json(os.path.join(path, 'model.safetensors.index.json'),
                    dict(metadata=dict(total_size=total), weight_map=weight_map))
+  return weight_map
+
+
+# --- the full Omni model: the run's thinker beside the base's talker and token2wav ---
+
+def save_full_hf(config: ThinkerConfig, leaf, base: str, path: str, *,
+                 max_shard_bytes: int = 4 << 30, dtype: str | None = None,
+                 progress: bool = False) -> dict[str, str]:
+  """A complete Qwen2.5-Omni checkpoint (`Qwen2_5OmniForConditionalGeneration`) in `path`:
+  the thinker from `leaf` (`streamed_hf_tensors`' reader; `params_leaf(params)` for params
+  in memory) under `thinker.`, the talker and token2wav tensors of the full checkpoint
+  `base` copied as they are, `base`'s config with the thinker part changed only where
+  `config` differs from it, and every other file of `base` (spk_dict.pt, tokenizer,
+  processor, chat template, generation config) copied.
+
+  Streamed: base tensors are memory-mapped and written shard by shard, thinker params read
+  one leaf at a time, so the host holds about one shard and one layer stack (twice, while
+  Orbax decodes it). The thinker tensors written must be exactly those of `base` (by name),
+  or nothing is replaced. The export is atomic like `save_hf`'s. The thinker tensors are
+  cast to `dtype` (None: the dtype of `base`'s thinker tensors, e.g. bf16 for the released
+  models, whatever the params' storage dtype). Returns the weight map.
+  """
+  base = os.fspath(base)
+  base_config_path = os.path.join(base, 'config.json')
+  if not os.path.exists(base_config_path):
+    raise FileNotFoundError(f'--base {base}: no config.json (expected a full Qwen2.5-Omni '
+                            'checkpoint directory)')
+  with open(base_config_path) as f:
+    base_config = json.load(f)
+  if 'thinker_config' not in base_config or 'talker_config' not in base_config:
+    raise ValueError(f'{base_config_path}: not a full Qwen2.5-Omni config (no thinker_config '
+                     f'and talker_config; model_type {base_config.get("model_type")!r})')
+  base_thinker, base_others = {}, []
+  for file in checkpoint_files(base):
+    for name, array in read_safetensors(file):
+      routed = route(name)
+      if routed is None:
+        base_others.append((file, name))
+      else:
+        base_thinker[routed] = name
+        dtype = dtype or array.dtype
+  written = []
+
+  def thinker():
+    for name, array in streamed_hf_tensors(leaf, 'thinker.'):
+      written.append(name)
+      yield name, array if array.dtype == dtype else array.astype(dtype)
+
+  def others():
+    opened = {}
+    for file, name in base_others:
+      if file not in opened:
+        opened.clear()             # one memory-mapped file at a time
+        opened[file] = dict(read_safetensors(file))
+      yield name, opened[file][name]
+
+  def write(tmp):
+    files.write_json(os.path.join(tmp, 'config.json'), full_config(base_config, config))
+    weight_map = write_shards(tmp, itertools.chain(thinker(), others()), max_shard_bytes,
+                              progress)
+    ours = {route(name): name for name in written}
+    missing = sorted(base_thinker[k] for k in set(base_thinker) - set(ours))
+    extra = sorted(ours[k] for k in set(ours) - set(base_thinker))
+    if missing or extra:
+      raise ValueError(f'the params do not fit --base {base}: tensors of the base the params '
+                       f'lack: {missing[:8]}; tensors the base lacks: {extra[:8]}')
+    for name in os.listdir(base):
+      if not _is_export_file(name) and not name.startswith('.'):
+        source = os.path.join(base, name)
+        copy = shutil.copytree if os.path.isdir(source) else shutil.copy2
+        copy(source, os.path.join(tmp, name))
+    return weight_map
+
+  result = {}
+  files.replace_dir(path, lambda tmp: result.update(write(tmp)))
+  return result
+
+
+def params_leaf(params: dict):
+  """A `streamed_hf_tensors` reader of params held in memory."""
+  def leaf(tower, path):
+    value = params[tower]
+    for key in path.split('/'):
+      value = value.get(key) if isinstance(value, dict) else None
+    return value
+  return leaf
+
+
+def full_config(base_config: dict, config: ThinkerConfig) -> dict:
+  """`base_config` (a full Omni config.json) with its thinker_config changed only where
+  `config` differs from what `base_config` says, so fields we do not model stay as they are."""
+  merged = json.loads(json.dumps(base_config))
+  before = ThinkerConfig.from_hf(base_config).to_hf()
+
+  def update(target, old, new):
+    for key, value in new.items():
+      if isinstance(value, dict):
+        sub = target.setdefault(key, {})
+        update(sub, old.get(key) or {}, value)
+      elif old.get(key) != value:
+        target[key] = value
+  update(merged['thinker_config'], before, config.to_hf())
+  return merged

@@ -132,7 +132,7 @@ def replace_dir(path: Path, fill: Callable[[str], None],
       os.replace(tmp, path)
       return
     for name in os.listdir(path):
-      if carry_over(name):
+      if carry_over(name) and not os.path.exists(os.path.join(tmp, name)):
         source = os.path.join(path, name)
         copy = shutil.copytree if os.path.isdir(source) else shutil.copy2
         copy(source, os.path.join(tmp, name))

@@ -15,7 +15,9 @@ import dataclasses
 import os
 
 import flax.linen as nn
+import flax.traverse_util
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
@@ -89,3 +91,26 @@ def load_params(path: str, abstract):
   if bad:
     raise ValueError(f'{path}: params {bad} hold non-finite values (NaN or inf)')
   return params
+
+
+def params_leaf_reader(path: str, abstract_params):
+  """A `convert.streamed_hf_tensors` reader of the params saved by `save_params`: each call
+  restores one leaf (a whole layer stack) into host memory, so an export holds one leaf at a
+  time instead of the model. `abstract_params` (unboxed) names the leaves there are."""
+  directory = os.path.join(os.path.abspath(path), 'params')
+  flat = flax.traverse_util.flatten_dict(abstract_params, sep='/')
+
+  def leaf(tower: str, inner: str):
+    key = f'{tower}/{inner}'
+    if key not in flat:
+      return None
+    item = flax.traverse_util.unflatten_dict({key: flat[key]}, sep='/')
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    with ocp.PyTreeCheckpointer() as checkpointer:
+      restored = checkpointer.restore(directory, args=ocp.args.PyTreeRestore(
+          item=item, restore_args=restore_args, partial_restore=True))
+    value = flax.traverse_util.flatten_dict(restored, sep='/')[key]
+    if not all(np.isfinite(part).all() for part in (value if value.ndim > 1 else [value])):
+      raise ValueError(f'{path}: param {key} holds non-finite values (NaN or inf)')
+    return value
+  return leaf

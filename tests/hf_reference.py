@@ -48,6 +48,36 @@ def tiny_hf_model(seed=0, **config_kwargs) -> Qwen2_5OmniThinkerForConditionalGe
   return model
 
 
+def tiny_full_hf_model(seed=0):
+  """A tiny random full Qwen2.5-Omni (the tiny thinker above, a 2-layer talker and a
+  2-block token2wav), every weight perturbed: the base of full-model exports."""
+  from transformers import Qwen2_5OmniConfig, Qwen2_5OmniForConditionalGeneration
+  talker = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=8, embedding_size=64,
+                rope_parameters=dict(rope_type='default', rope_theta=1e6, mrope_section=[1, 1, 2]),
+                audio_token_index=AUD, image_token_index=IMG, video_token_index=VID,
+                audio_start_token_id=A_BOS, audio_end_token_id=A_EOS,
+                vision_start_token_id=V_BOS, vision_end_token_id=V_EOS,
+                tts_codec_start_token_id=60, tts_codec_end_token_id=61,
+                tts_codec_pad_token_id=62, tts_codec_mask_token_id=63,
+                tts_text_start_token_id=10, tts_text_end_token_id=11, tts_text_pad_token_id=12)
+  token2wav = dict(
+      dit_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, ff_mult=2,
+                      emb_dim=16, head_dim=16, num_embeds=64, mel_dim=16, enc_emb_dim=16,
+                      enc_dim=16, enc_channels=[16, 16, 16, 16, 32], enc_attention_channels=8,
+                      enc_se_channels=8, look_ahead_layers=[1], look_backward_layers=[0]),
+      bigvgan_config=dict(mel_dim=16, upsample_initial_channel=16, upsample_rates=[2, 2],
+                          upsample_kernel_sizes=[4, 4]))
+  config = Qwen2_5OmniConfig(thinker_config=tiny_hf_config().to_dict(), talker_config=talker,
+                             token2wav_config=token2wav)
+  torch.manual_seed(seed)
+  model = Qwen2_5OmniForConditionalGeneration(config).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(torch.randn_like(p) * 0.05)
+  return model
+
+
 # Row descriptions: a list of segments, each one of
 #   ('text', n)                            n random text tokens
 #   ('audio', frames)                      an audio block of a clip with `frames` mel frames

@@ -28,6 +28,7 @@ class Reply:
   delay: float = 0.0           # seconds to wait before answering
   headers: dict = dataclasses.field(default_factory=dict)
   error: str = 'scripted error'
+  body: dict | None = None     # a whole completion body (several choices, logprobs), if given
 
 
 def user_text(body: dict) -> str:
@@ -109,7 +110,8 @@ class JudgeServer:
           while time.monotonic() < deadline and not server._stopped.is_set():
             time.sleep(0.01)
           if reply.status == 200:
-            self._send(200, completion_body(reply.content, body.get('model', ''), n), reply.headers)
+            self._send(200, reply.body or completion_body(reply.content, body.get('model', ''), n),
+                       reply.headers)
           else:
             self._send(reply.status, {'error': {'message': reply.error, 'type': 'scripted',
                                                 'param': None, 'code': None}}, reply.headers)

@@ -1,6 +1,8 @@
 """Checkpoint conversion: HF -> params -> HF round trips, hub layout, errors, sharded loading,
 and the 7B parameter count."""
 
+import copy
+import dataclasses
 import json
 import os
 
@@ -8,10 +10,11 @@ import jax
 import numpy as np
 import pytest
 import torch
-from transformers import (Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration)
+from transformers import (Qwen2_5OmniForConditionalGeneration, Qwen2_5OmniThinkerConfig,
+                          Qwen2_5OmniThinkerForConditionalGeneration)
 
-from hf_reference import hf_logits, make_batch, tiny_hf_model
-from saber_jax import convert, sharding
+from hf_reference import hf_logits, make_batch, tiny_full_hf_model, tiny_hf_model
+from saber_jax import convert, sharding, weights
 from saber_jax.models import ThinkerConfig, abstract_params, thinker_logits
 
 BATCH_ROWS = [[('text', 2), ('video+audio', (3, 6, 6), 1.0, 235), ('text', 2),
@@ -196,3 +199,121 @@ def test_convert_tool_round_trips_through_orbax_params(hf_checkpoint, batch, tmp
       str(tmp_path / 'hf'), attn_implementation='eager').eval()
   np.testing.assert_allclose(hf_logits(reloaded, batch), hf_logits(model, batch), atol=1e-6,
                              rtol=0)
+
+
+@pytest.fixture(scope='module')
+def full_base(tmp_path_factory):
+  """A full Omni checkpoint as the hub ships one: weights, config, speakers, tokenizer files."""
+  model = tiny_full_hf_model(seed=2)
+  path = tmp_path_factory.mktemp('omni')
+  model.save_pretrained(path)
+  torch.save({'Chelsie': {'cond': torch.randn(4), 'ref_mel': torch.randn(3, 16)}},
+             path / 'spk_dict.pt')
+  for name in ('tokenizer_config.json', 'preprocessor_config.json', 'chat_template.json'):
+    (path / name).write_text(json.dumps({'from': 'base', 'name': name}))
+  return model, path
+
+
+def test_full_export_with_base_loads_as_the_whole_omni_model(full_base, batch, tmp_path):
+  """to-params -> (train: here, a changed layer) -> to-hf --base: transformers loads the
+  complete model, no tensor missing or extra; the thinker is the params', the talker and
+  token2wav are the base's, and the base's other files come along."""
+  from saber_jax.cli import convert_hf as tool
+  base_model, base = full_base
+  tool.main(['to-params', '--hf', str(base), '--out', str(tmp_path / 'params')])
+  config = weights.params_config(str(tmp_path / 'params'))
+  params = weights.load_params(str(tmp_path / 'params'),
+                                  jax.tree.map(np.asarray, convert.load_hf(str(base))[1]))
+  params['text']['layers']['mlp']['up_proj']['kernel'] *= 1.5     # the "trained" thinker
+  weights.save_params(str(tmp_path / 'trained'), params, config)
+  out = tmp_path / 'out'
+  tool.main(['to-hf', '--params', str(tmp_path / 'trained'), '--base', str(base),
+             '--out', str(out), '--max-shard-gb', str(150_000 / 2**30)])
+  index = json.loads((out / 'model.safetensors.index.json').read_text())
+  assert len(set(index['weight_map'].values())) > 2
+  for name in ('spk_dict.pt', 'tokenizer_config.json', 'preprocessor_config.json',
+               'chat_template.json', 'generation_config.json'):
+    assert (out / name).read_bytes() == (base / name).read_bytes(), name
+  assert json.loads((out / 'config.json').read_text()) == json.loads(
+      (base / 'config.json').read_text())          # same architecture: the base's config
+  exported = {}
+  for file in convert.checkpoint_files(str(out)):
+    exported.update(convert.read_safetensors(file))
+  base_names = set()
+  for file in convert.checkpoint_files(str(base)):
+    base_names.update(name for name, _ in convert.read_safetensors(file))
+  assert set(exported) == base_names
+
+  model = Qwen2_5OmniForConditionalGeneration.from_pretrained(
+      str(out), attn_implementation='eager').eval()
+  state = model.state_dict()
+  # transformers 5 names the thinker's modules differently from the files (it maps them on
+  # load): compare by the tower each name routes to.
+  canonical = lambda name: convert.route(name) or name
+  assert len(state) == len(exported)
+  assert {canonical(n) for n in state} == {canonical(n) for n in exported}  # none missing/extra
+  by_key = {canonical(n): v for n, v in exported.items()}
+  for name, value in state.items():                 # ... and nothing left at its random init
+    np.testing.assert_array_equal(value.numpy(), by_key[canonical(name)], err_msg=name)
+  base_state = base_model.state_dict()
+  for name in state:
+    if not name.startswith('thinker.'):
+      torch.testing.assert_close(state[name], base_state[name], rtol=0, atol=0)
+  assert 'Chelsie' in model.speaker_map
+  want = np.asarray(thinker_logits(config, params, batch))
+  np.testing.assert_allclose(hf_logits(model.thinker, batch), want, atol=2e-5, rtol=0)
+  assert np.abs(hf_logits(base_model.thinker, batch) - want).max() > 1e-3
+
+
+def test_full_export_config_changes_only_what_the_params_change(full_base):
+  _, base = full_base
+  base_config = json.loads((base / 'config.json').read_text())
+  config = ThinkerConfig.from_hf(base_config)
+  assert convert.full_config(base_config, config) == base_config
+  changed = dataclasses.replace(config, seconds_per_chunk=3, text=dataclasses.replace(
+      config.text, rope_theta=5e5))
+  merged = convert.full_config(base_config, changed)
+  assert merged['thinker_config']['seconds_per_chunk'] == 3
+  assert merged['thinker_config']['text_config']['rope_parameters']['rope_theta'] == 5e5
+  assert ThinkerConfig.from_hf(merged) == changed
+  merged['thinker_config']['seconds_per_chunk'] = base_config['thinker_config']['seconds_per_chunk']
+  merged['thinker_config']['text_config']['rope_parameters'] = (
+      base_config['thinker_config']['text_config']['rope_parameters'])
+  assert merged == base_config
+
+
+def test_full_export_refuses_params_that_do_not_fit_the_base(full_base, tmp_path):
+  _, base = full_base
+  config, params = convert.load_hf(str(base))
+  del params['vision']['merger']
+  with pytest.raises(ValueError, match=r'tensors of the base the params lack: '
+                                       r"\['thinker.visual.merger"):
+    convert.save_full_hf(config, convert.params_leaf(params), str(base), str(tmp_path / 'o'))
+  assert not (tmp_path / 'o').exists()
+  thinker_only = tmp_path / 'thinker_only'
+  thinker_only.mkdir()
+  (thinker_only / 'config.json').write_text(json.dumps(config.to_hf()))
+  with pytest.raises(ValueError, match=rf'{thinker_only}/config.json: not a full Qwen2.5-Omni'):
+    convert.save_full_hf(config, convert.params_leaf(params), str(thinker_only),
+                         str(tmp_path / 'o'))
+
+
+def test_full_export_writes_the_thinker_in_the_bases_dtype(full_base, tmp_path):
+  """A bf16 release as the base and fp32 params: the export's thinker is bf16 (what the
+  base's config and a server expect), the rest copied as is; --dtype overrides."""
+  model, base = full_base
+  base16 = tmp_path / 'base16'
+  copy.deepcopy(model).to(torch.bfloat16).save_pretrained(base16)
+  (base16 / 'spk_dict.pt').write_bytes((base / 'spk_dict.pt').read_bytes())
+  config, params = convert.load_hf(str(base))                       # fp32 params
+  convert.save_full_hf(config, convert.params_leaf(params), str(base16), str(tmp_path / 'o'))
+  exported = dict(convert.read_safetensors(str(tmp_path / 'o' / 'model.safetensors')))
+  assert {a.dtype.name for a in exported.values()} == {'bfloat16'}
+  want = dict(convert.hf_tensors(params, 'thinker.'))
+  name = 'thinker.model.layers.1.mlp.up_proj.weight'
+  np.testing.assert_array_equal(exported[name], want[name].astype('bfloat16'))
+  convert.save_full_hf(config, convert.params_leaf(params), str(base16), str(tmp_path / 'o'),
+                       dtype='float32')
+  exported = dict(convert.read_safetensors(str(tmp_path / 'o' / 'model.safetensors')))
+  np.testing.assert_array_equal(exported[name], want[name])
+  assert exported['talker.codec_head.weight'].dtype.name == 'bfloat16'

@@ -48,3 +48,71 @@ def test_fills_are_the_window_ratios_of_real_to_padded_positions(tmp_path, capsy
   logger.add({'loss': 1.0}, tokens=10, model_flops=1e9, fill=(4, 4, 1, 2))   # a new window
   assert logger.write(3, {})['data/text_fill'] == 1.0
   logger.close()
+
+
+def _wandb_history(run_file) -> tuple[list[dict], bool]:
+  """The `history` records of an offline W&B run file, and whether its `exit` record is
+  there yet: W&B's record log (a 7-byte header, then 32 KiB blocks of
+  [crc32c:4][length:2][type:1][data] chunks: 1 full, 2 first, 3 middle, 4 last) of `Record`
+  protobufs."""
+  from wandb.proto import wandb_internal_pb2
+  data, pos, block = run_file.read_bytes(), 7, 32768
+  assert data[:4] == b':W&B'
+  history, pending, finished = [], b'', False
+  while pos + 7 <= len(data):
+    if block - pos % block < 7:            # a block's tail too short for a chunk header
+      pos += block - pos % block
+      continue
+    length, kind = int.from_bytes(data[pos + 4:pos + 6], 'little'), data[pos + 6]
+    pending += data[pos + 7:pos + 7 + length]
+    pos += 7 + length
+    if kind in (1, 4):
+      record = wandb_internal_pb2.Record()
+      record.ParseFromString(pending)
+      pending = b''
+      if record.WhichOneof('record_type') == 'history':
+        history.append({item.key or '/'.join(item.nested_key): json.loads(item.value_json)
+                        for item in record.history.item})
+      finished |= record.WhichOneof('record_type') == 'exit'
+  return history, finished
+
+
+def test_wandb_offline_run_holds_the_metrics_of_metrics_jsonl(tmp_path, monkeypatch, capsys):
+  import ml_collections
+  monkeypatch.setenv('WANDB_MODE', 'offline')
+  monkeypatch.setenv('WANDB_SILENT', 'true')
+  settings = ml_collections.ConfigDict(dict(project='saber-test', entity='', name='', mode=''))
+  logger = MetricLogger(str(tmp_path), 'sft', total_steps=4, wandb=settings,
+                        run_config={'optim': {'lr': 0.1}})
+  for step, loss in ((1, 2.0), (2, 1.5)):
+    logger.add({'loss': loss, 'accuracy': loss / 4}, tokens=10, model_flops=1e9,
+               fill=(3, 4, 1, 2))
+    logger.write(step, {'lr': 0.1 * step})
+  logger.close()
+  run_id = (tmp_path / 'wandb' / 'sft.id').read_text().strip()
+  run_file, = (tmp_path / 'wandb').glob(f'offline-run-*-{run_id}/run-{run_id}.wandb')
+  # wandb-core (its own process) may still be flushing the file after `finish()` returns.
+  deadline = time.time() + 60
+  while not (read := _wandb_history(run_file))[1] and time.time() < deadline:
+    time.sleep(0.2)
+  history, _ = read
+  lines = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
+  assert len(history) == len(lines) == 2, (run_file.stat().st_size, history)
+  for logged, line in zip(history, lines):
+    assert logged['_step'] == line['step']
+    metrics = {k: v for k, v in logged.items() if not k.startswith('_')}
+    assert metrics == {f'sft/{k}': v for k, v in line.items() if k not in ('stage', 'step')}
+
+  # A resumed stage continues the same run (its id is kept in the workdir).
+  logger = MetricLogger(str(tmp_path), 'sft', total_steps=4, start_step=2, wandb=settings)
+  assert logger.wandb.run.id == run_id
+  logger.close()
+
+
+def test_wandb_is_off_without_a_project(tmp_path):
+  import ml_collections
+  settings = ml_collections.ConfigDict(dict(project='', entity='', name='', mode='offline'))
+  logger = MetricLogger(str(tmp_path), 'sft', total_steps=1, wandb=settings)
+  assert logger.wandb is None
+  logger.close()
+  assert not (tmp_path / 'wandb').exists()

@@ -52,6 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.lora = ml_collections.ConfigDict(dict(
       rank=8, alpha=32.0, targets=(r'^text/.*(q_proj|k_proj|v_proj|o_proj)/kernel$',
                                    r'^text/.*(gate_proj|up_proj|down_proj)/kernel$')))
+  c.init_lora = ''             # a PEFT adapter directory a LoRA stage starts from
 
   c.optim = optim.default_config()
   c.optim.total_steps = 0     # 0: epochs x batches per epoch of the training data
@@ -77,6 +78,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3))
   c.log_every = 10
+  # Weights & Biases beside TensorBoard (the `wandb` extra): off while project is ''.
+  # mode: '' (wandb's default / WANDB_MODE), 'online', 'offline' or 'disabled'.
+  c.wandb = ml_collections.ConfigDict(dict(project='', entity='', name='', mode=''))
   c.nonfinite = 'stop'        # stop | skip: what a non-finite loss or gradient does
   c.logps_chunk_size = 512    # sequence positions per chunk of the vocabulary projection
   return c
@@ -274,6 +278,8 @@ def validate(config) -> None:
        'optim.grad_accum_steps', 'an integer >= 1')
   need(config.lora.rank >= 1, 'lora.rank', '>= 1')
   need(config.lora.alpha > 0, 'lora.alpha', '> 0')
+  need(not config.get('init_lora') or config.trainable == 'lora', 'init_lora',
+       "'' unless trainable='lora' (a PEFT adapter starts a LoRA stage)")
   need(config.dpo.beta > 0, 'dpo.beta', '> 0')
   need(0 <= config.dpo.label_smoothing < 0.5, 'dpo.label_smoothing', 'in [0, 0.5)')
   need(config.dpo.get('sft_weight', 0.0) >= 0, 'dpo.sft_weight', '>= 0')
@@ -293,6 +299,8 @@ def validate(config) -> None:
   need(config.checkpoint.every_steps >= 1, 'checkpoint.every_steps', '>= 1')
   need(config.checkpoint.keep >= 1, 'checkpoint.keep', '>= 1')
   need(config.log_every >= 1, 'log_every', '>= 1')
+  need(config.wandb.mode in ('', 'online', 'offline', 'disabled'), 'wandb.mode',
+       "'', 'online', 'offline' or 'disabled'")
   need(config.logps_chunk_size >= 1, 'logps_chunk_size', '>= 1')
   need(config.dry_run_seq_len >= 1, 'dry_run_seq_len', '>= 1')
   need(g.batch_size >= 1, 'generate.batch_size', '>= 1')

@@ -7,11 +7,16 @@ and the throughput over those steps: trained tokens per second, model FLOP/s per
 With the batch plan's fill counts, also `data/text_fill` (real / padded text positions)
 and `data/media_fill` (real / padded audio + vision positions) of those steps' global
 batches; model FLOPs ignore padding, so MFU stays honest.
+
+With `config.wandb.project` set (the `wandb` extra), the same records also go to a Weights &
+Biases run, one per stage, whose id is kept in `workdir/wandb/<stage>.id` so a resumed stage
+continues it (`mode='offline'` writes the run under `workdir/wandb/` for `wandb sync`).
 """
 
 import json
 import os
 import time
+import uuid
 
 import jax
 import numpy as np
@@ -46,12 +51,52 @@ def _after(line: str, stage: str, step: int) -> bool:
   return record.get('stage') == stage and record.get('step', 0) > step
 
 
+def _numeric(record: dict) -> dict:
+  return {k: v for k, v in record.items()
+          if isinstance(v, (int, float)) and not isinstance(v, bool) and k != 'step'}
+
+
+class WandbWriter:
+  """One stage's metrics as a W&B run (`settings`: config.wandb: project, entity, name,
+  mode), keyed `<stage>/<metric>` at the training step like the TensorBoard scalars."""
+
+  def __init__(self, settings, workdir: str, stage: str, run_config: dict | None = None):
+    try:
+      import wandb
+    except ImportError:
+      raise ImportError("config.wandb.project is set but wandb is not installed: "
+                        "pip install 'saber_jax[wandb]'") from None
+    directory = os.path.join(workdir, 'wandb')
+    os.makedirs(directory, exist_ok=True)
+    id_file = os.path.join(directory, f'{stage}.id')
+    if os.path.exists(id_file):
+      with open(id_file) as f:
+        run_id = f.read().strip()
+    else:
+      run_id = uuid.uuid4().hex[:8]
+      with open(id_file, 'w') as f:
+        f.write(run_id + '\n')
+    name = settings.get('name') or f'{os.path.basename(os.path.abspath(workdir))}-{stage}'
+    self.run = wandb.init(project=settings.project, entity=settings.get('entity') or None,
+                          name=name, id=run_id, resume='allow', dir=workdir,
+                          mode=settings.get('mode') or None, config=run_config,
+                          group=os.path.basename(os.path.abspath(workdir)), job_type=stage)
+    self.stage = stage
+
+  def write(self, step: int, record: dict):
+    self.run.log({f'{self.stage}/{k}': v for k, v in _numeric(record).items()}, step=step)
+
+  def close(self):
+    self.run.finish()
+
+
 class MetricLogger:
 
-  def __init__(self, workdir: str, stage: str, total_steps: int, start_step: int = 0):
+  def __init__(self, workdir: str, stage: str, total_steps: int, start_step: int = 0,
+               wandb=None, run_config: dict | None = None):
     """start_step: the step the run starts (or resumes) from; lines of `stage` after it,
     logged by an earlier run killed before its next checkpoint, are dropped so the steps
-    this run logs again appear once."""
+    this run logs again appear once. wandb: config.wandb (off without a project)."""
     self.stage, self.total_steps = stage, total_steps
     self.enabled = jax.process_index() == 0
     self.start = self.last_time = time.time()
@@ -64,6 +109,9 @@ class MetricLogger:
       drop_lines_after(os.path.join(workdir, 'metrics.jsonl'), stage, start_step)
       self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
       self.tensorboard = SummaryWriter(os.path.join(workdir, 'tensorboard', stage))
+    self.wandb = None
+    if self.enabled and wandb is not None and wandb.get('project'):
+      self.wandb = WandbWriter(wandb, workdir, stage, run_config)
 
   def add(self, metrics: dict, tokens: int, model_flops: float, fill=None):
     """One step's metrics (host scalars), trained tokens and model FLOPs (of this
@@ -99,9 +147,10 @@ class MetricLogger:
       return record
     self.jsonl.write(json.dumps(record) + '\n')
     self.jsonl.flush()
-    for key, value in record.items():
-      if isinstance(value, (int, float)) and not isinstance(value, bool) and key != 'step':
-        self.tensorboard.add_scalar(f'{self.stage}/{key}', value, step)
+    for key, value in _numeric(record).items():
+      self.tensorboard.add_scalar(f'{self.stage}/{key}', value, step)
+    if self.wandb is not None:
+      self.wandb.write(step, record)
     eta = (self.total_steps - step) * record['step_time_s']
     utilisation = f'MFU {record["mfu"]:.1%}' if 'mfu' in record else (
         f'{flops_per_device / 1e9:.1f} GFLOP/s/device')
@@ -116,3 +165,5 @@ class MetricLogger:
     if self.enabled:
       self.jsonl.close()
       self.tensorboard.close()
+    if self.wandb is not None:
+      self.wandb.close()

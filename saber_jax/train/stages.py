@@ -1,7 +1,8 @@
 """The stages a run config's `mode` selects, from records on disk to params on disk.
 
 Each stage writes under `config.workdir/<stage>/`: `checkpoints/` (Orbax, for resume) and
-`final/` (the thinker params, LoRA merged, the next stage's `init_from`). The reference
+`final/` (the thinker params, LoRA merged, the next stage's `init_from`; a LoRA stage's
+adapter too, in `final/adapter/`). The reference
 pass writes the preference records with `ref_chosen_logps` / `ref_rejected_logps`
 filled into `ref_logps/`.
 """
@@ -19,7 +20,7 @@ from saber_jax import files, fingerprint, sharding, weights
 from saber_jax.batch import FILL, PAIR_INDEX
 from saber_jax.data import datasets, records
 from saber_jax.errors import UserError
-from saber_jax.train import steps, trainer
+from saber_jax.train import adapters, steps, trainer
 
 
 DONE = 'DONE'                # written last by the reference pass
@@ -61,9 +62,20 @@ def train_stage(config, stage: str, record_paths, init_from: str) -> str:
   setup = trainer.train(config, setup, iterator, iterator, workdir, stage, micro_steps,
                         init_from=init_from)
   final = os.path.join(workdir, 'final')
+  save_final(config, setup, final, init_from)
+  return final
+
+
+def save_final(config, setup: trainer.Setup, final: str, init_from: str):
+  """The merged params in `final/`; a LoRA run also keeps its adapter in `final/adapter/`
+  (`saber-convert-hf to-peft` exports it for PEFT)."""
   weights.save_params(final, trainer.final_params(setup, weights.lora_config_of(config)),
                       setup.model_config)
-  return final
+  if config.trainable == 'lora':
+    adapters.save_adapter(os.path.join(final, adapters.ADAPTER_DIR),
+                          setup.state.trainable['lora'], rank=config.lora.rank,
+                          alpha=config.lora.alpha, targets=tuple(config.lora.targets),
+                          base=init_from or '')
 
 
 def claim_ref_output(config, out: str, paths, init_from: str | None) -> None:

@@ -19,7 +19,7 @@ from saber_jax import fingerprint, sharding, weights
 from saber_jax.batch import FILL, IGNORE_INDEX
 from saber_jax.models.config import ThinkerConfig
 from saber_jax.models.thinker import abstract_params
-from saber_jax.train import checkpoint, flops, lora, optim, steps
+from saber_jax.train import adapters, checkpoint, flops, lora, optim, steps
 from saber_jax.train.log import MetricLogger
 
 
@@ -79,7 +79,8 @@ def plan(config, stage: str, mesh: Mesh) -> Setup:
 
 def materialize(setup: Setup, config, init_from: str | None) -> Setup:
   """The initial state on the mesh: params from `init_from` (or random), fresh LoRA
-  factors and optimizer state, each created directly on its sharding."""
+  factors (or those of the PEFT adapter `config.init_lora`) and optimizer state, each
+  created directly on its sharding."""
   params = weights.initial_params(config, setup.model_config, setup.mesh, init_from)
   shardings = setup.state_shardings
   lora_config, lora_params = weights.lora_config_of(config), None
@@ -88,6 +89,10 @@ def materialize(setup: Setup, config, init_from: str | None) -> Setup:
         lambda p, key: lora.init_lora(key, p, rank=lora_config.rank,
                                       targets=tuple(lora_config.targets)),
         out_shardings=shardings.trainable['lora'])(params, jax.random.key(config.seed + 1))
+    if config.get('init_lora'):         # a PEFT adapter to start from
+      lora_params = jax.device_put(
+          adapters.load_peft(config.init_lora, lora_params, rank=config.lora.rank,
+                             alpha=config.lora.alpha), shardings.trainable['lora'])
   trainable, frozen = steps.split_params(params, config.trainable, lora_params)
   opt_state = jax.jit(setup.optimizer.init, out_shardings=shardings.opt_state)(trainable)
   state = steps.TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), shardings.step),
@@ -130,6 +135,7 @@ def claim_workdir(config, workdir: str, stage: str, record_paths, init_from: str
       'stage': stage, 'records': fingerprint.files_identity(record_paths),
       **weights.weights_identity(c, init_from), 'trainable': c.trainable,
       'lora': weights.lora_config_of(c),
+      **({'init_lora': fingerprint.tree_identity(c.init_lora)} if c.get('init_lora') else {}),
       'optim': c.optim, 'dpo': c.dpo if stage == 'dpo' else None, 'seed': c.seed,
       'nonfinite': c.nonfinite,
       'data': data_identity(c)}
@@ -166,7 +172,8 @@ def train(config, setup: Setup, batches: Iterator[dict], data_iterator, workdir:
   elif jax.process_index() == 0:
     print(f'[{stage}] resumed from step {int(jax.device_get(state.step))}', flush=True)
   step = int(jax.device_get(state.step))
-  logger = MetricLogger(config.workdir, stage, total_steps, start_step=step)
+  logger = MetricLogger(config.workdir, stage, total_steps, start_step=step,
+                        wandb=config.get('wandb'), run_config=config.to_dict())
   schedule = optim.learning_rate_schedule(config.optim)
   pending = []     # (step, device metrics, host work counts) not yet fetched
 

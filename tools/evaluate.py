@@ -1,0 +1,10 @@
+"""`saber-evaluate` run from a checkout; the program is saber_jax/cli/evaluate.py."""
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))   # the checkout
+
+from saber_jax.cli import evaluate  # noqa: E402
+
+if __name__ == '__main__':
+  evaluate.main()

@@ -1,0 +1,10 @@
+"""`saber-quality` run from a checkout; the program is saber_jax/cli/quality.py."""
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))   # the checkout
+
+from saber_jax.cli import quality  # noqa: E402
+
+if __name__ == '__main__':
+  quality.main()
