@@ -1,4 +1,4 @@
-"""Decoding speed of `saber_jax.generate` against transformers' `generate` (KV cache on both).
+"""Decoding speed of `saber_jax.decode` against transformers' `generate` (KV cache on both).
 
 Two cases per model: one prompt decoded greedily (batch 1), and k samples of one prompt at
 temperature 0.8 (the CA-DPO sampling). Both sides load the same random weights, decode the
@@ -43,7 +43,7 @@ import torch
 from transformers import Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration
 
 from saber_jax import convert
-from saber_jax.generate import generate
+from saber_jax.decode import generate
 
 TOWERS = dict(
     audio_config=dict(d_model=32, encoder_layers=1, encoder_attention_heads=4, encoder_ffn_dim=64,
@@ -136,7 +136,7 @@ def run_dataset(args) -> dict:
   from saber_jax.cli import make_demo_data, preprocess
   from saber_jax.configs import demo
   from saber_jax.data import collate, examples, records
-  from saber_jax.generate import EOS_TOKEN_IDS, PAD_TOKEN_ID
+  from saber_jax.decode import EOS_TOKEN_IDS, PAD_TOKEN_ID
   from saber_jax.models.config import ThinkerConfig
   from common import save_hf_model
 

@@ -3,7 +3,7 @@
   this process's records (global index % processes) -> decode, skip ids already done
   -> a window of prompts sorted by size -> batches of `batch_size` prompts per process
   -> batch shapes agreed by all processes (the largest of each bucket size)
-  -> `generate.generate_inputs` with rows sharded over ('data', 'fsdp')
+  -> `decode.generate_inputs` with rows sharded over ('data', 'fsdp')
   -> JSONL lines appended and fsynced per batch -> per-process files merged at the end
 
 Batches are built by the training collate code (`data.collate`: `data_shard_batches`,
@@ -43,7 +43,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from saber_jax import files, fingerprint, generate, sharding, weights
+from saber_jax import decode, files, fingerprint, sharding, weights
 from saber_jax.data import collate as collate_lib
 from saber_jax.data import datasets, examples, records
 from saber_jax.data import prompt as prompt_lib
@@ -171,7 +171,7 @@ def batch_inputs(prompts: Sequence[Prompt | None], shards: list[dict], shape: np
   length, sizes = int(shape[0]), dict(zip(SIZE_KEYS, (int(s) for s in shape[1:])))
   inputs = collate_lib.encode(shards, model_config, sizes, padding='left', length=length,
                               pad_id=pad_token_id, keep_text=False)
-  first = generate.first_new_positions(inputs['position_ids'], inputs['attention_mask'])
+  first = decode.first_new_positions(inputs['position_ids'], inputs['attention_mask'])
   streams = np.array([id_stream(p.id) if p is not None else 0 for p in prompts], np.uint32)
   return dict(inputs=inputs, first=first, streams=streams)
 
@@ -208,10 +208,10 @@ def sample_records(config, model_config: ThinkerConfig, params, mesh, record_pat
   if g.batch_size % num_data_shards:
     raise ValueError(f'generate.batch_size ({g.batch_size}) must be a multiple of the '
                      f'{num_data_shards} data-parallel devices of each process')
-  settings = generate.DecodeSettings(
+  settings = decode.DecodeSettings(
       int(g.max_new_tokens), float(g.temperature), int(g.top_k), float(g.top_p),
-      int(g.num_samples), tuple(g.get('eos_token_ids') or generate.EOS_TOKEN_IDS),
-      int(g.get('pad_token_id', generate.PAD_TOKEN_ID)))
+      int(g.num_samples), tuple(g.get('eos_token_ids') or decode.EOS_TOKEN_IDS),
+      int(g.get('pad_token_id', decode.PAD_TOKEN_ID)))
   settings.check_ids(model_config.text.vocab_size)
   model_config = dataclasses.replace(model_config, attention='xla')   # left-padded prompts
   key = jax.random.key(config.seed)
@@ -255,14 +255,14 @@ def sample_records(config, model_config: ThinkerConfig, params, mesh, record_pat
     placed = sharding.global_batch(host, mesh)
     stats.shapes.add(tuple(int(x) for x in shape))
     with jax.set_mesh(mesh):           # rows stay split through the decode loop
-      out = generate.generate_inputs(model_config, settings, params, placed['inputs'],
+      out = decode.generate_inputs(model_config, settings, params, placed['inputs'],
                                      placed['first'], key, placed['streams'])
     out = {k: local_rows(v) if v.ndim else np.asarray(v) for k, v in out.items()}
     write(batch, out)
 
   def write(batch: list[Prompt | None], out: dict) -> None:
     n = settings.num_samples
-    texts = generate.decode_responses(tokenizer, out['tokens'], out['lengths'])
+    texts = decode.decode_responses(tokenizer, out['tokens'], out['lengths'])
     logprob = out['logprobs'].sum(-1)        # 0 after the EOS; the EOS itself counts
     lines = []
     for b, p in enumerate(batch):
@@ -373,13 +373,13 @@ def generate_stage(config, record_paths, init_from: str, out_path: str,
   mesh = sharding.make_mesh(config.mesh)
   params = weights.initial_params(config, model_config, mesh, init_from)
   tokenizer = prompt_lib.load_tokenizer(config.generate.tokenizer or None)
-  start, compiled = time.perf_counter(), generate.generate_inputs._cache_size()
+  start, compiled = time.perf_counter(), decode.generate_inputs._cache_size()
   kept, stats = sample_records(config, model_config, params, mesh, record_paths, out_path,
                                tokenizer, limit)
   waste = 1 - stats.useful_row_steps / max(stats.row_steps, 1)
   print(f'[generate] process {jax.process_index()}: {stats.written} prompts in {stats.batches} '
         f'batches of {len(stats.shapes)} shapes, {time.perf_counter() - start:.1f} s, '
-        f'{generate.generate_inputs._cache_size() - compiled} compilations; '
+        f'{decode.generate_inputs._cache_size() - compiled} compilations; '
         f'{stats.skipped} already done, {stats.errors} errors, {stats.padding_rows} padding '
         f'rows, {waste:.0%} of decode row-steps after a row ended', flush=True)
   multihost_utils.sync_global_devices('generate: parts written')

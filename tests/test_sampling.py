@@ -19,7 +19,7 @@ import pytest
 
 from hf_reference import make_batch, tiny_hf_config
 from processes import cpu_env, free_port
-from saber_jax import files, generate, sampling, sharding, weights
+from saber_jax import decode, files, sampling, sharding, weights
 from saber_jax.data import collate, prompt, records
 from saber_jax.models import ThinkerConfig, abstract_params, model_inputs
 
@@ -109,10 +109,10 @@ def assert_same_samples(got, want):
 @pytest.fixture(scope='module')
 def reference(data, tmp_path_factory):
   """Batch 5 on one device over several buckets: (lines by id, stats, out dir, compilations)."""
-  before = generate.generate_inputs._cache_size()
+  before = decode.generate_inputs._cache_size()
   out = tmp_path_factory.mktemp('reference')
   lines, stats = run(sampling_config('many'), data, out)
-  return lines, stats, out, generate.generate_inputs._cache_size() - before
+  return lines, stats, out, decode.generate_inputs._cache_size() - before
 
 
 @pytest.mark.slow
@@ -184,9 +184,9 @@ def test_rows_shard_over_eight_devices_a_quarter_of_the_flops_or_less(mesh_shape
   vocab = 4096
   config = ThinkerConfig.from_hf(tiny_hf_config(vocab_size=vocab).to_dict())
   batch = make_batch([[('text', 5 + i)] for i in range(8)])
-  inputs = model_inputs(config, collate.left_pad(batch, None, generate.PAD_TOKEN_ID))
-  first = generate.first_new_positions(inputs['position_ids'], inputs['attention_mask'])
-  settings = generate.DecodeSettings(8, temperature=0.8, num_samples=2, eos_token_ids=(),
+  inputs = model_inputs(config, collate.left_pad(batch, None, decode.PAD_TOKEN_ID))
+  first = decode.first_new_positions(inputs['position_ids'], inputs['attention_mask'])
+  settings = decode.DecodeSettings(8, temperature=0.8, num_samples=2, eos_token_ids=(),
                                      pad_token_id=0)
 
   def flops(mesh):
@@ -196,7 +196,7 @@ def test_rows_shard_over_eight_devices_a_quarter_of_the_flops_or_less(mesh_shape
     placed = sharding.global_batch(dict(inputs=inputs, first=first,
                                         streams=np.arange(8, dtype=np.uint32)), mesh)
     with jax.set_mesh(mesh):
-      compiled = generate.generate_inputs.lower(config, settings, params, placed['inputs'],
+      compiled = decode.generate_inputs.lower(config, settings, params, placed['inputs'],
                                                 placed['first'], jax.random.key(0),
                                                 placed['streams']).compile()
     return compiled.cost_analysis()['flops'], compiled.as_text()

@@ -2,7 +2,7 @@
 SwiGLU MLP, RMSNorm, layers scanned with `nn.scan`.
 
 `TextModel.decode` runs the same layers (same params) over new tokens with a KV cache, for
-`saber_jax.generate`.
+`saber_jax.decode`.
 """
 
 from typing import NamedTuple

@@ -10,7 +10,7 @@ from transformers.generation.logits_process import (TemperatureLogitsWarper, Top
 
 from hf_reference import make_batch, tiny_hf_model
 from saber_jax import convert, sharding
-from saber_jax import generate as gen
+from saber_jax import decode as gen
 from saber_jax.data import collate
 from saber_jax.data.prompt import load_tokenizer
 from saber_jax.models import abstract_params, model_inputs, thinker_logits
