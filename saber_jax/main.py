@@ -25,7 +25,7 @@ import jax  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from saber_jax import configs, sampling  # noqa: E402
-from saber_jax.train import config as config_lib, demo, dry_run, stages  # noqa: E402
+from saber_jax.train import config as config_lib, demo, dry_run, preemption, stages  # noqa: E402
 
 CONFIGS = os.path.dirname(os.path.abspath(configs.__file__))
 DEFAULT_CONFIG = os.path.join(CONFIGS, 'demo.py')
@@ -91,11 +91,15 @@ def main(argv):
     # Restarts and later stages reuse compiled steps instead of compiling again.
     jax.config.update('jax_compilation_cache_dir', os.path.expanduser(config.compilation_cache))
   initialize_distributed(config)
+  preemption.listen()          # SIGTERM / SIGINT: save the step in flight, then exit 0
   if jax.process_index() == 0:
     print(f'saber_jax: mode={config.mode} devices={jax.device_count()} '
           f'({jax.devices()[0].platform}) processes={jax.process_count()} '
           f'workdir={config.workdir}', flush=True)
-  run(config)
+  try:
+    run(config)
+  except preemption.Stopped as e:
+    print(e, flush=True)       # exit status 0: the scheduler may restart the same command
 
 
 if __name__ == '__main__':

@@ -1,7 +1,12 @@
 """The training loop: a run with a skipped non-finite step, interrupted and resumed, ends
-exactly where the uninterrupted run does, and logs each step once."""
+exactly where the uninterrupted run does, and logs each step once; SIGTERM at a random
+step stops after that step with a checkpoint and the restart matches the straight run,
+held-out eval numbers included (equal to a separate forward); time accounting and the
+profile trace."""
 
 import json
+import os
+import signal
 
 import jax
 import numpy as np
@@ -9,8 +14,8 @@ import pytest
 
 from hf_reference import tiny_hf_config
 from saber_jax import sharding
-from saber_jax.train import config as config_lib, trainer
-from train_batches import sft_batch
+from saber_jax.train import config as config_lib, preemption, trainer
+from train_batches import ROWS, sft_batch
 
 
 def _config(workdir, hf_config):
@@ -53,3 +58,91 @@ def test_skipped_nonfinite_step_resumes_identically(tmp_path, capsys):
   assert _logged_steps(resumed_dir) == [1, 2, 3, 4, 5, 6]
   losses = lambda d: [json.loads(line)['loss'] for line in open(d / 'metrics.jsonl')]
   assert losses(resumed_dir) == losses(tmp_path / 'straight')
+
+
+def _signal_at(batches, step):
+  """`batches`, sending this process SIGTERM as batch `step` (1-based) is taken."""
+  for i, batch in enumerate(batches, start=1):
+    if i == step:
+      os.kill(os.getpid(), signal.SIGTERM)
+    yield batch
+
+
+@pytest.fixture
+def listening():
+  preemption.listen()
+  yield
+  preemption.stop_listening()
+
+
+@pytest.mark.slow
+def test_sigterm_stops_after_the_step_in_flight_and_resumes_exactly_with_eval(
+    tmp_path, capsys, listening):
+  tiny_hf_config().save_pretrained(tmp_path / 'model')
+  hf_config = str(tmp_path / 'model' / 'config.json')
+  config = _config(tmp_path / 'straight', hf_config)
+  config.log_every, config.checkpoint.every_steps, config.eval.every_steps = 3, 100, 2
+  config.profile = (2, 2)
+  mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  model_config = trainer.model_config_of(config)
+  batches = [sft_batch(model_config, 1, rows=ROWS[i % 4:] + ROWS[:i % 4]) for i in range(6)]
+  held_out = [sft_batch(model_config, 1, rows=ROWS[1:]), sft_batch(model_config, 1, rows=ROWS[2:])]
+  setup = trainer.plan(config, 'sft', mesh)
+  evaluation = trainer.plan_evaluation(config, 'sft', setup, held_out)
+  straight = trainer.train(config, setup, iter(batches), None, str(tmp_path / 'straight'), 'sft',
+                           6, evaluation=evaluation).state
+  want = _lines(tmp_path / 'straight')
+
+  # The eval numbers are the token-weighted NLL of a separate forward over the same batches.
+  loss_fn = trainer.stage_loss(config, 'sft', model_config)
+  forward = [loss_fn(straight.trainable, straight.frozen, b) for b in held_out]
+  tokens = [float(m['tokens']) for _, m in forward]
+  expected = sum(float(l) * t for (l, _), t in zip(forward, tokens)) / sum(tokens)
+  assert want[6]['eval/loss'] == pytest.approx(expected, rel=1e-5)
+  for part in ('visual', 'acoustic', 'reasoning'):
+    n = [float(m[f'tokens/{part}']) for _, m in forward]
+    nll = sum(float(m[f'nll/{part}']) * c for (_, m), c in zip(forward, n)) / sum(n)
+    assert want[6][f'eval/nll/{part}'] == pytest.approx(nll, rel=1e-5)
+  assert sorted(s for s in want if 'eval/loss' in want[s]) == [2, 4, 6]
+  assert want[2]['eval/loss'] > want[6]['eval/loss']
+  # Where the time went: the first window compiled, every window adds up.
+  assert want[2]['time/compile_s'] > 0
+  for line in want.values():
+    parts = sum(line[f'time/{k}_s'] for k in ('input', 'compile', 'checkpoint', 'eval', 'step'))
+    assert parts == pytest.approx(line['time/total_s'], rel=1e-6)
+    assert 0 <= line['goodput'] <= 1
+  traces = list((tmp_path / 'straight' / 'tensorboard' / 'sft').glob('plugins/profile/*/*.xplane.pb'))
+  assert traces, 'no profile written'
+  capsys.readouterr()
+
+  # SIGTERM while a random step is taken: that step finishes, is checkpointed, and the run
+  # stops with Stopped (main: exit 0); the restart resumes with the same losses, eval
+  # numbers and params.
+  stop = int(np.random.default_rng().integers(1, 6))
+  resumed_dir = tmp_path / 'resumed'
+  config = _config(resumed_dir, hf_config)
+  config.log_every, config.checkpoint.every_steps, config.eval.every_steps = 3, 100, 2
+  with pytest.raises(preemption.Stopped, match=f'stopped after step {stop} of 6'):
+    trainer.train(config, setup, _signal_at(batches, stop), None, str(resumed_dir), 'sft', 6,
+                  evaluation=evaluation)
+  assert (resumed_dir / 'checkpoints' / str(stop)).is_dir()
+  assert 'SIGTERM received' in capsys.readouterr().err
+  preemption.stop_listening()
+  preemption.listen()
+  resumed = trainer.train(config, setup, iter(batches[stop:]), None, str(resumed_dir), 'sft', 6,
+                          evaluation=evaluation).state
+  for got, expect in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(expect))
+  got = _lines(resumed_dir)
+  assert sorted(got) == sorted(set(want) | {stop})
+  for step in (2, 4, 6):
+    for key in [k for k in want[step] if k.startswith('eval/')]:
+      assert got[step][key] == want[step][key], (step, key)
+  logged = sorted(want)
+  for before, step in zip([0] + logged, logged):
+    if not before < stop < step:        # the stop split no window of these steps' means
+      assert got[step]['loss'] == want[step]['loss'], step
+
+
+def _lines(workdir):
+  return {line['step']: line for line in map(json.loads, open(workdir / 'metrics.jsonl'))}
