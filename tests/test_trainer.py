@@ -146,3 +146,15 @@ def test_sigterm_stops_after_the_step_in_flight_and_resumes_exactly_with_eval(
 
 def _lines(workdir):
   return {line['step']: line for line in map(json.loads, open(workdir / 'metrics.jsonl'))}
+
+
+def test_resuming_with_another_global_batch_names_both_numbers(tmp_path):
+  """data.batch_size is per process: resuming the 8-example global batch of 2 processes on
+  one process with batch_size 4 is refused before any work, naming 8 and 4."""
+  stage = tmp_path / 'sft'
+  stage.mkdir()
+  (stage / 'fingerprint.json').write_text(json.dumps({'data': {'global_batch_size': 8}}))
+  with pytest.raises(ValueError, match=r'global batch of 8 .* = 4\. To resume, use '
+                                       r'--config\.data\.batch_size=8'):
+    trainer.check_global_batch(str(stage / 'fingerprint.json'), 4)
+  trainer.check_global_batch(str(stage / 'fingerprint.json'), 8)
