@@ -1,14 +1,18 @@
 """Orbax checkpoints of the train state: restored onto another mesh and device count, and
-the final params of a stage reload as the next stage's start."""
+the final params of a stage reload as the next stage's start; the data position saved by
+2 processes restores on 1."""
 
+import json
 import os
 
 import flax.linen as nn
+import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
 from hf_reference import tiny_hf_config
@@ -108,3 +112,20 @@ def test_nonfinite_saved_params_are_refused_naming_the_tensor(tmp_path):
   checkpoint.save_params(str(tmp_path / 'final'), params, model_config)
   with pytest.raises(ValueError, match=r"text/layers/mlp/up_proj/kernel.*non-finite"):
     checkpoint.load_params(str(tmp_path / 'final'), nn.unbox(abstract_params(model_config)))
+
+
+def _batches():
+  return iter(grain.MapDataset.range(40).batch(4).to_iter_dataset(
+      grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)))
+
+
+def test_data_position_of_two_processes_restores_on_one(tmp_path):
+  """A global batch count saved by 2 processes (process_{0,1}-of-2.json) continues on 1."""
+  for i in range(2):
+    (tmp_path / f'process_{i}-of-2.json').write_text(json.dumps({'next_index': 3}))
+  restored = checkpoint.DataPosition().restore(epath.Path(tmp_path), item=_batches())
+  np.testing.assert_array_equal(next(restored), np.arange(12, 16))
+
+  (tmp_path / 'process_1-of-2.json').write_text(json.dumps({'next_index': 2}))
+  with pytest.raises(ValueError, match='not one global batch count'):
+    checkpoint.DataPosition().restore(epath.Path(tmp_path), item=_batches())

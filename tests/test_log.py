@@ -1,12 +1,13 @@
-"""The training log: window means, throughput and MFU."""
+"""The training log: window means, throughput and MFU; where the wall time went."""
 
 import json
 import time
 
 import jax
+import jax.numpy as jnp
 import pytest
 
-from saber_jax.train.log import MetricLogger
+from saber_jax.train.log import Clock, MetricLogger
 
 
 def test_writes_window_means_throughput_and_mfu(tmp_path, capsys):
@@ -48,3 +49,22 @@ def test_fills_are_the_window_ratios_of_real_to_padded_positions(tmp_path, capsy
   logger.add({'loss': 1.0}, tokens=10, model_flops=1e9, fill=(4, 4, 1, 2))   # a new window
   assert logger.write(3, {})['data/text_fill'] == 1.0
   logger.close()
+
+
+def test_clock_splits_the_window_and_counts_compiles_apart():
+  clock = Clock()
+  try:
+    with clock.part('input'):
+      time.sleep(0.05)
+    with clock.part('eval'):           # a compile inside a part counts as compile
+      jax.jit(lambda x: jnp.sin(x) * 3.0)(jnp.ones(7)).block_until_ready()
+    time.sleep(0.05)                    # outside any part: the step
+    record = clock.take()
+  finally:
+    clock.close()
+  parts = [record[f'time/{k}_s'] for k in ('input', 'compile', 'checkpoint', 'eval', 'step')]
+  assert sum(parts) == pytest.approx(record['time/total_s'], rel=1e-6)
+  assert record['time/input_s'] >= 0.05 and record['time/step_s'] >= 0.05
+  assert record['time/compile_s'] > 0 and record['time/checkpoint_s'] == 0
+  assert record['goodput'] == pytest.approx(record['time/step_s'] / record['time/total_s'])
+  assert clock.take()['time/input_s'] == 0          # a new window
