@@ -76,8 +76,8 @@ def test_killed_runs_resume_with_the_same_losses(sft_records, tmp_path):
   assert process.poll() is None, process.communicate()[0][-3000:]
   process.send_signal(signal.SIGKILL)
   process.wait()
-  # Then SIGTERM as step 5 is logged: the step in flight finishes, is checkpointed, and
-  # the run exits 0 within seconds, saying where it stopped.
+  # Then SIGTERM as step 5 is logged, and again during the save: the step in flight
+  # finishes, is checkpointed whole, and the run exits 0 within seconds, saying where.
   process = _main(args, workdir)
   lines = []
   reader = threading.Thread(target=lambda: [lines.append(l) for l in process.stdout],
@@ -88,12 +88,15 @@ def test_killed_runs_resume_with_the_same_losses(sft_records, tmp_path):
     time.sleep(0.01)
   process.send_signal(signal.SIGTERM)
   sent = time.time()
+  time.sleep(0.3)
+  process.send_signal(signal.SIGTERM)
   process.wait(timeout=300)
   reader.join()
   out = ''.join(lines)
   assert process.returncode == 0 and time.time() - sent < 60, out[-3000:]
   stop = int(out.split('[sft] stopped after step ')[1].split()[0])
   assert 5 <= stop < 8 and (checkpoints / str(stop)).is_dir(), out[-3000:]
+  assert 'SIGTERM again: already stopping' in out
   assert not (workdir / 'sft' / 'final').exists()
   out = _run(args, workdir)
   assert f'resumed from step {stop}' in out
