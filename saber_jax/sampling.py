@@ -24,11 +24,11 @@ Output, one line per record, in `<out>.part<process>` while running and merged i
 
 A torn last line (a kill mid-write) is dropped on restart. SIGTERM / SIGINT
 (`train.preemption`) stops every process after the same batch, once its lines are
-fsynced: the parts stay unmerged and a restart carries on with the ids not yet written. A batch that fails is split
-down to single prompts (one process only; with several, a device failure stops the run);
-a prompt that still fails, or a record that cannot be decoded, goes to `errors.jsonl`
-next to `<out>` ({"id", "where", "reason"}) and is skipped, also on later runs. When
-every prompt of a batch fails before any batch of the run has worked, the run stops
+fsynced: the parts stay unmerged and a restart carries on with the ids not yet written.
+A batch that fails is split down to single prompts (one process only; with several, a
+device failure stops the run); a prompt that still fails, or a record that cannot be
+decoded, goes to `errors.jsonl` next to `<out>` ({"id", "where", "reason"}) and is
+skipped, also on later runs. When every prompt of a batch fails before any batch of the run has worked, the run stops
 with the error instead (a broken setup, not bad clips).
 """
 

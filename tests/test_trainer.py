@@ -111,7 +111,8 @@ def test_sigterm_stops_after_the_step_in_flight_and_resumes_exactly_with_eval(
     parts = sum(line[f'time/{k}_s'] for k in ('input', 'compile', 'checkpoint', 'eval', 'step'))
     assert parts == pytest.approx(line['time/total_s'], rel=1e-6)
     assert 0 <= line['goodput'] <= 1
-  traces = list((tmp_path / 'straight' / 'tensorboard' / 'sft').glob('plugins/profile/*/*.xplane.pb'))
+  profiles = tmp_path / 'straight' / 'tensorboard' / 'sft' / 'plugins' / 'profile'
+  traces = list(profiles.glob('*/*.xplane.pb'))
   assert traces, 'no profile written'
   capsys.readouterr()
 

@@ -135,7 +135,8 @@ def run_pipeline(config) -> None:
   dpo_config = with_overrides(config, config.pipeline.dpo)
   # The held-out pairs get their own reference pass, under workdir/heldout/.
   heldout_config = with_overrides(dpo_config, {'workdir': os.path.join(config.workdir, 'heldout')})
-  ref_dir, heldout_ref_dir = (stages.stage_dir(c, 'ref_logps') for c in (dpo_config, heldout_config))
+  ref_dir, heldout_ref_dir = (stages.stage_dir(c, 'ref_logps')
+                              for c in (dpo_config, heldout_config))
   for c, pref, ref in ((dpo_config, pref_dir, ref_dir),
                        (heldout_config, heldout_pref_dir, heldout_ref_dir)):
     if not _done(os.path.join(ref, stages.DONE)):
