@@ -28,8 +28,8 @@ fsynced: the parts stay unmerged and a restart carries on with the ids not yet w
 A batch that fails is split down to single prompts (one process only; with several, a
 device failure stops the run); a prompt that still fails, or a record that cannot be
 decoded, goes to `errors.jsonl` next to `<out>` ({"id", "where", "reason"}) and is
-skipped, also on later runs. When every prompt of a batch fails before any batch of the run has worked, the run stops
-with the error instead (a broken setup, not bad clips).
+skipped, also on later runs. When every prompt of a batch fails before any batch of the
+run has worked, the run stops with the error instead (a broken setup, not bad clips).
 """
 
 import dataclasses
