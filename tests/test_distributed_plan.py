@@ -112,7 +112,8 @@ def _log(workdir, stage) -> dict[int, dict]:
   """step -> the metrics.jsonl line of that step (the latest one), timing left out."""
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     rows = [json.loads(line) for line in f]
-  return {r['step']: {k: v for k, v in r.items() if k not in TIMING}
+  return {r['step']: {k: v for k, v in r.items()
+                      if k not in TIMING and not k.startswith('time/') and k != 'goodput'}
           for r in rows if r['stage'] == stage}
 
 
