@@ -1,8 +1,8 @@
 """The training loop: a run with a skipped non-finite step, interrupted and resumed, ends
 exactly where the uninterrupted run does, and logs each step once; SIGTERM at a random
-step stops after that step with a checkpoint and the restart matches the straight run,
-held-out eval numbers included (equal to a separate forward); time accounting and the
-profile trace."""
+step of SFT and of CA-DPO stops after that step with a checkpoint and the restart matches
+the straight run, held-out eval numbers included (equal to a separate forward); time
+accounting and the profile trace."""
 
 import json
 import os
@@ -15,6 +15,7 @@ import pytest
 from hf_reference import tiny_hf_config
 from saber_jax import sharding
 from saber_jax.train import config as config_lib, preemption, trainer
+from test_train_steps import _pair_batch, pair_examples  # noqa: F401 (a fixture)
 from train_batches import ROWS, sft_batch
 
 
@@ -159,3 +160,51 @@ def test_resuming_with_another_global_batch_names_both_numbers(tmp_path):
                                        r'--config\.data\.batch_size=8'):
     trainer.check_global_batch(str(stage / 'fingerprint.json'), 4)
   trainer.check_global_batch(str(stage / 'fingerprint.json'), 8)
+
+
+@pytest.mark.slow
+def test_dpo_sigterm_at_a_random_step_resumes_exactly(tmp_path, capsys, listening,
+                                                      pair_examples):
+  tiny_hf_config().save_pretrained(tmp_path / 'model')
+  hf_config = str(tmp_path / 'model' / 'config.json')
+  mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+
+  def config_of(workdir):
+    c = _config(workdir, hf_config)
+    c.nonfinite, c.optim.total_steps, c.checkpoint.every_steps = 'stop', 4, 100
+    c.eval.every_steps, c.dpo.beta = 2, 0.5
+    return c
+
+  config = config_of(tmp_path / 'straight')
+  model_config = trainer.model_config_of(config)
+  rotated = lambda i: {True: pair_examples[True][i:] + pair_examples[True][:i]}
+  batches = [_pair_batch(model_config, rotated(i), True, 1) for i in range(4)]
+  setup = trainer.plan(config, 'dpo', mesh)
+  evaluation = trainer.plan_evaluation(config, 'dpo', setup,
+                                       [_pair_batch(model_config, rotated(5), True, 1)])
+  straight = trainer.train(config, setup, iter(batches), None, str(tmp_path / 'straight'),
+                           'dpo', 4, evaluation=evaluation).state
+  want = _lines(tmp_path / 'straight')
+  assert all('eval/rewards/accuracies' in want[s] for s in (2, 4))
+
+  stop = int(np.random.default_rng().integers(1, 4))
+  config = config_of(tmp_path / 'resumed')
+  with pytest.raises(preemption.Stopped, match=f'stopped after step {stop} of 4'):
+    trainer.train(config, setup, _signal_at(batches, stop), None, str(tmp_path / 'resumed'),
+                  'dpo', 4, evaluation=evaluation)
+  assert (tmp_path / 'resumed' / 'checkpoints' / str(stop)).is_dir()
+  preemption.stop_listening()
+  preemption.listen()
+  resumed = trainer.train(config, setup, iter(batches[stop:]), None, str(tmp_path / 'resumed'),
+                          'dpo', 4, evaluation=evaluation).state
+  for got, expect in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(expect))
+  got = _lines(tmp_path / 'resumed')
+  for step, line in want.items():      # log_every=1: every line is one step's
+    for key in [k for k in line if not _timing(k)]:
+      assert got[step][key] == line[key], (step, key)
+
+
+def _timing(key):
+  return key.startswith('time/') or key in ('goodput', 'step_time_s', 'tokens_per_s',
+                                            'model_flops_per_s_per_device')
