@@ -15,7 +15,8 @@ signal sets a flag here, and with several processes the flags are OR-ed over pro
 each step boundary (a host sync per step: the fallback only).
 
 While a loop is stopping, a further signal only prints that the save is under way: it can
-neither cut the checkpoint short nor leave it half written.
+neither cut the checkpoint short nor leave it half written. Before a loop has begun to
+stop (no loop running, e.g. a dry run), a second Ctrl-C aborts at once.
 """
 
 import os
@@ -53,6 +54,8 @@ def _handler(signum, frame):
   del frame
   name = signal.Signals(signum).name
   if _state.asked is not None or _state.stopping:
+    if signum == signal.SIGINT and not _state.stopping:
+      raise KeyboardInterrupt       # Ctrl-C twice before any save began: abort at once
     print(f'{name} again: already stopping; the checkpoint is being saved, please wait',
           file=sys.stderr, flush=True)
     return
