@@ -8,7 +8,14 @@ per-device memory.
 """
 
 import os
+import signal
 import sys
+
+if __name__ == '__main__':
+  # SIGTERM / SIGINT go to one watcher thread (saber_jax/train/preemption.py): blocked here,
+  # before JAX starts its threads (they inherit the mask), so a signal never cuts a
+  # collective's connect or read short.
+  signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
 
 if (any(a.startswith('--config.dry_run') and not a.endswith(('False', 'false', '0'))
         for a in sys.argv) and 'XLA_FLAGS' not in os.environ):
