@@ -226,7 +226,7 @@ def _launch(workdir, records_prefix, port):
 
 
 @pytest.mark.slow
-def test_two_processes_killed_and_restarted_write_each_id_once_with_the_same_samples(
+def test_two_processes_stopped_by_sigterm_and_restarted_write_each_id_once_with_the_same_samples(
     data, reference, tmp_path):
   want, _, _, _ = reference
   prefix = str(pathlib.Path(data[0]).parent / 'sft')
