@@ -10,7 +10,14 @@ shows its traceback.
 """
 
 import os
+import signal
 import sys
+
+if __name__ == '__main__':
+  # SIGTERM / SIGINT go to one watcher thread (saber_jax/train/preemption.py): blocked here,
+  # before JAX starts its threads (they inherit the mask), so a signal never cuts a
+  # collective's connect or read short.
+  signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
 
 if (any(a.startswith('--config.dry_run') and not a.endswith(('False', 'false', '0'))
         for a in sys.argv) and 'XLA_FLAGS' not in os.environ):
@@ -27,7 +34,7 @@ import jax  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from saber_jax import configs, errors, pipeline, sampling  # noqa: E402
-from saber_jax.train import config as config_lib, dry_run, stages  # noqa: E402
+from saber_jax.train import config as config_lib, dry_run, preemption, stages  # noqa: E402
 
 CONFIGS = os.path.dirname(os.path.abspath(configs.__file__))
 DEFAULT_CONFIG = os.path.join(CONFIGS, 'demo.py')
@@ -105,11 +112,15 @@ def start(config) -> None:
     # Restarts and later stages reuse compiled steps instead of compiling again.
     jax.config.update('jax_compilation_cache_dir', os.path.expanduser(config.compilation_cache))
   initialize_distributed(config)
+  preemption.listen()          # SIGTERM / SIGINT: save the step in flight, then exit 0
   if jax.process_index() == 0:
     print(f'saber_jax: mode={config.mode} devices={jax.device_count()} '
           f'({jax.devices()[0].platform}) processes={jax.process_count()} '
           f'workdir={config.workdir}', flush=True)
-  run(config)
+  try:
+    run(config)
+  except preemption.Stopped as e:
+    print(e, flush=True)       # exit status 0: the scheduler may restart the same command
 
 
 if __name__ == '__main__':

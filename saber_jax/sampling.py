@@ -23,17 +23,20 @@ Output, one line per record, in `<out>.part<process>` while running and merged i
    max_new_tokens], "num_tokens": [k ints, EOS excluded], "logprob": [k floats: summed
    log-probs of the sample's tokens, EOS included, under the model at temperature 1]}
 
-A torn last line (a kill mid-write) is dropped on restart. A batch that fails is split
-down to single prompts (one process only; with several, a device failure stops the run);
-a prompt that still fails, or a record that cannot be decoded, goes to `errors.jsonl`
-next to `<out>` ({"id", "where", "reason"}) and is skipped, also on later runs. When
-every prompt of a batch fails before any batch of the run has worked, the run stops
-with the error instead (a broken setup, not bad clips).
+A torn last line (a kill mid-write) is dropped on restart. SIGTERM / SIGINT
+(`train.preemption`) stops every process after the same batch, once its lines are
+fsynced: the parts stay unmerged and a restart carries on with the ids not yet written.
+A batch that fails is split down to single prompts (one process only; with several, a
+device failure stops the run); a prompt that still fails, or a record that cannot be
+decoded, goes to `errors.jsonl` next to `<out>` ({"id", "where", "reason"}) and is
+skipped, also on later runs. When every prompt of a batch fails before any batch of the
+run has worked, the run stops with the error instead (a broken setup, not bad clips).
 """
 
 import dataclasses
 import glob
 import hashlib
+import itertools
 import os
 import time
 from typing import Iterator, Sequence
@@ -48,6 +51,7 @@ from saber_jax.data import collate as collate_lib
 from saber_jax.data import datasets, examples, records
 from saber_jax.data import prompt as prompt_lib
 from saber_jax.models.config import ThinkerConfig
+from saber_jax.train import preemption
 
 SIZE_KEYS = ('num_audio_chunks', 'num_audio_tokens', 'num_patches', 'num_windows',
              'window_len', 'num_frames', 'frame_len')
@@ -194,6 +198,7 @@ class Stats:
   padding_rows: int = 0
   row_steps: int = 0           # rows x decode steps run
   useful_row_steps: int = 0    # of those, steps of a row before its end
+  stopped: bool = False        # on request (preemption), before the last batch
   shapes: set = dataclasses.field(default_factory=set)   # distinct batch shapes run
 
 
@@ -310,21 +315,24 @@ def sample_records(config, model_config: ThinkerConfig, params, mesh, record_pat
       error(p.id, p.where, f'{type(e).__name__}: {e}')
 
   batches = windows(prompts(), g.batch_size, int(g.get('window_batches', 32)))
-  while True:
+  for step in itertools.count(1):
     batch = next(batches, None)
     batch = list(batch or []) + [None] * (g.batch_size - len(batch or []))
     if count == 1:
       if not any(batch):
         break
       run_batch(batch)
-      continue
-    # Several processes step together: every one runs each step, with padding rows when
-    # it has no prompts left, until none has.
-    shards, shape = collate(batch)
-    shape = agree(shape)
-    if not shape[0]:
+    else:
+      # Several processes step together: every one runs each step, with padding rows when
+      # it has no prompts left, until none has.
+      shards, shape = collate(batch)
+      shape = agree(shape)
+      if not shape[0]:
+        break
+      run(batch, shards, shape)
+    if preemption.reached(step):     # this batch's lines are fsynced: stop here
+      stats.stopped = True
       break
-    run(batch, shards, shape)
   return kept, stats
 
 
@@ -383,6 +391,9 @@ def generate_stage(config, record_paths, init_from: str, out_path: str,
         f'{stats.skipped} already done, {stats.errors} errors, {stats.padding_rows} padding '
         f'rows, {waste:.0%} of decode row-steps after a row ended', flush=True)
   multihost_utils.sync_global_devices('generate: parts written')
+  if stats.stopped:
+    raise preemption.stopped(f'[generate] stopped after {stats.batches} batches: '
+                             f'{stats.written} new lines in {part_path(out_path, "*")}')
   if jax.process_index() == 0:
     print(f'[generate] {merge_process_parts(out_path)} lines in {out_path}', flush=True)
   multihost_utils.sync_global_devices('generate: merged')

@@ -1,14 +1,18 @@
 """Orbax checkpoints of the train state: restored onto another mesh and device count; a
-damaged checkpoint is named and set aside. (The params directory: test_weights.py.)"""
+damaged checkpoint is named and set aside; the data position saved by 2 processes restores
+on 1. (The params directory: test_weights.py.)"""
 
+import json
 import os
 
 import flax.linen as nn
+import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
 from hf_reference import tiny_hf_config
@@ -88,3 +92,20 @@ def test_every_checkpoint_damaged_raises_naming_the_latest(tmp_path):
   with pytest.raises(checkpoint.DamagedCheckpoint, match=f'checkpoint {tmp_path / "3"} is damaged'):
     checkpoint.restore(mngr, abstract)
   mngr.close()
+
+
+def _batches():
+  return iter(grain.MapDataset.range(40).batch(4).to_iter_dataset(
+      grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)))
+
+
+def test_data_position_of_two_processes_restores_on_one(tmp_path):
+  """A global batch count saved by 2 processes (process_{0,1}-of-2.json) continues on 1."""
+  for i in range(2):
+    (tmp_path / f'process_{i}-of-2.json').write_text(json.dumps({'next_index': 3}))
+  restored = checkpoint.DataPosition().restore(epath.Path(tmp_path), item=_batches())
+  np.testing.assert_array_equal(next(restored), np.arange(12, 16))
+
+  (tmp_path / 'process_1-of-2.json').write_text(json.dumps({'next_index': 2}))
+  with pytest.raises(ValueError, match='not one global batch count'):
+    checkpoint.DataPosition().restore(epath.Path(tmp_path), item=_batches())

@@ -1,12 +1,13 @@
-"""The training log: window means, throughput and MFU."""
+"""The training log: window means, throughput and MFU; where the wall time went."""
 
 import json
 import time
 
 import jax
+import jax.numpy as jnp
 import pytest
 
-from saber_jax.train.log import MetricLogger
+from saber_jax.train.log import Clock, MetricLogger
 
 
 def test_writes_window_means_throughput_and_mfu(tmp_path, capsys):
@@ -116,3 +117,20 @@ def test_wandb_is_off_without_a_project(tmp_path):
   assert logger.wandb is None
   logger.close()
   assert not (tmp_path / 'wandb').exists()
+def test_clock_splits_the_window_and_counts_compiles_apart():
+  clock = Clock()
+  try:
+    with clock.part('input'):
+      time.sleep(0.05)
+    with clock.part('eval'):           # a compile inside a part counts as compile
+      jax.jit(lambda x: jnp.sin(x) * 3.0)(jnp.ones(7)).block_until_ready()
+    time.sleep(0.05)                    # outside any part: the step
+    record = clock.take()
+  finally:
+    clock.close()
+  parts = [record[f'time/{k}_s'] for k in ('input', 'compile', 'checkpoint', 'eval', 'step')]
+  assert sum(parts) == pytest.approx(record['time/total_s'], rel=1e-6)
+  assert record['time/input_s'] >= 0.05 and record['time/step_s'] >= 0.05
+  assert record['time/compile_s'] > 0 and record['time/checkpoint_s'] == 0
+  assert record['goodput'] == pytest.approx(record['time/step_s'] / record['time/total_s'])
+  assert clock.take()['time/input_s'] == 0          # a new window

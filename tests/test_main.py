@@ -1,6 +1,7 @@
-"""`python -m saber_jax.main` end to end, as real processes: kill-and-resume gives the same
-losses, two jax.distributed processes match one, the 7B dry run reports its memory, and
-the demo pipeline trains both stages."""
+"""`python -m saber_jax.main` end to end, as real processes: kill-and-resume and
+SIGTERM-and-resume give the same losses, two jax.distributed processes match one, the 7B
+dry run reports its memory, and the demo pipeline trains both stages (held-out eval
+falling, a PNG of its curves)."""
 
 import json
 import os
@@ -8,6 +9,7 @@ import pathlib
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -62,21 +64,42 @@ def test_killed_runs_resume_with_the_same_losses(sft_records, tmp_path):
   want = _losses(tmp_path / 'straight')
   assert sorted(want) == list(range(1, 9))
 
-  # Kill with SIGKILL as soon as the step-4 checkpoint is being written (mid-save), then
-  # once more mid-run after it completed; each restart resumes from the last complete one.
+  # Kill with SIGKILL as soon as the step-4 checkpoint is being written (mid-save): the
+  # restart resumes from the last complete one.
   workdir = tmp_path / 'killed'
   checkpoints = workdir / 'sft' / 'checkpoints'
-  for wait_for in ('4.orbax-checkpoint-tmp', '6'):
-    process = _main(args, workdir)
-    deadline = time.time() + 400
-    while not any(p.name.startswith(wait_for) for p in checkpoints.glob('*')) \
-        and process.poll() is None and time.time() < deadline:
-      time.sleep(0.01)
-    assert process.poll() is None, process.communicate()[0][-3000:]
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+  process = _main(args, workdir)
+  deadline = time.time() + 400
+  while not any(p.name.startswith('4.orbax-checkpoint-tmp') for p in checkpoints.glob('*')) \
+      and process.poll() is None and time.time() < deadline:
+    time.sleep(0.01)
+  assert process.poll() is None, process.communicate()[0][-3000:]
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  # Then SIGTERM as step 5 is logged, and again during the save: the step in flight
+  # finishes, is checkpointed whole, and the run exits 0 within seconds, saying where.
+  process = _main(args, workdir)
+  lines = []
+  reader = threading.Thread(target=lambda: [lines.append(l) for l in process.stdout],
+                            daemon=True)
+  reader.start()
+  while not any('[sft] step 5/8' in line for line in lines) and process.poll() is None \
+      and time.time() < deadline + 400:
+    time.sleep(0.01)
+  process.send_signal(signal.SIGTERM)
+  sent = time.time()
+  time.sleep(0.3)
+  process.send_signal(signal.SIGTERM)
+  process.wait(timeout=300)
+  reader.join()
+  out = ''.join(lines)
+  assert process.returncode == 0 and time.time() - sent < 60, out[-3000:]
+  stop = int(out.split('[sft] stopped after step ')[1].split()[0])
+  assert 5 <= stop < 8 and (checkpoints / str(stop)).is_dir(), out[-3000:]
+  assert 'SIGTERM again: already stopping' in out
+  assert not (workdir / 'sft' / 'final').exists()
   out = _run(args, workdir)
-  assert 'resumed from step' in out
+  assert f'resumed from step {stop}' in out
   got = _losses(workdir)
   assert sorted(got) == list(range(1, 9))
   for step in want:
@@ -126,6 +149,12 @@ def test_demo_pipeline_trains_both_stages(tmp_path):
   dpo = [r for r in rows if r['stage'] == 'dpo']
   assert sft[-1]['loss'] < 0.6 * sft[0]['loss']
   assert dpo[-1]['rewards/accuracies'] > 0.5
+  # Held-out clips: the eval loss falls; DPO logs held-out reward accuracy and margins.
+  held_out = [r['eval/loss'] for r in sft if 'eval/loss' in r]
+  assert len(held_out) == 5 and held_out[-1] < held_out[0], held_out
+  assert all('eval/rewards/margins' in r for r in dpo if r['step'] % 4 == 0)
+  assert all(0 <= r['goodput'] <= 1 and 'time/input_s' in r for r in rows)
+  assert (tmp_path / 'curves.png').read_bytes()[:4] == b'\x89PNG'
   assert all(r['model_flops_per_s_per_device'] > 0 for r in rows)   # no vendor peak on CPU
   assert not any('mfu' in r for r in rows)
   assert (tmp_path / 'dpo' / 'final' / 'thinker_config.json').exists()

@@ -225,20 +225,22 @@ def _launch(workdir, records_prefix, port):
 
 
 @pytest.mark.slow
-def test_two_processes_killed_and_restarted_write_each_id_once_with_the_same_samples(
+def test_two_processes_stopped_by_sigterm_and_restarted_write_each_id_once_with_the_same_samples(
     data, reference, tmp_path):
   want, _, _, _ = reference
   prefix = str(pathlib.Path(data[0]).parent / 'sft')
-  # Killed (SIGKILL, both processes) once the first batch is on disk, then run to the end.
+  # Stopped by SIGTERM to one process once the first batch is on disk: both finish the
+  # batch in flight, fsync it, leave the parts unmerged and exit 0; then run to the end.
   processes = _launch(tmp_path, prefix, free_port())
   deadline = time.time() + 400
   while not any(p.stat().st_size for p in tmp_path.glob('predictions.jsonl.part*')) \
       and all(p.poll() is None for p in processes) and time.time() < deadline:
     time.sleep(0.05)
   assert all(p.poll() is None for p in processes), processes[0].communicate()[0][-3000:]
-  for p in processes:
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+  processes[1].send_signal(signal.SIGTERM)
+  outputs = [p.communicate(timeout=300)[0] for p in processes]
+  for p, out in zip(processes, outputs):
+    assert p.returncode == 0 and '[generate] stopped after' in out, out[-4000:]
   assert not (tmp_path / 'predictions.jsonl').exists()
   before = sum(len(list(files.read_whole_lines(str(p))))
                for p in tmp_path.glob('predictions.jsonl.part*'))

@@ -4,11 +4,18 @@ run continues with exactly the next batch.
 Saves are asynchronous (the state is copied off the devices, then written in the
 background) and atomic: a run killed mid-save leaves a temporary directory that restore
 ignores, so the last complete checkpoint wins.
+
+The data position is Grain's iterator state, one JSON file per process (`DataPosition`).
+With the thread-based reader (`data.worker_count=0`) it is a count of global batches, the
+same on every process, so a checkpoint written by N processes restores on M.
 """
 
+import dataclasses
+import json
 import os
 import sys
 import time
+from typing import Any
 
 import grain
 import jax
@@ -25,12 +32,46 @@ def manager(directory: str, *, keep: int, every_steps: int,
                                            cleanup_tmp_directories=True))
 
 
+class DataPosition(grain.checkpoint.CheckpointHandler):
+  """Grain's iterator checkpoint (`process_<i>-of-<n>.json`), restorable on another number
+  of processes when every process saved the same global batch count."""
+
+  def restore(self, directory, item=None, args=None):
+    item = item or args.item
+    index, count = jax.process_index(), jax.process_count()
+    if (directory / f'process_{index}-of-{count}.json').exists():
+      return super().restore(directory, item=item, args=args)
+    saved = sorted(directory.glob('process_*-of-*.json'))
+    states = [json.loads(path.read_text()) for path in saved]
+    if not states or any(set(s) != {'next_index'} for s in states) or len(
+        {s['next_index'] for s in states}) != 1:
+      raise ValueError(
+          f'{directory}: the data position was saved by other processes '
+          f'({[p.name for p in saved]}: {states}) and is not one global batch count that '
+          f'{count} processes can continue from (it is, with data.worker_count=0)')
+    item.set_state(states[0])
+    item.start_prefetch()
+    return item
+
+
+@ocp.args.register_with_handler(DataPosition, for_save=True)
+@dataclasses.dataclass
+class DataSave(ocp.args.CheckpointArgs):
+  item: Any
+
+
+@ocp.args.register_with_handler(DataPosition, for_restore=True)
+@dataclasses.dataclass
+class DataRestore(ocp.args.CheckpointArgs):
+  item: Any
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state, data_iterator=None, *,
          force: bool = False) -> bool:
   """Save at `step` when the manager's interval says so (or `force`)."""
   items = {'state': ocp.args.StandardSave(state)}
   if data_iterator is not None:
-    items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
+    items['data'] = DataSave(data_iterator)
   return mngr.save(step, args=ocp.args.Composite(**items), force=force)
 
 
@@ -41,7 +82,7 @@ class DamagedCheckpoint(RuntimeError):
 def _restore_step(mngr, step: int, abstract_state, data_iterator):
   items = {'state': ocp.args.StandardRestore(abstract_state)}
   if data_iterator is not None:
-    items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
+    items['data'] = DataRestore(data_iterator)
   try:
     return mngr.restore(step, args=ocp.args.Composite(**items))['state']
   except Exception as e:  # Orbax and tensorstore raise many kinds for a damaged file

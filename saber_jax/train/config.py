@@ -83,6 +83,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.wandb = ml_collections.ConfigDict(dict(project='', entity='', name='', mode=''))
   c.nonfinite = 'stop'        # stop | skip: what a non-finite loss or gradient does
   c.logps_chunk_size = 512    # sequence positions per chunk of the vocabulary projection
+
+  # Operating a long run (README, "Running for days"). eval: held-out metrics every
+  # `every_steps` steps (0: off) and at the end, on the first `max_batches` batches of
+  # `sft_records` (the sft stage) / `pref_records` (dpo), logged as eval/... . profile:
+  # (first step, number of steps) to trace with jax.profiler into workdir/tensorboard/<stage>.
+  c.eval = ml_collections.ConfigDict(dict(sft_records='', pref_records='', every_steps=0,
+                                          max_batches=4))
+  c.profile = (0, 0)
   return c
 
 
@@ -303,6 +311,11 @@ def validate(config) -> None:
        "'', 'online', 'offline' or 'disabled'")
   need(config.logps_chunk_size >= 1, 'logps_chunk_size', '>= 1')
   need(config.dry_run_seq_len >= 1, 'dry_run_seq_len', '>= 1')
+  need(config.eval.every_steps >= 0, 'eval.every_steps', '>= 0 (0: off)')
+  need(config.eval.max_batches >= 1, 'eval.max_batches', '>= 1')
+  profile = tuple(config.profile)
+  need(len(profile) == 2 and all(isinstance(n, int) and n >= 0 for n in profile), 'profile',
+       '(first step, number of steps), integers >= 0')
   need(g.batch_size >= 1, 'generate.batch_size', '>= 1')
   need(g.max_new_tokens >= 1, 'generate.max_new_tokens', '>= 1')
   need(g.temperature >= 0, 'generate.temperature', '>= 0 (0: greedy)')

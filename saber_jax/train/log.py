@@ -11,8 +11,16 @@ batches; model FLOPs ignore padding, so MFU stays honest.
 With `config.wandb.project` set (the `wandb` extra), the same records also go to a Weights &
 Biases run, one per stage, whose id is kept in `workdir/wandb/<stage>.id` so a resumed stage
 continues it (`mode='offline'` writes the run under `workdir/wandb/` for `wandb sync`).
+Where the wall time since the last line went (`Clock`): `time/input_s` waiting for the
+next batch, `time/compile_s` compiling (JAX's compile events: the first steps, a new
+bucket's shapes, the eval step), `time/checkpoint_s` restoring and saving checkpoints,
+`time/eval_s` held-out evaluation and `time/step_s` the rest (dispatching and running the
+steps); `goodput` = step / total. With `config.eval`, the held-out metrics of that step as
+`eval/...`. `Profile` writes a jax.profiler trace of chosen steps next to the TensorBoard
+scalars, where TensorBoard's profile plugin finds it.
 """
 
+import contextlib
 import json
 import os
 import time
@@ -24,6 +32,77 @@ from tensorboardX import SummaryWriter
 
 from saber_jax import files
 from saber_jax.train import flops
+
+COMPILE_EVENTS = ('/jax/core/compile/jaxpr_trace_duration',
+                  '/jax/core/compile/jaxpr_to_mlir_module_duration',
+                  '/jax/core/compile/backend_compile_duration')
+EVAL_SHOWN = ('eval/loss', 'eval/rewards/accuracies')   # in the progress line
+TIME_PARTS = ('input', 'compile', 'checkpoint', 'eval')
+
+
+class Clock:
+  """Wall time per part of the loop since the last `take` (see the module docstring).
+  Compile time comes from JAX's compile events, so it is counted wherever it happens and
+  taken out of the part it happened in."""
+
+  def __init__(self):
+    self.start = time.perf_counter()
+    self.parts = dict.fromkeys(TIME_PARTS, 0.0)
+    self._compiling = 0.0        # compile seconds seen inside the current `part`
+    jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+  def _on_event(self, event: str, duration: float, **_):
+    if event in COMPILE_EVENTS:
+      self.parts['compile'] += duration
+      self._compiling += duration
+
+  @contextlib.contextmanager
+  def part(self, name: str):
+    start, self._compiling = time.perf_counter(), 0.0
+    try:
+      yield
+    finally:
+      self.parts[name] += max(time.perf_counter() - start - self._compiling, 0.0)
+
+  def take(self) -> dict:
+    """`time/...` seconds and goodput since the last take; starts a new window."""
+    now = time.perf_counter()
+    total = max(now - self.start, 1e-9)
+    step = max(total - sum(self.parts.values()), 0.0)
+    record = {f'time/{k}_s': v for k, v in self.parts.items()}
+    record.update({'time/step_s': step, 'time/total_s': total, 'goodput': step / total})
+    self.start, self.parts = now, dict.fromkeys(TIME_PARTS, 0.0)
+    return record
+
+  def close(self):
+    jax.monitoring.unregister_event_duration_listener(self._on_event)
+
+
+class Profile:
+  """A jax.profiler trace of steps [start, start + count) (1-based), written under
+  `directory` (plugins/profile/<run>/, what TensorBoard's profile plugin reads)."""
+
+  def __init__(self, window, directory: str):
+    start, count = (tuple(window) + (0, 0))[:2] if window else (0, 0)
+    self.first, self.last, self.directory = int(start), int(start) + int(count) - 1, directory
+    self.active = False
+
+  def before(self, step: int):
+    if self.first <= step <= self.last and not self.active:
+      jax.profiler.start_trace(self.directory)
+      self.active = True
+
+  def after(self, step: int, outputs):
+    if self.active and step >= self.last:
+      jax.block_until_ready(outputs)      # the traced steps' device work is in the trace
+      self.stop()
+
+  def stop(self):
+    if self.active:
+      jax.profiler.stop_trace()
+      self.active = False
+      print(f'profile of steps {self.first}-{self.last} written to {self.directory} '
+            f'(tensorboard --logdir {os.path.dirname(self.directory)})', flush=True)
 
 
 def _scalar(value):
@@ -156,8 +235,10 @@ class MetricLogger:
         f'{flops_per_device / 1e9:.1f} GFLOP/s/device')
     fill = (f'fill text {record["data/text_fill"]:.0%} media {record["data/media_fill"]:.0%}  '
             if text_padded else '')
+    held_out = ''.join(f'{k} {record[k]:.4f}  ' for k in EVAL_SHOWN if k in record)
+    goodput = f'goodput {record["goodput"]:.0%}  ' if 'goodput' in record else ''
     print(f'[{self.stage}] step {step}/{self.total_steps}  loss {record["loss"]:.4f}  '
-          f'{record["tokens_per_s"]:.0f} tok/s  {utilisation}  {fill}'
+          f'{held_out}{record["tokens_per_s"]:.0f} tok/s  {utilisation}  {fill}{goodput}'
           f'{record["step_time_s"]:.2f} s/step  ETA {eta / 60:.1f} min', flush=True)
     return record
 

@@ -4,10 +4,12 @@ Each stage writes under `config.workdir/<stage>/`: `checkpoints/` (Orbax, for re
 `final/` (the thinker params, LoRA merged, the next stage's `init_from`; a LoRA stage's
 adapter too, in `final/adapter/`). The reference
 pass writes the preference records with `ref_chosen_logps` / `ref_rejected_logps`
-filled into `ref_logps/`.
+filled into `ref_logps/`; stopped (SIGTERM / SIGINT) it keeps the log-probs of the batches
+done in `ref_logps/progress.json` and a restart carries on from there.
 """
 
 import copy
+import itertools
 import os
 import shutil
 
@@ -20,10 +22,11 @@ from saber_jax import files, fingerprint, sharding, weights
 from saber_jax.batch import FILL, PAIR_INDEX
 from saber_jax.data import datasets, records
 from saber_jax.errors import UserError
-from saber_jax.train import adapters, steps, trainer
+from saber_jax.train import adapters, preemption, steps, trainer
 
 
 DONE = 'DONE'                # written last by the reference pass
+PROGRESS = 'progress.json'   # the reference pass's batches done, when it was stopped
 
 
 def stage_dir(config, stage: str) -> str:
@@ -59,8 +62,13 @@ def train_stage(config, stage: str, record_paths, init_from: str) -> str:
   iterator = iter(make(setup.model_config, data, paths, seed=config.seed))
   workdir = stage_dir(config, stage)
   trainer.claim_workdir(config, workdir, stage, paths, init_from)
+  evaluation = None
+  eval_records = config.eval.get('sft_records' if stage == 'sft' else 'pref_records')
+  if config.eval.every_steps and eval_records:
+    evaluation = trainer.plan_evaluation(config, stage, setup, eval_batches(
+        config, make, setup.model_config, data, eval_records))
   setup = trainer.train(config, setup, iterator, iterator, workdir, stage, micro_steps,
-                        init_from=init_from)
+                        init_from=init_from, evaluation=evaluation)
   final = os.path.join(workdir, 'final')
   save_final(config, setup, final, init_from)
   return final
@@ -98,6 +106,36 @@ def claim_ref_output(config, out: str, paths, init_from: str | None) -> None:
                      clear=clear, overwrite_hint='--config.overwrite=True',
                      writer=jax.process_index() == 0)
   multihost_utils.sync_global_devices('ref_logps output claimed')
+def eval_batches(config, make, model_config, data, record_paths) -> list[dict]:
+  """The fixed held-out batches: the first `eval.max_batches` of one epoch of the eval
+  records' plan (same seed and batching as training; this process's rows)."""
+  data = copy.deepcopy(data)
+  data.num_epochs = 1
+  paths = datasets.resolve_paths(record_paths)
+  batches = iter(make(model_config, data, paths, seed=config.seed))
+  return list(itertools.islice(batches, config.eval.max_batches))
+
+
+def _skip(batches, count: int) -> None:
+  """Move a Grain iterator past `count` batches (its state is a batch count, or read them)."""
+  state = batches.get_state()
+  if set(state) == {'next_index'}:
+    batches.set_state({'next_index': count})
+  else:
+    for _ in range(count):
+      next(batches)
+
+
+def _progress(path: str, produced_by) -> tuple[int, dict]:
+  """(batches done, pair index -> log-probs) of a stopped reference pass of the same
+  inputs; (0, {}) when there is none."""
+  if not os.path.exists(path):
+    return 0, {}
+  saved = fingerprint.read(path)
+  if saved.get('produced_by') != fingerprint.normalize(produced_by):
+    print(f'[ref_logps] {path} belongs to other records or weights: starting over', flush=True)
+    return 0, {}
+  return saved['batches'], {int(k): tuple(v) for k, v in saved['values'].items()}
 
 
 def ref_logps_stage(config, record_paths, init_from: str) -> str:
@@ -112,8 +150,16 @@ def ref_logps_stage(config, record_paths, init_from: str) -> str:
   logps_fn = jax.jit(sharding.on_mesh(lambda params, batch: jnp.stack(steps.pair_logps(
       params, batch, model_config=model_config, chunk_size=config.logps_chunk_size), axis=-1),
       mesh))
-  values = {}
-  for batch in datasets.reference_batches(model_config, data_config(config, mesh), paths):
+  progress = os.path.join(out, PROGRESS)
+  produced_by = {'records': fingerprint.files_identity(paths),
+                 **weights.weights_identity(config, init_from)}
+  done, values = _progress(progress, produced_by)
+  batches = datasets.reference_batches(model_config, data_config(config, mesh), paths)
+  if done:
+    _skip(batches, done)
+    if jax.process_index() == 0:
+      print(f'[ref_logps] resumed after batch {done}', flush=True)
+  for step, batch in enumerate(batches, start=done + 1):
     pair_index = batch.pop(PAIR_INDEX)
     batch.pop(FILL)
     logps = logps_fn(params, sharding.global_batch(batch, mesh))
@@ -124,11 +170,20 @@ def ref_logps_stage(config, record_paths, init_from: str) -> str:
     for index, (chosen, rejected), real in zip(pair_index, logps, mask):
       if index >= 0 and real:
         values[int(index)] = (float(chosen), float(rejected))
+    if preemption.reached(step):
+      if jax.process_index() == 0:
+        files.write_json(progress, {'produced_by': fingerprint.normalize(produced_by),
+                                    'batches': step, 'values': values})
+      multihost_utils.sync_global_devices('ref_logps progress written')
+      raise preemption.stopped(f'[ref_logps] stopped after batch {step}: {len(values)} pairs '
+                               f'kept in {progress}')
   if jax.process_index() == 0:
     os.makedirs(out, exist_ok=True)
     counts = records.fill_reference_logps(paths, values, key='index', out_dir=out,
                                           missing='keep')
     files.write_text(os.path.join(out, DONE), f'{counts}\n')
+    if os.path.exists(progress):
+      os.remove(progress)
     print(f'[ref_logps] filled {counts["filled"]} pairs, kept {counts["kept"]} '
           f'(too long for the largest length bucket) -> {out}', flush=True)
   multihost_utils.sync_global_devices('ref_logps written')

@@ -1,6 +1,7 @@
-"""Running a training stage: the train state placed on the mesh (its params from
-`weights.initial_params`), the jitted step with explicit shardings and donated state, the
-workdir's fingerprint, and the loop with logging, non-finite checks and Orbax checkpoints."""
+"""Running a stage: params and train state placed on the mesh, the jitted step with explicit
+shardings and donated state, the loop with logging, non-finite checks, Orbax checkpoints,
+held-out evaluation, profiles, time accounting and a clean stop on SIGTERM / SIGINT
+(`preemption`)."""
 
 import dataclasses
 import functools
@@ -17,10 +18,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from saber_jax import fingerprint, sharding, weights
 from saber_jax.batch import FILL, IGNORE_INDEX
+from saber_jax.errors import UserError
 from saber_jax.models.config import ThinkerConfig
 from saber_jax.models.thinker import abstract_params
-from saber_jax.train import adapters, checkpoint, flops, lora, optim, steps
-from saber_jax.train.log import MetricLogger
+from saber_jax.train import adapters, checkpoint, flops, lora, optim, preemption, steps
+from saber_jax.train.log import Clock, MetricLogger, Profile
 
 
 class NonFiniteError(FloatingPointError):
@@ -147,6 +149,8 @@ def claim_workdir(config, workdir: str, stage: str, record_paths, init_from: str
       shutil.rmtree(path, ignore_errors=True)
     print(f'[{stage}] config.overwrite: deleted the earlier run in {workdir}', flush=True)
 
+  if has_output and not c.get('overwrite', False):
+    check_global_batch(os.path.join(workdir, fingerprint.FILE), c.data.batch_size)
   fingerprint.ensure(os.path.join(workdir, fingerprint.FILE), produced_by,
                      has_output=has_output, overwrite=c.get('overwrite', False), clear=clear,
                      overwrite_hint='--config.overwrite=True',
@@ -154,8 +158,79 @@ def claim_workdir(config, workdir: str, stage: str, record_paths, init_from: str
   multihost_utils.sync_global_devices(f'{stage} workdir claimed')
 
 
+@dataclasses.dataclass
+class Evaluation:
+  """Held-out evaluation while training: a fixed list of host batches (the first
+  `max_batches` of the eval records' plan), evaluated every `every_steps` steps and at the
+  end by `step_fn(trainable, frozen, batch) -> (loss, metrics)`."""
+  batches: list
+  every_steps: int
+  step_fn: Callable
+
+
+def plan_evaluation(config, stage: str, setup: Setup, batches) -> Evaluation:
+  """The eval step of `stage` sharded like training (the state's shardings; rows over
+  the batch axes), compiled once per batch shape of the fixed eval batches."""
+  loss_fn = stage_loss(config, stage, setup.model_config)
+  shardings = setup.state_shardings
+  step_fn = jax.jit(sharding.on_mesh(loss_fn, setup.mesh),
+                    in_shardings=(shardings.trainable, shardings.frozen, None),
+                    out_shardings=replicated(setup.mesh))
+  batches = [{k: v for k, v in b.items() if k != FILL} for b in batches]
+  return Evaluation(batches, config.eval.every_steps, step_fn)
+
+
+def eval_means(per_batch: list[dict]) -> dict:
+  """`eval/...` means over the eval batches: token-weighted for the SED loss (`loss` by
+  `tokens`, `nll/<part>` by `tokens/<part>`: the held-out per-token NLL), token counts
+  summed, every other metric (the CA-DPO loss, rewards) the mean of the batch means."""
+  keys = per_batch[0].keys()
+  values = {k: np.array([float(m[k]) for m in per_batch], np.float64) for k in keys}
+  weight_of = lambda k: ('tokens' if k == 'loss' and 'tokens' in keys
+                         else 'tokens/' + k[4:] if k.startswith('nll/') else None)
+  out = {}
+  for k, v in values.items():
+    w = weight_of(k)
+    if k.startswith('tokens'):
+      out[f'eval/{k}'] = float(v.sum())
+    elif w is not None:
+      out[f'eval/{k}'] = float((v * values[w]).sum() / max(values[w].sum(), 1.0))
+    else:
+      out[f'eval/{k}'] = float(v.mean())
+  return out
+
+
+def evaluate(evaluation: Evaluation, state: steps.TrainState, mesh: Mesh) -> dict:
+  """The eval metrics of `state` over the fixed eval batches (`eval_means`)."""
+  per_batch = []
+  for batch in evaluation.batches:
+    loss, metrics = evaluation.step_fn(state.trainable, state.frozen,
+                                       sharding.global_batch(batch, mesh))
+    per_batch.append({'loss': loss, **metrics})
+  return eval_means(jax.device_get(per_batch))
+
+
+def check_global_batch(fingerprint_path: str, batch_size: int) -> None:
+  """A run resumes on any number of processes with the global batch it started with
+  (`data.batch_size` is per process): otherwise an error naming both numbers."""
+  try:
+    old = fingerprint.read(fingerprint_path)['data']['global_batch_size']
+  except (OSError, ValueError, KeyError, TypeError):
+    return                         # no earlier run to compare with: ensure() decides
+  processes = jax.process_count()
+  if old == batch_size * processes:
+    return
+  fix = (f'--config.data.batch_size={old // processes}' if old % processes == 0 else
+         f'a process count that divides {old}')
+  raise UserError(
+      f'{os.path.dirname(fingerprint_path)} was trained with a global batch of {old} examples; '
+      f'this run has data.batch_size={batch_size} per process x {processes} processes = '
+      f'{batch_size * processes}. To resume, use {fix} (data.batch_size is per process).')
+
+
 def train(config, setup: Setup, batches: Iterator[dict], data_iterator, workdir: str,
-          stage: str, total_steps: int, init_from: str | None = None) -> Setup:
+          stage: str, total_steps: int, init_from: str | None = None,
+          evaluation: Evaluation | None = None) -> Setup:
   """The loop: one step per batch until `total_steps` micro-steps, checkpoints every
   `checkpoint.every_steps` (and at the end). Resumes from the latest complete checkpoint
   of `workdir` (state and data position); otherwise starts from `init_from`.
@@ -163,10 +238,17 @@ def train(config, setup: Setup, batches: Iterator[dict], data_iterator, workdir:
   Metrics stay on the devices until a log step or a checkpoint step fetches them all at
   once (no host sync per micro-step). The non-finite stop is still exact: it names the
   first non-finite step, and no checkpoint is written before the steps it holds were
-  seen finite, so the last checkpoint is intact."""
+  seen finite, so the last checkpoint is intact.
+
+  On a stop request (`preemption.reached`, alike on every process) the step in flight is
+  finished, logged and checkpointed, the save waited for, and `preemption.Stopped` raised.
+  `evaluation`: held-out metrics logged as `eval/...` at its steps (a function of the state
+  alone, so a resumed run logs the same values). `config.profile`: steps to trace."""
+  clock = Clock()
   mngr = checkpoint.manager(os.path.join(workdir, 'checkpoints'), keep=config.checkpoint.keep,
                             every_steps=config.checkpoint.every_steps)
-  state = checkpoint.restore(mngr, setup.abstract_state, data_iterator)
+  with clock.part('checkpoint'):
+    state = checkpoint.restore(mngr, setup.abstract_state, data_iterator)
   if state is None:
     state = materialize(setup, config, init_from).state
   elif jax.process_index() == 0:
@@ -174,6 +256,7 @@ def train(config, setup: Setup, batches: Iterator[dict], data_iterator, workdir:
   step = int(jax.device_get(state.step))
   logger = MetricLogger(config.workdir, stage, total_steps, start_step=step,
                         wandb=config.get('wandb'), run_config=config.to_dict())
+  profile = Profile(config.get('profile'), os.path.join(config.workdir, 'tensorboard', stage))
   schedule = optim.learning_rate_schedule(config.optim)
   pending = []     # (step, device metrics, host work counts) not yet fetched
 
@@ -190,7 +273,9 @@ def train(config, setup: Setup, batches: Iterator[dict], data_iterator, workdir:
 
   try:
     while step < total_steps:
-      batch = next(batches)
+      profile.before(step + 1)
+      with clock.part('input'):
+        batch = next(batches)
       fill = batch.pop(FILL, None)   # the global batch's padding, not a model input
       state, metrics = setup.step_fn(state, sharding.global_batch(batch, setup.mesh))
       step += 1
@@ -199,14 +284,31 @@ def train(config, setup: Setup, batches: Iterator[dict], data_iterator, workdir:
           tokens=int(np.sum(batch['labels'] != IGNORE_INDEX)),
           model_flops=flops.step_flops(setup.model_config, batch, trainable=config.trainable),
           fill=fill)))
-      log_now = step % config.log_every == 0 or step == total_steps
-      if log_now or mngr.should_save(step) or step == total_steps:
+      profile.after(step, metrics)
+      stop = step < total_steps and preemption.reached(step)
+      last = step == total_steps or stop
+      eval_now = evaluation is not None and (step % evaluation.every_steps == 0 or last)
+      log_now = step % config.log_every == 0 or last or eval_now
+      if log_now or mngr.should_save(step) or last:
         fetch()
       if log_now:
-        logger.write(step, {'lr': float(schedule((step - 1) // config.optim.grad_accum_steps))})
-      checkpoint.save(mngr, step, state, data_iterator, force=step == total_steps)
+        extra = {'lr': float(schedule((step - 1) // config.optim.grad_accum_steps))}
+        if eval_now:
+          with clock.part('eval'):
+            extra.update(evaluate(evaluation, state, setup.mesh))
+        logger.write(step, {**extra, **clock.take()})
+      with clock.part('checkpoint'):
+        checkpoint.save(mngr, step, state, data_iterator, force=last)
+        if stop:
+          mngr.wait_until_finished()
+      if stop:
+        raise preemption.stopped(
+            f'[{stage}] stopped after step {step} of {total_steps}: checkpoint '
+            f'{os.path.join(os.fspath(mngr.directory), str(step))} saved')
     mngr.wait_until_finished()
   finally:
+    profile.stop()
+    clock.close()
     mngr.close()
     logger.close()
   return dataclasses.replace(setup, state=state)
