@@ -12,7 +12,7 @@ With --json the last line is one JSON object; `speedup` is JAX over transformers
 tokens/s, for the k-sample case of the first model.
 
 Dataset mode (`--dataset N`): N generated demo clips (varied prompt lengths and media)
-through `mode=generate` (`saber_jax.sampling.generate_stage`: bucketed batches of
+through `mode=generate` (`saber_jax.generate.generate_stage`: bucketed batches of
 `--batch` prompts, k = `--samples` at temperature 0.8) against transformers `generate`
 looped over the same prompts (one prompt, k return sequences per call), both on the same
 random tiny thinker (the demo's model, real vocabulary) loaded from the same safetensors.
@@ -132,7 +132,7 @@ def run_model(name: str, args) -> list[dict]:
 
 
 def run_dataset(args) -> dict:
-  from saber_jax import sampling
+  from saber_jax import generate as generate_stage_lib
   from saber_jax.cli import make_demo_data, preprocess
   from saber_jax.configs import demo
   from saber_jax.data import collate, examples, records
@@ -155,7 +155,7 @@ def run_dataset(args) -> dict:
     g.max_new_tokens = args.new_tokens
     out = os.path.join(root, 'jax', 'predictions.jsonl')
     start = time.perf_counter()
-    sampling.generate_stage(config, prefix, hf_dir, out)
+    generate_stage_lib.generate_stage(config, prefix, hf_dir, out)
     jax_s = time.perf_counter() - start
     with open(out) as f:
       lines = [json.loads(line) for line in f]

@@ -33,7 +33,7 @@ from absl import app, flags, logging  # noqa: E402
 import jax  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from saber_jax import configs, errors, pipeline, sampling  # noqa: E402
+from saber_jax import configs, errors, generate, pipeline  # noqa: E402
 from saber_jax.train import config as config_lib, dry_run, preemption, stages  # noqa: E402
 
 CONFIGS = os.path.dirname(os.path.abspath(configs.__file__))
@@ -86,7 +86,7 @@ def run(config) -> None:
   elif config.mode == 'dpo':
     stages.train_stage(config, 'dpo', config.pref_records, config.init_from)
   elif config.mode == 'generate':
-    sampling.generate_stage(config, config.generate.records, config.init_from,
+    generate.generate_stage(config, config.generate.records, config.init_from,
                             os.path.join(config.workdir, 'predictions.jsonl'))
   elif config.mode == 'pipeline':
     pipeline.run_pipeline(config)

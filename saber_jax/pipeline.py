@@ -1,6 +1,6 @@
 """`mode=pipeline`: every stage of SABER-LLM in order, each printing the command-line
 tool it runs so the same steps can be run by hand at scale. It sits beside main.py, above
-the stages (train/), the generate stage (sampling.py) and the tools (cli/) it calls.
+the stages (train/), the generate stage (generate.py) and the tools (cli/) it calls.
 
   1. saber-make-demo-data   generated clips (mp4 with audio, wav) and annotations (en, zh)
   2. saber-preprocess       SFT records (log-mel, frames, SED target tokens)
@@ -22,7 +22,7 @@ import os
 import jax
 from jax.experimental import multihost_utils
 
-from saber_jax import files, sampling, weights
+from saber_jax import files, generate, weights
 from saber_jax.cli import make_demo_data, make_pairs, make_preference_records, preprocess
 from saber_jax.train import stages
 from saber_jax.train.config import with_overrides
@@ -46,7 +46,7 @@ def _done(path: str) -> bool:
 def show_answer(config, stage: str, sft_records: str, params_dir: str) -> None:
   """Print the model's greedy answer for the first clip, to see what a stage changed."""
   out = os.path.join(config.workdir, f'answers_after_{stage}.jsonl')
-  answers = sampling.generate_stage(config, sft_records, params_dir, out, limit=1)
+  answers = generate.generate_stage(config, sft_records, params_dir, out, limit=1)
   if answers and jax.process_index() == 0:
     print(f'--- {answers[0]["id"]} after {stage} ---\n{answers[0]["response"]}\n---',
           flush=True)

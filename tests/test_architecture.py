@@ -9,7 +9,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / 'saber_jax'
 # The README's layer table: module (or package) prefix -> layer, most specific first.
 LAYERS = {
     'saber_jax.main': 7, 'saber_jax.pipeline': 7, 'saber_jax.cli': 7, 'saber_jax.configs': 7,
-    'saber_jax.train': 6, 'saber_jax.sampling': 6,
+    'saber_jax.train': 6, 'saber_jax.generate': 6,
     'saber_jax.weights': 5, 'saber_jax.decode': 5,
     'saber_jax.data': 4, 'saber_jax.convert': 4,
     'saber_jax.models': 3, 'saber_jax.losses': 3, 'saber_jax.judge': 3,

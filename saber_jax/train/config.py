@@ -69,7 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
   # mode=generate: responses to the prompts of `records` (JSONL predictions in workdir);
   # num_samples 10 at temperature 0.8 gives the samples CA-DPO pairs are judged from.
   # batch_size: prompts per process and batch; window_batches: prompts are sorted by size
-  # within windows of this many batches (saber_jax/sampling.py). max_new_tokens must cover
+  # within windows of this many batches (saber_jax/generate.py). max_new_tokens must cover
   # the SFT answers (a cut sample is never a chosen answer): 1024 is 1.7x the 600-token
   # answers planned for; the generate stage warns when the records' answers are longer.
   c.generate = ml_collections.ConfigDict(dict(

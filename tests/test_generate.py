@@ -1,4 +1,4 @@
-"""`mode=generate` at scale (saber_jax/sampling.py) over real preprocessed records: one
+"""`mode=generate` at scale (saber_jax/generate.py) over real preprocessed records: one
 compilation per bucket used, each id written once, samples that depend only on (seed,
 id, j) whatever the batch size, bucket, mesh or resume point, a torn tail repaired, bad
 records and failing prompts isolated in errors.jsonl, rows sharded over the devices."""
@@ -19,7 +19,7 @@ import pytest
 
 from hf_reference import make_batch, tiny_hf_config
 from processes import cpu_env, free_port
-from saber_jax import decode, files, sampling, sharding, weights
+from saber_jax import decode, files, generate, sharding, weights
 from saber_jax.data import collate, prompt, records
 from saber_jax.models import ThinkerConfig, abstract_params, model_inputs
 
@@ -89,9 +89,9 @@ def run(config, paths, out_dir, devices=1, mesh_shape=(-1, 1, 1), batch_size=5):
   params = weights.initial_params(config, model_config, mesh, '')
   out = pathlib.Path(out_dir) / 'predictions.jsonl'
   out.parent.mkdir(parents=True, exist_ok=True)
-  _, stats = sampling.sample_records(config, model_config, params, mesh, paths, str(out),
+  _, stats = generate.sample_records(config, model_config, params, mesh, paths, str(out),
                                      prompt.load_tokenizer())
-  sampling.merge_process_parts(str(out))
+  generate.merge_process_parts(str(out))
   lines = [json.loads(line) for line in out.read_text().splitlines()]
   by_id = {line['id']: line for line in lines}
   assert len(by_id) == len(lines), 'an id was written twice'
@@ -168,10 +168,10 @@ def test_torn_tail_is_cut_and_finished_ids_read_every_part(tmp_path):
   (tmp_path / 'predictions.jsonl.part1').write_text('{"id": "c"}\n{"id": "a"}\nnot json\n')
   (tmp_path / 'errors.jsonl').write_text('{"id": "d", "reason": "x"}\n'
                                          '{"id": null, "where": "f:3"}\n')
-  assert sampling.finished_ids(str(out)) == {'a', 'b', 'c', 'd', 'f:3'}
+  assert generate.finished_ids(str(out)) == {'a', 'b', 'c', 'd', 'f:3'}
   assert files.repair_tail(str(tmp_path / 'predictions.jsonl.part0')) == len('{"id": "c"')
   assert (tmp_path / 'predictions.jsonl.part0').read_text() == '{"id": "b"}\n'
-  assert sampling.merge_process_parts(str(out)) == 3
+  assert generate.merge_process_parts(str(out)) == 3
   assert out.read_text() == '{"id": "a"}\n{"id": "b"}\n{"id": "c"}\n'
   assert not list(tmp_path.glob('*.part*'))
 
