@@ -18,6 +18,10 @@ if __name__ == '__main__':
   # before JAX starts its threads (they inherit the mask), so a signal never cuts a
   # collective's connect or read short.
   signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+  # Forked children take them back (spawned ones start unblocked: checked for
+  # multiprocessing's spawn, which Grain and saber-preprocess workers use).
+  os.register_at_fork(after_in_child=lambda: signal.pthread_sigmask(
+      signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT}))
 
 if (any(a.startswith('--config.dry_run') and not a.endswith(('False', 'false', '0'))
         for a in sys.argv) and 'XLA_FLAGS' not in os.environ):
