@@ -20,7 +20,8 @@ def raw():
   return json.loads(th.FIXTURE_EN_TEXT)
 
 
-@pytest.mark.skipif(not os.path.exists(th.SHARED_FIXTURE_PATH), reason='shared fixture folder absent')
+@pytest.mark.skipif(not os.path.exists(th.SHARED_FIXTURE_PATH), reason='shared fixture folder '
+                                                                       'absent')
 def test_embedded_fixture_is_the_shared_file():
   with open(th.SHARED_FIXTURE_PATH, encoding='utf-8') as f:
     assert f.read() == th.FIXTURE_EN_TEXT
@@ -83,7 +84,8 @@ def test_wrong_type_names_clip_field_and_expected_type(raw, path, value, kind):
 
 def test_audio_desc_not_an_object(raw):
   with pytest.raises(annotation.AnnotationError,
-                     match=r"clip 'c': field 'audio_desc': expected an object with 'speech_content', got str"):
+                     match=r"clip 'c': field 'audio_desc': expected an object with "
+                           r"'speech_content', got str"):
     annotation.validate_annotation(_with(raw, ('audio_desc',), 'loud'), 'c')
 
 
@@ -97,7 +99,8 @@ def test_empty_text_names_clip_and_field(raw, path, value):
 
 
 def test_record_that_is_not_an_object():
-  with pytest.raises(annotation.AnnotationError, match=r"clip 'c': expected a JSON object .* got list"):
+  with pytest.raises(annotation.AnnotationError, match=r"clip 'c': expected a JSON object .* got "
+                                                       r"list"):
     annotation.validate_annotation(['video_desc'], 'c')
 
 
@@ -141,7 +144,8 @@ def test_read_annotations_yields_errors_and_goes_on(raw, tmp_path):
   messages = {i: str(result) for i, (_, result) in enumerate(results) if not kinds[i]}
   assert messages[1].startswith(f'{path}:2: clip id unknown: invalid JSON')
   assert messages[2] == f"{path}:4: clip id unknown: field 'id': missing"
-  assert messages[3] == (f"{path}:5: clip 'bad_field': field 'audio_desc.acoustic_feat': expected non-empty "
+  assert messages[3] == (f"{path}:5: clip 'bad_field': field 'audio_desc.acoustic_feat': expected "
+                         "non-empty "
                          'text, got an empty or whitespace-only string')
   assert messages[4] == f"{path}:6: clip 'no_annotation': field 'annotation': missing"
   assert messages[6].startswith(f"{path}:8: clip 'bad_text': invalid JSON at line 1")

@@ -52,10 +52,12 @@ def test_parse_json_object_rejects(text, match):
 
 def test_validate_exact_keys_strict_types_and_ranges():
   assert replies.validate({'score': 3, 'ok': False}, Score) == {'score': 3, 'ok': False}
-  bad = [({'score': 4, 'ok': True}, r'^\$.score: Input should be less than or equal to 3 \(got 4\)$'),
+  bad = [({'score': 4, 'ok': True}, r'^\$.score: Input should be less than or equal to 3 \(got '
+                                    r'4\)$'),
          ({'score': -1, 'ok': True}, 'greater than or equal to 0'),
          ({'score': 1.5, 'ok': True}, r'\$.score: Input should be a valid integer'),
-         ({'score': True, 'ok': True}, r'\$.score: Input should be a valid integer'),  # not a number
+         ({'score': True, 'ok': True}, r'\$.score: Input should be a valid '
+                                       r'integer'),  # not a number
          ({'score': '2', 'ok': True}, r'\$.score: Input should be a valid integer'),
          ({'score': 1, 'ok': 'yes'}, r'\$.ok: Input should be a valid boolean'),
          ({'score': 1}, r'^\$.ok: Field required$'),

@@ -73,7 +73,8 @@ def test_offline_tokenizer_puts_omni_tokens_at_thinker_ids(tok):
 
 
 @pytest.mark.parametrize('text', [
-    TEXTS['en'], TEXTS['zh'], "  It's 3.14159 -- isn't it?\n\n\tTabs,   spaces\r\n", 'naïve café ｆｕｌｌ-width，标点。',
+    TEXTS['en'], TEXTS['zh'], "  It's 3.14159 -- isn't "
+                              "it?\n\n\tTabs,   spaces\r\n", 'naïve café ｆｕｌｌ-width，标点。',
     'emoji 😀🎉 and <laughs> markers', '子敬果真是江东第一善人。我...我替刘琦公子拜谢了。',
 ])
 def test_offline_bpe_matches_packaged_tokenizer_json(tok, text):

@@ -74,7 +74,8 @@ def test_order_and_headers_are_configurable(fixture_annotation):
   assert [segment for segment, _ in target] == [ACOUSTIC, VISUAL, REASONING]
   assert [t.split('\n')[0] for _, t in target] == ['[HEAR]', '[SEE]', '[THINK]']
   reasoning_only = sed.sed_target(fixture_annotation, 'en', order=('reasoning',))
-  assert reasoning_only == [(REASONING, 'Holistic reasoning:\n' + fixture_annotation.sentiment_analysis)]
+  assert reasoning_only == [(REASONING, 'Holistic '
+                                        'reasoning:\n' + fixture_annotation.sentiment_analysis)]
 
 
 def test_bad_order_or_language_is_rejected(fixture_annotation):

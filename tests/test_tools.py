@@ -237,11 +237,19 @@ def test_quality_end_to_end(judge_server, tmp_path):
   zh = {**ZH_ANNOTATION, 'audio_desc': {'speech_content': '今天天气很好<笑声>', 'acoustic_feat': '男声，语气愉快。'},
         'video_desc': '[[z1]] 一位男士站在窗边。'}
   annotations = write_jsonl(tmp_path / 'ann.jsonl', [
-      {'id': 'e1', 'lang': 'en', 'annotation': annotation('e1', speech), 'transcript': 'why do all your coffee mugs have numbers on the bottom'},
+      {'id': 'e1', 'lang': 'en', 'annotation': annotation('e1', speech), 'transcript': 'why do '
+                                                                                       'all your '
+                                                                                       'coffee '
+                                                                                       'mugs '
+                                                                                       'have '
+                                                                                       'numbers '
+                                                                                       'on the '
+                                                                                       'bottom'},
       {'id': 'e2', 'lang': 'en', 'annotation': annotation('e2', speech)},   # transcript from --transcripts
       {'id': 'z1', 'lang': 'zh', 'annotation': zh},
       {'id': 'e3', 'lang': 'en', 'annotation': annotation('e3', speech)},   # no transcript at all
-      {'id': 'e4', 'lang': 'en', 'annotation': annotation('e4', '<laughter> Why do all your coffee mugs have numbers on the bottom')},
+      {'id': 'e4', 'lang': 'en', 'annotation': annotation('e4', '<laughter> Why do all your coffee '
+                                                                'mugs have numbers on the bottom')},
   ])
   transcripts = write_jsonl(tmp_path / 'asr.jsonl', [
       {'id': 'e2', 'transcript': 'I never said she stole my money'},   # a different sentence
@@ -249,7 +257,8 @@ def test_quality_end_to_end(judge_server, tmp_path):
       {'id': 'e4', 'transcript': 'Why do all your coffee mugs have numbers on the bottom?'},
   ])
   descriptions = write_jsonl(tmp_path / 'desc.jsonl', [
-      {'id': k, 'description': f'[[{k}]] an independent caption'} for k in ('e1', 'e2', 'z1', 'e3', 'e4')])
+      {'id': k, 'description': f'[[{k}]] an independent '
+                               'caption'} for k in ('e1', 'e2', 'z1', 'e3', 'e4')])
 
   def answer(body, tag):
     if tag == 'z1':
@@ -303,7 +312,8 @@ def test_build_test_set_end_to_end(judge_server, tmp_path):
     relation, intensity = judged[tag]
     return json.dumps({'relation': relation, 'intensity': intensity})
   # i2 keeps answering an intensity of 11 (out of range); c3 times out once.
-  plan = Plan(answer, {'i2': ['{"relation": "inconsistent", "intensity": 11}'], 'c3': ['slow', 'ok']})
+  plan = Plan(answer, {'i2': ['{"relation": "inconsistent", "intensity": '
+                              '11}'], 'c3': ['slow', 'ok']})
   server = judge_server(plan)
   out = tmp_path / 'test_set'
   summary = build_test_set.main(['--annotations', annotations, '--out', str(out), '--per-class', '2',
@@ -483,7 +493,8 @@ def test_make_pairs_perturb(tmp_path):
       f"- Scene: {e0['video_desc']}\n- Facial expression: {e0['facial_exp_desc']}\n"
       f"- Body language: {e0['body_lang_desc']}\n\n"
       'Acoustic evidence:\n'
-      f"- Speech content: line number 0\n- Acoustic features: {e0['audio_desc']['acoustic_feat']}\n\n"
+      "- Speech content: line number 0\n- Acoustic features: "
+      f"{e0['audio_desc']['acoustic_feat']}\n\n"
       f"Holistic reasoning:\n{e0['sentiment_analysis']}")
   kinds = collections.Counter(p['perturbation'].split(':')[0] for p in pairs)
   assert kinds == {'swap': 4, 'drop': 4, 'contradict': 4}
@@ -506,8 +517,10 @@ def test_make_pairs_perturb(tmp_path):
         assert 'Acoustic evidence:\n\nHolistic reasoning:' in p['rejected']
     else:
       expected = {
-          'e0': ('contradict:flip', 'The overall sentiment is negative: the tone conflicts with the smile.'),
-          'e1': ('contradict:flip', 'The overall sentiment is negative: the tone conflicts with the smile.'),
+          'e0': ('contradict:flip', 'The overall sentiment is negative: the tone conflicts with '
+                                    'the smile.'),
+          'e1': ('contradict:flip', 'The overall sentiment is negative: the tone conflicts with '
+                                    'the smile.'),
           'z': ('contradict:flip', '整体情绪负面偏好奇，语气与表情矛盾。'),
           'e2': ('contradict:donor', gold[p['donor_id'] or 'e0']['sentiment_analysis']),
       }[rid]

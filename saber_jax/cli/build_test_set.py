@@ -35,11 +35,15 @@ class Relation(replies.Reply):
   intensity: replies.int_in(0, 10)
 
 RELATION_PROMPT = """Below is a structured annotation of a short video clip: what is seen (video, facial expression, body language), what is heard (speech content with <sound events>, acoustic features of the voice) and a sentiment analysis.
-Judge the relation between the emotional cues of the audio (the words and the voice) and those of the visuals (face, body, scene):
+Judge the relation between the emotional cues of the audio (the words and the voice) and those of \
+the visuals (face, body, scene):
 - "consistent": they convey the same emotion;
-- "inconsistent": they conflict, e.g. sarcasm, a masked or suppressed emotion, a smile with an angry voice, cheerful words said flatly.
-Then rate the intensity of that relation from 0 to 10: how clearly and strongly the cues agree (for consistent) or conflict (for inconsistent). 0 = barely, 10 = unmistakable.
-Reply with one JSON object: {{"relation": "consistent" or "inconsistent", "intensity": <integer 0-10>}}.
+- "inconsistent": they conflict, e.g. sarcasm, a masked or suppressed emotion, a smile with an \
+angry voice, cheerful words said flatly.
+Then rate the intensity of that relation from 0 to 10: how clearly and strongly the cues agree \
+(for consistent) or conflict (for inconsistent). 0 = barely, 10 = unmistakable.
+Reply with one JSON object: {{"relation": "consistent" or "inconsistent", "intensity": <integer \
+0-10>}}.
 
 Annotation:
 {annotation}"""

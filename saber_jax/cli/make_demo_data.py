@@ -59,9 +59,12 @@ TEXT = {
         'video': ('A cartoon face on a plain {bg} background fills the centre of the frame for '
                   'about {seconds:.1f} seconds.'),
         'face': {
-            'happy': 'The eyebrows are raised in soft arcs and the mouth curves up into a wide smile.',
-            'sad': 'The inner ends of the eyebrows are lifted and the mouth turns down into a frown.',
-            'angry': 'The eyebrows are pulled down towards the centre and the mouth is open and tense.',
+            'happy': 'The eyebrows are raised in soft arcs and the mouth curves up into a wide '
+                     'smile.',
+            'sad': 'The inner ends of the eyebrows are lifted and the mouth turns down into a '
+                   'frown.',
+            'angry': 'The eyebrows are pulled down towards the centre and the mouth is open and '
+                     'tense.',
             'neutral': 'The eyebrows are level and the mouth is a straight, relaxed line.',
         },
         'body': {
@@ -72,16 +75,21 @@ TEXT = {
         },
         'speech': 'No words are spoken; the speaker hums {syllables} short syllables.',
         'voice': {
-            'happy': 'A high pitch that rises within each syllable, a quick pace and a bright, lively tone.',
-            'sad': 'A low pitch that falls within each syllable, a slow pace and a soft, quiet voice.',
+            'happy': 'A high pitch that rises within each syllable, a quick pace and a bright, '
+                     'lively tone.',
+            'sad': 'A low pitch that falls within each syllable, a slow pace and a soft, quiet '
+                   'voice.',
             'angry': 'A loud, harsh and buzzing voice at a fast pace, with abrupt syllables.',
             'neutral': 'A medium, steady pitch at an even pace and a moderate volume.',
         },
         'emotion': {'happy': 'happy', 'sad': 'sad', 'angry': 'angry', 'neutral': 'calm'},
-        'consistent': ('The face, the head movement and the voice all agree: the expression and motion '
+        'consistent': ('The face, the head movement and the voice all agree: the expression and '
+                       'motion '
                        'look {face}, and the voice sounds {voice} as well. The speaker is {face}.'),
-        'inconsistent': ('The cues conflict: the face and the head movement look {face}, but the voice '
-                         'sounds {voice}. The emotion is mixed; the {face} expression does not match the '
+        'inconsistent': ('The cues conflict: the face and the head movement look {face}, but the '
+                         'voice '
+                         'sounds {voice}. The emotion is mixed; the {face} expression does not '
+                         'match the '
                          '{voice} voice, which suggests a masked or ambivalent feeling.'),
     },
     'zh': {
@@ -106,7 +114,8 @@ TEXT = {
             'neutral': '音调适中平稳，语速均匀，音量适中。',
         },
         'emotion': {'happy': '开心', 'sad': '悲伤', 'angry': '愤怒', 'neutral': '平静'},
-        'consistent': '面部表情、头部动作和声音完全一致：表情和动作显得{face}，声音听起来也很{voice}。说话者的情绪是{face}。',
+        'consistent': '面部表情、头部动作和声音完全一致：表情和动作显得{face}，声音听起来也很'
+                      '{voice}。说话者的情绪是{face}。',
         'inconsistent': ('线索相互矛盾：面部表情和头部动作显得{face}，但声音听起来{voice}。'
                          '情绪是复杂的；{face}的表情与{voice}的声音不符，暗示一种被掩饰或矛盾的情感。'),
     },

@@ -64,8 +64,11 @@ class ResponseScore(replies.Reply):
 
 SCORE_PROMPT = """You are grading one response of a model that analyses the emotion expressed in a video clip. The model had to state the visual evidence, then the acoustic evidence, then reason from that evidence to the emotion.
 Score the response on two criteria, each an integer from 0 to 10:
-- "logical_consistency": does the reasoning follow from the evidence the response itself states, without contradictions or unsupported jumps?
-- "evidence_alignment": does the visual and acoustic evidence it states agree with the reference evidence? Penalise cues that contradict the reference or are absent from it (hallucinated), and important cues it misses.
+- "logical_consistency": does the reasoning follow from the evidence the response itself states, \
+without contradictions or unsupported jumps?
+- "evidence_alignment": does the visual and acoustic evidence it states agree with the reference \
+evidence? Penalise cues that contradict the reference or are absent from it (hallucinated), and \
+important cues it misses.
 Reply with one JSON object: {{"logical_consistency": <0-10>, "evidence_alignment": <0-10>}}.
 {task}
 Reference evidence (verified annotation of the clip):
@@ -253,7 +256,8 @@ def perturb_pairs(args) -> dict:
       annotation = annotation_lib.annotation_of(record, args.annotations, rid)
       lang = record.get('lang')
       if lang not in ('en', 'zh'):
-        raise ValueError(f"{args.annotations}: clip {rid!r}: 'lang' must be 'en' or 'zh', got {lang!r}")
+        raise ValueError(f"{args.annotations}: clip {rid!r}: 'lang' must be 'en' or 'zh', got "
+                         f"{lang!r}")
       rng = random.Random(f'{args.seed}:{rid}')
       pool = by_lang.get(entries[index][1], [])
       if len(pool) < 2:
@@ -313,7 +317,8 @@ def judge_pairs(args) -> dict:
   def process(item):
     annotation = references.get(item['record_id'])
     if annotation is None:
-      raise runs.ItemError('bad_input', f"{args.annotations}: no annotation for id {item['record_id']!r}")
+      raise runs.ItemError('bad_input', f"{args.annotations}: no annotation for id "
+                                        f"{item['record_id']!r}")
     reply = judge.ask(score_messages(annotation, item['response'], item['prompt']), ResponseScore,
                       name='response_score')
     return {'record_id': item['record_id'], 'index': item['index'], **reply.value,
@@ -369,8 +374,10 @@ def judge_pairs(args) -> dict:
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--strategy', choices=('judge', 'perturb'), default='judge')
-  parser.add_argument('--samples', help='judge: JSONL {"id", "responses": [...], "prompt"?, "subset"?}')
-  parser.add_argument('--annotations', required=True, help='JSONL {"id", "annotation"}: the gold evidence')
+  parser.add_argument('--samples', help='judge: JSONL {"id", "responses": [...], "prompt"?, '
+                                        '"subset"?}')
+  parser.add_argument('--annotations', required=True, help='JSONL {"id", "annotation"}: the gold '
+                                                           'evidence')
   parser.add_argument('--out', required=True, help='output folder')
   parser.add_argument('--pairing', choices=('product', 'zipped'), default='product',
                       help='top-2 x bottom-2 (4 pairs) or zipped (2 pairs)')

@@ -48,7 +48,10 @@ class Consistency(replies.Reply):
   reason: replies.NonEmpty
 
 CONSISTENCY_PROMPT = """Two descriptions of the same short video clip follow: a structured annotation (JSON) and an independent description written by another observer.
-Decide whether they are semantically consistent: they describe the same scene, the same people and actions, and a compatible emotional tone. Differences in detail, emphasis or wording are fine; a contradiction (different people, setting, events or speech, or an opposite emotion) makes them inconsistent.
+Decide whether they are semantically consistent: they describe the same scene, the same people and \
+actions, and a compatible emotional tone. Differences in detail, emphasis or wording are fine; a \
+contradiction (different people, setting, events or speech, or an opposite emotion) makes them \
+inconsistent.
 Reply with one JSON object: {{"consistent": true or false, "reason": "<one sentence>"}}.
 
 Annotation:
@@ -83,7 +86,8 @@ def consistency_qc(judged: dict | None) -> tuple[dict, list[tuple[str, str]]]:
     return {}, [('no_description', 'no independent description')]
   qc = {'consistent': judged['consistent'], 'consistency_reason': judged['reason']}
   if not judged['consistent']:
-    return qc, [('inconsistent', f"inconsistent with the independent description: {judged['reason']}")]
+    return qc, [('inconsistent', "inconsistent with the independent description: "
+                                 f"{judged['reason']}")]
   return qc, []
 
 
@@ -92,14 +96,16 @@ def checked_records(args, transcripts: dict):
   for rid, r in _common.sharded(files.records_with_ids(args.annotations), args):
     r = {**r, 'annotation': annotation_lib.annotation_of(r, args.annotations, rid)}
     if r.get('lang') not in ('en', 'zh'):
-      raise ValueError(f"{args.annotations}: clip {rid!r}: 'lang' must be 'en' or 'zh', got {r.get('lang')!r}")
+      raise ValueError(f"{args.annotations}: clip {rid!r}: 'lang' must be 'en' or 'zh', got "
+                       f"{r.get('lang')!r}")
     qc, reasons = speech_qc(r, transcripts.get(rid, r.get('transcript')), args.wer_threshold)
     yield rid, r, qc, reasons
 
 
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--annotations', required=True, help='annotate.py output (id, lang, annotation)')
+  parser.add_argument('--annotations', required=True, help='annotate.py output (id, lang, '
+                                                           'annotation)')
   parser.add_argument('--out', required=True, help='output folder')
   parser.add_argument('--transcripts',
                       help='JSONL {"id", "transcript"} from an ASR model (saber-transcribe)')
@@ -184,7 +190,8 @@ def main(argv=None) -> dict:
   if run is not None:
     counts['judge'] = {'done': run.done, 'skipped': run.skipped, 'failed': run.failed}
   files.write_json(os.path.join(args.out, 'summary.json'), counts)
-  print(f"kept={counts['kept']} dropped={counts['dropped']} pending={counts['pending']}", flush=True)
+  print(f"kept={counts['kept']} dropped={counts['dropped']} "
+        f"pending={counts['pending']}", flush=True)
   if not counts['kept']:
     raise SystemExit(f"error: saber-quality kept no clip (dropped {counts['dropped']}, pending "
                      f"{counts['pending']}; most frequent reason: "

@@ -53,9 +53,12 @@ DEFAULT_FIELD_LABELS = {
 
 # The user instruction of the SED task: asks for the sections in DEFAULT_ORDER.
 SED_INSTRUCTIONS = {
-    'en': ('Analyze the emotion of the speaker in this video clip. First describe the visual evidence: '
-           'the scene, the facial expressions and the body language. Then describe the acoustic evidence: '
-           'what is said and how it sounds (pitch, volume, pace and tone). Finally, reason over all of '
+    'en': ('Analyze the emotion of the speaker in this video clip. First describe the visual '
+           'evidence: '
+           'the scene, the facial expressions and the body language. Then describe the acoustic '
+           'evidence: '
+           'what is said and how it sounds (pitch, volume, pace and tone). Finally, reason over '
+           'all of '
            'this evidence together to explain the speaker\'s overall emotional state.'),
     'zh': ('请分析这段视频中说话者的情绪。首先描述视觉证据：场景、面部表情和肢体语言；'
            '然后描述声学证据：说话内容以及声音特点（音调、音量、语速和语气）；'
@@ -65,7 +68,8 @@ SED_INSTRUCTIONS = {
 
 def _lookup(table: Mapping, lang: str, what: str) -> Mapping:
   if lang not in table:
-    raise ValueError(f'no default {what} for language {lang!r} (have {sorted(table)}); pass {what}=')
+    raise ValueError(f'no default {what} for language {lang!r} (have {sorted(table)}); pass '
+                     f'{what}=')
   return table[lang]
 
 
@@ -76,7 +80,8 @@ def sed_instruction(lang: str, instructions: Mapping[str, str] | None = None) ->
 
 def _check_order(order: Sequence[str]) -> None:
   if not order or len(set(order)) != len(order) or not set(order) <= set(SECTION_IDS):
-    raise ValueError(f'order must list distinct sections from {tuple(SECTION_IDS)}, got {tuple(order)}')
+    raise ValueError(f'order must list distinct sections from {tuple(SECTION_IDS)}, got '
+                     f'{tuple(order)}')
 
 
 def sed_target(annotation: Annotation, lang: str, order: Sequence[str] = DEFAULT_ORDER,
@@ -155,12 +160,14 @@ def tokenize_response(tokenizer, target_segments: Sequence[tuple[int, str]], *,
   texts = [text for _, text in target_segments]
   seg_ids = [int(segment) for segment, _ in target_segments]
   if any(s not in SECTION_IDS.values() for s in seg_ids):
-    raise ValueError(f'response segment ids must be in {sorted(SECTION_IDS.values())}, got {seg_ids}')
+    raise ValueError(f'response segment ids must be in {sorted(SECTION_IDS.values())}, got '
+                     f'{seg_ids}')
   response = ''.join(texts)
   if not response or response[0].isspace():
     # The response follows 'assistant\n' in the same text piece; leading whitespace would
     # merge with that newline into other tokens than a separate tokenization gives.
-    raise ValueError(f'the response must be non-empty and start with a non-space character, got {response[:20]!r}')
+    raise ValueError('the response must be non-empty and start with a non-space character, got '
+                     f'{response[:20]!r}')
   encoded = tokenizer(response + response_suffix, add_special_tokens=False, return_offsets_mapping=True)
   ids = np.asarray(encoded['input_ids'], dtype=np.int32)
   token_starts = np.asarray([start for start, _ in encoded['offset_mapping']], dtype=np.int64)
@@ -187,7 +194,8 @@ def build_sft_example(tokenizer, prompt_ids: np.ndarray, target_segments: Sequen
   """
   prompt_ids = np.asarray(prompt_ids)
   if prompt_ids.ndim != 1 or not np.issubdtype(prompt_ids.dtype, np.integer):
-    raise ValueError(f'prompt_ids must be a 1-D integer array, got {prompt_ids.dtype}{list(prompt_ids.shape)}')
+    raise ValueError('prompt_ids must be a 1-D integer array, got '
+                     f'{prompt_ids.dtype}{list(prompt_ids.shape)}')
   response_ids, response_segments = tokenize_response(tokenizer, target_segments, response_suffix=response_suffix)
   input_ids = np.concatenate([prompt_ids.astype(np.int32), response_ids])
   labels = np.concatenate([np.full(len(prompt_ids), IGNORE_INDEX, np.int32), response_ids])

@@ -63,7 +63,8 @@ def audio_inputs(config: AudioConfig, input_features: np.ndarray,
     raise ValueError(f'input_features: expected [clips, {config.num_mel_bins} mel bins, frames], '
                      f'got shape {features.shape}')
   if mask.shape != (features.shape[0], features.shape[2]):
-    raise ValueError(f'feature_attention_mask: expected shape {(features.shape[0], features.shape[2])} '
+    raise ValueError('feature_attention_mask: expected shape '
+                     f'{(features.shape[0], features.shape[2])} '
                      f'to match input_features {features.shape}, got {mask.shape}')
   window = 2 * config.n_window
   per_chunk = config.n_window                  # post-conv tokens of a full chunk
@@ -200,7 +201,8 @@ class AudioEncoder(nn.Module):
     if tuple(chunks.shape[1:]) != (cfg.num_mel_bins, window):
       raise ValueError(f'chunks: expected [C, {cfg.num_mel_bins}, {window}], got {chunks.shape}')
     if cfg.n_window > cfg.max_source_positions:
-      raise ValueError(f'n_window={cfg.n_window} exceeds max_source_positions={cfg.max_source_positions}')
+      raise ValueError(f'n_window={cfg.n_window} exceeds '
+                       f'max_source_positions={cfg.max_source_positions}')
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     # Unused in the forward pass; kept so checkpoints round-trip.
     self.param('audio_bos_eos_token',
