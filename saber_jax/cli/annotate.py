@@ -61,13 +61,13 @@ PROMPT_ZH = """你正在为一段短视频做多模态情感理解标注。
 只描述能看到和听到的内容，不要超出证据进行猜测。请输出一个JSON对象，且只包含以下键：
 - "video_desc"：场景、画面中的人物、他们的外貌和动作，按时间顺序描述。
 - "audio_desc"：包含两个键的对象：
-  - "speech_content"：按所说语言逐字转写说话内容。在出现的位置用尖括号标注非语音的声音事件，例如<笑\
-声>、<叹气>、<掌声>、<音乐>。既没有说话也没有声音事件时填空字符串。
+  - "speech_content"：按所说语言逐字转写说话内容。在出现的位置用尖括号标注非语音的声音事件，例如\
+<笑声>、<叹气>、<掌声>、<音乐>。既没有说话也没有声音事件时填空字符串。
   - "acoustic_feat"：声音特征：性别、音高、音量、语速、语气及其变化。
 - "facial_exp_desc"：人物的面部表情（眉毛、眼睛、嘴部）及其变化。
 - "body_lang_desc"：姿势、手势和动作。
-- "sentiment_analysis"：根据以上证据推理出片段整体的情绪和情感倾向。说明视觉线索（表情、肢体、场景\
-）与听觉线索（话语、声音）是一致还是矛盾，以及哪些线索决定了你的结论。
+- "sentiment_analysis"：根据以上证据推理出片段整体的情绪和情感倾向。说明视觉线索\
+（表情、肢体、场景）与听觉线索（话语、声音）是一致还是矛盾，以及哪些线索决定了你的结论。
 除"speech_content"外，所有字段都用中文书写。"""
 
 MEDIA_EN = {
@@ -176,7 +176,8 @@ def build_annotation_messages(prompt: str, frames: list[bytes], wav: bytes | Non
     content.append({'type': 'image_url', 'image_url': {'url': url}})
   if wav is not None:
     content.append({'type': 'input_audio',
-                    'input_audio': {'data': base64.b64encode(wav).decode('ascii'), 'format': 'wav'}})
+                    'input_audio': {'data': base64.b64encode(wav).decode('ascii'),
+                                    'format': 'wav'}})
   return [{'role': 'user', 'content': content}]
 
 
@@ -225,8 +226,8 @@ def make_processor(args, judge, base_dir: str):
       if not args.no_audio:
         wav = audio_wav(resolve(audio or video), args.sample_rate)
     except Exception as e:  # PyAV raises many types (FileNotFoundError, InvalidDataError, ...)
-      raise runs.ItemError('bad_input', f'clip {rid!r}: cannot decode media: {type(e).__name__}: '
-                                        f'{e}')
+      raise runs.ItemError('bad_input',
+                           f'clip {rid!r}: cannot decode media: {type(e).__name__}: {e}')
     if not frames and wav is None:
       raise runs.ItemError('bad_input', f'clip {rid!r}: no video frames and no audio decoded')
     prompt = annotation_prompt(lang, len(frames), wav is not None)
@@ -247,7 +248,8 @@ def make_processor(args, judge, base_dir: str):
 
 
 def parse_args(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--manifest', required=True, help='clips JSONL: id, video and/or audio, lang')
   parser.add_argument('--out', required=True, help='output folder')
   parser.add_argument('--num-frames', type=int, default=16, help='frames sent per clip')

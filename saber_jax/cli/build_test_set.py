@@ -34,7 +34,10 @@ class Relation(replies.Reply):
   relation: Literal[metrics.SUBSETS]
   intensity: replies.int_in(0, 10)
 
-RELATION_PROMPT = """Below is a structured annotation of a short video clip: what is seen (video, facial expression, body language), what is heard (speech content with <sound events>, acoustic features of the voice) and a sentiment analysis.
+RELATION_PROMPT = """\
+Below is a structured annotation of a short video clip: what is seen (video, facial expression, \
+body language), what is heard (speech content with <sound events>, acoustic features of the voice) \
+and a sentiment analysis.
 Judge the relation between the emotional cues of the audio (the words and the voice) and those of \
 the visuals (face, body, scene):
 - "consistent": they convey the same emotion;
@@ -50,11 +53,13 @@ Annotation:
 
 
 def relation_messages(annotation: dict) -> list[dict]:
-  return [{'role': 'user', 'content': RELATION_PROMPT.format(annotation=sed.evidence_json(annotation))}]
+  content = RELATION_PROMPT.format(annotation=sed.evidence_json(annotation))
+  return [{'role': 'user', 'content': content}]
 
 
 def parse_args(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--annotations', required=True, help='JSONL with id, annotation')
   parser.add_argument('--out', required=True, help='output folder')
   parser.add_argument('--per-class', type=int, default=900, help='clips per class (paper: 900)')

@@ -57,9 +57,12 @@ DIM_NAMES = {
           'reference "sentiment_analysis"',
 }
 SaberScores = pydantic.create_model(
-    'SaberScores', __base__=replies.Reply, **{d: (replies.int_in(0, 3), ...) for d in metrics.SABER_TEST_DIMS})
+    'SaberScores', __base__=replies.Reply,
+    **{d: (replies.int_in(0, 3), ...) for d in metrics.SABER_TEST_DIMS})
 
-SABER_PROMPT = """You are evaluating a model's multimodal emotion analysis of a video clip against a reference annotation of the same clip.
+SABER_PROMPT = """\
+You are evaluating a model's multimodal emotion analysis of a video clip against a reference \
+annotation of the same clip.
 Score how well the prediction agrees with the reference on each dimension, as an integer from 0 to \
 3:
 {dims}
@@ -176,7 +179,8 @@ def emobench(args) -> dict:
   for r in rows:
     task = r['task']
     if task not in labels:
-      labels[task] = list(EMOBENCH_LABELS.get(metrics.task_key(task), [])) + list(extra.get(task, []))
+      labels[task] = (list(EMOBENCH_LABELS.get(metrics.task_key(task), []))
+                      + list(extra.get(task, [])))
     gold = metrics.normalize_label(r['label'])
     if gold not in labels[task]:
       labels[task].append(gold)
@@ -251,7 +255,8 @@ def saber_test(args) -> dict:
   judge = _common.judge_from_args(args)
 
   def process(item, ref):
-    reply = judge.ask(saber_messages(ref['annotation'], item['response']), SaberScores, name='saber_test')
+    reply = judge.ask(saber_messages(ref['annotation'], item['response']), SaberScores,
+                      name='saber_test')
     return {'subset': ref['subset'], 'scores': reply.value, 'raw': reply.raw}
 
   run = _run_judged(args, references, process, 'saber-test')
@@ -279,7 +284,8 @@ def emer(args) -> dict:
   references = {rid: r['reference'] for rid, r in
                 files.load_by_id(args.references, required=('reference',)).items()}
   judge = _common.judge_from_args(args)
-  run = _run_judged(args, references, lambda item, ref: emer_item(judge, ref, item['response'], args.lang), 'emer')
+  run = _run_judged(args, references,
+                    lambda item, ref: emer_item(judge, ref, item['response'], args.lang), 'emer')
   judged = [j for j in _judgments(args) if j['id'] in references]
   summary = {'clue_overlap': metrics.finite_mean(j['clue_overlap'] for j in judged),
              'label_overlap': metrics.finite_mean(j['label_overlap'] for j in judged),
@@ -337,7 +343,8 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def parse_args(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest='command', required=True)
   for name, helptext in (('saber-test', 'judged 0-3 scores on six dimensions (Table IV)'),
                          ('emer', 'judged Clue / Label Overlap (0-10)')):

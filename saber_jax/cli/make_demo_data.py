@@ -157,7 +157,8 @@ def draw_frame(emotion: str, background, t: float) -> np.ndarray:
   elif emotion == 'sad':
     draw.arc((cx - 18, cy + 16, cx + 18, cy + 36), 200, 340, fill=(150, 30, 30), width=4)
   elif emotion == 'angry':
-    draw.rectangle((cx - 18, cy + 10, cx + 18, cy + 30), fill=(110, 20, 20), outline=(60, 10, 10), width=2)
+    draw.rectangle((cx - 18, cy + 10, cx + 18, cy + 30), fill=(110, 20, 20), outline=(60, 10, 10),
+                   width=2)
   else:
     draw.line((cx - 16, cy + 20, cx + 16, cy + 20), fill=(150, 30, 30), width=4)
   return np.asarray(image)
@@ -198,7 +199,8 @@ def _audio_frames(stream, samples):
   for start in range(0, len(pcm), chunk):
     block = pcm[start:start + chunk]
     if fmt == 'fltp':
-      frame = av.AudioFrame.from_ndarray(block[None].astype(np.float32) / 32767, format='fltp', layout='mono')
+      frame = av.AudioFrame.from_ndarray(block[None].astype(np.float32) / 32767, format='fltp',
+                                         layout='mono')
     else:
       frame = av.AudioFrame.from_ndarray(block[None], format='s16', layout='mono')
     frame.sample_rate = SAMPLING_RATE
@@ -250,7 +252,8 @@ def annotation(lang: str, *, face: str, voice: str, background: str, seconds: fl
                      'acoustic_feat': text['voice'][voice]},
       'facial_exp_desc': text['face'][face],
       'body_lang_desc': text['body'][face],
-      'sentiment_analysis': template.format(face=text['emotion'][face], voice=text['emotion'][voice]),
+      'sentiment_analysis': template.format(face=text['emotion'][face],
+                                            voice=text['emotion'][voice]),
   }
 
 

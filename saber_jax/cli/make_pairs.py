@@ -62,7 +62,10 @@ class ResponseScore(replies.Reply):
   logical_consistency: replies.int_in(0, 10)
   evidence_alignment: replies.int_in(0, 10)
 
-SCORE_PROMPT = """You are grading one response of a model that analyses the emotion expressed in a video clip. The model had to state the visual evidence, then the acoustic evidence, then reason from that evidence to the emotion.
+SCORE_PROMPT = """\
+You are grading one response of a model that analyses the emotion expressed in a video clip. The \
+model had to state the visual evidence, then the acoustic evidence, then reason from that evidence \
+to the emotion.
 Score the response on two criteria, each an integer from 0 to 10:
 - "logical_consistency": does the reasoning follow from the evidence the response itself states, \
 without contradictions or unsupported jumps?
@@ -146,7 +149,8 @@ def _flip_table(pairs, one_way) -> dict[str, str]:
 _EN_FLIPS = _flip_table(_EN_PAIRS, _EN_ONE_WAY)
 _ZH_FLIPS = _flip_table(_ZH_PAIRS, _ZH_ONE_WAY)
 # Longest first, so '不一致' is replaced as a whole before '一致' could match inside it.
-_EN_RE = re.compile(r'\b(' + '|'.join(sorted(map(re.escape, _EN_FLIPS), key=len, reverse=True)) + r')\b', re.I)
+_EN_RE = re.compile(
+    r'\b(' + '|'.join(sorted(map(re.escape, _EN_FLIPS), key=len, reverse=True)) + r')\b', re.I)
 _ZH_RE = re.compile('|'.join(sorted(map(re.escape, _ZH_FLIPS), key=len, reverse=True)))
 
 
@@ -180,7 +184,8 @@ def perturb(annotation: dict, kind: str, donor: dict | None,
   if kind == 'swap':
     if donor is None:
       return None
-    fields = [f for f in EVIDENCE_FIELDS if _get(donor, f).strip() and _get(donor, f) != _get(annotation, f)]
+    fields = [f for f in EVIDENCE_FIELDS
+              if _get(donor, f).strip() and _get(donor, f) != _get(annotation, f)]
     if not fields:
       return None
     field = rng.choice(fields)
@@ -278,7 +283,8 @@ def perturb_pairs(args) -> dict:
           counts['skipped'][kind] += 1
           continue
         rejected, change = result
-        pair = {'id': rid, 'chosen': render_answer(annotation, lang), 'rejected': render_answer(rejected, lang),
+        pair = {'id': rid, 'chosen': render_answer(annotation, lang),
+                'rejected': render_answer(rejected, lang),
                 'chosen_score': None, 'rejected_score': None, 'margin': None,
                 'perturbation': change,
                 'donor_id': donor_id if kind == 'swap' or change == 'contradict:donor' else None}
@@ -372,7 +378,8 @@ def judge_pairs(args) -> dict:
 
 
 def parse_args(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--strategy', choices=('judge', 'perturb'), default='judge')
   parser.add_argument('--samples', help='judge: JSONL {"id", "responses": [...], "prompt"?, '
                                         '"subset"?}')

@@ -47,7 +47,9 @@ class Consistency(replies.Reply):
   consistent: bool
   reason: replies.NonEmpty
 
-CONSISTENCY_PROMPT = """Two descriptions of the same short video clip follow: a structured annotation (JSON) and an independent description written by another observer.
+CONSISTENCY_PROMPT = """\
+Two descriptions of the same short video clip follow: a structured annotation (JSON) and an \
+independent description written by another observer.
 Decide whether they are semantically consistent: they describe the same scene, the same people and \
 actions, and a compatible emotional tone. Differences in detail, emphasis or wording are fine; a \
 contradiction (different people, setting, events or speech, or an opposite emotion) makes them \
@@ -71,8 +73,8 @@ def speech_qc(record: dict, transcript: str | None,
   """(qc fields, [(reason code, message)]) of check (a); codes 'no_transcript', 'wer'."""
   if transcript is None:
     return {}, [('no_transcript', 'no ASR transcript')]
-  match = metrics.speech_error_rate(transcript, record['annotation']['audio_desc']['speech_content'],
-                                    record['lang'])
+  speech = record['annotation']['audio_desc']['speech_content']
+  match = metrics.speech_error_rate(transcript, speech, record['lang'])
   qc = {'wer': match.error_rate, 'wer_unit': match.unit}
   if match.error_rate > wer_threshold:
     name = 'WER' if match.unit == 'word' else 'CER'
@@ -103,7 +105,8 @@ def checked_records(args, transcripts: dict):
 
 
 def parse_args(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--annotations', required=True, help='annotate.py output (id, lang, '
                                                            'annotation)')
   parser.add_argument('--out', required=True, help='output folder')

@@ -166,7 +166,8 @@ def annotation_of(record: Mapping, source: str, clip_id) -> dict:
 
 
 def read_annotations(path: str | os.PathLike, *, shard_index: int = 0, num_shards: int = 1,
-                     allow_empty: Collection[str] = ()) -> Iterator[tuple[Any, Annotation | AnnotationError]]:
+                     allow_empty: Collection[str] = ()
+                     ) -> Iterator[tuple[Any, Annotation | AnnotationError]]:
   """Streams a JSONL file of `{"id": ..., "annotation": {...}}` lines.
 
   Yields `(clip_id, Annotation)` for good lines and `(clip_id, AnnotationError)` for bad

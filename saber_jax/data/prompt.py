@@ -75,7 +75,8 @@ class OmniTokenIds:
   def from_tokenizer(cls, tokenizer) -> 'OmniTokenIds':
     """Looks the ids up by token text (a dict lookup; `load_tokenizer` checks them fully)."""
     found = {name: tokenizer.convert_tokens_to_ids(text) for name, text in TOKEN_TEXT.items()}
-    missing = [TOKEN_TEXT[name] for name, i in found.items() if i is None or i == tokenizer.unk_token_id]
+    missing = [TOKEN_TEXT[name] for name, i in found.items()
+               if i is None or i == tokenizer.unk_token_id]
     if missing:
       raise ValueError(f'tokenizer lacks the Qwen2.5-Omni tokens {missing}')
     return cls(**found)
@@ -90,10 +91,11 @@ OMNI_ADDED_TOKENS = (
     (151643, '<|endoftext|>', True), (151644, '<|im_start|>', True), (151645, '<|im_end|>', True),
     (151646, '<|AUDIO|>', True), (151647, '<|audio_bos|>', True), (151648, '<|audio_eos|>', True),
     (151649, '<|box_end|>', True), (151650, '<|quad_start|>', True), (151651, '<|quad_end|>', True),
-    (151652, '<|vision_bos|>', True), (151653, '<|vision_eos|>', True), (151654, '<|vision_pad|>', True),
-    (151655, '<|IMAGE|>', True), (151656, '<|VIDEO|>', True),
-    (151657, '<tool_call>', False), (151658, '</tool_call>', False), (151659, '<|fim_prefix|>', False),
-    (151660, '<|fim_middle|>', False), (151661, '<|fim_suffix|>', False), (151662, '<|fim_pad|>', False),
+    (151652, '<|vision_bos|>', True), (151653, '<|vision_eos|>', True),
+    (151654, '<|vision_pad|>', True), (151655, '<|IMAGE|>', True), (151656, '<|VIDEO|>', True),
+    (151657, '<tool_call>', False), (151658, '</tool_call>', False),
+    (151659, '<|fim_prefix|>', False), (151660, '<|fim_middle|>', False),
+    (151661, '<|fim_suffix|>', False), (151662, '<|fim_pad|>', False),
     (151663, '<|repo_name|>', False), (151664, '<|file_sep|>', False),
 )
 
@@ -234,8 +236,10 @@ def audio_block(mel_frames: int, ids: OmniTokenIds = OmniTokenIds()) -> list[int
   return [ids.audio_bos] + [ids.audio] * audio_token_count(mel_frames) + [ids.audio_eos]
 
 
-def image_block(grid_thw: Sequence[int], merge_size: int = MERGE_SIZE, ids: OmniTokenIds = OmniTokenIds()) -> list[int]:
-  return [ids.vision_bos] + [ids.image] * vision_token_count(grid_thw, merge_size) + [ids.vision_eos]
+def image_block(grid_thw: Sequence[int], merge_size: int = MERGE_SIZE,
+                ids: OmniTokenIds = OmniTokenIds()) -> list[int]:
+  n = vision_token_count(grid_thw, merge_size)
+  return [ids.vision_bos] + [ids.image] * n + [ids.vision_eos]
 
 
 def video_block(grid_thw: Sequence[int], *, second_per_grid: float | None = None,
@@ -245,7 +249,8 @@ def video_block(grid_thw: Sequence[int], *, second_per_grid: float | None = None
   """One video; with `audio_mel_frames` its audio track is interleaved per TMRoPE chunk
   (mirrors `replace_video_with_audio_token`, inside the template's vision_bos/eos)."""
   if audio_mel_frames is None:
-    return [ids.vision_bos] + [ids.video] * vision_token_count(grid_thw, merge_size) + [ids.vision_eos]
+    n = vision_token_count(grid_thw, merge_size)
+    return [ids.vision_bos] + [ids.video] * n + [ids.vision_eos]
   if second_per_grid is None:
     raise ValueError('a video with its audio track needs second_per_grid to interleave the two')
   per_chunk = int(position_id_per_seconds * seconds_per_chunk)
@@ -273,10 +278,12 @@ def _check_media(audio_lengths, video_grids, video_second_per_grid, use_audio_in
                      f'{len(video_grids)} videos')
 
 
-def expand_placeholders(*, audio_lengths: Sequence[int] = (), video_grids: Sequence[Sequence[int]] = (),
+def expand_placeholders(*, audio_lengths: Sequence[int] = (),
+                        video_grids: Sequence[Sequence[int]] = (),
                         video_second_per_grid: Sequence[float] | None = None,
                         image_grids: Sequence[Sequence[int]] = (), use_audio_in_video: bool = False,
-                        media_order: Sequence[str] = DEFAULT_MEDIA_ORDER, merge_size: int = MERGE_SIZE,
+                        media_order: Sequence[str] = DEFAULT_MEDIA_ORDER,
+                        merge_size: int = MERGE_SIZE,
                         position_id_per_seconds: float = 25, seconds_per_chunk: float = 2.0,
                         ids: OmniTokenIds = OmniTokenIds()) -> np.ndarray:
   """Token ids of all media blocks of a user turn, int32 [N].
@@ -302,9 +309,12 @@ def expand_placeholders(*, audio_lengths: Sequence[int] = (), video_grids: Seque
     elif modality == 'video':
       for v, grid in enumerate(video_grids):
         tokens += video_block(
-            grid, second_per_grid=None if video_second_per_grid is None else float(video_second_per_grid[v]),
-            audio_mel_frames=int(audio_lengths[v]) if use_audio_in_video else None, merge_size=merge_size,
-            position_id_per_seconds=position_id_per_seconds, seconds_per_chunk=seconds_per_chunk, ids=ids)
+            grid,
+            second_per_grid=(None if video_second_per_grid is None
+                             else float(video_second_per_grid[v])),
+            audio_mel_frames=int(audio_lengths[v]) if use_audio_in_video else None,
+            merge_size=merge_size, position_id_per_seconds=position_id_per_seconds,
+            seconds_per_chunk=seconds_per_chunk, ids=ids)
   return np.asarray(tokens, dtype=np.int32)
 
 
@@ -372,7 +382,8 @@ def build_prompt(tokenizer, *, text: str, system: str | None = DEFAULT_SYSTEM_PR
   """
   ids = OmniTokenIds.from_tokenizer(tokenizer)
   media = expand_placeholders(
-      audio_lengths=audio_lengths, video_grids=video_grids, video_second_per_grid=video_second_per_grid,
+      audio_lengths=audio_lengths, video_grids=video_grids,
+      video_second_per_grid=video_second_per_grid,
       image_grids=image_grids, use_audio_in_video=use_audio_in_video, media_order=media_order,
       merge_size=merge_size, position_id_per_seconds=position_id_per_seconds,
       seconds_per_chunk=seconds_per_chunk, ids=ids)

@@ -138,7 +138,8 @@ def _conv(features: int, stride: int, dtype, param_dtype, name: str) -> nn.Conv:
 
 
 class AudioAttention(nn.Module):
-  """Multi-head self-attention within each chunk (`Qwen2_5OmniAudioAttention`); k_proj has no bias."""
+  """Multi-head self-attention within each chunk (`Qwen2_5OmniAudioAttention`); k_proj has no
+  bias."""
   config: AudioConfig
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
@@ -151,12 +152,14 @@ class AudioAttention(nn.Module):
     head_dim = cfg.d_model // heads
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     split = lambda t: t.reshape(*t.shape[:-1], heads, head_dim)
-    q = split(layers.dense(cfg.d_model, ('audio_embed', 'audio_heads'), use_bias=True, name='q_proj', **kw)(x))
-    k = split(layers.dense(cfg.d_model, ('audio_embed', 'audio_heads'), use_bias=False, name='k_proj', **kw)(x))
-    v = split(layers.dense(cfg.d_model, ('audio_embed', 'audio_heads'), use_bias=True, name='v_proj', **kw)(x))
+    proj = lambda name, bias=True: layers.dense(cfg.d_model, ('audio_embed', 'audio_heads'),
+                                                use_bias=bias, name=name, **kw)
+    q, k, v = (split(proj(name, bias)(x)) for name, bias in
+               (('q_proj', True), ('k_proj', False), ('v_proj', True)))
     out = layers.attention(q, k, v, key_mask)
     out = out.reshape(*out.shape[:-2], cfg.d_model)
-    return layers.dense(cfg.d_model, ('audio_heads', 'audio_embed'), use_bias=True, name='out_proj', **kw)(out)
+    return layers.dense(cfg.d_model, ('audio_heads', 'audio_embed'), use_bias=True,
+                        name='out_proj', **kw)(out)
 
 
 class AudioEncoderLayer(nn.Module):
@@ -172,7 +175,8 @@ class AudioEncoderLayer(nn.Module):
     h = layers.layer_norm(LAYER_NORM_EPS, name='self_attn_layer_norm', **kw)(x)
     x = x + AudioAttention(cfg, name='self_attn', **kw)(h, key_mask)
     h = layers.layer_norm(LAYER_NORM_EPS, name='final_layer_norm', **kw)(x)
-    h = layers.dense(cfg.encoder_ffn_dim, ('audio_embed', 'audio_mlp'), use_bias=True, name='fc1', **kw)(h)
+    h = layers.dense(cfg.encoder_ffn_dim, ('audio_embed', 'audio_mlp'), use_bias=True, name='fc1',
+                     **kw)(h)
     h = layers.dense(cfg.d_model, ('audio_mlp', 'audio_embed'), use_bias=True, name='fc2',
                      **kw)(layers.gelu(h))
     x = x + h
@@ -229,7 +233,8 @@ class AudioEncoder(nn.Module):
     flat = x.reshape(-1, cfg.d_model)                                  # [C * W, D]
     x = (flat[pool_index[:, 0]] + flat[pool_index[:, 1]]) / 2         # AvgPool1d(2, 2) per clip
     x = layers.layer_norm(LAYER_NORM_EPS, name='ln_post', **kw)(x)
-    return layers.dense(cfg.output_dim, ('audio_embed', 'embed'), use_bias=True, name='proj', **kw)(x)
+    return layers.dense(cfg.output_dim, ('audio_embed', 'embed'), use_bias=True, name='proj',
+                        **kw)(x)
 
 
 Rule = layers.Rule
@@ -237,7 +242,8 @@ _linear = layers.linear_rules
 
 
 def _norm(torch_name: str, path: str) -> list[Rule]:
-  return [(torch_name + r'\.weight', path + '/scale', None), (torch_name + r'\.bias', path + '/bias', None)]
+  return [(torch_name + r'\.weight', path + '/scale', None),
+          (torch_name + r'\.bias', path + '/bias', None)]
 
 
 _LAYER = r'layers\.(?P<layer>\d+)\.'
