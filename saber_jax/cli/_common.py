@@ -10,6 +10,12 @@ from saber_jax import files, fingerprint
 from saber_jax.judge import runs
 
 
+def tool_parser(doc: str) -> argparse.ArgumentParser:
+  """Every tool's parser: its module docstring as the help text, line breaks kept."""
+  return argparse.ArgumentParser(description=doc,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def add_judge_args(parser: argparse.ArgumentParser, *, timeout: float = 60.0,
                    concurrency: int = 8, model_required: bool = True) -> None:
   """The judge endpoint's arguments and the run's (`add_run_args`); a tool that needs the

@@ -19,7 +19,6 @@ OUT/errors.jsonl, retried on the next run.
       --base-url http://localhost:8000/v1 --model Qwen/Qwen2.5-Omni-7B
 """
 
-import argparse
 import base64
 import io
 import os
@@ -248,8 +247,7 @@ def make_processor(args, judge, base_dir: str):
 
 
 def parse_args(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = _common.tool_parser(__doc__)
   parser.add_argument('--manifest', required=True, help='clips JSONL: id, video and/or audio, lang')
   parser.add_argument('--out', required=True, help='output folder')
   parser.add_argument('--num-frames', type=int, default=16, help='frames sent per clip')

@@ -20,7 +20,6 @@ test clips' own records (what mode=generate answers).
       --per-class 900 --base-url http://localhost:8000/v1 --model Qwen/Qwen2.5-72B-Instruct
 """
 
-import argparse
 import os
 from typing import Literal
 
@@ -58,8 +57,7 @@ def relation_messages(annotation: dict) -> list[dict]:
 
 
 def parse_args(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = _common.tool_parser(__doc__)
   parser.add_argument('--annotations', required=True, help='JSONL with id, annotation')
   parser.add_argument('--out', required=True, help='output folder')
   parser.add_argument('--per-class', type=int, default=900, help='clips per class (paper: 900)')

@@ -29,7 +29,6 @@ OUT/errors.jsonl, retried on the next run).
   saber-evaluate emobench --predictions emobench_preds.jsonl --out eval/emobench
 """
 
-import argparse
 import json
 import os
 from typing import Mapping
@@ -343,8 +342,7 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def parse_args(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = _common.tool_parser(__doc__)
   sub = parser.add_subparsers(dest='command', required=True)
   for name, helptext in (('saber-test', 'judged 0-3 scores on six dimensions (Table IV)'),
                          ('emer', 'judged Clue / Label Overlap (0-10)')):

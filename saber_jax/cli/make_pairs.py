@@ -45,7 +45,6 @@ Making no pair at all exits 1 naming the counts and the most frequent reason.
   saber-make-pairs --strategy perturb --annotations kept.jsonl --out pairs/ --seed 0
 """
 
-import argparse
 import copy
 import json
 import os
@@ -378,8 +377,7 @@ def judge_pairs(args) -> dict:
 
 
 def parse_args(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = _common.tool_parser(__doc__)
   parser.add_argument('--strategy', choices=('judge', 'perturb'), default='judge')
   parser.add_argument('--samples', help='judge: JSONL {"id", "responses": [...], "prompt"?, '
                                         '"subset"?}')

@@ -32,7 +32,6 @@ frequent reason.
       --base-url http://localhost:8000/v1 --model Qwen/Qwen2.5-72B-Instruct
 """
 
-import argparse
 import os
 
 from saber_jax import files, metrics
@@ -105,8 +104,7 @@ def checked_records(args, transcripts: dict):
 
 
 def parse_args(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = _common.tool_parser(__doc__)
   parser.add_argument('--annotations', required=True, help='annotate.py output (id, lang, '
                                                            'annotation)')
   parser.add_argument('--out', required=True, help='output folder')
