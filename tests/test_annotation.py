@@ -52,14 +52,16 @@ def test_fixture_validates(raw):
 
 
 def test_chinese_clip_uses_the_same_keys(raw):
-  zh = {'video_desc': '一位男士站在厨房里。', 'audio_desc': {'speech_content': '你好。', 'acoustic_feat': '声音平稳。'},
+  zh = {'video_desc': '一位男士站在厨房里。', 'audio_desc': {'speech_content': '你好。',
+                                                             'acoustic_feat': '声音平稳。'},
         'facial_exp_desc': '面带微笑。', 'body_lang_desc': '双手握杯。', 'sentiment_analysis': '整体情绪平和。'}
   assert annotation.validate_annotation(zh, 'zh_1').to_dict() == zh
   assert set(annotation.FIELD_PATHS) == set(annotation.Annotation.__dataclass_fields__)
 
 
 def test_texts_are_stripped_and_extra_keys_ignored(raw):
-  ann = annotation.validate_annotation(_with(_with(raw, ('video_desc',), '  a kitchen \n'), ('extra',), 1), 'c')
+  ann = annotation.validate_annotation(_with(_with(raw, ('video_desc',), '  a kitchen \n'),
+                                             ('extra',), 1), 'c')
   assert ann.video_desc == 'a kitchen'
 
 
@@ -73,7 +75,8 @@ def test_missing_field_names_clip_and_field(raw, path):
 
 
 @pytest.mark.parametrize('path', list(annotation.FIELD_PATHS.values()))
-@pytest.mark.parametrize('value, kind', [(3, 'int'), (None, 'null'), (['a'], 'list'), ({'a': 'b'}, 'dict')])
+@pytest.mark.parametrize('value, kind', [(3, 'int'), (None, 'null'), (['a'], 'list'), ({'a': 'b'},
+                                                                                       'dict')])
 def test_wrong_type_names_clip_field_and_expected_type(raw, path, value, kind):
   with pytest.raises(annotation.AnnotationError) as error:
     annotation.validate_annotation(_with(raw, path, value), 7)
@@ -137,7 +140,8 @@ def test_read_annotations_yields_errors_and_goes_on(raw, tmp_path):
   path = tmp_path / 'annotations.jsonl'
   path.write_text('\n'.join(lines) + '\n', encoding='utf-8')
   results = list(annotation.read_annotations(path))
-  assert [clip_id for clip_id, _ in results] == ['ok_1', None, None, 'bad_field', 'no_annotation', 'as_text',
+  assert [clip_id for clip_id, _ in results] == ['ok_1', None, None, 'bad_field', 'no_annotation',
+                                                 'as_text',
                                                  'bad_text', None, 12]
   kinds = [isinstance(result, annotation.Annotation) for _, result in results]
   assert kinds == [True, False, False, False, False, True, False, False, True]
@@ -156,7 +160,8 @@ def test_read_annotations_yields_errors_and_goes_on(raw, tmp_path):
 def test_read_annotations_shards_by_line(raw, tmp_path):
   path = tmp_path / 'a.jsonl'
   path.write_text(''.join(json.dumps({'id': f'c{i}', 'annotation': raw}) + '\n' for i in range(7)))
-  shards = [[i for i, _ in annotation.read_annotations(path, shard_index=s, num_shards=3)] for s in range(3)]
+  shards = [[i for i, _ in annotation.read_annotations(path, shard_index=s,
+                                                       num_shards=3)] for s in range(3)]
   assert shards == [['c0', 'c3', 'c6'], ['c1', 'c4'], ['c2', 'c5']]
   with pytest.raises(ValueError, match='shard_index'):
     next(annotation.read_annotations(path, shard_index=3, num_shards=3))

@@ -217,7 +217,8 @@ def test_run_jobs_resumes_retries_failures_and_bounds_concurrency(judge_server, 
 
   out, errors = str(tmp_path / 'out.jsonl'), str(tmp_path / 'errors.jsonl')
   # First run stops after 6 new items (simulating an interruption).
-  s1 = runs.run_jobs(_items(12), process, out_path=out, errors_path=errors, concurrency=3, max_items=6)
+  s1 = runs.run_jobs(_items(12), process, out_path=out, errors_path=errors, concurrency=3,
+                     max_items=6)
   assert (s1.done, s1.skipped, s1.failed) == (5, 0, 1)  # item03 failed
   assert 2 <= server.max_in_flight <= 3  # concurrent, but bounded
   # A crash mid-append leaves half a line; the next run drops it and redoes that item.

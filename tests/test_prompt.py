@@ -136,9 +136,11 @@ def test_chunk_bounds_matches_get_chunked_index(proc):
 def test_expand_placeholders_interleaves_video_and_audio_chunks():
   ids = prompt.OmniTokenIds()
   # t ids 0, 25, 50, 75 (second_per_grid 1.0): chunks of 2 frames x 6 tokens; 75 audio tokens: 50 + 25.
-  tokens = prompt.expand_placeholders(audio_lengths=[300], video_grids=[(4, 4, 6)], video_second_per_grid=[1.0],
+  tokens = prompt.expand_placeholders(audio_lengths=[300], video_grids=[(4, 4, 6)],
+                                      video_second_per_grid=[1.0],
                                       use_audio_in_video=True)
-  expected = ([ids.vision_bos, ids.audio_bos] + [ids.video] * 12 + [ids.audio] * 50 + [ids.video] * 12
+  expected = ([ids.vision_bos,
+               ids.audio_bos] + [ids.video] * 12 + [ids.audio] * 50 + [ids.video] * 12
               + [ids.audio] * 25 + [ids.audio_eos, ids.vision_eos])
   np.testing.assert_array_equal(tokens, expected)
   assert tokens.dtype == np.int32
@@ -146,23 +148,28 @@ def test_expand_placeholders_interleaves_video_and_audio_chunks():
 
 def test_expand_placeholders_rejects_inconsistent_media():
   with pytest.raises(ValueError, match='2 audio lengths for 1 videos'):
-    prompt.expand_placeholders(audio_lengths=[300, 200], video_grids=[(2, 4, 4)], video_second_per_grid=[1.0],
+    prompt.expand_placeholders(audio_lengths=[300, 200], video_grids=[(2, 4, 4)],
+                               video_second_per_grid=[1.0],
                                use_audio_in_video=True)
   with pytest.raises(ValueError, match='divisible by merge_size'):
     prompt.expand_placeholders(image_grids=[(1, 5, 4)])
   with pytest.raises(ValueError, match='needs second_per_grid'):
-    prompt.expand_placeholders(audio_lengths=[300], video_grids=[(2, 4, 4)], use_audio_in_video=True)
+    prompt.expand_placeholders(audio_lengths=[300], video_grids=[(2, 4, 4)],
+                               use_audio_in_video=True)
   with pytest.raises(ValueError, match='permutation'):
     prompt.expand_placeholders(media_order=('video', 'image'))
 
 
 # ------------------------------------------------------------------- chat template text
 
-@pytest.mark.parametrize('system', [prompt.DEFAULT_SYSTEM_PROMPT, prompt.OMNI_SYSTEM_PROMPT, 'Be brief.'])
-@pytest.mark.parametrize('media', [(), ('audio',), ('video', 'audio'), ('video', 'video', 'image', 'image')])
+@pytest.mark.parametrize('system', [prompt.DEFAULT_SYSTEM_PROMPT, prompt.OMNI_SYSTEM_PROMPT,
+                                    'Be brief.'])
+@pytest.mark.parametrize('media', [(), ('audio',), ('video', 'audio'), ('video', 'video', 'image',
+                                                                        'image')])
 @pytest.mark.parametrize('lang', ['en', 'zh'])
 def test_render_chat_text_matches_hf_template(proc, system, media, lang):
-  rendered = proc.apply_chat_template(th.messages(TEXTS[lang], system=system, media=media), tokenize=False,
+  rendered = proc.apply_chat_template(th.messages(TEXTS[lang], system=system, media=media),
+                                      tokenize=False,
                                       add_generation_prompt=True)
   ours = prompt.render_chat_text(TEXTS[lang], system=system, num_videos=media.count('video'),
                                  num_audios=media.count('audio'), num_images=media.count('image'))
@@ -171,7 +178,8 @@ def test_render_chat_text_matches_hf_template(proc, system, media, lang):
 
 def test_template_without_system_message_falls_back_to_default_system(proc):
   # The HF template inserts 'You are a helpful assistant.' (ms-swift's default too).
-  rendered = proc.apply_chat_template(th.messages('hi', system=None), tokenize=False, add_generation_prompt=True)
+  rendered = proc.apply_chat_template(th.messages('hi', system=None), tokenize=False,
+                                      add_generation_prompt=True)
   assert rendered == prompt.render_chat_text('hi')
   assert prompt.render_chat_text('hi', system=None) == '<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n'
 
@@ -206,7 +214,8 @@ def test_image_prompt_matches_processor(tok, proc):
 def test_video_and_separate_audio_prompt_matches_processor(tok, proc):
   # ms-swift's layout for SABER clips: <video><audio> before the instruction, audio not in video.
   video, wave = _frames(6, 56, 84), _wave(2.5)
-  _, out, expected = _hf_ids(proc, TEXTS['en'], media=('video', 'audio'), videos=[video], audio=[wave])
+  _, out, expected = _hf_ids(proc, TEXTS['en'], media=('video', 'audio'), videos=[video],
+                             audio=[wave])
   ours = prompt.build_prompt(tok, text=TEXTS['en'], video_grids=out['video_grid_thw'],
                              audio_lengths=np.asarray(out['feature_attention_mask']).sum(-1))
   np.testing.assert_array_equal(ours, expected)
@@ -214,7 +223,8 @@ def test_video_and_separate_audio_prompt_matches_processor(tok, proc):
 
 @pytest.mark.parametrize('fps, frames, seconds', [
     (2.0, 6, 3.0),      # second_per_grid 1.0: t ids 0, 25, 50 -> 2 chunks of video, 75 audio tokens
-    (1.0, 10, 9.9),     # second_per_grid 2.0: one grid step per chunk, 5 video chunks, 7 audio chunks
+    (1.0, 10,
+     9.9),     # second_per_grid 2.0: one grid step per chunk, 5 video chunks, 7 audio chunks
     (3.0, 8, 1.1),      # second_per_grid 2/3 (0.666..): float chunk edges; audio shorter than video
 ])
 def test_video_with_audio_in_video_matches_processor(tok, proc, fps, frames, seconds):
@@ -237,7 +247,8 @@ def test_video_with_audio_in_video_matches_processor(tok, proc, fps, frames, sec
 def test_two_videos_with_audio_and_an_image_match_processor(tok, proc):
   videos, waves = [_frames(6, 56, 56), _frames(4, 28, 84)], [_wave(3.2, 1), _wave(1.3, 2)]
   images = [_image(64, 64)]
-  _, out, expected = _hf_ids(proc, TEXTS['en'], media=('video', 'video', 'image'), videos=videos, audio=waves,
+  _, out, expected = _hf_ids(proc, TEXTS['en'], media=('video', 'video', 'image'), videos=videos,
+                             audio=waves,
                              images=images, audio_from_video_indices=[0, 1], load_audio_from_video=True)
   ours = prompt.build_prompt(tok, text=TEXTS['en'], video_grids=out['video_grid_thw'],
                              video_second_per_grid=out['video_second_per_grid'],
@@ -250,7 +261,8 @@ def test_prompt_ids_are_int32_and_end_with_generation_prompt(tok):
   ids = prompt.build_prompt(tok, text='x')
   assert ids.dtype == np.int32 and ids.ndim == 1
   assert tok.decode(ids[-3:]) == '<|im_start|>assistant\n'
-  assert tok.decode(prompt.build_prompt(tok, text='x', add_generation_prompt=False)).endswith('<|im_end|>\n')
+  assert tok.decode(prompt.build_prompt(tok, text='x',
+                                        add_generation_prompt=False)).endswith('<|im_end|>\n')
 
 
 def test_prompt_without_system_turn(tok):

@@ -177,7 +177,8 @@ def test_a_failed_write_leaves_no_shard_and_keeps_the_old_one(tmp_path):
   records.write_records(path, blobs[:1])
   with pytest.raises(KeyboardInterrupt):
     records.write_records(path, dies_midway())
-  assert sorted(os.listdir(tmp_path)) == [os.path.basename(path), os.path.basename(path) + '.sizes.npz']
+  assert sorted(os.listdir(tmp_path)) == [os.path.basename(path),
+                                          os.path.basename(path) + '.sizes.npz']
   assert [b for _, b in records.read_records(path)] == blobs[:1]
 
 

@@ -56,7 +56,8 @@ class GridVideoProcessor:
     for frames in videos:
       t, h, w, _ = frames.shape
       assert h % (self.patch_size * self.merge_size) == 0 and w % (self.patch_size * self.merge_size) == 0
-      grids.append([math.ceil(t / self.temporal_patch_size), h // self.patch_size, w // self.patch_size])
+      grids.append([math.ceil(t / self.temporal_patch_size), h // self.patch_size,
+                    w // self.patch_size])
     return BatchFeature({'video_grid_thw': np.asarray(grids, dtype=np.int64)})
 
 
@@ -79,7 +80,8 @@ def hf_processor():
   return _OmniProcessor(
       image_processor=Qwen2VLImageProcessorPil(),
       video_processor=GridVideoProcessor(),
-      feature_extractor=WhisperFeatureExtractor(feature_size=128, chunk_length=300),  # Omni's preprocessor
+      feature_extractor=WhisperFeatureExtractor(feature_size=128,
+                                                chunk_length=300),  # Omni's preprocessor
       tokenizer=omni_tokenizer(),
       chat_template=OMNI_CHAT_TEMPLATE)
 
@@ -89,7 +91,8 @@ def messages(text, *, system=prompt.DEFAULT_SYSTEM_PROMPT, media=(), assistant=N
   content = [{'type': kind, kind: f'{kind}{i}'} for i, kind in enumerate(media)]
   if text:
     content.append({'type': 'text', 'text': text})
-  out = [] if system is None else [{'role': 'system', 'content': [{'type': 'text', 'text': system}]}]
+  out = [] if system is None else [{'role': 'system', 'content': [{'type': 'text',
+                                                                   'text': system}]}]
   out.append({'role': 'user', 'content': content})
   if assistant is not None:
     out.append({'role': 'assistant', 'content': [{'type': 'text', 'text': assistant}]})
