@@ -70,7 +70,8 @@ def test_missing_field_names_clip_and_field(raw, path):
   with pytest.raises(annotation.AnnotationError) as error:
     annotation.validate_annotation(_with(raw, path, _DELETE), 'clip_42')
   message = str(error.value)
-  assert "clip 'clip_42'" in message and f"field '{'.'.join(path)}'" in message and 'missing' in message
+  assert ("clip 'clip_42'" in message and f"field '{'.'.join(path)}'" in message and 'missing'
+          in message)
   assert error.value.clip_id == 'clip_42' and error.value.field == '.'.join(path)
 
 
@@ -98,7 +99,8 @@ def test_empty_text_names_clip_and_field(raw, path, value):
   with pytest.raises(annotation.AnnotationError) as error:
     annotation.validate_annotation(_with(raw, path, value), 'clip_e')
   message = str(error.value)
-  assert "clip 'clip_e'" in message and f"field '{'.'.join(path)}'" in message and 'empty' in message
+  assert ("clip 'clip_e'" in message and f"field '{'.'.join(path)}'" in message and 'empty'
+          in message)
 
 
 def test_record_that_is_not_an_object():
@@ -113,7 +115,8 @@ def test_parse_annotation_reports_json_error_position(raw):
   with pytest.raises(annotation.AnnotationError) as error:
     annotation.parse_annotation(broken, 'clip_j')
   line = broken[:broken.index('body_lang_desc')].count('\n') + 1
-  assert "clip 'clip_j'" in str(error.value) and f'invalid JSON at line {line} column 3' in str(error.value)
+  assert ("clip 'clip_j'" in str(error.value) and f'invalid JSON at line {line} column 3'
+          in str(error.value))
 
 
 def test_parse_annotation_accepts_a_code_fenced_answer(raw):

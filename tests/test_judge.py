@@ -72,13 +72,13 @@ def test_validate_exact_keys_strict_types_and_ranges():
   class Nested(replies.Reply):
     a: Inner
     e: Literal['x', 'y']
-    l: list[str]
+    tags: list[str]
     f: replies.number_in(0, 1)
-  good = {'a': {'b': 'z'}, 'e': 'x', 'l': [], 'f': 0.5}
+  good = {'a': {'b': 'z'}, 'e': 'x', 'tags': [], 'f': 0.5}
   assert replies.validate(good, Nested) == good
   for change, match in [({'a': {'b': ' '}}, r'\$.a.b: String should match'),
                         ({'e': 'z'}, r"\$.e: Input should be 'x' or 'y'"),
-                        ({'l': [1]}, r'\$.l.0: Input should be a valid string'),
+                        ({'tags': [1]}, r'\$.tags.0: Input should be a valid string'),
                         ({'f': float('nan')}, r'\$.f: Input should be a finite number')]:
     with pytest.raises(replies.InvalidReply, match=match):
       replies.validate({**good, **change}, Nested)
@@ -228,7 +228,8 @@ def test_run_jobs_resumes_retries_failures_and_bounds_concurrency(judge_server, 
   assert (s2.done, s2.skipped, s2.failed) == (5, 5, 2)  # item03 again, item07
   assert sorted(r['id'] for r in files.read_jsonl(errors)) == ['item03', 'item07']
   err = next(files.read_jsonl(errors))
-  assert err['kind'] == 'invalid_reply' and err['raw'] == '{"score": 9, "ok": true}' and err['attempts'] == 2
+  assert (err['kind'] == 'invalid_reply' and err['raw'] == '{"score": 9, "ok": true}'
+          and err['attempts'] == 2)
   fixed.set()
   s3 = runs.run_jobs(_items(12), process, out_path=out, errors_path=errors, concurrency=3)
   assert (s3.done, s3.skipped, s3.failed) == (2, 10, 0)

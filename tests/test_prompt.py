@@ -66,7 +66,8 @@ def test_offline_tokenizer_puts_omni_tokens_at_thinker_ids(tok):
   for text, token_id in expected.items():
     assert tok.encode(text, add_special_tokens=False) == [token_id], text
   assert len(tok) == 151665
-  assert tok.eos_token == '<|im_end|>' and tok.pad_token == '<|endoftext|>' and tok.bos_token is None
+  assert (tok.eos_token == '<|im_end|>' and tok.pad_token == '<|endoftext|>'
+          and tok.bos_token is None)
   # The attributes Qwen2_5OmniProcessor reads.
   assert (tok.audio_token_id, tok.image_token_id, tok.video_token_id) == (151646, 151655, 151656)
   assert (tok.vision_bos_token, tok.audio_eos_token) == ('<|vision_bos|>', '<|audio_eos|>')
@@ -82,7 +83,8 @@ def test_offline_bpe_matches_packaged_tokenizer_json(tok, text):
   # independent, fully specified tokenizers pipeline for ordinary text.
   folder = os.path.dirname(prompt.qwen_bpe_files()[0])
   reference = Tokenizer.from_file(os.path.join(folder, 'tokenizer.json'))
-  assert tok.encode(text, add_special_tokens=False) == reference.encode(text, add_special_tokens=False).ids
+  assert (tok.encode(text, add_special_tokens=False)
+          == reference.encode(text, add_special_tokens=False).ids)
 
 
 def test_load_tokenizer_from_saved_directory(tok, tmp_path):
@@ -181,7 +183,8 @@ def test_template_without_system_message_falls_back_to_default_system(proc):
   rendered = proc.apply_chat_template(th.messages('hi', system=None), tokenize=False,
                                       add_generation_prompt=True)
   assert rendered == prompt.render_chat_text('hi')
-  assert prompt.render_chat_text('hi', system=None) == '<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n'
+  assert (prompt.render_chat_text('hi', system=None)
+          == '<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n')
 
 
 # -------------------------------------------------------------- ids equal the HF processor's

@@ -203,7 +203,8 @@ def test_annotate_end_to_end(judge_server, tmp_path):
   assert records['red']['transcript'] == 't' and records['red']['annotator'] == 'test-judge'
   assert records['green']['annotation'] == ZH_ANNOTATION
   errors = {r['id']: r for r in read(out / 'errors.jsonl')}
-  assert errors['blue']['kind'] == 'invalid_reply' and errors['blue']['raw'] == 'I cannot produce JSON for this.'
+  assert (errors['blue']['kind'] == 'invalid_reply' and errors['blue']['raw']
+          == 'I cannot produce JSON for this.')
   assert errors['gone']['kind'] == 'bad_input' and 'missing.mp4' in errors['gone']['message']
 
   # What went over the wire: 4 JPEG frames of at most 32 px, then 1 s of 16 kHz mono WAV.
@@ -333,10 +334,12 @@ def test_build_test_set_end_to_end(judge_server, tmp_path):
   assert summary['shortfall'] == {'consistent': 0, 'inconsistent': 1}
   assert summary['selected'] == {'consistent': 1, 'inconsistent': 1}   # balanced
   rows = read(out / 'test_set.jsonl')
-  assert [(r['id'], r['subset'], r['intensity']) for r in rows] == [('c1', 'consistent', 8), ('i1', 'inconsistent', 9)]
+  assert ([(r['id'], r['subset'], r['intensity']) for r in rows]
+          == [('c1', 'consistent', 8), ('i1', 'inconsistent', 9)])
   assert rows[0]['annotation'] == annotation('c1')
   (err,) = read(out / 'errors.jsonl')
-  assert err['id'] == 'i2' and err['message'] == '$.intensity: Input should be less than or equal to 10 (got 11)'
+  assert (err['id'] == 'i2' and err['message']
+          == '$.intensity: Input should be less than or equal to 10 (got 11)')
 
   plan.plan['i2'] = ['ok']
   n_requests = len(server.requests)
@@ -390,8 +393,10 @@ def test_make_pairs_judge_end_to_end(judge_server, tmp_path):
   first = pairs[0]
   assert first['chosen'] == '[[p1#1]] answer 1' and first['rejected'] == '[[p1#2]] answer 2'
   assert (first['chosen_score'], first['rejected_score']) == (9.0, 3.0)
-  assert first['id'] == 'p1' and first['subset'] == 'inconsistent' and first['prompt'] == 'Analyse the clip.'
-  assert 'gold-p1' in server.requests[0]['messages'][0]['content']  # graded against the gold evidence
+  assert (first['id'] == 'p1' and first['subset'] == 'inconsistent' and first['prompt']
+          == 'Analyse the clip.')
+  # graded against the gold evidence
+  assert 'gold-p1' in server.requests[0]['messages'][0]['content']
 
   n_requests = len(server.requests)
   counts = make_pairs.main(['--samples', samples, '--annotations', annotations, '--out', str(out),
@@ -702,7 +707,8 @@ def test_evaluate_emobench(tmp_path):
   assert s['categories'] == pytest.approx({'CEU': 0.5, 'FER': 2 / 3, 'SCEA': 1.0})
   assert s['invalid_rate'] == pytest.approx(1 / 6)
   parsed = {r['id']: r for r in read(out / 'parsed.jsonl')}
-  assert parsed['3']['parsed'] is None and parsed['5']['parsed'] == 'fear' and not parsed['5']['correct']
+  assert (parsed['3']['parsed'] is None and parsed['5']['parsed'] == 'fear'
+          and not parsed['5']['correct'])
   assert json.loads((out / 'summary.json').read_text())['invalid_rate'] == pytest.approx(1 / 6)
   assert (out / 'emobench_tasks.png').exists() and (out / 'emobench_categories.png').exists()
   bad = write_jsonl(tmp_path / 'bad.jsonl', [{'id': 'x', 'task': 'MOSI', 'response': 'positive'}])

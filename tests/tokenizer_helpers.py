@@ -55,7 +55,8 @@ class GridVideoProcessor:
     grids = []
     for frames in videos:
       t, h, w, _ = frames.shape
-      assert h % (self.patch_size * self.merge_size) == 0 and w % (self.patch_size * self.merge_size) == 0
+      assert (h % (self.patch_size * self.merge_size) == 0
+              and w % (self.patch_size * self.merge_size) == 0)
       grids.append([math.ceil(t / self.temporal_patch_size), h // self.patch_size,
                     w // self.patch_size])
     return BatchFeature({'video_grid_thw': np.asarray(grids, dtype=np.int64)})
