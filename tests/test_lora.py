@@ -42,8 +42,8 @@ def random_lora(lora_params, seed):
 
 
 def paths(tree):
-  return {'/'.join(str(k.key) for k in path) for path,
-          _ in jax.tree_util.tree_leaves_with_path(tree)}
+  return {'/'.join(str(k.key) for k in path)
+          for path, _ in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def test_targets_regex_selects_exactly_the_decoder_projections():
@@ -158,11 +158,11 @@ def test_lora_gradient_equals_the_chain_rule_through_the_merged_kernel():
   factors = adapters['text']['layers']['mlp']['up_proj']
   # dL/da = s dW b^T and dL/db = s a^T dW, layer by layer.
   np.testing.assert_allclose(lora_grads['text']['layers']['mlp']['up_proj']['a'],
-                             scale * jnp.einsum('lio,lro->lir', dw,
-                                                factors['b']), rtol=1e-5, atol=1e-6)
+                             scale * jnp.einsum('lio,lro->lir', dw, factors['b']),
+                             rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(lora_grads['text']['layers']['mlp']['up_proj']['b'],
-                             scale * jnp.einsum('lir,lio->lro', factors['a'],
-                                                dw), rtol=1e-5, atol=1e-6)
+                             scale * jnp.einsum('lir,lio->lro', factors['a'], dw),
+                             rtol=1e-5, atol=1e-6)
 
 
 def test_merge_rejects_mismatched_rank_and_missing_kernels():

@@ -76,8 +76,8 @@ def test_order_and_headers_are_configurable(fixture_annotation):
   assert [segment for segment, _ in target] == [ACOUSTIC, VISUAL, REASONING]
   assert [t.split('\n')[0] for _, t in target] == ['[HEAR]', '[SEE]', '[THINK]']
   reasoning_only = sed.sed_target(fixture_annotation, 'en', order=('reasoning',))
-  assert reasoning_only == [(REASONING, 'Holistic '
-                                        'reasoning:\n' + fixture_annotation.sentiment_analysis)]
+  assert reasoning_only == [
+      (REASONING, 'Holistic reasoning:\n' + fixture_annotation.sentiment_analysis)]
 
 
 def test_bad_order_or_language_is_rejected(fixture_annotation):
@@ -119,8 +119,8 @@ def test_labels_are_ignored_exactly_on_the_prompt(tok, fixture_annotation, lang)
   prompt_ids, _, example = _example(tok, ann, lang)
   n = len(prompt_ids)
   assert {k: (v.dtype, v.shape) for k, v in example.items()} == {
-      k: (np.dtype(np.int32), example['input_ids'].shape) for k in ('input_ids', 'labels',
-                                                                    'segments')}
+      k: (np.dtype(np.int32), example['input_ids'].shape)
+      for k in ('input_ids', 'labels', 'segments')}
   np.testing.assert_array_equal(example['input_ids'][:n], prompt_ids)
   assert (example['labels'][:n] == IGNORE_INDEX).all()
   np.testing.assert_array_equal(example['labels'][n:], example['input_ids'][n:])

@@ -1,5 +1,5 @@
-"""The tools (saber_jax.cli) end to end: each tool's main() against a real chat-completions server on
-127.0.0.1 through the real openai client -- normal answers, malformed JSON,
+"""The tools (saber_jax.cli) end to end: each tool's main() against a real chat-completions
+server on 127.0.0.1 through the real openai client -- normal answers, malformed JSON,
 out-of-range values, timeouts, 429/500 then success, and interrupted runs resumed."""
 
 import base64
@@ -190,7 +190,9 @@ def test_annotate_end_to_end(judge_server, tmp_path):
     if color == 'green':  # answers in English until told to use Chinese
       return json.dumps(ZH_ANNOTATION if '中文' in user_text(body) else annotation('green'),
                         ensure_ascii=False)
-    return json.dumps(annotation('blue')) if blue_fixed.is_set() else 'I cannot produce JSON for this.'
+    if blue_fixed.is_set():
+      return json.dumps(annotation('blue'))
+    return 'I cannot produce JSON for this.'
   server = judge_server(script)
   out = tmp_path / 'ann'
   args = ['--manifest', manifest, '--out', str(out), '--num-frames', '4', '--frame-size', '32',
@@ -203,8 +205,8 @@ def test_annotate_end_to_end(judge_server, tmp_path):
   assert records['red']['transcript'] == 't' and records['red']['annotator'] == 'test-judge'
   assert records['green']['annotation'] == ZH_ANNOTATION
   errors = {r['id']: r for r in read(out / 'errors.jsonl')}
-  assert (errors['blue']['kind'] == 'invalid_reply' and errors['blue']['raw']
-          == 'I cannot produce JSON for this.')
+  assert errors['blue']['kind'] == 'invalid_reply'
+  assert errors['blue']['raw'] == 'I cannot produce JSON for this.'
   assert errors['gone']['kind'] == 'bad_input' and 'missing.mp4' in errors['gone']['message']
 
   # What went over the wire: 4 JPEG frames of at most 32 px, then 1 s of 16 kHz mono WAV.
@@ -246,15 +248,10 @@ def test_quality_end_to_end(judge_server, tmp_path):
                                         'acoustic_feat': '男声，语气愉快。'},
         'video_desc': '[[z1]] 一位男士站在窗边。'}
   annotations = write_jsonl(tmp_path / 'ann.jsonl', [
-      {'id': 'e1', 'lang': 'en', 'annotation': annotation('e1', speech), 'transcript': 'why do '
-                                                                                       'all your '
-                                                                                       'coffee '
-                                                                                       'mugs '
-                                                                                       'have '
-                                                                                       'numbers '
-                                                                                       'on the '
-                                                                                       'bottom'},
-      {'id': 'e2', 'lang': 'en', 'annotation': annotation('e2', speech)},   # transcript from --transcripts
+      {'id': 'e1', 'lang': 'en', 'annotation': annotation('e1', speech),
+       'transcript': 'why do all your coffee mugs have numbers on the bottom'},
+      # e2's transcript comes from --transcripts
+      {'id': 'e2', 'lang': 'en', 'annotation': annotation('e2', speech)},
       {'id': 'z1', 'lang': 'zh', 'annotation': zh},
       {'id': 'e3', 'lang': 'en', 'annotation': annotation('e3', speech)},   # no transcript at all
       {'id': 'e4', 'lang': 'en', 'annotation': annotation('e4', '<laughter> Why do all your coffee '
@@ -266,8 +263,8 @@ def test_quality_end_to_end(judge_server, tmp_path):
       {'id': 'e4', 'transcript': 'Why do all your coffee mugs have numbers on the bottom?'},
   ])
   descriptions = write_jsonl(tmp_path / 'desc.jsonl', [
-      {'id': k, 'description': f'[[{k}]] an independent '
-                               'caption'} for k in ('e1', 'e2', 'z1', 'e3', 'e4')])
+      {'id': k, 'description': f'[[{k}]] an independent caption'}
+      for k in ('e1', 'e2', 'z1', 'e3', 'e4')])
 
   def answer(body, tag):
     if tag == 'z1':
@@ -276,8 +273,8 @@ def test_quality_end_to_end(judge_server, tmp_path):
   plan = Plan(answer, {'e1': ['429', 'ok'], 'e4': ['bad_json'], 'z1': ['slow', 'ok']})
   server = judge_server(plan)
   out = tmp_path / 'qc'
-  args = ['--annotations', annotations, '--transcripts', transcripts, '--descriptions',
-          descriptions,
+  args = ['--annotations', annotations, '--transcripts', transcripts,
+          '--descriptions', descriptions,
           '--out', str(out), *judge_args(server)]
   counts = quality.main(args)
   assert (counts['kept'], counts['dropped'], counts['pending']) == (1, 3, 1)
@@ -322,8 +319,8 @@ def test_build_test_set_end_to_end(judge_server, tmp_path):
     relation, intensity = judged[tag]
     return json.dumps({'relation': relation, 'intensity': intensity})
   # i2 keeps answering an intensity of 11 (out of range); c3 times out once.
-  plan = Plan(answer, {'i2': ['{"relation": "inconsistent", "intensity": '
-                              '11}'], 'c3': ['slow', 'ok']})
+  plan = Plan(answer, {'i2': ['{"relation": "inconsistent", "intensity": 11}'],
+                       'c3': ['slow', 'ok']})
   server = judge_server(plan)
   out = tmp_path / 'test_set'
   summary = build_test_set.main(['--annotations', annotations, '--out', str(out), '--per-class',
@@ -338,8 +335,8 @@ def test_build_test_set_end_to_end(judge_server, tmp_path):
           == [('c1', 'consistent', 8), ('i1', 'inconsistent', 9)])
   assert rows[0]['annotation'] == annotation('c1')
   (err,) = read(out / 'errors.jsonl')
-  assert (err['id'] == 'i2' and err['message']
-          == '$.intensity: Input should be less than or equal to 10 (got 11)')
+  assert err['id'] == 'i2'
+  assert err['message'] == '$.intensity: Input should be less than or equal to 10 (got 11)'
 
   plan.plan['i2'] = ['ok']
   n_requests = len(server.requests)
@@ -367,8 +364,8 @@ def test_make_pairs_judge_end_to_end(judge_server, tmp_path):
       {'id': p, 'prompt': 'Analyse the clip.', 'subset': 'inconsistent',
        'responses': [f'[[{p}#{i}]] answer {i}' for i in range(4)]} for p in ('p1', 'p2')])
   annotations = write_jsonl(tmp_path / 'ann.jsonl', [
-      {'id': p, 'lang': 'en', 'annotation': annotation(f'gold-{p}')} for p in ('p1', 'p2',
-                                                                               'unused')])
+      {'id': p, 'lang': 'en', 'annotation': annotation(f'gold-{p}')}
+      for p in ('p1', 'p2', 'unused')])
 
   def answer(body, tag):
     lc, ea = given[tag]
@@ -393,8 +390,8 @@ def test_make_pairs_judge_end_to_end(judge_server, tmp_path):
   first = pairs[0]
   assert first['chosen'] == '[[p1#1]] answer 1' and first['rejected'] == '[[p1#2]] answer 2'
   assert (first['chosen_score'], first['rejected_score']) == (9.0, 3.0)
-  assert (first['id'] == 'p1' and first['subset'] == 'inconsistent' and first['prompt']
-          == 'Analyse the clip.')
+  assert first['id'] == 'p1' and first['subset'] == 'inconsistent'
+  assert first['prompt'] == 'Analyse the clip.'
   # graded against the gold evidence
   assert 'gold-p1' in server.requests[0]['messages'][0]['content']
 
@@ -402,14 +399,12 @@ def test_make_pairs_judge_end_to_end(judge_server, tmp_path):
   counts = make_pairs.main(['--samples', samples, '--annotations', annotations, '--out', str(out),
                             '--pairing', 'zipped', *judge_args(server)])
   assert len(server.requests) == n_requests and counts['judge']['skipped'] == 8  # scores reused
-  assert [(p['chosen_index'], p['rejected_index']) for p in read(out / 'pairs.jsonl')] == [(1, 2),
-                                                                                           (0, 3)]
+  indices = [(p['chosen_index'], p['rejected_index']) for p in read(out / 'pairs.jsonl')]
+  assert indices == [(1, 2), (0, 3)]
   counts = make_pairs.main(['--samples', samples, '--annotations', annotations, '--out', str(out),
                             '--min-margin', '3', *judge_args(server)])
-  assert [(p['chosen_index'], p['rejected_index']) for p in read(out / 'pairs.jsonl')] == [(1, 2),
-                                                                                           (1,
-                                                                                            3), (0,
-                                                                                                 2)]
+  indices = [(p['chosen_index'], p['rejected_index']) for p in read(out / 'pairs.jsonl')]
+  assert indices == [(1, 2), (1, 3), (0, 2)]
 
 
 def test_make_pairs_incomplete_prompt_waits_for_its_scores(judge_server, tmp_path):
@@ -448,8 +443,8 @@ def test_make_pairs_never_chooses_a_truncated_response(judge_server, tmp_path):
   counts = make_pairs.main(['--samples', samples, '--annotations', annotations, '--out', str(out),
                             *judge_args(server)])
   assert (counts['pairs'], counts['truncated_chosen']) == (2, 2)
-  assert [(p['chosen_index'], p['rejected_index']) for p in read(out / 'pairs.jsonl')] == [(2, 0),
-                                                                                           (2, 1)]
+  indices = [(p['chosen_index'], p['rejected_index']) for p in read(out / 'pairs.jsonl')]
+  assert indices == [(2, 0), (2, 1)]
   bad = write_jsonl(tmp_path / 'bad.jsonl', [{'id': 'p', 'responses': ['a', 'b'],
                                               'finished': [True]}])
   with pytest.raises(ValueError, match="record 1: 'finished' must be a list of booleans"):
@@ -480,8 +475,10 @@ def test_make_pairs_trims_leading_space_and_skips_empty_responses_before_judging
 
 def _fields(a):
   return {'video_desc': a['video_desc'], 'facial_exp_desc': a['facial_exp_desc'],
-          'body_lang_desc': a['body_lang_desc'], 'speech_content': a['audio_desc']['speech_content'],
-          'acoustic_feat': a['audio_desc']['acoustic_feat'], 'sentiment_analysis': a['sentiment_analysis']}
+          'body_lang_desc': a['body_lang_desc'],
+          'speech_content': a['audio_desc']['speech_content'],
+          'acoustic_feat': a['audio_desc']['acoustic_feat'],
+          'sentiment_analysis': a['sentiment_analysis']}
 
 
 def _with(annotation, **changes):
@@ -503,8 +500,8 @@ def test_make_pairs_perturb(tmp_path):
   gold = {r['id']: r['annotation'] for r in records}
   lang = {r['id']: r['lang'] for r in records}
   out1, out2, out3 = (str(tmp_path / d) for d in ('a', 'b', 'c'))
-  counts = make_pairs.main(['--strategy', 'perturb', '--annotations', path, '--out', out1, '--seed',
-                            '3'])
+  counts = make_pairs.main(['--strategy', 'perturb', '--annotations', path, '--out', out1,
+                            '--seed', '3'])
   assert counts['records'] == 4 and counts['pairs'] == 12
   make_pairs.main(['--strategy', 'perturb', '--annotations', path, '--out', out2, '--seed', '3'])
   make_pairs.main(['--strategy', 'perturb', '--annotations', path, '--out', out3, '--seed', '4'])
@@ -615,8 +612,8 @@ def test_evaluate_saber_test_end_to_end(judge_server, tmp_path):
   assert '| drop | 1.00 | 0.50 | 1.00 | 1.00 | 0.00 | 2.00 |' in report
   assert (out / 'saber_test.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
   judgments = {r['id']: r for r in read(out / 'judgments.jsonl')}
-  assert judgments['c0']['raw'] == _saber_answer(None,
-                                                 'c0') and judgments['c0']['subset'] == 'consistent'
+  assert judgments['c0']['raw'] == _saber_answer(None, 'c0')
+  assert judgments['c0']['subset'] == 'consistent'
 
 
 def test_evaluate_interrupted_with_sigkill_then_resumed(judge_server, tmp_path):
@@ -624,10 +621,10 @@ def test_evaluate_interrupted_with_sigkill_then_resumed(judge_server, tmp_path):
            'annotation': annotation(f'k{i}')}
           for i in range(12)]
   ref_path = write_jsonl(tmp_path / 'refs.jsonl', refs)
-  preds = write_jsonl(tmp_path / 'preds.jsonl', [{'id': r['id'],
-                                                  'response': f"[[{r['id']}]] p"} for r in refs])
-  server = judge_server(lambda body: Reply(json.dumps({d: 2 for d in ('VD', 'SCD', 'AFD', 'FE',
-                                                                      'BL', 'CR')}),
+  preds = write_jsonl(tmp_path / 'preds.jsonl',
+                      [{'id': r['id'], 'response': f"[[{r['id']}]] p"} for r in refs])
+  dims = ('VD', 'SCD', 'AFD', 'FE', 'BL', 'CR')
+  server = judge_server(lambda body: Reply(json.dumps({d: 2 for d in dims}),
                                            delay=0.15))
   out = tmp_path / 'eval'
   argv = ['saber-test', '--predictions', preds, '--references', ref_path, '--out', str(out),

@@ -25,10 +25,9 @@ from saber_jax.data import prompt
 OMNI_CHAT_TEMPLATE = (
     "{% set audio_count = namespace(value=0) %}{% set image_count = namespace(value=0) %}"
     "{% set video_count = namespace(value=0) %}{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful "
-    "assistant."
-    "<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string "
-    "%}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
     "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
     "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
     "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture "
@@ -39,8 +38,8 @@ OMNI_CHAT_TEMPLATE = (
     "{% elif content['type'] == 'video' or 'video' in content %}"
     "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video "
     "{{ video_count.value }}: {% endif %}<|vision_bos|><|VIDEO|><|vision_eos|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif "
-    "%}"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}"
+    "<|im_end|>\n{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
@@ -81,8 +80,8 @@ def hf_processor():
   return _OmniProcessor(
       image_processor=Qwen2VLImageProcessorPil(),
       video_processor=GridVideoProcessor(),
-      feature_extractor=WhisperFeatureExtractor(feature_size=128,
-                                                chunk_length=300),  # Omni's preprocessor
+      # Omni's preprocessor
+      feature_extractor=WhisperFeatureExtractor(feature_size=128, chunk_length=300),
       tokenizer=omni_tokenizer(),
       chat_template=OMNI_CHAT_TEMPLATE)
 
@@ -92,8 +91,8 @@ def messages(text, *, system=prompt.DEFAULT_SYSTEM_PROMPT, media=(), assistant=N
   content = [{'type': kind, kind: f'{kind}{i}'} for i, kind in enumerate(media)]
   if text:
     content.append({'type': 'text', 'text': text})
-  out = [] if system is None else [{'role': 'system', 'content': [{'type': 'text',
-                                                                   'text': system}]}]
+  out = ([] if system is None
+         else [{'role': 'system', 'content': [{'type': 'text', 'text': system}]}])
   out.append({'role': 'user', 'content': content})
   if assistant is not None:
     out.append({'role': 'assistant', 'content': [{'type': 'text', 'text': assistant}]})
