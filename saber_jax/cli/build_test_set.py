@@ -44,8 +44,8 @@ the visuals (face, body, scene):
 angry voice, cheerful words said flatly.
 Then rate the intensity of that relation from 0 to 10: how clearly and strongly the cues agree \
 (for consistent) or conflict (for inconsistent). 0 = barely, 10 = unmistakable.
-Reply with one JSON object: {{"relation": "consistent" or "inconsistent", "intensity": <integer \
-0-10>}}.
+Reply with one JSON object: {{"relation": "consistent" or "inconsistent", \
+"intensity": <integer 0-10>}}.
 
 Annotation:
 {annotation}"""

@@ -62,8 +62,8 @@ SaberScores = pydantic.create_model(
 SABER_PROMPT = """\
 You are evaluating a model's multimodal emotion analysis of a video clip against a reference \
 annotation of the same clip.
-Score how well the prediction agrees with the reference on each dimension, as an integer from 0 to \
-3:
+Score how well the prediction agrees with the reference on each dimension, as an integer from \
+0 to 3:
 {dims}
 Scale: 0 = missing, or contradicts the reference; 1 = mostly wrong or very incomplete; 2 = largely \
 correct with minor errors or omissions; 3 = fully consistent with the reference.
@@ -269,8 +269,8 @@ def saber_test(args) -> dict:
           for name in (*metrics.SUBSETS, 'drop')]
   report = ('# SABER-Test\n\n'
             f"Judge: `{args.model}`; n = {summary['n']['consistent']} consistent + "
-            f"{summary['n']['inconsistent']} inconsistent; {summary['missing']} references "
-            "unjudged.\n\n"
+            f"{summary['n']['inconsistent']} inconsistent; "
+            f"{summary['missing']} references unjudged.\n\n"
             'Mean judge score per dimension (0-3); drop = consistent - inconsistent.\n\n'
             + markdown_table(['subset', *dims, 'mean'], rows))
   files.write_text(os.path.join(args.out, 'report.md'), report)
@@ -356,8 +356,8 @@ def parse_args(argv=None):
       p.add_argument('--lang', choices=('zh', 'en'), default='zh', help='judge prompt language')
     _common.add_judge_args(p)
   p = sub.add_parser('emobench', help='EmoBench-M accuracy (no judge)')
-  p.add_argument('--predictions', required=True, help='JSONL {"id", "response", "task", "label", '
-                                                      '"category"?}')
+  p.add_argument('--predictions', required=True,
+                 help='JSONL {"id", "response", "task", "label", "category"?}')
   p.add_argument('--out', required=True, help='output folder')
   p.add_argument('--label-sets', help='JSON {task: [labels]} added to the built-in label sets')
   return parser.parse_args(argv)

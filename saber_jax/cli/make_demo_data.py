@@ -84,13 +84,12 @@ TEXT = {
         },
         'emotion': {'happy': 'happy', 'sad': 'sad', 'angry': 'angry', 'neutral': 'calm'},
         'consistent': ('The face, the head movement and the voice all agree: the expression and '
-                       'motion '
-                       'look {face}, and the voice sounds {voice} as well. The speaker is {face}.'),
+                       'motion look {face}, and the voice sounds {voice} as well. The speaker is '
+                       '{face}.'),
         'inconsistent': ('The cues conflict: the face and the head movement look {face}, but the '
-                         'voice '
-                         'sounds {voice}. The emotion is mixed; the {face} expression does not '
-                         'match the '
-                         '{voice} voice, which suggests a masked or ambivalent feeling.'),
+                         'voice sounds {voice}. The emotion is mixed; the {face} expression does '
+                         'not match the {voice} voice, which suggests a masked or ambivalent '
+                         'feeling.'),
     },
     'zh': {
         'video': '一张卡通人脸位于纯{bg}背景的画面中央，持续约{seconds:.1f}秒。',

@@ -322,8 +322,8 @@ def judge_pairs(args) -> dict:
   def process(item):
     annotation = references.get(item['record_id'])
     if annotation is None:
-      raise runs.ItemError('bad_input', f"{args.annotations}: no annotation for id "
-                                        f"{item['record_id']!r}")
+      raise runs.ItemError('bad_input',
+                           f"{args.annotations}: no annotation for id {item['record_id']!r}")
     reply = judge.ask(score_messages(annotation, item['response'], item['prompt']), ResponseScore,
                       name='response_score')
     return {'record_id': item['record_id'], 'index': item['index'], **reply.value,
@@ -379,10 +379,10 @@ def judge_pairs(args) -> dict:
 def parse_args(argv=None):
   parser = _common.tool_parser(__doc__)
   parser.add_argument('--strategy', choices=('judge', 'perturb'), default='judge')
-  parser.add_argument('--samples', help='judge: JSONL {"id", "responses": [...], "prompt"?, '
-                                        '"subset"?}')
-  parser.add_argument('--annotations', required=True, help='JSONL {"id", "annotation"}: the gold '
-                                                           'evidence')
+  parser.add_argument('--samples',
+                      help='judge: JSONL {"id", "responses": [...], "prompt"?, "subset"?}')
+  parser.add_argument('--annotations', required=True,
+                      help='JSONL {"id", "annotation"}: the gold evidence')
   parser.add_argument('--out', required=True, help='output folder')
   parser.add_argument('--pairing', choices=('product', 'zipped'), default='product',
                       help='top-2 x bottom-2 (4 pairs) or zipped (2 pairs)')

@@ -87,8 +87,8 @@ def consistency_qc(judged: dict | None) -> tuple[dict, list[tuple[str, str]]]:
     return {}, [('no_description', 'no independent description')]
   qc = {'consistent': judged['consistent'], 'consistency_reason': judged['reason']}
   if not judged['consistent']:
-    return qc, [('inconsistent', "inconsistent with the independent description: "
-                                 f"{judged['reason']}")]
+    reason = judged['reason']
+    return qc, [('inconsistent', f'inconsistent with the independent description: {reason}')]
   return qc, []
 
 
@@ -105,8 +105,8 @@ def checked_records(args, transcripts: dict):
 
 def parse_args(argv=None):
   parser = _common.tool_parser(__doc__)
-  parser.add_argument('--annotations', required=True, help='annotate.py output (id, lang, '
-                                                           'annotation)')
+  parser.add_argument('--annotations', required=True,
+                      help='annotate.py output (id, lang, annotation)')
   parser.add_argument('--out', required=True, help='output folder')
   parser.add_argument('--transcripts',
                       help='JSONL {"id", "transcript"} from an ASR model (saber-transcribe)')

