@@ -137,12 +137,15 @@ def _conv(features: int, stride: int, dtype, param_dtype, name: str) -> nn.Conv:
                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('audio_embed',)))
 
 
-class AudioAttention(nn.Module):
-  """Multi-head self-attention within each chunk (`Qwen2_5OmniAudioAttention`); k_proj has no
-  bias."""
+class AudioModule(nn.Module):
+  """The fields every audio-tower module takes: its config and compute / storage dtypes."""
   config: AudioConfig
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
+
+
+class AudioAttention(AudioModule):
+  """Multi-head attention within each chunk (`Qwen2_5OmniAudioAttention`); k_proj has no bias."""
 
   @nn.compact
   def __call__(self, x, key_mask):
@@ -162,11 +165,8 @@ class AudioAttention(nn.Module):
                         name='out_proj', **kw)(out)
 
 
-class AudioEncoderLayer(nn.Module):
+class AudioEncoderLayer(AudioModule):
   """Pre-LN transformer layer (`Qwen2_5OmniAudioEncoderLayer`), shaped for `layers.layer_stack`."""
-  config: AudioConfig
-  dtype: layers.Dtype = jnp.float32
-  param_dtype: layers.Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, key_mask):
@@ -186,15 +186,12 @@ class AudioEncoderLayer(nn.Module):
     return x, None
 
 
-class AudioEncoder(nn.Module):
+class AudioEncoder(AudioModule):
   """Qwen2.5-Omni audio tower: mel chunks -> [N, output_dim] `<|AUDIO|>` embeddings.
 
   Call with the arrays of `audio_inputs` as keyword arguments (all but `token_mask`):
   `AudioEncoder(cfg)(chunks=..., chunk_lengths=..., pool_index=...)`.
   """
-  config: AudioConfig
-  dtype: layers.Dtype = jnp.float32
-  param_dtype: layers.Dtype = jnp.float32
   remat: str = 'none'
 
   @nn.compact
