@@ -16,6 +16,12 @@ def tool_parser(doc: str) -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
+def produced_nothing(what: str, counts: str, reason, see: str) -> SystemExit:
+  """The one-line exit of a tool whose run kept or wrote nothing: what, the counts, the most
+  frequent reason and the file with the details."""
+  return SystemExit(f'error: {what} ({counts}; most frequent reason: {reason}; see {see})')
+
+
 def add_judge_args(parser: argparse.ArgumentParser, *, timeout: float = 60.0,
                    concurrency: int = 8, model_required: bool = True) -> None:
   """The judge endpoint's arguments and the run's (`add_run_args`); a tool that needs the

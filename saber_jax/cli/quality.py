@@ -194,9 +194,9 @@ def main(argv=None) -> dict:
   print(f"kept={counts['kept']} dropped={counts['dropped']} "
         f"pending={counts['pending']}", flush=True)
   if not counts['kept']:
-    raise SystemExit(f"error: saber-quality kept no clip (dropped {counts['dropped']}, pending "
-                     f"{counts['pending']}; most frequent reason: "
-                     f"{most_frequent(counts['reasons'])}; see {args.out}/dropped.jsonl)")
+    raise _common.produced_nothing(
+        'saber-quality kept no clip', f"dropped {counts['dropped']}, pending {counts['pending']}",
+        most_frequent(counts['reasons']), f'{args.out}/dropped.jsonl')
   return counts
 
 
