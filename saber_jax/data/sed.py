@@ -68,8 +68,8 @@ SED_INSTRUCTIONS = {
 
 def _lookup(table: Mapping, lang: str, what: str) -> Mapping:
   if lang not in table:
-    raise ValueError(f'no default {what} for language {lang!r} (have {sorted(table)}); pass '
-                     f'{what}=')
+    raise ValueError(f'no default {what} for language {lang!r} (have {sorted(table)}); '
+                     f'pass {what}=')
   return table[lang]
 
 
