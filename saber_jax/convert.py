@@ -163,7 +163,8 @@ class _ParamBuffers:
 
   def put(self, path: str, layer: int | None, value: np.ndarray, source: str):
     if path not in self.shapes:
-      raise KeyError(f'checkpoint tensor {source!r} maps to {path!r}, which the model does not have')
+      raise KeyError(f'checkpoint tensor {source!r} maps to {path!r}, '
+                     'which the model does not have')
     shape = self.shapes[path]
     target = shape[1:] if layer is not None else shape
     if value.shape != target:

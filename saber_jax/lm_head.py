@@ -179,7 +179,8 @@ def _chunk_grads(hidden, head_kernel, targets, logits, log_normaliser, scale, d_
   hidden = hidden.astype(head_kernel.dtype)
   d_kernel = d_kernel + jnp.einsum('bch,bcv->hv', hidden, d_softmax, preferred_element_type=acc)
   columns = _column_index(targets).reshape(-1)
-  d_kernel = d_kernel.at[:, columns].add((scale[..., None] * hidden).reshape(-1, hidden.shape[-1]).T)
+  scaled = (scale[..., None] * hidden).reshape(-1, hidden.shape[-1])
+  d_kernel = d_kernel.at[:, columns].add(scaled.T)
   return d_hidden, d_kernel
 
 

@@ -231,7 +231,8 @@ def ca_dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
   if loss_type not in DPO_LOSS_TYPES:
     raise ValueError(f'unknown DPO loss_type {loss_type!r}; expected one of {list(DPO_LOSS_TYPES)}')
   if loss_type in ('sigmoid', 'robust') and not 0.0 <= label_smoothing < 0.5:
-    raise ValueError(f'label_smoothing must lie in [0, 0.5) for {loss_type!r}, got {label_smoothing}')
+    raise ValueError(f'label_smoothing must lie in [0, 0.5) for {loss_type!r}, got '
+                     f'{label_smoothing}')
   as_f32 = lambda x: jnp.asarray(x, lm_head.compute_dtype(jnp.result_type(x)))
   pi_c, pi_r = as_f32(policy_chosen_logps), as_f32(policy_rejected_logps)
   ref_c, ref_r = as_f32(ref_chosen_logps), as_f32(ref_rejected_logps)

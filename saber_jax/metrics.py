@@ -187,14 +187,14 @@ def select_pairs(scores: Sequence[float], *, pairing: str = 'product', n_top: in
     return []
   winners, losers = order[:n], order[::-1][:n]
   if pairing == 'product':
-    candidates = [(w, l) for w in winners for l in losers]
+    candidates = [(w, lose) for w in winners for lose in losers]
   else:
     candidates = list(zip(winners, losers))
   pairs = []
-  for w, l in candidates:
-    margin = scores[w] - scores[l]
+  for w, lose in candidates:
+    margin = scores[w] - scores[lose]
     if margin > 0 and margin >= min_margin:
-      pairs.append(Pair(w, l, margin))
+      pairs.append(Pair(w, lose, margin))
   return pairs
 
 
@@ -269,7 +269,7 @@ def parse_emotion_answer(response: str, labels: Sequence[str]) -> str | None:
   3. else a unique label occurring in the whole response.
   A parsed value must be a label, or contain exactly one; otherwise None.
   """
-  labels = [normalize_label(l) for l in labels]
+  labels = [normalize_label(label) for label in labels]
   candidate = None
   for m in _DICT_LITERAL.finditer(response):
     try:

@@ -123,7 +123,8 @@ class JudgeServer:
     self._httpd.daemon_threads = True
     self.port = self._httpd.server_address[1]
     self.base_url = f'http://127.0.0.1:{self.port}/v1'
-    self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={'poll_interval': 0.05},
+    self._thread = threading.Thread(target=self._httpd.serve_forever,
+                                    kwargs={'poll_interval': 0.05},
                                     daemon=True)
     self._timer = threading.Timer(lifetime, self.stop)
     self._timer.daemon = True

@@ -20,7 +20,8 @@ def raw():
   return json.loads(th.FIXTURE_EN_TEXT)
 
 
-@pytest.mark.skipif(not os.path.exists(th.SHARED_FIXTURE_PATH), reason='shared fixture folder absent')
+@pytest.mark.skipif(not os.path.exists(th.SHARED_FIXTURE_PATH),
+                    reason='shared fixture folder absent')
 def test_embedded_fixture_is_the_shared_file():
   with open(th.SHARED_FIXTURE_PATH, encoding='utf-8') as f:
     assert f.read() == th.FIXTURE_EN_TEXT
@@ -51,14 +52,17 @@ def test_fixture_validates(raw):
 
 
 def test_chinese_clip_uses_the_same_keys(raw):
-  zh = {'video_desc': '一位男士站在厨房里。', 'audio_desc': {'speech_content': '你好。', 'acoustic_feat': '声音平稳。'},
-        'facial_exp_desc': '面带微笑。', 'body_lang_desc': '双手握杯。', 'sentiment_analysis': '整体情绪平和。'}
+  zh = {'video_desc': '一位男士站在厨房里。',
+        'audio_desc': {'speech_content': '你好。', 'acoustic_feat': '声音平稳。'},
+        'facial_exp_desc': '面带微笑。', 'body_lang_desc': '双手握杯。',
+        'sentiment_analysis': '整体情绪平和。'}
   assert annotation.validate_annotation(zh, 'zh_1').to_dict() == zh
   assert set(annotation.FIELD_PATHS) == set(annotation.Annotation.__dataclass_fields__)
 
 
 def test_texts_are_stripped_and_extra_keys_ignored(raw):
-  ann = annotation.validate_annotation(_with(_with(raw, ('video_desc',), '  a kitchen \n'), ('extra',), 1), 'c')
+  padded = _with(_with(raw, ('video_desc',), '  a kitchen \n'), ('extra',), 1)
+  ann = annotation.validate_annotation(padded, 'c')
   assert ann.video_desc == 'a kitchen'
 
 
@@ -67,12 +71,14 @@ def test_missing_field_names_clip_and_field(raw, path):
   with pytest.raises(annotation.AnnotationError) as error:
     annotation.validate_annotation(_with(raw, path, _DELETE), 'clip_42')
   message = str(error.value)
-  assert "clip 'clip_42'" in message and f"field '{'.'.join(path)}'" in message and 'missing' in message
+  assert "clip 'clip_42'" in message and 'missing' in message
+  assert f"field '{'.'.join(path)}'" in message
   assert error.value.clip_id == 'clip_42' and error.value.field == '.'.join(path)
 
 
 @pytest.mark.parametrize('path', list(annotation.FIELD_PATHS.values()))
-@pytest.mark.parametrize('value, kind', [(3, 'int'), (None, 'null'), (['a'], 'list'), ({'a': 'b'}, 'dict')])
+@pytest.mark.parametrize('value, kind',
+                         [(3, 'int'), (None, 'null'), (['a'], 'list'), ({'a': 'b'}, 'dict')])
 def test_wrong_type_names_clip_field_and_expected_type(raw, path, value, kind):
   with pytest.raises(annotation.AnnotationError) as error:
     annotation.validate_annotation(_with(raw, path, value), 7)
@@ -83,7 +89,8 @@ def test_wrong_type_names_clip_field_and_expected_type(raw, path, value, kind):
 
 def test_audio_desc_not_an_object(raw):
   with pytest.raises(annotation.AnnotationError,
-                     match=r"clip 'c': field 'audio_desc': expected an object with 'speech_content', got str"):
+                     match=r"clip 'c': field 'audio_desc': expected an object with "
+                           r"'speech_content', got str"):
     annotation.validate_annotation(_with(raw, ('audio_desc',), 'loud'), 'c')
 
 
@@ -93,11 +100,13 @@ def test_empty_text_names_clip_and_field(raw, path, value):
   with pytest.raises(annotation.AnnotationError) as error:
     annotation.validate_annotation(_with(raw, path, value), 'clip_e')
   message = str(error.value)
-  assert "clip 'clip_e'" in message and f"field '{'.'.join(path)}'" in message and 'empty' in message
+  assert "clip 'clip_e'" in message and 'empty' in message
+  assert f"field '{'.'.join(path)}'" in message
 
 
 def test_record_that_is_not_an_object():
-  with pytest.raises(annotation.AnnotationError, match=r"clip 'c': expected a JSON object .* got list"):
+  with pytest.raises(annotation.AnnotationError,
+                     match=r"clip 'c': expected a JSON object .* got list"):
     annotation.validate_annotation(['video_desc'], 'c')
 
 
@@ -107,7 +116,8 @@ def test_parse_annotation_reports_json_error_position(raw):
   with pytest.raises(annotation.AnnotationError) as error:
     annotation.parse_annotation(broken, 'clip_j')
   line = broken[:broken.index('body_lang_desc')].count('\n') + 1
-  assert "clip 'clip_j'" in str(error.value) and f'invalid JSON at line {line} column 3' in str(error.value)
+  assert "clip 'clip_j'" in str(error.value)
+  assert f'invalid JSON at line {line} column 3' in str(error.value)
 
 
 def test_parse_annotation_accepts_a_code_fenced_answer(raw):
@@ -134,15 +144,15 @@ def test_read_annotations_yields_errors_and_goes_on(raw, tmp_path):
   path = tmp_path / 'annotations.jsonl'
   path.write_text('\n'.join(lines) + '\n', encoding='utf-8')
   results = list(annotation.read_annotations(path))
-  assert [clip_id for clip_id, _ in results] == ['ok_1', None, None, 'bad_field', 'no_annotation', 'as_text',
-                                                 'bad_text', None, 12]
+  assert [clip_id for clip_id, _ in results] == [
+      'ok_1', None, None, 'bad_field', 'no_annotation', 'as_text', 'bad_text', None, 12]
   kinds = [isinstance(result, annotation.Annotation) for _, result in results]
   assert kinds == [True, False, False, False, False, True, False, False, True]
   messages = {i: str(result) for i, (_, result) in enumerate(results) if not kinds[i]}
   assert messages[1].startswith(f'{path}:2: clip id unknown: invalid JSON')
   assert messages[2] == f"{path}:4: clip id unknown: field 'id': missing"
-  assert messages[3] == (f"{path}:5: clip 'bad_field': field 'audio_desc.acoustic_feat': expected non-empty "
-                         'text, got an empty or whitespace-only string')
+  assert messages[3] == (f"{path}:5: clip 'bad_field': field 'audio_desc.acoustic_feat': "
+                         'expected non-empty text, got an empty or whitespace-only string')
   assert messages[4] == f"{path}:6: clip 'no_annotation': field 'annotation': missing"
   assert messages[6].startswith(f"{path}:8: clip 'bad_text': invalid JSON at line 1")
   assert messages[7].startswith(f'{path}:9: clip id unknown: expected a JSON object')
@@ -152,7 +162,8 @@ def test_read_annotations_yields_errors_and_goes_on(raw, tmp_path):
 def test_read_annotations_shards_by_line(raw, tmp_path):
   path = tmp_path / 'a.jsonl'
   path.write_text(''.join(json.dumps({'id': f'c{i}', 'annotation': raw}) + '\n' for i in range(7)))
-  shards = [[i for i, _ in annotation.read_annotations(path, shard_index=s, num_shards=3)] for s in range(3)]
+  shards = [[i for i, _ in annotation.read_annotations(path, shard_index=s, num_shards=3)]
+            for s in range(3)]
   assert shards == [['c0', 'c3', 'c6'], ['c1', 'c4'], ['c2', 'c5']]
   with pytest.raises(ValueError, match='shard_index'):
     next(annotation.read_annotations(path, shard_index=3, num_shards=3))

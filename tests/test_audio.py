@@ -35,7 +35,8 @@ def _hf_thinker(n_window: int):
                          fullatt_block_indexes=[1], out_hidden_size=64),
       text_config=dict(vocab_size=99, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2,
-                       rope_parameters=dict(rope_type='default', rope_theta=1e6, mrope_section=[2, 3, 3])))
+                       rope_parameters=dict(rope_type='default', rope_theta=1e6,
+                                            mrope_section=[2, 3, 3])))
   cfg._attn_implementation = 'eager'
   torch.manual_seed(n_window)
   model = Qwen2_5OmniThinkerForConditionalGeneration(cfg).eval()
@@ -44,7 +45,8 @@ def _hf_thinker(n_window: int):
       p.add_(torch.randn_like(p) * 0.05)
   config = AudioConfig(**_tiny_audio_config(n_window))
   state = {k: v.numpy() for k, v in model.model.audio_tower.state_dict().items()}
-  params = convert.params_from_state_dict(audio.CHECKPOINT_RULES, state.items(), _abstract_params(config))
+  params = convert.params_from_state_dict(audio.CHECKPOINT_RULES, state.items(),
+                                          _abstract_params(config))
   return model, config, params
 
 
@@ -178,7 +180,8 @@ def test_checkpoint_rules_cover_every_tensor_and_param():
   abstract = _abstract_params(config)
   assert jax.tree.structure(params) == jax.tree.structure(abstract)
   assert sum(v.size for v in jax.tree.leaves(params)) == sum(v.numel() for v in state.values())
-  np.testing.assert_array_equal(params['audio_bos_eos_token'], state['audio_bos_eos_token.weight'].numpy())
+  np.testing.assert_array_equal(params['audio_bos_eos_token'],
+                                state['audio_bos_eos_token.weight'].numpy())
   np.testing.assert_array_equal(params['layers']['self_attn']['q_proj']['kernel'][1],
                                 state['layers.1.self_attn.q_proj.weight'].numpy().T)
 
@@ -187,10 +190,12 @@ def test_params_carry_audio_axis_names():
   config = AudioConfig(**_tiny_audio_config(8))
   module = audio.AudioEncoder(config)
   boxed = jax.eval_shape(module.init, jax.random.key(0), chunks=jnp.zeros((1, MEL, 16)),
-                         chunk_lengths=jnp.ones((1,), jnp.int32), pool_index=jnp.zeros((1, 2), jnp.int32))
+                         chunk_lengths=jnp.ones((1,), jnp.int32),
+                         pool_index=jnp.zeros((1, 2), jnp.int32))
   specs = jax.tree.map(tuple, nn.get_partition_spec(boxed)['params'],
                        is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
-  assert specs['layers']['self_attn']['q_proj']['kernel'] == ('layers', 'audio_embed', 'audio_heads')
+  q_kernel = specs['layers']['self_attn']['q_proj']['kernel']
+  assert q_kernel == ('layers', 'audio_embed', 'audio_heads')
   assert specs['layers']['fc1']['kernel'] == ('layers', 'audio_embed', 'audio_mlp')
   assert specs['layers']['final_layer_norm']['scale'] == ('layers', 'norm')
   assert specs['conv2']['kernel'] == (None, None, 'audio_embed')
@@ -211,7 +216,8 @@ def test_bf16_forward_runs_close_to_fp32():
 def test_remat_changes_neither_outputs_nor_gradients():
   _, config, params = _hf_thinker(8)
   features, mask = _clips([70, 20], 80)
-  inputs = {k: v for k, v in audio.audio_inputs(config, features, mask).items() if k != 'token_mask'}
+  inputs = {k: v for k, v in audio.audio_inputs(config, features, mask).items()
+            if k != 'token_mask'}
 
   def loss(p, remat):
     out = audio.AudioEncoder(config, remat=remat).apply({'params': p}, **inputs)

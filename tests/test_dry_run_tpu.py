@@ -62,7 +62,7 @@ def test_tiny_thinker_compiles_for_a_v5p_slice():
   the 8 devices of a v5p-16 (4 chips, 2 cores each), compiled by libtpu's TPU compiler."""
   result = _dry_run('--config.dry_run_topology=v5p-16', '--config.mesh=(1,-1,1)')
   assert result.returncode == 0, result.stderr[-3000:]
-  line = [l for l in result.stdout.splitlines() if l.startswith('per_device_memory_gib=')]
+  line = [s for s in result.stdout.splitlines() if s.startswith('per_device_memory_gib=')]
   assert line, result.stdout[-3000:]
   assert 0.01 < float(line[0].split('=')[1]) < 95
   assert '[dry run] v5p-16: 8 x TPU v5' in result.stdout and 'HBM per device: fits' in result.stdout

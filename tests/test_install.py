@@ -49,7 +49,8 @@ def _run(venv, work, *command, timeout=600):
 
 def test_installed_package_comes_from_the_wheel(installed):
   venv, work = installed
-  where = _run(venv, work, venv / 'bin' / 'python', '-c', 'import saber_jax; print(saber_jax.__file__)')
+  where = _run(venv, work, venv / 'bin' / 'python', '-c', 'import saber_jax; '
+                                                          'print(saber_jax.__file__)')
   assert where.startswith(str(venv)) and str(ROOT) not in where
 
 

@@ -52,10 +52,12 @@ def test_parse_json_object_rejects(text, match):
 
 def test_validate_exact_keys_strict_types_and_ranges():
   assert replies.validate({'score': 3, 'ok': False}, Score) == {'score': 3, 'ok': False}
-  bad = [({'score': 4, 'ok': True}, r'^\$.score: Input should be less than or equal to 3 \(got 4\)$'),
+  bad = [({'score': 4, 'ok': True},
+          r'^\$.score: Input should be less than or equal to 3 \(got 4\)$'),
          ({'score': -1, 'ok': True}, 'greater than or equal to 0'),
          ({'score': 1.5, 'ok': True}, r'\$.score: Input should be a valid integer'),
-         ({'score': True, 'ok': True}, r'\$.score: Input should be a valid integer'),  # not a number
+         # not a number
+         ({'score': True, 'ok': True}, r'\$.score: Input should be a valid integer'),
          ({'score': '2', 'ok': True}, r'\$.score: Input should be a valid integer'),
          ({'score': 1, 'ok': 'yes'}, r'\$.ok: Input should be a valid boolean'),
          ({'score': 1}, r'^\$.ok: Field required$'),
@@ -70,13 +72,13 @@ def test_validate_exact_keys_strict_types_and_ranges():
   class Nested(replies.Reply):
     a: Inner
     e: Literal['x', 'y']
-    l: list[str]
+    tags: list[str]
     f: replies.number_in(0, 1)
-  good = {'a': {'b': 'z'}, 'e': 'x', 'l': [], 'f': 0.5}
+  good = {'a': {'b': 'z'}, 'e': 'x', 'tags': [], 'f': 0.5}
   assert replies.validate(good, Nested) == good
   for change, match in [({'a': {'b': ' '}}, r'\$.a.b: String should match'),
                         ({'e': 'z'}, r"\$.e: Input should be 'x' or 'y'"),
-                        ({'l': [1]}, r'\$.l.0: Input should be a valid string'),
+                        ({'tags': [1]}, r'\$.tags.0: Input should be a valid string'),
                         ({'f': float('nan')}, r'\$.f: Input should be a finite number')]:
     with pytest.raises(replies.InvalidReply, match=match):
       replies.validate({**good, **change}, Nested)
@@ -215,7 +217,8 @@ def test_run_jobs_resumes_retries_failures_and_bounds_concurrency(judge_server, 
 
   out, errors = str(tmp_path / 'out.jsonl'), str(tmp_path / 'errors.jsonl')
   # First run stops after 6 new items (simulating an interruption).
-  s1 = runs.run_jobs(_items(12), process, out_path=out, errors_path=errors, concurrency=3, max_items=6)
+  s1 = runs.run_jobs(_items(12), process, out_path=out, errors_path=errors, concurrency=3,
+                     max_items=6)
   assert (s1.done, s1.skipped, s1.failed) == (5, 0, 1)  # item03 failed
   assert 2 <= server.max_in_flight <= 3  # concurrent, but bounded
   # A crash mid-append leaves half a line; the next run drops it and redoes that item.
@@ -225,7 +228,8 @@ def test_run_jobs_resumes_retries_failures_and_bounds_concurrency(judge_server, 
   assert (s2.done, s2.skipped, s2.failed) == (5, 5, 2)  # item03 again, item07
   assert sorted(r['id'] for r in files.read_jsonl(errors)) == ['item03', 'item07']
   err = next(files.read_jsonl(errors))
-  assert err['kind'] == 'invalid_reply' and err['raw'] == '{"score": 9, "ok": true}' and err['attempts'] == 2
+  assert err['kind'] == 'invalid_reply' and err['attempts'] == 2
+  assert err['raw'] == '{"score": 9, "ok": true}'
   fixed.set()
   s3 = runs.run_jobs(_items(12), process, out_path=out, errors_path=errors, concurrency=3)
   assert (s3.done, s3.skipped, s3.failed) == (2, 10, 0)

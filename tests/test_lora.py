@@ -42,7 +42,8 @@ def random_lora(lora_params, seed):
 
 
 def paths(tree):
-  return {'/'.join(str(k.key) for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(tree)}
+  return {'/'.join(str(k.key) for k in path)
+          for path, _ in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def test_targets_regex_selects_exactly_the_decoder_projections():
@@ -77,7 +78,7 @@ def test_init_shapes_keep_the_layer_axis_and_b_starts_at_zero():
 def test_merge_with_zero_b_is_the_identity(dtype):
   params = toy_params(dtype=dtype)
   adapters = lora.init_lora(jax.random.key(2), params, rank=4)
-  merged = jax.jit(lambda p, l: lora.merge_lora(p, l, rank=4, alpha=16.0))(params, adapters)
+  merged = jax.jit(lambda p, a: lora.merge_lora(p, a, rank=4, alpha=16.0))(params, adapters)
   jax.tree.map(np.testing.assert_array_equal, merged, params)
   assert jax.tree.map(lambda x: x.dtype, merged) == jax.tree.map(lambda x: x.dtype, params)
 
@@ -149,7 +150,7 @@ def test_lora_gradient_equals_the_chain_rule_through_the_merged_kernel():
   adapters = random_lora(lora.init_lora(jax.random.key(8), params, rank=2), 9)
   scale = 4.0 / 2
   lora_grads = jax.grad(
-      lambda l: jnp.mean(stacked_forward(lora.merge_lora(params, l, rank=2, alpha=4.0), x) ** 2))(
+      lambda a: jnp.mean(stacked_forward(lora.merge_lora(params, a, rank=2, alpha=4.0), x) ** 2))(
           adapters)
   merged = lora.merge_lora(params, adapters, rank=2, alpha=4.0)
   kernel_grads = jax.grad(lambda p: jnp.mean(stacked_forward(p, x) ** 2))(merged)
@@ -157,9 +158,11 @@ def test_lora_gradient_equals_the_chain_rule_through_the_merged_kernel():
   factors = adapters['text']['layers']['mlp']['up_proj']
   # dL/da = s dW b^T and dL/db = s a^T dW, layer by layer.
   np.testing.assert_allclose(lora_grads['text']['layers']['mlp']['up_proj']['a'],
-                             scale * jnp.einsum('lio,lro->lir', dw, factors['b']), rtol=1e-5, atol=1e-6)
+                             scale * jnp.einsum('lio,lro->lir', dw, factors['b']),
+                             rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(lora_grads['text']['layers']['mlp']['up_proj']['b'],
-                             scale * jnp.einsum('lir,lio->lro', factors['a'], dw), rtol=1e-5, atol=1e-6)
+                             scale * jnp.einsum('lir,lio->lro', factors['a'], dw),
+                             rtol=1e-5, atol=1e-6)
 
 
 def test_merge_rejects_mismatched_rank_and_missing_kernels():

@@ -135,7 +135,8 @@ def test_grad_matches_finite_differences_in_float64():
   with jax.enable_x64(True):
     hidden64, head64 = jnp.asarray(hidden, jnp.float64), jnp.asarray(head, jnp.float64)
     logits64 = hidden64 @ head64
-    check_grads(jax.jit(lambda x: losses.sed_loss(x, labels, segments, chunk_size=3)[0]), (logits64,),
+    check_grads(jax.jit(lambda x: losses.sed_loss(x, labels, segments, chunk_size=3)[0]),
+                (logits64,),
                 order=1, modes=['rev'], atol=1e-6, rtol=1e-6)
     seq_logps = lambda h, w: jnp.sum(losses.token_logps_from_hidden(h, w, labels, chunk_size=2),
                                      axis=-1)
@@ -146,7 +147,8 @@ def test_grad_matches_finite_differences_in_float64():
     lengths = jnp.array([3, 4, 2]), jnp.array([5, 1, 2])
     for loss_type in losses.DPO_LOSS_TYPES:
       def dpo(pi_c, pi_r, loss_type=loss_type):
-        return losses.ca_dpo_loss(pi_c, pi_r, *ref, beta=0.7, label_smoothing=0.2 * (loss_type == 'robust'),
+        return losses.ca_dpo_loss(pi_c, pi_r, *ref, beta=0.7,
+                                  label_smoothing=0.2 * (loss_type == 'robust'),
                                   loss_type=loss_type, chosen_lengths=lengths[0],
                                   rejected_lengths=lengths[1])[0]
       check_grads(jax.jit(dpo), policy, order=1, modes=['rev'], atol=1e-6, rtol=1e-6)
@@ -180,9 +182,11 @@ def test_mismatched_shapes_raise_clear_errors():
   with pytest.raises(ValueError, match='labels'):
     losses.token_logps(jnp.zeros((2, 5, 3)), jnp.zeros((2, 4), jnp.int32))
   with pytest.raises(ValueError, match='head_kernel'):
-    losses.token_logps_from_hidden(jnp.zeros((2, 5, 3)), jnp.zeros((4, 7)), jnp.zeros((2, 5), jnp.int32))
+    losses.token_logps_from_hidden(jnp.zeros((2, 5, 3)), jnp.zeros((4, 7)),
+                                   jnp.zeros((2, 5), jnp.int32))
   with pytest.raises(ValueError, match='segments'):
-    losses.sed_loss(jnp.zeros((2, 5, 3)), jnp.zeros((2, 5), jnp.int32), jnp.zeros((2, 4), jnp.int32))
+    losses.sed_loss(jnp.zeros((2, 5, 3)), jnp.zeros((2, 5), jnp.int32),
+                    jnp.zeros((2, 4), jnp.int32))
 
 
 # ---------------------------------------------------------------------------
@@ -231,7 +235,8 @@ def test_sed_loss_with_no_response_tokens_is_zero_not_nan():
   labels = jnp.full((1, 4), IGNORE)
   loss, metrics = losses.sed_loss(logits, labels, jnp.zeros((1, 4), jnp.int32))
   assert loss == 0.0 and metrics['tokens'] == 0
-  assert np.all(np.asarray(jax.grad(lambda x: losses.sed_loss(x, labels, labels * 0)[0])(logits)) == 0)
+  grad = jax.grad(lambda x: losses.sed_loss(x, labels, labels * 0)[0])(logits)
+  assert np.all(np.asarray(grad) == 0)
 
 
 # ---------------------------------------------------------------------------
@@ -263,7 +268,8 @@ def reference_dpo(pi_c, pi_r, ref_c, ref_r, beta, eps, loss_type, len_c, len_r):
     ipo_delta = chosen_ratio / np.maximum(len_c, 1) - rejected_ratio / np.maximum(len_r, 1)
     per_pair = (ipo_delta - 1 / (2 * beta)) ** 2
   else:
-    per_pair = (-(1 - eps) * log_sigmoid(beta * delta) + eps * log_sigmoid(-beta * delta)) / (1 - 2 * eps)
+    per_pair = ((-(1 - eps) * log_sigmoid(beta * delta) + eps * log_sigmoid(-beta * delta))
+                / (1 - 2 * eps))
   reward_c, reward_r = beta * chosen_ratio, beta * rejected_ratio
   return per_pair.mean(), {
       'rewards/chosen': reward_c.mean(), 'rewards/rejected': reward_r.mean(),

@@ -126,7 +126,8 @@ def test_pairs_ties():
 
 
 def test_pairs_min_margin_and_small_k():
-  assert _as_tuples(metrics.select_pairs([9, 8, 2, 1], min_margin=7)) == [(0, 3, 8), (0, 2, 7), (1, 3, 7)]
+  assert (_as_tuples(metrics.select_pairs([9, 8, 2, 1], min_margin=7))
+          == [(0, 3, 8), (0, 2, 7), (1, 3, 7)])
   assert metrics.select_pairs([9, 8, 2, 1], min_margin=9) == []  # best - worst = 8 < 9
   assert _as_tuples(metrics.select_pairs([3, 2, 1])) == [(0, 2, 2)]  # k=3: one each side
   assert metrics.select_pairs([3]) == []

@@ -222,7 +222,7 @@ def test_shards_on_separate_runs_cover_every_clip_once(dataset, tmp_path):
 def test_rerun_after_clips_were_added_is_refused_or_starts_fresh(dataset, tmp_path, capsys):
   manifest, labels = dataset
   grown = os.path.join(os.path.dirname(manifest), 'grown.jsonl')   # media paths stay valid
-  lines = [l for l in open(manifest, 'rb') if l.startswith(b'{"id": "demo-000')]
+  lines = [row for row in open(manifest, 'rb') if row.startswith(b'{"id": "demo-000')]
   open(grown, 'wb').writelines(lines[:3])
   run = lambda *extra: preprocess.main(['--manifest', grown, '--annotations', labels,
                                         '--out', str(tmp_path), '--quiet', *extra])

@@ -66,14 +66,16 @@ def test_offline_tokenizer_puts_omni_tokens_at_thinker_ids(tok):
   for text, token_id in expected.items():
     assert tok.encode(text, add_special_tokens=False) == [token_id], text
   assert len(tok) == 151665
-  assert tok.eos_token == '<|im_end|>' and tok.pad_token == '<|endoftext|>' and tok.bos_token is None
+  assert (tok.eos_token == '<|im_end|>' and tok.pad_token == '<|endoftext|>'
+          and tok.bos_token is None)
   # The attributes Qwen2_5OmniProcessor reads.
   assert (tok.audio_token_id, tok.image_token_id, tok.video_token_id) == (151646, 151655, 151656)
   assert (tok.vision_bos_token, tok.audio_eos_token) == ('<|vision_bos|>', '<|audio_eos|>')
 
 
 @pytest.mark.parametrize('text', [
-    TEXTS['en'], TEXTS['zh'], "  It's 3.14159 -- isn't it?\n\n\tTabs,   spaces\r\n", 'naïve café ｆｕｌｌ-width，标点。',
+    TEXTS['en'], TEXTS['zh'], "  It's 3.14159 -- isn't it?\n\n\tTabs,   spaces\r\n",
+    'naïve café ｆｕｌｌ-width，标点。',
     'emoji 😀🎉 and <laughs> markers', '子敬果真是江东第一善人。我...我替刘琦公子拜谢了。',
 ])
 def test_offline_bpe_matches_packaged_tokenizer_json(tok, text):
@@ -81,7 +83,8 @@ def test_offline_bpe_matches_packaged_tokenizer_json(tok, text):
   # independent, fully specified tokenizers pipeline for ordinary text.
   folder = os.path.dirname(prompt.qwen_bpe_files()[0])
   reference = Tokenizer.from_file(os.path.join(folder, 'tokenizer.json'))
-  assert tok.encode(text, add_special_tokens=False) == reference.encode(text, add_special_tokens=False).ids
+  assert (tok.encode(text, add_special_tokens=False)
+          == reference.encode(text, add_special_tokens=False).ids)
 
 
 def test_load_tokenizer_from_saved_directory(tok, tmp_path):
@@ -134,10 +137,12 @@ def test_chunk_bounds_matches_get_chunked_index(proc):
 
 def test_expand_placeholders_interleaves_video_and_audio_chunks():
   ids = prompt.OmniTokenIds()
-  # t ids 0, 25, 50, 75 (second_per_grid 1.0): chunks of 2 frames x 6 tokens; 75 audio tokens: 50 + 25.
-  tokens = prompt.expand_placeholders(audio_lengths=[300], video_grids=[(4, 4, 6)], video_second_per_grid=[1.0],
-                                      use_audio_in_video=True)
-  expected = ([ids.vision_bos, ids.audio_bos] + [ids.video] * 12 + [ids.audio] * 50 + [ids.video] * 12
+  # t ids 0, 25, 50, 75 (second_per_grid 1.0): chunks of 2 frames x 6 tokens;
+  # 75 audio tokens: 50 + 25.
+  tokens = prompt.expand_placeholders(audio_lengths=[300], video_grids=[(4, 4, 6)],
+                                      video_second_per_grid=[1.0], use_audio_in_video=True)
+  expected = ([ids.vision_bos, ids.audio_bos] + [ids.video] * 12 + [ids.audio] * 50
+              + [ids.video] * 12
               + [ids.audio] * 25 + [ids.audio_eos, ids.vision_eos])
   np.testing.assert_array_equal(tokens, expected)
   assert tokens.dtype == np.int32
@@ -145,24 +150,27 @@ def test_expand_placeholders_interleaves_video_and_audio_chunks():
 
 def test_expand_placeholders_rejects_inconsistent_media():
   with pytest.raises(ValueError, match='2 audio lengths for 1 videos'):
-    prompt.expand_placeholders(audio_lengths=[300, 200], video_grids=[(2, 4, 4)], video_second_per_grid=[1.0],
-                               use_audio_in_video=True)
+    prompt.expand_placeholders(audio_lengths=[300, 200], video_grids=[(2, 4, 4)],
+                               video_second_per_grid=[1.0], use_audio_in_video=True)
   with pytest.raises(ValueError, match='divisible by merge_size'):
     prompt.expand_placeholders(image_grids=[(1, 5, 4)])
   with pytest.raises(ValueError, match='needs second_per_grid'):
-    prompt.expand_placeholders(audio_lengths=[300], video_grids=[(2, 4, 4)], use_audio_in_video=True)
+    prompt.expand_placeholders(audio_lengths=[300], video_grids=[(2, 4, 4)],
+                               use_audio_in_video=True)
   with pytest.raises(ValueError, match='permutation'):
     prompt.expand_placeholders(media_order=('video', 'image'))
 
 
 # ------------------------------------------------------------------- chat template text
 
-@pytest.mark.parametrize('system', [prompt.DEFAULT_SYSTEM_PROMPT, prompt.OMNI_SYSTEM_PROMPT, 'Be brief.'])
-@pytest.mark.parametrize('media', [(), ('audio',), ('video', 'audio'), ('video', 'video', 'image', 'image')])
+@pytest.mark.parametrize('system', [prompt.DEFAULT_SYSTEM_PROMPT, prompt.OMNI_SYSTEM_PROMPT,
+                                    'Be brief.'])
+@pytest.mark.parametrize('media', [(), ('audio',), ('video', 'audio'),
+                                   ('video', 'video', 'image', 'image')])
 @pytest.mark.parametrize('lang', ['en', 'zh'])
 def test_render_chat_text_matches_hf_template(proc, system, media, lang):
-  rendered = proc.apply_chat_template(th.messages(TEXTS[lang], system=system, media=media), tokenize=False,
-                                      add_generation_prompt=True)
+  rendered = proc.apply_chat_template(th.messages(TEXTS[lang], system=system, media=media),
+                                      tokenize=False, add_generation_prompt=True)
   ours = prompt.render_chat_text(TEXTS[lang], system=system, num_videos=media.count('video'),
                                  num_audios=media.count('audio'), num_images=media.count('image'))
   assert ours == rendered
@@ -170,9 +178,11 @@ def test_render_chat_text_matches_hf_template(proc, system, media, lang):
 
 def test_template_without_system_message_falls_back_to_default_system(proc):
   # The HF template inserts 'You are a helpful assistant.' (ms-swift's default too).
-  rendered = proc.apply_chat_template(th.messages('hi', system=None), tokenize=False, add_generation_prompt=True)
+  rendered = proc.apply_chat_template(th.messages('hi', system=None), tokenize=False,
+                                      add_generation_prompt=True)
   assert rendered == prompt.render_chat_text('hi')
-  assert prompt.render_chat_text('hi', system=None) == '<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n'
+  assert (prompt.render_chat_text('hi', system=None)
+          == '<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n')
 
 
 # -------------------------------------------------------------- ids equal the HF processor's
@@ -205,7 +215,8 @@ def test_image_prompt_matches_processor(tok, proc):
 def test_video_and_separate_audio_prompt_matches_processor(tok, proc):
   # ms-swift's layout for SABER clips: <video><audio> before the instruction, audio not in video.
   video, wave = _frames(6, 56, 84), _wave(2.5)
-  _, out, expected = _hf_ids(proc, TEXTS['en'], media=('video', 'audio'), videos=[video], audio=[wave])
+  _, out, expected = _hf_ids(proc, TEXTS['en'], media=('video', 'audio'), videos=[video],
+                             audio=[wave])
   ours = prompt.build_prompt(tok, text=TEXTS['en'], video_grids=out['video_grid_thw'],
                              audio_lengths=np.asarray(out['feature_attention_mask']).sum(-1))
   np.testing.assert_array_equal(ours, expected)
@@ -213,7 +224,8 @@ def test_video_and_separate_audio_prompt_matches_processor(tok, proc):
 
 @pytest.mark.parametrize('fps, frames, seconds', [
     (2.0, 6, 3.0),      # second_per_grid 1.0: t ids 0, 25, 50 -> 2 chunks of video, 75 audio tokens
-    (1.0, 10, 9.9),     # second_per_grid 2.0: one grid step per chunk, 5 video chunks, 7 audio chunks
+    # second_per_grid 2.0: one grid step per chunk, 5 video chunks, 7 audio chunks
+    (1.0, 10, 9.9),
     (3.0, 8, 1.1),      # second_per_grid 2/3 (0.666..): float chunk edges; audio shorter than video
 ])
 def test_video_with_audio_in_video_matches_processor(tok, proc, fps, frames, seconds):
@@ -236,8 +248,9 @@ def test_video_with_audio_in_video_matches_processor(tok, proc, fps, frames, sec
 def test_two_videos_with_audio_and_an_image_match_processor(tok, proc):
   videos, waves = [_frames(6, 56, 56), _frames(4, 28, 84)], [_wave(3.2, 1), _wave(1.3, 2)]
   images = [_image(64, 64)]
-  _, out, expected = _hf_ids(proc, TEXTS['en'], media=('video', 'video', 'image'), videos=videos, audio=waves,
-                             images=images, audio_from_video_indices=[0, 1], load_audio_from_video=True)
+  _, out, expected = _hf_ids(proc, TEXTS['en'], media=('video', 'video', 'image'), videos=videos,
+                             audio=waves, images=images, audio_from_video_indices=[0, 1],
+                             load_audio_from_video=True)
   ours = prompt.build_prompt(tok, text=TEXTS['en'], video_grids=out['video_grid_thw'],
                              video_second_per_grid=out['video_second_per_grid'],
                              audio_lengths=np.asarray(out['feature_attention_mask']).sum(-1),
@@ -249,7 +262,8 @@ def test_prompt_ids_are_int32_and_end_with_generation_prompt(tok):
   ids = prompt.build_prompt(tok, text='x')
   assert ids.dtype == np.int32 and ids.ndim == 1
   assert tok.decode(ids[-3:]) == '<|im_start|>assistant\n'
-  assert tok.decode(prompt.build_prompt(tok, text='x', add_generation_prompt=False)).endswith('<|im_end|>\n')
+  ids = prompt.build_prompt(tok, text='x', add_generation_prompt=False)
+  assert tok.decode(ids).endswith('<|im_end|>\n')
 
 
 def test_prompt_without_system_turn(tok):
@@ -262,4 +276,5 @@ def test_encode_parts_equals_tokenizing_the_joined_string(tok):
   # tokenizing 'user\n' and '\n\nhi' apart.
   parts = [[151644], 'user\n', '\n\nhi', [151645], ' \n', 'x']
   joined = '<|im_start|>user\n\n\nhi<|im_end|> \nx'
-  np.testing.assert_array_equal(prompt.encode_parts(tok, parts), tok.encode(joined, add_special_tokens=False))
+  np.testing.assert_array_equal(prompt.encode_parts(tok, parts),
+                                tok.encode(joined, add_special_tokens=False))

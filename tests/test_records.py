@@ -71,7 +71,8 @@ def test_preference_record_round_trips_and_defaults_to_nan():
 
 @pytest.mark.parametrize('blob', [b'', b'\xc1garbage', msgpack.packb([1, 2, 3])])
 def test_malformed_blob_is_a_record_error_naming_where(blob):
-  with pytest.raises(records.RecordError, match=r'shard-3\.array_record:17: not a saber_jax record'):
+  with pytest.raises(records.RecordError,
+                     match=r'shard-3\.array_record:17: not a saber_jax record'):
     records.decode_record(blob, 'shard-3.array_record:17')
 
 
@@ -156,7 +157,8 @@ def test_shards_read_back_in_order(tmp_path):
 def test_missing_shard_is_named(tmp_path):
   prefix = str(tmp_path / 'sft')
   records.write_records(records.shard_name(prefix, 1, 3), _blobs(1))
-  with pytest.raises(FileNotFoundError, match=r'2 of 3 shards missing, e\.g\. .*sft-00000-of-00003'):
+  with pytest.raises(FileNotFoundError,
+                     match=r'2 of 3 shards missing, e\.g\. .*sft-00000-of-00003'):
     records.shard_paths(prefix)
 
 
@@ -175,7 +177,8 @@ def test_a_failed_write_leaves_no_shard_and_keeps_the_old_one(tmp_path):
   records.write_records(path, blobs[:1])
   with pytest.raises(KeyboardInterrupt):
     records.write_records(path, dies_midway())
-  assert sorted(os.listdir(tmp_path)) == [os.path.basename(path), os.path.basename(path) + '.sizes.npz']
+  assert sorted(os.listdir(tmp_path)) == [os.path.basename(path),
+                                          os.path.basename(path) + '.sizes.npz']
   assert [b for _, b in records.read_records(path)] == blobs[:1]
 
 

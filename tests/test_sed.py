@@ -47,7 +47,8 @@ def test_default_target_orders_visual_acoustic_reasoning(fixture_annotation):
   assert [segment for segment, _ in target] == [VISUAL, ACOUSTIC, REASONING]
   text = sed.response_text(target)
   a = fixture_annotation
-  positions = [text.index(s) for s in ('Visual evidence:', a.video_desc, a.facial_exp_desc, a.body_lang_desc,
+  positions = [text.index(s) for s in ('Visual evidence:', a.video_desc, a.facial_exp_desc,
+                                       a.body_lang_desc,
                                        'Acoustic evidence:', a.speech_content, a.acoustic_feat,
                                        'Holistic reasoning:', a.sentiment_analysis)]
   assert positions == sorted(positions)
@@ -70,11 +71,13 @@ def test_chinese_target_uses_chinese_headers_and_labels():
 
 def test_order_and_headers_are_configurable(fixture_annotation):
   headers = {'visual': '[SEE]', 'acoustic': '[HEAR]', 'reasoning': '[THINK]'}
-  target = sed.sed_target(fixture_annotation, 'en', order=('acoustic', 'visual', 'reasoning'), headers=headers)
+  target = sed.sed_target(fixture_annotation, 'en', order=('acoustic', 'visual', 'reasoning'),
+                          headers=headers)
   assert [segment for segment, _ in target] == [ACOUSTIC, VISUAL, REASONING]
   assert [t.split('\n')[0] for _, t in target] == ['[HEAR]', '[SEE]', '[THINK]']
   reasoning_only = sed.sed_target(fixture_annotation, 'en', order=('reasoning',))
-  assert reasoning_only == [(REASONING, 'Holistic reasoning:\n' + fixture_annotation.sentiment_analysis)]
+  assert reasoning_only == [
+      (REASONING, 'Holistic reasoning:\n' + fixture_annotation.sentiment_analysis)]
 
 
 def test_bad_order_or_language_is_rejected(fixture_annotation):
@@ -116,7 +119,8 @@ def test_labels_are_ignored_exactly_on_the_prompt(tok, fixture_annotation, lang)
   prompt_ids, _, example = _example(tok, ann, lang)
   n = len(prompt_ids)
   assert {k: (v.dtype, v.shape) for k, v in example.items()} == {
-      k: (np.dtype(np.int32), example['input_ids'].shape) for k in ('input_ids', 'labels', 'segments')}
+      k: (np.dtype(np.int32), example['input_ids'].shape)
+      for k in ('input_ids', 'labels', 'segments')}
   np.testing.assert_array_equal(example['input_ids'][:n], prompt_ids)
   assert (example['labels'][:n] == IGNORE_INDEX).all()
   np.testing.assert_array_equal(example['labels'][n:], example['input_ids'][n:])
@@ -152,7 +156,8 @@ def test_response_tokens_equal_those_of_the_whole_conversation(tok, fixture_anno
     assert rendered.endswith(response + '<|im_end|>\n')
     video, wave = np.zeros((4, 56, 56, 3), np.uint8), np.zeros(16000 * 2, np.float32)
     out = proc(text=rendered, videos=[video], audio=[wave])
-    prompt_ids = prompt.build_prompt(tok, text=sed.sed_instruction(lang), video_grids=out['video_grid_thw'],
+    prompt_ids = prompt.build_prompt(tok, text=sed.sed_instruction(lang),
+                                     video_grids=out['video_grid_thw'],
                                      audio_lengths=np.asarray(out['feature_attention_mask']).sum(-1))
     example = sed.build_sft_example(tok, prompt_ids, sed.sed_target(ann, lang))
     np.testing.assert_array_equal(example['input_ids'], np.asarray(out['input_ids'][0]))

@@ -1,5 +1,5 @@
-"""The tools (saber_jax.cli) end to end: each tool's main() against a real chat-completions server on
-127.0.0.1 through the real openai client -- normal answers, malformed JSON,
+"""The tools (saber_jax.cli) end to end: each tool's main() against a real chat-completions
+server on 127.0.0.1 through the real openai client -- normal answers, malformed JSON,
 out-of-range values, timeouts, 429/500 then success, and interrupted runs resumed."""
 
 import base64
@@ -90,7 +90,8 @@ def annotation(tag, speech='Why do all your coffee mugs have numbers on the bott
 
 ZH_ANNOTATION = {
     'video_desc': '一位男士和一位女士站在厨房里，手里拿着杯子。',
-    'audio_desc': {'speech_content': '你的杯子底下为什么都有数字？', 'acoustic_feat': '男声，音调适中，语气好奇。'},
+    'audio_desc': {'speech_content': '你的杯子底下为什么都有数字？',
+                   'acoustic_feat': '男声，音调适中，语气好奇。'},
     'facial_exp_desc': '他微微皱眉，她表情平静。',
     'body_lang_desc': '他倾斜杯子查看杯底，她靠在柜台上。',
     'sentiment_analysis': '整体情绪中性偏好奇，语气与表情一致。',
@@ -136,9 +137,12 @@ def test_sample_indices_and_pure_message_building():
   messages = annotate.build_annotation_messages('PROMPT', [b'\xff\xd8a', b'\xff\xd8b'], b'RIFFwav')
   assert messages == [{'role': 'user', 'content': [
       {'type': 'text', 'text': 'PROMPT'},
-      {'type': 'image_url', 'image_url': {'url': 'data:image/jpeg;base64,' + base64.b64encode(b'\xff\xd8a').decode()}},
-      {'type': 'image_url', 'image_url': {'url': 'data:image/jpeg;base64,' + base64.b64encode(b'\xff\xd8b').decode()}},
-      {'type': 'input_audio', 'input_audio': {'data': base64.b64encode(b'RIFFwav').decode(), 'format': 'wav'}}]}]
+      {'type': 'image_url',
+       'image_url': {'url': 'data:image/jpeg;base64,' + base64.b64encode(b'\xff\xd8a').decode()}},
+      {'type': 'image_url',
+       'image_url': {'url': 'data:image/jpeg;base64,' + base64.b64encode(b'\xff\xd8b').decode()}},
+      {'type': 'input_audio', 'input_audio': {'data': base64.b64encode(b'RIFFwav').decode(),
+                                              'format': 'wav'}}]}]
   frames_only = annotate.build_annotation_messages('P', [b'x'], None)
   assert [p['type'] for p in frames_only[0]['content']] == ['text', 'image_url']
   assert '16 frames' in annotate.annotation_prompt('en', 16, True)
@@ -166,7 +170,8 @@ def _first_image_color(body):
 
 def test_annotate_end_to_end(judge_server, tmp_path):
   manifest = write_jsonl(tmp_path / 'clips.jsonl', [
-      {'id': 'red', 'video': make_clip(tmp_path / 'red.mp4', (250, 0, 0)), 'lang': 'en', 'transcript': 't'},
+      {'id': 'red', 'video': make_clip(tmp_path / 'red.mp4', (250, 0, 0)), 'lang': 'en',
+       'transcript': 't'},
       {'id': 'green', 'video': 'green.mp4', 'lang': 'zh'},          # relative to the manifest
       {'id': 'blue', 'video': make_clip(tmp_path / 'blue.mp4', (0, 0, 250)), 'lang': 'en'},
       {'id': 'gone', 'video': 'missing.mp4', 'lang': 'en'},
@@ -183,8 +188,11 @@ def test_annotate_end_to_end(judge_server, tmp_path):
         return Reply(status=429, error='rate limited')
       return json.dumps(annotation('red'))
     if color == 'green':  # answers in English until told to use Chinese
-      return json.dumps(ZH_ANNOTATION if '中文' in user_text(body) else annotation('green'), ensure_ascii=False)
-    return json.dumps(annotation('blue')) if blue_fixed.is_set() else 'I cannot produce JSON for this.'
+      return json.dumps(ZH_ANNOTATION if '中文' in user_text(body) else annotation('green'),
+                        ensure_ascii=False)
+    if blue_fixed.is_set():
+      return json.dumps(annotation('blue'))
+    return 'I cannot produce JSON for this.'
   server = judge_server(script)
   out = tmp_path / 'ann'
   args = ['--manifest', manifest, '--out', str(out), '--num-frames', '4', '--frame-size', '32',
@@ -197,7 +205,8 @@ def test_annotate_end_to_end(judge_server, tmp_path):
   assert records['red']['transcript'] == 't' and records['red']['annotator'] == 'test-judge'
   assert records['green']['annotation'] == ZH_ANNOTATION
   errors = {r['id']: r for r in read(out / 'errors.jsonl')}
-  assert errors['blue']['kind'] == 'invalid_reply' and errors['blue']['raw'] == 'I cannot produce JSON for this.'
+  assert errors['blue']['kind'] == 'invalid_reply'
+  assert errors['blue']['raw'] == 'I cannot produce JSON for this.'
   assert errors['gone']['kind'] == 'bad_input' and 'missing.mp4' in errors['gone']['message']
 
   # What went over the wire: 4 JPEG frames of at most 32 px, then 1 s of 16 kHz mono WAV.
@@ -222,7 +231,8 @@ def test_annotate_end_to_end(judge_server, tmp_path):
 
   # --no-audio sends frames only.
   n_before = len(server.requests)
-  annotate.main(['--manifest', manifest, '--out', str(tmp_path / 'ann2'), '--no-audio', '--num-frames', '2',
+  annotate.main(['--manifest', manifest, '--out', str(tmp_path / 'ann2'), '--no-audio',
+                 '--num-frames', '2',
                  '--max-items', '1', *judge_args(server, timeout=5.0)])
   parts = server.requests[n_before]['messages'][0]['content']
   assert [p['type'] for p in parts] == ['text', 'image_url', 'image_url']
@@ -234,14 +244,18 @@ def test_annotate_end_to_end(judge_server, tmp_path):
 
 def test_quality_end_to_end(judge_server, tmp_path):
   speech = 'Why do all your coffee mugs have numbers on the bottom?'
-  zh = {**ZH_ANNOTATION, 'audio_desc': {'speech_content': '今天天气很好<笑声>', 'acoustic_feat': '男声，语气愉快。'},
+  zh = {**ZH_ANNOTATION, 'audio_desc': {'speech_content': '今天天气很好<笑声>',
+                                        'acoustic_feat': '男声，语气愉快。'},
         'video_desc': '[[z1]] 一位男士站在窗边。'}
   annotations = write_jsonl(tmp_path / 'ann.jsonl', [
-      {'id': 'e1', 'lang': 'en', 'annotation': annotation('e1', speech), 'transcript': 'why do all your coffee mugs have numbers on the bottom'},
-      {'id': 'e2', 'lang': 'en', 'annotation': annotation('e2', speech)},   # transcript from --transcripts
+      {'id': 'e1', 'lang': 'en', 'annotation': annotation('e1', speech),
+       'transcript': 'why do all your coffee mugs have numbers on the bottom'},
+      # e2's transcript comes from --transcripts
+      {'id': 'e2', 'lang': 'en', 'annotation': annotation('e2', speech)},
       {'id': 'z1', 'lang': 'zh', 'annotation': zh},
       {'id': 'e3', 'lang': 'en', 'annotation': annotation('e3', speech)},   # no transcript at all
-      {'id': 'e4', 'lang': 'en', 'annotation': annotation('e4', '<laughter> Why do all your coffee mugs have numbers on the bottom')},
+      {'id': 'e4', 'lang': 'en', 'annotation': annotation('e4', '<laughter> Why do all your coffee '
+                                                                'mugs have numbers on the bottom')},
   ])
   transcripts = write_jsonl(tmp_path / 'asr.jsonl', [
       {'id': 'e2', 'transcript': 'I never said she stole my money'},   # a different sentence
@@ -249,7 +263,8 @@ def test_quality_end_to_end(judge_server, tmp_path):
       {'id': 'e4', 'transcript': 'Why do all your coffee mugs have numbers on the bottom?'},
   ])
   descriptions = write_jsonl(tmp_path / 'desc.jsonl', [
-      {'id': k, 'description': f'[[{k}]] an independent caption'} for k in ('e1', 'e2', 'z1', 'e3', 'e4')])
+      {'id': k, 'description': f'[[{k}]] an independent caption'}
+      for k in ('e1', 'e2', 'z1', 'e3', 'e4')])
 
   def answer(body, tag):
     if tag == 'z1':
@@ -258,7 +273,8 @@ def test_quality_end_to_end(judge_server, tmp_path):
   plan = Plan(answer, {'e1': ['429', 'ok'], 'e4': ['bad_json'], 'z1': ['slow', 'ok']})
   server = judge_server(plan)
   out = tmp_path / 'qc'
-  args = ['--annotations', annotations, '--transcripts', transcripts, '--descriptions', descriptions,
+  args = ['--annotations', annotations, '--transcripts', transcripts,
+          '--descriptions', descriptions,
           '--out', str(out), *judge_args(server)]
   counts = quality.main(args)
   assert (counts['kept'], counts['dropped'], counts['pending']) == (1, 3, 1)
@@ -303,30 +319,36 @@ def test_build_test_set_end_to_end(judge_server, tmp_path):
     relation, intensity = judged[tag]
     return json.dumps({'relation': relation, 'intensity': intensity})
   # i2 keeps answering an intensity of 11 (out of range); c3 times out once.
-  plan = Plan(answer, {'i2': ['{"relation": "inconsistent", "intensity": 11}'], 'c3': ['slow', 'ok']})
+  plan = Plan(answer, {'i2': ['{"relation": "inconsistent", "intensity": 11}'],
+                       'c3': ['slow', 'ok']})
   server = judge_server(plan)
   out = tmp_path / 'test_set'
-  summary = build_test_set.main(['--annotations', annotations, '--out', str(out), '--per-class', '2',
+  summary = build_test_set.main(['--annotations', annotations, '--out', str(out), '--per-class',
+                                 '2',
                                  *judge_args(server)])
   assert summary['judge'] == {'done': 4, 'skipped': 0, 'failed': 1}
   assert summary['available'] == {'consistent': 3, 'inconsistent': 1}
   assert summary['shortfall'] == {'consistent': 0, 'inconsistent': 1}
   assert summary['selected'] == {'consistent': 1, 'inconsistent': 1}   # balanced
   rows = read(out / 'test_set.jsonl')
-  assert [(r['id'], r['subset'], r['intensity']) for r in rows] == [('c1', 'consistent', 8), ('i1', 'inconsistent', 9)]
+  assert ([(r['id'], r['subset'], r['intensity']) for r in rows]
+          == [('c1', 'consistent', 8), ('i1', 'inconsistent', 9)])
   assert rows[0]['annotation'] == annotation('c1')
   (err,) = read(out / 'errors.jsonl')
-  assert err['id'] == 'i2' and err['message'] == '$.intensity: Input should be less than or equal to 10 (got 11)'
+  assert err['id'] == 'i2'
+  assert err['message'] == '$.intensity: Input should be less than or equal to 10 (got 11)'
 
   plan.plan['i2'] = ['ok']
   n_requests = len(server.requests)
-  summary = build_test_set.main(['--annotations', annotations, '--out', str(out), '--per-class', '2',
+  summary = build_test_set.main(['--annotations', annotations, '--out', str(out), '--per-class',
+                                 '2',
                                  *judge_args(server)])
   assert len(server.requests) == n_requests + 1  # only i2 is asked again
   assert summary['selected'] == {'consistent': 2, 'inconsistent': 2}
   # c1 and c2 tie at 8: the id breaks the tie.
   assert [r['id'] for r in read(out / 'test_set.jsonl')] == ['c1', 'c2', 'i1', 'i2']
-  summary = build_test_set.main(['--annotations', annotations, '--out', str(out), '--per-class', '5',
+  summary = build_test_set.main(['--annotations', annotations, '--out', str(out), '--per-class',
+                                 '5',
                                  '--no-balance', *judge_args(server)])
   assert summary['selected'] == {'consistent': 3, 'inconsistent': 2}
 
@@ -342,7 +364,8 @@ def test_make_pairs_judge_end_to_end(judge_server, tmp_path):
       {'id': p, 'prompt': 'Analyse the clip.', 'subset': 'inconsistent',
        'responses': [f'[[{p}#{i}]] answer {i}' for i in range(4)]} for p in ('p1', 'p2')])
   annotations = write_jsonl(tmp_path / 'ann.jsonl', [
-      {'id': p, 'lang': 'en', 'annotation': annotation(f'gold-{p}')} for p in ('p1', 'p2', 'unused')])
+      {'id': p, 'lang': 'en', 'annotation': annotation(f'gold-{p}')}
+      for p in ('p1', 'p2', 'unused')])
 
   def answer(body, tag):
     lc, ea = given[tag]
@@ -367,21 +390,26 @@ def test_make_pairs_judge_end_to_end(judge_server, tmp_path):
   first = pairs[0]
   assert first['chosen'] == '[[p1#1]] answer 1' and first['rejected'] == '[[p1#2]] answer 2'
   assert (first['chosen_score'], first['rejected_score']) == (9.0, 3.0)
-  assert first['id'] == 'p1' and first['subset'] == 'inconsistent' and first['prompt'] == 'Analyse the clip.'
-  assert 'gold-p1' in server.requests[0]['messages'][0]['content']  # graded against the gold evidence
+  assert first['id'] == 'p1' and first['subset'] == 'inconsistent'
+  assert first['prompt'] == 'Analyse the clip.'
+  # graded against the gold evidence
+  assert 'gold-p1' in server.requests[0]['messages'][0]['content']
 
   n_requests = len(server.requests)
   counts = make_pairs.main(['--samples', samples, '--annotations', annotations, '--out', str(out),
                             '--pairing', 'zipped', *judge_args(server)])
   assert len(server.requests) == n_requests and counts['judge']['skipped'] == 8  # scores reused
-  assert [(p['chosen_index'], p['rejected_index']) for p in read(out / 'pairs.jsonl')] == [(1, 2), (0, 3)]
+  indices = [(p['chosen_index'], p['rejected_index']) for p in read(out / 'pairs.jsonl')]
+  assert indices == [(1, 2), (0, 3)]
   counts = make_pairs.main(['--samples', samples, '--annotations', annotations, '--out', str(out),
                             '--min-margin', '3', *judge_args(server)])
-  assert [(p['chosen_index'], p['rejected_index']) for p in read(out / 'pairs.jsonl')] == [(1, 2), (1, 3), (0, 2)]
+  indices = [(p['chosen_index'], p['rejected_index']) for p in read(out / 'pairs.jsonl')]
+  assert indices == [(1, 2), (1, 3), (0, 2)]
 
 
 def test_make_pairs_incomplete_prompt_waits_for_its_scores(judge_server, tmp_path):
-  samples = write_jsonl(tmp_path / 's.jsonl', [{'id': 'p', 'responses': [f'[[p#{i}]] r' for i in range(4)]}])
+  samples = write_jsonl(tmp_path / 's.jsonl', [{'id': 'p',
+                                                'responses': [f'[[p#{i}]] r' for i in range(4)]}])
   annotations = write_jsonl(tmp_path / 'a.jsonl', [{'id': 'p', 'annotation': annotation('p')}])
   plan = Plan(lambda body, tag: json.dumps({'logical_consistency': int(tag[-1]) * 3,
                                             'evidence_alignment': 1}), {'p#2': ['bad_json']})
@@ -403,7 +431,8 @@ def test_make_pairs_incomplete_prompt_waits_for_its_scores(judge_server, tmp_pat
 
 def test_make_pairs_never_chooses_a_truncated_response(judge_server, tmp_path):
   # Scores r0 1, r1 2, r2 3, r3 4: r3 is best but was cut at max_new_tokens.
-  samples = write_jsonl(tmp_path / 's.jsonl', [{'id': 'p', 'responses': [f'[[p#{i}]] r' for i in range(4)],
+  samples = write_jsonl(tmp_path / 's.jsonl', [{'id': 'p',
+                                                'responses': [f'[[p#{i}]] r' for i in range(4)],
                                                 'finished': [True, True, True, False]}])
   annotations = write_jsonl(tmp_path / 'a.jsonl', [{'id': 'p', 'annotation': annotation('p')}])
   plan = Plan(lambda body, tag: json.dumps({'logical_consistency': (int(tag[-1]) + 1) * 2,
@@ -414,8 +443,10 @@ def test_make_pairs_never_chooses_a_truncated_response(judge_server, tmp_path):
   counts = make_pairs.main(['--samples', samples, '--annotations', annotations, '--out', str(out),
                             *judge_args(server)])
   assert (counts['pairs'], counts['truncated_chosen']) == (2, 2)
-  assert [(p['chosen_index'], p['rejected_index']) for p in read(out / 'pairs.jsonl')] == [(2, 0), (2, 1)]
-  bad = write_jsonl(tmp_path / 'bad.jsonl', [{'id': 'p', 'responses': ['a', 'b'], 'finished': [True]}])
+  indices = [(p['chosen_index'], p['rejected_index']) for p in read(out / 'pairs.jsonl')]
+  assert indices == [(2, 0), (2, 1)]
+  bad = write_jsonl(tmp_path / 'bad.jsonl', [{'id': 'p', 'responses': ['a', 'b'],
+                                              'finished': [True]}])
   with pytest.raises(ValueError, match="record 1: 'finished' must be a list of booleans"):
     make_pairs.main(['--samples', bad, '--annotations', annotations, '--out', str(out),
                      *judge_args(server)])
@@ -444,8 +475,10 @@ def test_make_pairs_trims_leading_space_and_skips_empty_responses_before_judging
 
 def _fields(a):
   return {'video_desc': a['video_desc'], 'facial_exp_desc': a['facial_exp_desc'],
-          'body_lang_desc': a['body_lang_desc'], 'speech_content': a['audio_desc']['speech_content'],
-          'acoustic_feat': a['audio_desc']['acoustic_feat'], 'sentiment_analysis': a['sentiment_analysis']}
+          'body_lang_desc': a['body_lang_desc'],
+          'speech_content': a['audio_desc']['speech_content'],
+          'acoustic_feat': a['audio_desc']['acoustic_feat'],
+          'sentiment_analysis': a['sentiment_analysis']}
 
 
 def _with(annotation, **changes):
@@ -467,7 +500,8 @@ def test_make_pairs_perturb(tmp_path):
   gold = {r['id']: r['annotation'] for r in records}
   lang = {r['id']: r['lang'] for r in records}
   out1, out2, out3 = (str(tmp_path / d) for d in ('a', 'b', 'c'))
-  counts = make_pairs.main(['--strategy', 'perturb', '--annotations', path, '--out', out1, '--seed', '3'])
+  counts = make_pairs.main(['--strategy', 'perturb', '--annotations', path, '--out', out1,
+                            '--seed', '3'])
   assert counts['records'] == 4 and counts['pairs'] == 12
   make_pairs.main(['--strategy', 'perturb', '--annotations', path, '--out', out2, '--seed', '3'])
   make_pairs.main(['--strategy', 'perturb', '--annotations', path, '--out', out3, '--seed', '4'])
@@ -483,7 +517,8 @@ def test_make_pairs_perturb(tmp_path):
       f"- Scene: {e0['video_desc']}\n- Facial expression: {e0['facial_exp_desc']}\n"
       f"- Body language: {e0['body_lang_desc']}\n\n"
       'Acoustic evidence:\n'
-      f"- Speech content: line number 0\n- Acoustic features: {e0['audio_desc']['acoustic_feat']}\n\n"
+      "- Speech content: line number 0\n- Acoustic features: "
+      f"{e0['audio_desc']['acoustic_feat']}\n\n"
       f"Holistic reasoning:\n{e0['sentiment_analysis']}")
   kinds = collections.Counter(p['perturbation'].split(':')[0] for p in pairs)
   assert kinds == {'swap': 4, 'drop': 4, 'contradict': 4}
@@ -497,22 +532,27 @@ def test_make_pairs_perturb(tmp_path):
       assert p['donor_id'] != rid
       if rid != 'z':  # the only Chinese record has no same-language donor
         assert p['donor_id'].startswith('e')
-      assert p['rejected'] == make_pairs.render_answer(_with(g, **{field: _fields(donor)[field]}), lang[rid])
+      assert p['rejected'] == make_pairs.render_answer(_with(g, **{field: _fields(donor)[field]}),
+                                                       lang[rid])
     elif kind.startswith('drop:'):
       fields = {'visual': ('video_desc', 'facial_exp_desc', 'body_lang_desc'),
                 'acoustic': ('speech_content', 'acoustic_feat')}[kind[5:]]
-      assert p['rejected'] == make_pairs.render_answer(_with(g, **{f: '' for f in fields}), lang[rid])
+      assert p['rejected'] == make_pairs.render_answer(_with(g, **{f: '' for f in fields}),
+                                                       lang[rid])
       if kind == 'drop:acoustic' and rid == 'e0':  # the section keeps only its header
         assert 'Acoustic evidence:\n\nHolistic reasoning:' in p['rejected']
     else:
       expected = {
-          'e0': ('contradict:flip', 'The overall sentiment is negative: the tone conflicts with the smile.'),
-          'e1': ('contradict:flip', 'The overall sentiment is negative: the tone conflicts with the smile.'),
+          'e0': ('contradict:flip', 'The overall sentiment is negative: the tone conflicts with '
+                                    'the smile.'),
+          'e1': ('contradict:flip', 'The overall sentiment is negative: the tone conflicts with '
+                                    'the smile.'),
           'z': ('contradict:flip', '整体情绪负面偏好奇，语气与表情矛盾。'),
           'e2': ('contradict:donor', gold[p['donor_id'] or 'e0']['sentiment_analysis']),
       }[rid]
       assert kind == expected[0]
-      assert p['rejected'] == make_pairs.render_answer(_with(g, sentiment_analysis=expected[1]), lang[rid])
+      assert p['rejected'] == make_pairs.render_answer(_with(g, sentiment_analysis=expected[1]),
+                                                       lang[rid])
   assert make_pairs.flip_polarity('Not inconsistent; Positive.') == ('Not consistent; Negative.', 2)
   assert make_pairs.flip_polarity('语气与表情不一致') == ('语气与表情一致', 1)
 
@@ -521,8 +561,10 @@ def test_make_pairs_perturb(tmp_path):
 
 
 def _saber_refs(tmp_path):
-  refs = [{'id': f'c{i}', 'subset': 'consistent', 'annotation': annotation(f'ref-c{i}')} for i in range(2)]
-  refs += [{'id': f'i{i}', 'subset': 'inconsistent', 'annotation': annotation(f'ref-i{i}')} for i in range(2)]
+  refs = [{'id': f'c{i}', 'subset': 'consistent',
+           'annotation': annotation(f'ref-c{i}')} for i in range(2)]
+  refs += [{'id': f'i{i}', 'subset': 'inconsistent',
+            'annotation': annotation(f'ref-i{i}')} for i in range(2)]
   return write_jsonl(tmp_path / 'refs.jsonl', refs)
 
 
@@ -546,7 +588,8 @@ def test_evaluate_saber_test_end_to_end(judge_server, tmp_path):
   refs = _saber_refs(tmp_path)
   preds = write_jsonl(tmp_path / 'preds.jsonl', [{'id': k, 'response': f'[[{k}]] prediction'}
                                                  for k in ('c0', 'c1', 'i0', 'i1', 'stray')])
-  extra_key = json.dumps({**dict(zip(('VD', 'SCD', 'AFD', 'FE', 'BL', 'CR'), [3] * 6)), 'overall': 3})
+  extra_key = json.dumps({**dict(zip(('VD', 'SCD', 'AFD', 'FE', 'BL', 'CR'), [3] * 6)),
+                          'overall': 3})
   plan = Plan(_saber_answer, {'c1': [extra_key, 'ok'], 'i0': ['429', 'ok'], 'i1': ['slow', 'ok']})
   server = judge_server(_prediction_marker_script(plan))
   out = tmp_path / 'eval'
@@ -554,9 +597,12 @@ def test_evaluate_saber_test_end_to_end(judge_server, tmp_path):
                      *judge_args(server)])
   # Hand-computed as in test_metrics: consistent VD 2.5 ... CR 2.5; inconsistent VD 1.5 ...
   assert s['n'] == {'consistent': 2, 'inconsistent': 2} and s['missing'] == 0
-  assert s['consistent'] == pytest.approx({'VD': 2.5, 'SCD': 3.0, 'AFD': 2.0, 'FE': 1.5, 'BL': 1.0, 'CR': 2.5})
-  assert s['inconsistent'] == pytest.approx({'VD': 1.5, 'SCD': 2.5, 'AFD': 1.0, 'FE': 0.5, 'BL': 1.0, 'CR': 0.5})
-  assert s['drop'] == pytest.approx({'VD': 1.0, 'SCD': 0.5, 'AFD': 1.0, 'FE': 1.0, 'BL': 0.0, 'CR': 2.0})
+  assert s['consistent'] == pytest.approx({'VD': 2.5, 'SCD': 3.0, 'AFD': 2.0, 'FE': 1.5, 'BL': 1.0,
+                                           'CR': 2.5})
+  assert s['inconsistent'] == pytest.approx({'VD': 1.5, 'SCD': 2.5, 'AFD': 1.0, 'FE': 0.5,
+                                             'BL': 1.0, 'CR': 0.5})
+  assert s['drop'] == pytest.approx({'VD': 1.0, 'SCD': 0.5, 'AFD': 1.0, 'FE': 1.0, 'BL': 0.0,
+                                     'CR': 2.0})
   assert s['run'] == {'done': 4, 'skipped': 0, 'failed': 1}
   assert plan.seen['c1'] == 2  # the extra key was rejected and re-asked
   (err,) = read(out / 'errors.jsonl')
@@ -566,15 +612,19 @@ def test_evaluate_saber_test_end_to_end(judge_server, tmp_path):
   assert '| drop | 1.00 | 0.50 | 1.00 | 1.00 | 0.00 | 2.00 |' in report
   assert (out / 'saber_test.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
   judgments = {r['id']: r for r in read(out / 'judgments.jsonl')}
-  assert judgments['c0']['raw'] == _saber_answer(None, 'c0') and judgments['c0']['subset'] == 'consistent'
+  assert judgments['c0']['raw'] == _saber_answer(None, 'c0')
+  assert judgments['c0']['subset'] == 'consistent'
 
 
 def test_evaluate_interrupted_with_sigkill_then_resumed(judge_server, tmp_path):
-  refs = [{'id': f'k{i:02d}', 'subset': ('consistent', 'inconsistent')[i % 2], 'annotation': annotation(f'k{i}')}
+  refs = [{'id': f'k{i:02d}', 'subset': ('consistent', 'inconsistent')[i % 2],
+           'annotation': annotation(f'k{i}')}
           for i in range(12)]
   ref_path = write_jsonl(tmp_path / 'refs.jsonl', refs)
-  preds = write_jsonl(tmp_path / 'preds.jsonl', [{'id': r['id'], 'response': f"[[{r['id']}]] p"} for r in refs])
-  server = judge_server(lambda body: Reply(json.dumps({d: 2 for d in ('VD', 'SCD', 'AFD', 'FE', 'BL', 'CR')}),
+  preds = write_jsonl(tmp_path / 'preds.jsonl',
+                      [{'id': r['id'], 'response': f"[[{r['id']}]] p"} for r in refs])
+  dims = ('VD', 'SCD', 'AFD', 'FE', 'BL', 'CR')
+  server = judge_server(lambda body: Reply(json.dumps({d: 2 for d in dims}),
                                            delay=0.15))
   out = tmp_path / 'eval'
   argv = ['saber-test', '--predictions', preds, '--references', ref_path, '--out', str(out),
@@ -618,12 +668,14 @@ def test_evaluate_emer_end_to_end(judge_server, tmp_path):
         return '{"clue_overlap": 12}'   # out of range: re-asked
       return json.dumps({'clue_overlap': clue[item]})
     if '"emotions"' in text:
-      return json.dumps({'emotions': emotions[marker_of(text.split('描述：')[-1])]}, ensure_ascii=False)
+      return json.dumps({'emotions': emotions[marker_of(text.split('描述：')[-1])]},
+                        ensure_ascii=False)
     item = 'a' if '焦虑' in text.split('真实情绪：')[-1].split('\n')[0] else 'b'
     return f'```json\n{json.dumps({"label_overlap": label[item]})}\n```'
   server = judge_server(script)
   out = tmp_path / 'emer'
-  s = evaluate.main(['emer', '--predictions', preds, '--references', refs, '--out', str(out), *judge_args(server)])
+  s = evaluate.main(['emer', '--predictions', preds, '--references', refs, '--out', str(out),
+                     *judge_args(server)])
   assert s['clue_overlap'] == pytest.approx((8 + 3) / 2)
   assert s['label_overlap'] == pytest.approx((6.5 + 2) / 2)
   assert s['n'] == 2 and s['missing'] == 0 and s['run']['failed'] == 0
@@ -652,7 +704,8 @@ def test_evaluate_emobench(tmp_path):
   assert s['categories'] == pytest.approx({'CEU': 0.5, 'FER': 2 / 3, 'SCEA': 1.0})
   assert s['invalid_rate'] == pytest.approx(1 / 6)
   parsed = {r['id']: r for r in read(out / 'parsed.jsonl')}
-  assert parsed['3']['parsed'] is None and parsed['5']['parsed'] == 'fear' and not parsed['5']['correct']
+  assert (parsed['3']['parsed'] is None and parsed['5']['parsed'] == 'fear'
+          and not parsed['5']['correct'])
   assert json.loads((out / 'summary.json').read_text())['invalid_rate'] == pytest.approx(1 / 6)
   assert (out / 'emobench_tasks.png').exists() and (out / 'emobench_categories.png').exists()
   bad = write_jsonl(tmp_path / 'bad.jsonl', [{'id': 'x', 'task': 'MOSI', 'response': 'positive'}])
@@ -660,7 +713,8 @@ def test_evaluate_emobench(tmp_path):
     evaluate.main(['emobench', '--predictions', bad, '--out', str(out)])
 
 
-@pytest.mark.parametrize('tool', ['annotate', 'quality', 'build_test_set', 'make_pairs', 'evaluate'])
+@pytest.mark.parametrize('tool', ['annotate', 'quality', 'build_test_set', 'make_pairs',
+                                  'evaluate'])
 def test_help_runs_as_a_script(tool):
   result = subprocess.run([sys.executable, '-m', f'saber_jax.cli.{tool}', '--help'], cwd='/',
                           capture_output=True, text=True, timeout=60)

@@ -25,8 +25,9 @@ from saber_jax.data import prompt
 OMNI_CHAT_TEMPLATE = (
     "{% set audio_count = namespace(value=0) %}{% set image_count = namespace(value=0) %}"
     "{% set video_count = namespace(value=0) %}{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant."
-    "<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
     "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
     "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
     "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture "
@@ -37,7 +38,8 @@ OMNI_CHAT_TEMPLATE = (
     "{% elif content['type'] == 'video' or 'video' in content %}"
     "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video "
     "{{ video_count.value }}: {% endif %}<|vision_bos|><|VIDEO|><|vision_eos|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}"
+    "<|im_end|>\n{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
@@ -52,8 +54,10 @@ class GridVideoProcessor:
     grids = []
     for frames in videos:
       t, h, w, _ = frames.shape
-      assert h % (self.patch_size * self.merge_size) == 0 and w % (self.patch_size * self.merge_size) == 0
-      grids.append([math.ceil(t / self.temporal_patch_size), h // self.patch_size, w // self.patch_size])
+      assert (h % (self.patch_size * self.merge_size) == 0
+              and w % (self.patch_size * self.merge_size) == 0)
+      grids.append([math.ceil(t / self.temporal_patch_size), h // self.patch_size,
+                    w // self.patch_size])
     return BatchFeature({'video_grid_thw': np.asarray(grids, dtype=np.int64)})
 
 
@@ -76,7 +80,8 @@ def hf_processor():
   return _OmniProcessor(
       image_processor=Qwen2VLImageProcessorPil(),
       video_processor=GridVideoProcessor(),
-      feature_extractor=WhisperFeatureExtractor(feature_size=128, chunk_length=300),  # Omni's preprocessor
+      # Omni's preprocessor
+      feature_extractor=WhisperFeatureExtractor(feature_size=128, chunk_length=300),
       tokenizer=omni_tokenizer(),
       chat_template=OMNI_CHAT_TEMPLATE)
 
@@ -86,7 +91,8 @@ def messages(text, *, system=prompt.DEFAULT_SYSTEM_PROMPT, media=(), assistant=N
   content = [{'type': kind, kind: f'{kind}{i}'} for i, kind in enumerate(media)]
   if text:
     content.append({'type': 'text', 'text': text})
-  out = [] if system is None else [{'role': 'system', 'content': [{'type': 'text', 'text': system}]}]
+  out = ([] if system is None
+         else [{'role': 'system', 'content': [{'type': 'text', 'text': system}]}])
   out.append({'role': 'user', 'content': content})
   if assistant is not None:
     out.append({'role': 'assistant', 'content': [{'type': 'text', 'text': assistant}]})
@@ -100,11 +106,28 @@ FIXTURE_EN_TEXT = (
     '{\n'
     '    "audio_desc": {\n'
     '        "speech_content": "Why do all your coffee mugs have numbers on the bottom?",\n'
-    '        "acoustic_feat": "The speaker has a male voice with a moderate pitch and a conversational volume. His tone is inquisitive and slightly puzzled, delivering the line in a smooth, even cadence."\n'
+    '        "acoustic_feat": "The speaker has a male voice with a moderate pitch and a '
+    'conversational volume. His tone is inquisitive and slightly puzzled, delivering the line in a '
+    'smooth, even cadence."\n'
     '    },\n'
-    '    "video_desc": "A man and a woman are standing in a colorful kitchen, both holding dark coffee mugs. The man, dressed in a black suit jacket over a green shirt, is looking down at the bottom of his mug. The woman, wearing a light-colored patterned dress, stands beside him by the turquoise kitchen counter and looks at him. The kitchen is well-lit and appears to be part of an apartment set, with shelves full of items and a refrigerator on the right.",\n'
-    '    "facial_exp_desc": "The man\'s eyebrows are slightly furrowed as he looks down at the mug, conveying curiosity and concentration. His mouth is slightly agape as he speaks. The woman has a relatively neutral expression, looking at the man as he asks his question, her lips slightly parted as if she is about to respond.",\n'
-    '    "sentiment_analysis": "The overall sentiment of the clip is neutral and inquisitive. The speaker\'s tone of voice, which is purely questioning, aligns perfectly with his focused body language (examining the mug) and curious facial expression (furrowed brow). There is no indication of negative or positive emotion; it\'s a simple, lighthearted moment of inquiry in a casual, friendly setting. The woman\'s neutral reaction suggests this is the beginning of a normal conversation. The atmosphere is calm and conversational.",\n'
-    '    "body_lang_desc": "The man holds the coffee mug with both hands, tilting it to examine the bottom. His posture is relaxed and focused on the object of his curiosity. The woman stands with one hand on the counter and the other holding her own mug. She makes a slight, subtle gesture with her free hand as she listens."\n'
+    '    "video_desc": "A man and a woman are standing in a colorful kitchen, both holding dark '
+    'coffee mugs. The man, dressed in a black suit jacket over a green shirt, is looking down at '
+    'the bottom of his mug. The woman, wearing a light-colored patterned dress, stands beside him '
+    'by the turquoise kitchen counter and looks at him. The kitchen is well-lit and appears to be '
+    'part of an apartment set, with shelves full of items and a refrigerator on the right.",\n'
+    '    "facial_exp_desc": "The man\'s eyebrows are slightly furrowed as he looks down at the '
+    'mug, conveying curiosity and concentration. His mouth is slightly agape as he speaks. The '
+    'woman has a relatively neutral expression, looking at the man as he asks his question, her '
+    'lips slightly parted as if she is about to respond.",\n'
+    '    "sentiment_analysis": "The overall sentiment of the clip is neutral and inquisitive. The '
+    'speaker\'s tone of voice, which is purely questioning, aligns perfectly with his focused body '
+    'language (examining the mug) and curious facial expression (furrowed brow). There is no '
+    'indication of negative or positive emotion; it\'s a simple, lighthearted moment of inquiry in '
+    'a casual, friendly setting. The woman\'s neutral reaction suggests this is the beginning of a '
+    'normal conversation. The atmosphere is calm and conversational.",\n'
+    '    "body_lang_desc": "The man holds the coffee mug with both hands, tilting it to examine '
+    'the bottom. His posture is relaxed and focused on the object of his curiosity. The woman '
+    'stands with one hand on the counter and the other holding her own mug. She makes a slight, '
+    'subtle gesture with her free hand as she listens."\n'
     '}'
 )

@@ -10,6 +10,18 @@ from saber_jax import files, fingerprint
 from saber_jax.judge import runs
 
 
+def tool_parser(doc: str) -> argparse.ArgumentParser:
+  """Every tool's parser: its module docstring as the help text, line breaks kept."""
+  return argparse.ArgumentParser(description=doc,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def produced_nothing(what: str, counts: str, reason, see: str) -> SystemExit:
+  """The one-line exit of a tool whose run kept or wrote nothing: what, the counts, the most
+  frequent reason and the file with the details."""
+  return SystemExit(f'error: {what} ({counts}; most frequent reason: {reason}; see {see})')
+
+
 def add_judge_args(parser: argparse.ArgumentParser, *, timeout: float = 60.0,
                    concurrency: int = 8, model_required: bool = True) -> None:
   """The judge endpoint's arguments and the run's (`add_run_args`); a tool that needs the

@@ -19,7 +19,6 @@ OUT/errors.jsonl, retried on the next run.
       --base-url http://localhost:8000/v1 --model Qwen/Qwen2.5-Omni-7B
 """
 
-import argparse
 import base64
 import io
 import os
@@ -41,14 +40,19 @@ from saber_jax.judge import replies, runs
 
 PROMPT_EN = """You are annotating a short video clip for multimodal emotion understanding.
 {media}
-Describe only what can be seen and heard; do not guess beyond the evidence. Reply with one JSON object with exactly these keys:
+Describe only what can be seen and heard; do not guess beyond the evidence. Reply with one JSON \
+object with exactly these keys:
 - "video_desc": the scene, the people in it, their appearance and what they do, in temporal order.
 - "audio_desc": an object with two keys:
-  - "speech_content": the spoken words, transcribed verbatim in the language spoken. Mark non-speech sound events where they occur with angle brackets, e.g. <laughter>, <sigh>, <applause>, <music>. Use an empty string if there is neither speech nor a sound event.
+  - "speech_content": the spoken words, transcribed verbatim in the language spoken. Mark \
+non-speech sound events where they occur with angle brackets, e.g. <laughter>, <sigh>, <applause>, \
+<music>. Use an empty string if there is neither speech nor a sound event.
   - "acoustic_feat": the voice: gender, pitch, loudness, speaking rate, tone, and how they change.
 - "facial_exp_desc": facial expressions (eyebrows, eyes, mouth) of the people and how they change.
 - "body_lang_desc": posture, gestures and movements.
-- "sentiment_analysis": reason from the evidence above to the overall emotion and sentiment of the clip. Say whether the visual cues (face, body, scene) and the acoustic cues (words, voice) agree or conflict, and which cues decide your conclusion.
+- "sentiment_analysis": reason from the evidence above to the overall emotion and sentiment of the \
+clip. Say whether the visual cues (face, body, scene) and the acoustic cues (words, voice) agree \
+or conflict, and which cues decide your conclusion.
 Write every value except "speech_content" in English."""
 
 PROMPT_ZH = """你正在为一段短视频做多模态情感理解标注。
@@ -56,21 +60,28 @@ PROMPT_ZH = """你正在为一段短视频做多模态情感理解标注。
 只描述能看到和听到的内容，不要超出证据进行猜测。请输出一个JSON对象，且只包含以下键：
 - "video_desc"：场景、画面中的人物、他们的外貌和动作，按时间顺序描述。
 - "audio_desc"：包含两个键的对象：
-  - "speech_content"：按所说语言逐字转写说话内容。在出现的位置用尖括号标注非语音的声音事件，例如<笑声>、<叹气>、<掌声>、<音乐>。既没有说话也没有声音事件时填空字符串。
+  - "speech_content"：按所说语言逐字转写说话内容。在出现的位置用尖括号标注非语音的声音事件，例如\
+<笑声>、<叹气>、<掌声>、<音乐>。既没有说话也没有声音事件时填空字符串。
   - "acoustic_feat"：声音特征：性别、音高、音量、语速、语气及其变化。
 - "facial_exp_desc"：人物的面部表情（眉毛、眼睛、嘴部）及其变化。
 - "body_lang_desc"：姿势、手势和动作。
-- "sentiment_analysis"：根据以上证据推理出片段整体的情绪和情感倾向。说明视觉线索（表情、肢体、场景）与听觉线索（话语、声音）是一致还是矛盾，以及哪些线索决定了你的结论。
+- "sentiment_analysis"：根据以上证据推理出片段整体的情绪和情感倾向。说明视觉线索\
+（表情、肢体、场景）与听觉线索（话语、声音）是一致还是矛盾，以及哪些线索决定了你的结论。
 除"speech_content"外，所有字段都用中文书写。"""
 
 MEDIA_EN = {
-    (True, True): 'You are given {n} frames sampled evenly from the clip, in temporal order, and its audio track.',
-    (True, False): 'You are given {n} frames sampled evenly from the clip, in temporal order. No audio is provided: fill "speech_content" and "acoustic_feat" only with what the frames show (e.g. lip movement), and say that the audio was not available.',
-    (False, True): 'You are given the audio track only; there is no video. Fill the visual fields with "No video available."',
+    (True, True): 'You are given {n} frames sampled evenly from the clip, in temporal order, and '
+                  'its audio track.',
+    (True, False): 'You are given {n} frames sampled evenly from the clip, in temporal order. No '
+                   'audio is provided: fill "speech_content" and "acoustic_feat" only with what '
+                   'the frames show (e.g. lip movement), and say that the audio was not available.',
+    (False, True): 'You are given the audio track only; there is no video. Fill the visual fields '
+                   'with "No video available."',
 }
 MEDIA_ZH = {
     (True, True): '提供了从片段中按时间顺序均匀采样的{n}帧画面及其音轨。',
-    (True, False): '提供了从片段中按时间顺序均匀采样的{n}帧画面，没有音频："speech_content"和"acoustic_feat"只填写画面能体现的内容（如口型），并说明没有音频。',
+    (True, False): '提供了从片段中按时间顺序均匀采样的{n}帧画面，没有音频："speech_content"和'
+                   '"acoustic_feat"只填写画面能体现的内容（如口型），并说明没有音频。',
     (False, True): '只提供了音轨，没有画面。视觉相关字段填写"无视频。"',
 }
 
@@ -164,7 +175,8 @@ def build_annotation_messages(prompt: str, frames: list[bytes], wav: bytes | Non
     content.append({'type': 'image_url', 'image_url': {'url': url}})
   if wav is not None:
     content.append({'type': 'input_audio',
-                    'input_audio': {'data': base64.b64encode(wav).decode('ascii'), 'format': 'wav'}})
+                    'input_audio': {'data': base64.b64encode(wav).decode('ascii'),
+                                    'format': 'wav'}})
   return [{'role': 'user', 'content': content}]
 
 
@@ -213,7 +225,8 @@ def make_processor(args, judge, base_dir: str):
       if not args.no_audio:
         wav = audio_wav(resolve(audio or video), args.sample_rate)
     except Exception as e:  # PyAV raises many types (FileNotFoundError, InvalidDataError, ...)
-      raise runs.ItemError('bad_input', f'clip {rid!r}: cannot decode media: {type(e).__name__}: {e}')
+      raise runs.ItemError('bad_input',
+                           f'clip {rid!r}: cannot decode media: {type(e).__name__}: {e}')
     if not frames and wav is None:
       raise runs.ItemError('bad_input', f'clip {rid!r}: no video frames and no audio decoded')
     prompt = annotation_prompt(lang, len(frames), wav is not None)
@@ -234,7 +247,7 @@ def make_processor(args, judge, base_dir: str):
 
 
 def parse_args(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = _common.tool_parser(__doc__)
   parser.add_argument('--manifest', required=True, help='clips JSONL: id, video and/or audio, lang')
   parser.add_argument('--out', required=True, help='output folder')
   parser.add_argument('--num-frames', type=int, default=16, help='frames sent per clip')

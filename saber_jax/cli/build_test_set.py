@@ -20,7 +20,6 @@ test clips' own records (what mode=generate answers).
       --per-class 900 --base-url http://localhost:8000/v1 --model Qwen/Qwen2.5-72B-Instruct
 """
 
-import argparse
 import os
 from typing import Literal
 
@@ -34,23 +33,31 @@ class Relation(replies.Reply):
   relation: Literal[metrics.SUBSETS]
   intensity: replies.int_in(0, 10)
 
-RELATION_PROMPT = """Below is a structured annotation of a short video clip: what is seen (video, facial expression, body language), what is heard (speech content with <sound events>, acoustic features of the voice) and a sentiment analysis.
-Judge the relation between the emotional cues of the audio (the words and the voice) and those of the visuals (face, body, scene):
+RELATION_PROMPT = """\
+Below is a structured annotation of a short video clip: what is seen (video, facial expression, \
+body language), what is heard (speech content with <sound events>, acoustic features of the voice) \
+and a sentiment analysis.
+Judge the relation between the emotional cues of the audio (the words and the voice) and those of \
+the visuals (face, body, scene):
 - "consistent": they convey the same emotion;
-- "inconsistent": they conflict, e.g. sarcasm, a masked or suppressed emotion, a smile with an angry voice, cheerful words said flatly.
-Then rate the intensity of that relation from 0 to 10: how clearly and strongly the cues agree (for consistent) or conflict (for inconsistent). 0 = barely, 10 = unmistakable.
-Reply with one JSON object: {{"relation": "consistent" or "inconsistent", "intensity": <integer 0-10>}}.
+- "inconsistent": they conflict, e.g. sarcasm, a masked or suppressed emotion, a smile with an \
+angry voice, cheerful words said flatly.
+Then rate the intensity of that relation from 0 to 10: how clearly and strongly the cues agree \
+(for consistent) or conflict (for inconsistent). 0 = barely, 10 = unmistakable.
+Reply with one JSON object: {{"relation": "consistent" or "inconsistent", \
+"intensity": <integer 0-10>}}.
 
 Annotation:
 {annotation}"""
 
 
 def relation_messages(annotation: dict) -> list[dict]:
-  return [{'role': 'user', 'content': RELATION_PROMPT.format(annotation=sed.evidence_json(annotation))}]
+  content = RELATION_PROMPT.format(annotation=sed.evidence_json(annotation))
+  return [{'role': 'user', 'content': content}]
 
 
 def parse_args(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = _common.tool_parser(__doc__)
   parser.add_argument('--annotations', required=True, help='JSONL with id, annotation')
   parser.add_argument('--out', required=True, help='output folder')
   parser.add_argument('--per-class', type=int, default=900, help='clips per class (paper: 900)')

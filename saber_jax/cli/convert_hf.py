@@ -16,19 +16,17 @@ writes the adapter a LoRA stage keeps in `final/adapter/` as a PEFT adapter
 (adapter_config.json + adapter_model.safetensors) for the thinker the run started from.
 """
 
-import argparse
-
 import flax.linen as nn
 import jax
 
 from saber_jax import convert, weights
+from saber_jax.cli import _common
 from saber_jax.models import abstract_params
 from saber_jax.train import adapters
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = _common.tool_parser(__doc__)
   sub = parser.add_subparsers(dest='command', required=True)
   to_params = sub.add_parser('to-params', help='HF checkpoint directory -> Orbax params')
   to_params.add_argument('--hf', required=True, help='transformers checkpoint directory')

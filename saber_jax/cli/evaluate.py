@@ -29,7 +29,6 @@ OUT/errors.jsonl, retried on the next run).
   saber-evaluate emobench --predictions emobench_preds.jsonl --out eval/emobench
 """
 
-import argparse
 import json
 import os
 from typing import Mapping
@@ -46,19 +45,28 @@ from saber_jax.judge import replies, runs
 
 DIM_NAMES = {
     'VD': 'video description (scene, people, actions) -- reference "video_desc"',
-    'SCD': 'speech content description (the words said and the <sound events>) -- reference "audio_desc.speech_content"',
-    'AFD': 'acoustic feature description (voice: gender, pitch, loudness, rate, tone) -- reference "audio_desc.acoustic_feat"',
+    'SCD': 'speech content description (the words said and the <sound events>) -- reference '
+           '"audio_desc.speech_content"',
+    'AFD': 'acoustic feature description (voice: gender, pitch, loudness, rate, tone) -- reference '
+           '"audio_desc.acoustic_feat"',
     'FE': 'facial expression -- reference "facial_exp_desc"',
     'BL': 'body language (posture, gestures, movement) -- reference "body_lang_desc"',
-    'CR': 'consistency reasoning: does the prediction correctly tell whether the audio and visual cues agree or conflict, and reach the emotional conclusion of the reference -- reference "sentiment_analysis"',
+    'CR': 'consistency reasoning: does the prediction correctly tell whether the audio and visual '
+          'cues agree or conflict, and reach the emotional conclusion of the reference -- '
+          'reference "sentiment_analysis"',
 }
 SaberScores = pydantic.create_model(
-    'SaberScores', __base__=replies.Reply, **{d: (replies.int_in(0, 3), ...) for d in metrics.SABER_TEST_DIMS})
+    'SaberScores', __base__=replies.Reply,
+    **{d: (replies.int_in(0, 3), ...) for d in metrics.SABER_TEST_DIMS})
 
-SABER_PROMPT = """You are evaluating a model's multimodal emotion analysis of a video clip against a reference annotation of the same clip.
-Score how well the prediction agrees with the reference on each dimension, as an integer from 0 to 3:
+SABER_PROMPT = """\
+You are evaluating a model's multimodal emotion analysis of a video clip against a reference \
+annotation of the same clip.
+Score how well the prediction agrees with the reference on each dimension, as an integer from \
+0 to 3:
 {dims}
-Scale: 0 = missing, or contradicts the reference; 1 = mostly wrong or very incomplete; 2 = largely correct with minor errors or omissions; 3 = fully consistent with the reference.
+Scale: 0 = missing, or contradicts the reference; 1 = mostly wrong or very incomplete; 2 = largely \
+correct with minor errors or omissions; 3 = fully consistent with the reference.
 Judge content, not wording or format. Reply with one JSON object with exactly the keys {keys}.
 
 Reference annotation:
@@ -81,14 +89,28 @@ def saber_messages(annotation: dict, prediction: str) -> list[dict]:
 
 EMER_PROMPTS = {
     'zh': {
-        'clue': '请为「预测描述」打分，分数为0到10。步骤：1. 概括「真实描述」中人物的情绪状态；2. 概括「预测描述」中人物的情绪状态；3. 比较两者的重合程度，重合越多分数越高。只输出JSON：{{"clue_overlap": 分数}}。\n真实描述：{reference}\n预测描述：{prediction}',
-        'emotions': '根据下面的描述，推断人物最可能的情绪状态，只给出情绪词。例如：描述"她嘴上说没事，但声音发抖、眼眶泛红"，输出{{"emotions": ["难过"]}}。只输出JSON：{{"emotions": [情绪词, ...]}}。\n描述：{text}',
-        'label': '下面是两组情绪词。请按0到10分评估它们的重合程度，重合越多分数越高。只输出JSON：{{"label_overlap": 分数}}。\n真实情绪：{reference}\n预测情绪：{prediction}',
+        'clue': '请为「预测描述」打分，分数为0到10。步骤：1. 概括「真实描述」中人物的情绪状态；2. '
+                '概括「预测描述」中人物的情绪状态；3. 比较两者的重合程度，重合越多分数越高。只输出'
+                'JSON：{{"clue_overlap": 分数}}。\n真实描述：{reference}\n预测描述：{prediction}',
+        'emotions': '根据下面的描述，推断人物最可能的情绪状态，只给出情绪词。例如：描述"她嘴上说没'
+                    '事，但声音发抖、眼眶泛红"，输出{{"emotions": ["难过"]}}。只输出JSON：'
+                    '{{"emotions": [情绪词, ...]}}。\n描述：{text}',
+        'label': '下面是两组情绪词。请按0到10分评估它们的重合程度，重合越多分数越高。只输出JSON：'
+                 '{{"label_overlap": 分数}}。\n真实情绪：{reference}\n预测情绪：{prediction}',
     },
     'en': {
-        'clue': 'Score the "predicted description" from 0 to 10. Steps: 1. summarise the emotional state of the person in the "true description"; 2. do the same for the "predicted description"; 3. compare the two: the more they overlap, the higher the score. Output only JSON: {{"clue_overlap": score}}.\nTrue description: {reference}\nPredicted description: {prediction}',
-        'emotions': 'From the description below, infer the most likely emotional state of the person and give only emotion words. For example, for "she says she is fine, but her voice trembles and her eyes are red", output {{"emotions": ["sad"]}}. Output only JSON: {{"emotions": [word, ...]}}.\nDescription: {text}',
-        'label': 'Below are two sets of emotion words. Score their overlap from 0 to 10: the more they overlap, the higher the score. Output only JSON: {{"label_overlap": score}}.\nTrue emotions: {reference}\nPredicted emotions: {prediction}',
+        'clue': 'Score the "predicted description" from 0 to 10. Steps: 1. summarise the emotional '
+                'state of the person in the "true description"; 2. do the same for the "predicted '
+                'description"; 3. compare the two: the more they overlap, the higher the score. '
+                'Output only JSON: {{"clue_overlap": score}}.\nTrue description: '
+                '{reference}\nPredicted description: {prediction}',
+        'emotions': 'From the description below, infer the most likely emotional state of the '
+                    'person and give only emotion words. For example, for "she says she is fine, '
+                    'but her voice trembles and her eyes are red", output {{"emotions": ["sad"]}}. '
+                    'Output only JSON: {{"emotions": [word, ...]}}.\nDescription: {text}',
+        'label': 'Below are two sets of emotion words. Score their overlap from 0 to 10: the more '
+                 'they overlap, the higher the score. Output only JSON: {{"label_overlap": '
+                 'score}}.\nTrue emotions: {reference}\nPredicted emotions: {prediction}',
     },
 }
 class ClueOverlap(replies.Reply):
@@ -156,7 +178,8 @@ def emobench(args) -> dict:
   for r in rows:
     task = r['task']
     if task not in labels:
-      labels[task] = list(EMOBENCH_LABELS.get(metrics.task_key(task), [])) + list(extra.get(task, []))
+      labels[task] = (list(EMOBENCH_LABELS.get(metrics.task_key(task), []))
+                      + list(extra.get(task, [])))
     gold = metrics.normalize_label(r['label'])
     if gold not in labels[task]:
       labels[task].append(gold)
@@ -224,13 +247,15 @@ def saber_test(args) -> dict:
   references = {}
   for rid, r in files.load_by_id(args.references, required=('subset', 'annotation')).items():
     if r['subset'] not in metrics.SUBSETS:
-      raise ValueError(f"{args.references}: record {rid!r}: 'subset' must be one of {metrics.SUBSETS}, got {r['subset']!r}")
+      raise ValueError(f"{args.references}: record {rid!r}: 'subset' must be one of "
+                       f"{metrics.SUBSETS}, got {r['subset']!r}")
     references[rid] = {'subset': r['subset'],
                        'annotation': annotation_lib.annotation_of(r, args.references, rid)}
   judge = _common.judge_from_args(args)
 
   def process(item, ref):
-    reply = judge.ask(saber_messages(ref['annotation'], item['response']), SaberScores, name='saber_test')
+    reply = judge.ask(saber_messages(ref['annotation'], item['response']), SaberScores,
+                      name='saber_test')
     return {'subset': ref['subset'], 'scores': reply.value, 'raw': reply.raw}
 
   run = _run_judged(args, references, process, 'saber-test')
@@ -244,7 +269,8 @@ def saber_test(args) -> dict:
           for name in (*metrics.SUBSETS, 'drop')]
   report = ('# SABER-Test\n\n'
             f"Judge: `{args.model}`; n = {summary['n']['consistent']} consistent + "
-            f"{summary['n']['inconsistent']} inconsistent; {summary['missing']} references unjudged.\n\n"
+            f"{summary['n']['inconsistent']} inconsistent; "
+            f"{summary['missing']} references unjudged.\n\n"
             'Mean judge score per dimension (0-3); drop = consistent - inconsistent.\n\n'
             + markdown_table(['subset', *dims, 'mean'], rows))
   files.write_text(os.path.join(args.out, 'report.md'), report)
@@ -257,7 +283,8 @@ def emer(args) -> dict:
   references = {rid: r['reference'] for rid, r in
                 files.load_by_id(args.references, required=('reference',)).items()}
   judge = _common.judge_from_args(args)
-  run = _run_judged(args, references, lambda item, ref: emer_item(judge, ref, item['response'], args.lang), 'emer')
+  run = _run_judged(args, references,
+                    lambda item, ref: emer_item(judge, ref, item['response'], args.lang), 'emer')
   judged = [j for j in _judgments(args) if j['id'] in references]
   summary = {'clue_overlap': metrics.finite_mean(j['clue_overlap'] for j in judged),
              'label_overlap': metrics.finite_mean(j['label_overlap'] for j in judged),
@@ -315,7 +342,7 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def parse_args(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = _common.tool_parser(__doc__)
   sub = parser.add_subparsers(dest='command', required=True)
   for name, helptext in (('saber-test', 'judged 0-3 scores on six dimensions (Table IV)'),
                          ('emer', 'judged Clue / Label Overlap (0-10)')):
@@ -329,7 +356,8 @@ def parse_args(argv=None):
       p.add_argument('--lang', choices=('zh', 'en'), default='zh', help='judge prompt language')
     _common.add_judge_args(p)
   p = sub.add_parser('emobench', help='EmoBench-M accuracy (no judge)')
-  p.add_argument('--predictions', required=True, help='JSONL {"id", "response", "task", "label", "category"?}')
+  p.add_argument('--predictions', required=True,
+                 help='JSONL {"id", "response", "task", "label", "category"?}')
   p.add_argument('--out', required=True, help='output folder')
   p.add_argument('--label-sets', help='JSON {task: [labels]} added to the built-in label sets')
   return parser.parse_args(argv)

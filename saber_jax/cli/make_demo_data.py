@@ -59,9 +59,12 @@ TEXT = {
         'video': ('A cartoon face on a plain {bg} background fills the centre of the frame for '
                   'about {seconds:.1f} seconds.'),
         'face': {
-            'happy': 'The eyebrows are raised in soft arcs and the mouth curves up into a wide smile.',
-            'sad': 'The inner ends of the eyebrows are lifted and the mouth turns down into a frown.',
-            'angry': 'The eyebrows are pulled down towards the centre and the mouth is open and tense.',
+            'happy': 'The eyebrows are raised in soft arcs and the mouth curves up into a wide '
+                     'smile.',
+            'sad': 'The inner ends of the eyebrows are lifted and the mouth turns down into a '
+                   'frown.',
+            'angry': 'The eyebrows are pulled down towards the centre and the mouth is open and '
+                     'tense.',
             'neutral': 'The eyebrows are level and the mouth is a straight, relaxed line.',
         },
         'body': {
@@ -72,17 +75,21 @@ TEXT = {
         },
         'speech': 'No words are spoken; the speaker hums {syllables} short syllables.',
         'voice': {
-            'happy': 'A high pitch that rises within each syllable, a quick pace and a bright, lively tone.',
-            'sad': 'A low pitch that falls within each syllable, a slow pace and a soft, quiet voice.',
+            'happy': 'A high pitch that rises within each syllable, a quick pace and a bright, '
+                     'lively tone.',
+            'sad': 'A low pitch that falls within each syllable, a slow pace and a soft, quiet '
+                   'voice.',
             'angry': 'A loud, harsh and buzzing voice at a fast pace, with abrupt syllables.',
             'neutral': 'A medium, steady pitch at an even pace and a moderate volume.',
         },
         'emotion': {'happy': 'happy', 'sad': 'sad', 'angry': 'angry', 'neutral': 'calm'},
-        'consistent': ('The face, the head movement and the voice all agree: the expression and motion '
-                       'look {face}, and the voice sounds {voice} as well. The speaker is {face}.'),
-        'inconsistent': ('The cues conflict: the face and the head movement look {face}, but the voice '
-                         'sounds {voice}. The emotion is mixed; the {face} expression does not match the '
-                         '{voice} voice, which suggests a masked or ambivalent feeling.'),
+        'consistent': ('The face, the head movement and the voice all agree: the expression and '
+                       'motion look {face}, and the voice sounds {voice} as well. The speaker is '
+                       '{face}.'),
+        'inconsistent': ('The cues conflict: the face and the head movement look {face}, but the '
+                         'voice sounds {voice}. The emotion is mixed; the {face} expression does '
+                         'not match the {voice} voice, which suggests a masked or ambivalent '
+                         'feeling.'),
     },
     'zh': {
         'video': '一张卡通人脸位于纯{bg}背景的画面中央，持续约{seconds:.1f}秒。',
@@ -106,7 +113,8 @@ TEXT = {
             'neutral': '音调适中平稳，语速均匀，音量适中。',
         },
         'emotion': {'happy': '开心', 'sad': '悲伤', 'angry': '愤怒', 'neutral': '平静'},
-        'consistent': '面部表情、头部动作和声音完全一致：表情和动作显得{face}，声音听起来也很{voice}。说话者的情绪是{face}。',
+        'consistent': '面部表情、头部动作和声音完全一致：表情和动作显得{face}，声音听起来也很'
+                      '{voice}。说话者的情绪是{face}。',
         'inconsistent': ('线索相互矛盾：面部表情和头部动作显得{face}，但声音听起来{voice}。'
                          '情绪是复杂的；{face}的表情与{voice}的声音不符，暗示一种被掩饰或矛盾的情感。'),
     },
@@ -148,7 +156,8 @@ def draw_frame(emotion: str, background, t: float) -> np.ndarray:
   elif emotion == 'sad':
     draw.arc((cx - 18, cy + 16, cx + 18, cy + 36), 200, 340, fill=(150, 30, 30), width=4)
   elif emotion == 'angry':
-    draw.rectangle((cx - 18, cy + 10, cx + 18, cy + 30), fill=(110, 20, 20), outline=(60, 10, 10), width=2)
+    draw.rectangle((cx - 18, cy + 10, cx + 18, cy + 30), fill=(110, 20, 20), outline=(60, 10, 10),
+                   width=2)
   else:
     draw.line((cx - 16, cy + 20, cx + 16, cy + 20), fill=(150, 30, 30), width=4)
   return np.asarray(image)
@@ -189,7 +198,8 @@ def _audio_frames(stream, samples):
   for start in range(0, len(pcm), chunk):
     block = pcm[start:start + chunk]
     if fmt == 'fltp':
-      frame = av.AudioFrame.from_ndarray(block[None].astype(np.float32) / 32767, format='fltp', layout='mono')
+      frame = av.AudioFrame.from_ndarray(block[None].astype(np.float32) / 32767, format='fltp',
+                                         layout='mono')
     else:
       frame = av.AudioFrame.from_ndarray(block[None], format='s16', layout='mono')
     frame.sample_rate = SAMPLING_RATE
@@ -241,7 +251,8 @@ def annotation(lang: str, *, face: str, voice: str, background: str, seconds: fl
                      'acoustic_feat': text['voice'][voice]},
       'facial_exp_desc': text['face'][face],
       'body_lang_desc': text['body'][face],
-      'sentiment_analysis': template.format(face=text['emotion'][face], voice=text['emotion'][voice]),
+      'sentiment_analysis': template.format(face=text['emotion'][face],
+                                            voice=text['emotion'][voice]),
   }
 
 

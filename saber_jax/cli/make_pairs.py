@@ -45,7 +45,6 @@ Making no pair at all exits 1 naming the counts and the most frequent reason.
   saber-make-pairs --strategy perturb --annotations kept.jsonl --out pairs/ --seed 0
 """
 
-import argparse
 import copy
 import json
 import os
@@ -62,10 +61,16 @@ class ResponseScore(replies.Reply):
   logical_consistency: replies.int_in(0, 10)
   evidence_alignment: replies.int_in(0, 10)
 
-SCORE_PROMPT = """You are grading one response of a model that analyses the emotion expressed in a video clip. The model had to state the visual evidence, then the acoustic evidence, then reason from that evidence to the emotion.
+SCORE_PROMPT = """\
+You are grading one response of a model that analyses the emotion expressed in a video clip. The \
+model had to state the visual evidence, then the acoustic evidence, then reason from that evidence \
+to the emotion.
 Score the response on two criteria, each an integer from 0 to 10:
-- "logical_consistency": does the reasoning follow from the evidence the response itself states, without contradictions or unsupported jumps?
-- "evidence_alignment": does the visual and acoustic evidence it states agree with the reference evidence? Penalise cues that contradict the reference or are absent from it (hallucinated), and important cues it misses.
+- "logical_consistency": does the reasoning follow from the evidence the response itself states, \
+without contradictions or unsupported jumps?
+- "evidence_alignment": does the visual and acoustic evidence it states agree with the reference \
+evidence? Penalise cues that contradict the reference or are absent from it (hallucinated), and \
+important cues it misses.
 Reply with one JSON object: {{"logical_consistency": <0-10>, "evidence_alignment": <0-10>}}.
 {task}
 Reference evidence (verified annotation of the clip):
@@ -143,7 +148,8 @@ def _flip_table(pairs, one_way) -> dict[str, str]:
 _EN_FLIPS = _flip_table(_EN_PAIRS, _EN_ONE_WAY)
 _ZH_FLIPS = _flip_table(_ZH_PAIRS, _ZH_ONE_WAY)
 # Longest first, so '不一致' is replaced as a whole before '一致' could match inside it.
-_EN_RE = re.compile(r'\b(' + '|'.join(sorted(map(re.escape, _EN_FLIPS), key=len, reverse=True)) + r')\b', re.I)
+_EN_RE = re.compile(
+    r'\b(' + '|'.join(sorted(map(re.escape, _EN_FLIPS), key=len, reverse=True)) + r')\b', re.I)
 _ZH_RE = re.compile('|'.join(sorted(map(re.escape, _ZH_FLIPS), key=len, reverse=True)))
 
 
@@ -177,7 +183,8 @@ def perturb(annotation: dict, kind: str, donor: dict | None,
   if kind == 'swap':
     if donor is None:
       return None
-    fields = [f for f in EVIDENCE_FIELDS if _get(donor, f).strip() and _get(donor, f) != _get(annotation, f)]
+    fields = [f for f in EVIDENCE_FIELDS
+              if _get(donor, f).strip() and _get(donor, f) != _get(annotation, f)]
     if not fields:
       return None
     field = rng.choice(fields)
@@ -253,7 +260,8 @@ def perturb_pairs(args) -> dict:
       annotation = annotation_lib.annotation_of(record, args.annotations, rid)
       lang = record.get('lang')
       if lang not in ('en', 'zh'):
-        raise ValueError(f"{args.annotations}: clip {rid!r}: 'lang' must be 'en' or 'zh', got {lang!r}")
+        raise ValueError(f"{args.annotations}: clip {rid!r}: 'lang' must be 'en' or 'zh', got "
+                         f"{lang!r}")
       rng = random.Random(f'{args.seed}:{rid}')
       pool = by_lang.get(entries[index][1], [])
       if len(pool) < 2:
@@ -274,7 +282,8 @@ def perturb_pairs(args) -> dict:
           counts['skipped'][kind] += 1
           continue
         rejected, change = result
-        pair = {'id': rid, 'chosen': render_answer(annotation, lang), 'rejected': render_answer(rejected, lang),
+        pair = {'id': rid, 'chosen': render_answer(annotation, lang),
+                'rejected': render_answer(rejected, lang),
                 'chosen_score': None, 'rejected_score': None, 'margin': None,
                 'perturbation': change,
                 'donor_id': donor_id if kind == 'swap' or change == 'contradict:donor' else None}
@@ -313,7 +322,8 @@ def judge_pairs(args) -> dict:
   def process(item):
     annotation = references.get(item['record_id'])
     if annotation is None:
-      raise runs.ItemError('bad_input', f"{args.annotations}: no annotation for id {item['record_id']!r}")
+      raise runs.ItemError('bad_input',
+                           f"{args.annotations}: no annotation for id {item['record_id']!r}")
     reply = judge.ask(score_messages(annotation, item['response'], item['prompt']), ResponseScore,
                       name='response_score')
     return {'record_id': item['record_id'], 'index': item['index'], **reply.value,
@@ -367,10 +377,12 @@ def judge_pairs(args) -> dict:
 
 
 def parse_args(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = _common.tool_parser(__doc__)
   parser.add_argument('--strategy', choices=('judge', 'perturb'), default='judge')
-  parser.add_argument('--samples', help='judge: JSONL {"id", "responses": [...], "prompt"?, "subset"?}')
-  parser.add_argument('--annotations', required=True, help='JSONL {"id", "annotation"}: the gold evidence')
+  parser.add_argument('--samples',
+                      help='judge: JSONL {"id", "responses": [...], "prompt"?, "subset"?}')
+  parser.add_argument('--annotations', required=True,
+                      help='JSONL {"id", "annotation"}: the gold evidence')
   parser.add_argument('--out', required=True, help='output folder')
   parser.add_argument('--pairing', choices=('product', 'zipped'), default='product',
                       help='top-2 x bottom-2 (4 pairs) or zipped (2 pairs)')

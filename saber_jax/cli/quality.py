@@ -32,7 +32,6 @@ frequent reason.
       --base-url http://localhost:8000/v1 --model Qwen/Qwen2.5-72B-Instruct
 """
 
-import argparse
 import os
 
 from saber_jax import files, metrics
@@ -47,8 +46,13 @@ class Consistency(replies.Reply):
   consistent: bool
   reason: replies.NonEmpty
 
-CONSISTENCY_PROMPT = """Two descriptions of the same short video clip follow: a structured annotation (JSON) and an independent description written by another observer.
-Decide whether they are semantically consistent: they describe the same scene, the same people and actions, and a compatible emotional tone. Differences in detail, emphasis or wording are fine; a contradiction (different people, setting, events or speech, or an opposite emotion) makes them inconsistent.
+CONSISTENCY_PROMPT = """\
+Two descriptions of the same short video clip follow: a structured annotation (JSON) and an \
+independent description written by another observer.
+Decide whether they are semantically consistent: they describe the same scene, the same people and \
+actions, and a compatible emotional tone. Differences in detail, emphasis or wording are fine; a \
+contradiction (different people, setting, events or speech, or an opposite emotion) makes them \
+inconsistent.
 Reply with one JSON object: {{"consistent": true or false, "reason": "<one sentence>"}}.
 
 Annotation:
@@ -68,8 +72,8 @@ def speech_qc(record: dict, transcript: str | None,
   """(qc fields, [(reason code, message)]) of check (a); codes 'no_transcript', 'wer'."""
   if transcript is None:
     return {}, [('no_transcript', 'no ASR transcript')]
-  match = metrics.speech_error_rate(transcript, record['annotation']['audio_desc']['speech_content'],
-                                    record['lang'])
+  speech = record['annotation']['audio_desc']['speech_content']
+  match = metrics.speech_error_rate(transcript, speech, record['lang'])
   qc = {'wer': match.error_rate, 'wer_unit': match.unit}
   if match.error_rate > wer_threshold:
     name = 'WER' if match.unit == 'word' else 'CER'
@@ -83,7 +87,8 @@ def consistency_qc(judged: dict | None) -> tuple[dict, list[tuple[str, str]]]:
     return {}, [('no_description', 'no independent description')]
   qc = {'consistent': judged['consistent'], 'consistency_reason': judged['reason']}
   if not judged['consistent']:
-    return qc, [('inconsistent', f"inconsistent with the independent description: {judged['reason']}")]
+    reason = judged['reason']
+    return qc, [('inconsistent', f'inconsistent with the independent description: {reason}')]
   return qc, []
 
 
@@ -92,14 +97,16 @@ def checked_records(args, transcripts: dict):
   for rid, r in _common.sharded(files.records_with_ids(args.annotations), args):
     r = {**r, 'annotation': annotation_lib.annotation_of(r, args.annotations, rid)}
     if r.get('lang') not in ('en', 'zh'):
-      raise ValueError(f"{args.annotations}: clip {rid!r}: 'lang' must be 'en' or 'zh', got {r.get('lang')!r}")
+      raise ValueError(f"{args.annotations}: clip {rid!r}: 'lang' must be 'en' or 'zh', got "
+                       f"{r.get('lang')!r}")
     qc, reasons = speech_qc(r, transcripts.get(rid, r.get('transcript')), args.wer_threshold)
     yield rid, r, qc, reasons
 
 
 def parse_args(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--annotations', required=True, help='annotate.py output (id, lang, annotation)')
+  parser = _common.tool_parser(__doc__)
+  parser.add_argument('--annotations', required=True,
+                      help='annotate.py output (id, lang, annotation)')
   parser.add_argument('--out', required=True, help='output folder')
   parser.add_argument('--transcripts',
                       help='JSONL {"id", "transcript"} from an ASR model (saber-transcribe)')
@@ -184,11 +191,12 @@ def main(argv=None) -> dict:
   if run is not None:
     counts['judge'] = {'done': run.done, 'skipped': run.skipped, 'failed': run.failed}
   files.write_json(os.path.join(args.out, 'summary.json'), counts)
-  print(f"kept={counts['kept']} dropped={counts['dropped']} pending={counts['pending']}", flush=True)
+  print(f"kept={counts['kept']} dropped={counts['dropped']} "
+        f"pending={counts['pending']}", flush=True)
   if not counts['kept']:
-    raise SystemExit(f"error: saber-quality kept no clip (dropped {counts['dropped']}, pending "
-                     f"{counts['pending']}; most frequent reason: "
-                     f"{most_frequent(counts['reasons'])}; see {args.out}/dropped.jsonl)")
+    raise _common.produced_nothing(
+        'saber-quality kept no clip', f"dropped {counts['dropped']}, pending {counts['pending']}",
+        most_frequent(counts['reasons']), f'{args.out}/dropped.jsonl')
   return counts
 
 

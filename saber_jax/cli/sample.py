@@ -42,7 +42,6 @@ are not reproducible across engines or against mode=generate), applies its own v
 frame sampling to the clip, and its log-probs are the engine's.
 """
 
-import argparse
 import base64
 import io
 import mimetypes
@@ -295,8 +294,7 @@ def read_manifest(path: str | None) -> dict[str, dict]:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = _common.tool_parser(__doc__)
   g = parser.add_argument_group('server (any OpenAI-compatible chat-completions endpoint)')
   g.add_argument('--base-url',
                  default=os.environ.get('OPENAI_BASE_URL', 'http://localhost:8000/v1'),

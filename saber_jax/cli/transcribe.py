@@ -23,7 +23,6 @@ starts fresh with --overwrite); --shard-index/--num-shards split the manifest.
 Needs PyTorch (`pip install -e ".[asr]"`).
 """
 
-import argparse
 import concurrent.futures
 import os
 import queue
@@ -147,8 +146,7 @@ def make_processor(args, batcher: Batcher, base_dir: str):
 
 
 def parse_args(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = _common.tool_parser(__doc__)
   parser.add_argument('--manifest', required=True, help='clips JSONL: id, video and/or audio, lang')
   parser.add_argument('--out', required=True, help='output folder')
   parser.add_argument('--model', required=True,

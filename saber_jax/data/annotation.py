@@ -103,8 +103,8 @@ def validate_annotation(obj: Any, clip_id, *, allow_empty: Collection[str] = ())
   if unknown:
     raise ValueError(f'allow_empty names unknown fields {sorted(unknown)}')
   if not isinstance(obj, Mapping):
-    raise AnnotationError(f'expected a JSON object with the six SABER fields, got {_type_name(obj)}',
-                          clip_id=clip_id)
+    raise AnnotationError('expected a JSON object with the six SABER fields, got '
+                          f'{_type_name(obj)}', clip_id=clip_id)
   texts = {}
   for name, path in FIELD_PATHS.items():
     node = obj
@@ -114,11 +114,13 @@ def validate_annotation(obj: Any, clip_id, *, allow_empty: Collection[str] = ())
         raise AnnotationError('missing', clip_id=clip_id, field=dotted)
       node = node[key]
       if depth < len(path) - 1 and not isinstance(node, Mapping):
-        raise AnnotationError(f'expected an object with {path[depth + 1]!r}, got {_type_name(node)}',
-                              clip_id=clip_id, field=dotted)
+        raise AnnotationError(
+            f'expected an object with {path[depth + 1]!r}, got {_type_name(node)}',
+            clip_id=clip_id, field=dotted)
     dotted = '.'.join(path)
     if not isinstance(node, str):
-      raise AnnotationError(f'expected a string, got {_type_name(node)}', clip_id=clip_id, field=dotted)
+      raise AnnotationError(f'expected a string, got {_type_name(node)}',
+                            clip_id=clip_id, field=dotted)
     if not node.strip() and dotted not in allow_empty:
       raise AnnotationError('expected non-empty text, got an empty or whitespace-only string',
                             clip_id=clip_id, field=dotted)
@@ -139,8 +141,9 @@ def parse_annotation(text: str, clip_id, *, allow_empty: Collection[str] = ()) -
   try:
     obj = json.loads(body)
   except json.JSONDecodeError as e:
-    raise AnnotationError(f'invalid JSON at line {e.lineno} column {e.colno} (char {e.pos}): {e.msg}',
-                          clip_id=clip_id) from None
+    raise AnnotationError(
+        f'invalid JSON at line {e.lineno} column {e.colno} (char {e.pos}): {e.msg}',
+        clip_id=clip_id) from None
   return validate_annotation(obj, clip_id, allow_empty=allow_empty)
 
 
@@ -162,7 +165,8 @@ def annotation_of(record: Mapping, source: str, clip_id) -> dict:
 
 
 def read_annotations(path: str | os.PathLike, *, shard_index: int = 0, num_shards: int = 1,
-                     allow_empty: Collection[str] = ()) -> Iterator[tuple[Any, Annotation | AnnotationError]]:
+                     allow_empty: Collection[str] = ()
+                     ) -> Iterator[tuple[Any, Annotation | AnnotationError]]:
   """Streams a JSONL file of `{"id": ..., "annotation": {...}}` lines.
 
   Yields `(clip_id, Annotation)` for good lines and `(clip_id, AnnotationError)` for bad

@@ -91,9 +91,11 @@ def build_record(entry: dict, annotation, settings: Settings, tokenizer) -> tupl
   waveform = _decode(media.load_audio, audio_path)
   audio_seconds = len(waveform) / media.SAMPLING_RATE
   if audio_seconds < settings.min_seconds:
-    raise Reject('too_short', f'{audio_path}: {audio_seconds:.2f} s of audio < {settings.min_seconds} s')
+    raise Reject('too_short', f'{audio_path}: {audio_seconds:.2f} s of audio < '
+                              f'{settings.min_seconds} s')
   if audio_seconds > settings.max_seconds:
-    raise Reject('too_long', f'{audio_path}: {audio_seconds:.2f} s of audio > {settings.max_seconds} s')
+    raise Reject('too_long', f'{audio_path}: {audio_seconds:.2f} s of audio > '
+                             f'{settings.max_seconds} s')
   frames, sample_fps = _decode(media.load_video, entry['video'], fps=settings.fps,
                                max_frames=settings.max_frames, max_pixels=settings.max_pixels)
   video_seconds = len(frames) / sample_fps      # the frames the file really holds

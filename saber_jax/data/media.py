@@ -11,8 +11,8 @@ Four jobs, each a small function:
 - the shared sizing rule `smart_resize`.
 
 Reference versions: librosa 0.11 (`load`), transformers 5.24 (`WhisperFeatureExtractor`,
-`Qwen2VLVideoProcessor`, `Qwen2VLImageProcessorPil`) and qwen-omni-utils (`smart_nframes`, `fetch_video`), the
-helper ms-swift calls when the SABER authors run Qwen2.5-Omni.
+`Qwen2VLVideoProcessor`, `Qwen2VLImageProcessorPil`) and qwen-omni-utils (`smart_nframes`,
+`fetch_video`), the helper ms-swift calls when the SABER authors run Qwen2.5-Omni.
 """
 
 import dataclasses

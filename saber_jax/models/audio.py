@@ -63,7 +63,8 @@ def audio_inputs(config: AudioConfig, input_features: np.ndarray,
     raise ValueError(f'input_features: expected [clips, {config.num_mel_bins} mel bins, frames], '
                      f'got shape {features.shape}')
   if mask.shape != (features.shape[0], features.shape[2]):
-    raise ValueError(f'feature_attention_mask: expected shape {(features.shape[0], features.shape[2])} '
+    raise ValueError('feature_attention_mask: expected shape '
+                     f'{(features.shape[0], features.shape[2])} '
                      f'to match input_features {features.shape}, got {mask.shape}')
   window = 2 * config.n_window
   per_chunk = config.n_window                  # post-conv tokens of a full chunk
@@ -136,11 +137,15 @@ def _conv(features: int, stride: int, dtype, param_dtype, name: str) -> nn.Conv:
                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('audio_embed',)))
 
 
-class AudioAttention(nn.Module):
-  """Multi-head self-attention within each chunk (`Qwen2_5OmniAudioAttention`); k_proj has no bias."""
+class AudioModule(nn.Module):
+  """The fields every audio-tower module takes: its config and compute / storage dtypes."""
   config: AudioConfig
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
+
+
+class AudioAttention(AudioModule):
+  """Multi-head attention within each chunk (`Qwen2_5OmniAudioAttention`); k_proj has no bias."""
 
   @nn.compact
   def __call__(self, x, key_mask):
@@ -150,19 +155,18 @@ class AudioAttention(nn.Module):
     head_dim = cfg.d_model // heads
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     split = lambda t: t.reshape(*t.shape[:-1], heads, head_dim)
-    q = split(layers.dense(cfg.d_model, ('audio_embed', 'audio_heads'), use_bias=True, name='q_proj', **kw)(x))
-    k = split(layers.dense(cfg.d_model, ('audio_embed', 'audio_heads'), use_bias=False, name='k_proj', **kw)(x))
-    v = split(layers.dense(cfg.d_model, ('audio_embed', 'audio_heads'), use_bias=True, name='v_proj', **kw)(x))
+    proj = lambda name, bias=True: layers.dense(cfg.d_model, ('audio_embed', 'audio_heads'),
+                                                use_bias=bias, name=name, **kw)
+    q, k, v = (split(proj(name, bias)(x)) for name, bias in
+               (('q_proj', True), ('k_proj', False), ('v_proj', True)))
     out = layers.attention(q, k, v, key_mask)
     out = out.reshape(*out.shape[:-2], cfg.d_model)
-    return layers.dense(cfg.d_model, ('audio_heads', 'audio_embed'), use_bias=True, name='out_proj', **kw)(out)
+    return layers.dense(cfg.d_model, ('audio_heads', 'audio_embed'), use_bias=True,
+                        name='out_proj', **kw)(out)
 
 
-class AudioEncoderLayer(nn.Module):
+class AudioEncoderLayer(AudioModule):
   """Pre-LN transformer layer (`Qwen2_5OmniAudioEncoderLayer`), shaped for `layers.layer_stack`."""
-  config: AudioConfig
-  dtype: layers.Dtype = jnp.float32
-  param_dtype: layers.Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, key_mask):
@@ -171,7 +175,8 @@ class AudioEncoderLayer(nn.Module):
     h = layers.layer_norm(LAYER_NORM_EPS, name='self_attn_layer_norm', **kw)(x)
     x = x + AudioAttention(cfg, name='self_attn', **kw)(h, key_mask)
     h = layers.layer_norm(LAYER_NORM_EPS, name='final_layer_norm', **kw)(x)
-    h = layers.dense(cfg.encoder_ffn_dim, ('audio_embed', 'audio_mlp'), use_bias=True, name='fc1', **kw)(h)
+    h = layers.dense(cfg.encoder_ffn_dim, ('audio_embed', 'audio_mlp'), use_bias=True, name='fc1',
+                     **kw)(h)
     h = layers.dense(cfg.d_model, ('audio_mlp', 'audio_embed'), use_bias=True, name='fc2',
                      **kw)(layers.gelu(h))
     x = x + h
@@ -181,15 +186,12 @@ class AudioEncoderLayer(nn.Module):
     return x, None
 
 
-class AudioEncoder(nn.Module):
+class AudioEncoder(AudioModule):
   """Qwen2.5-Omni audio tower: mel chunks -> [N, output_dim] `<|AUDIO|>` embeddings.
 
   Call with the arrays of `audio_inputs` as keyword arguments (all but `token_mask`):
   `AudioEncoder(cfg)(chunks=..., chunk_lengths=..., pool_index=...)`.
   """
-  config: AudioConfig
-  dtype: layers.Dtype = jnp.float32
-  param_dtype: layers.Dtype = jnp.float32
   remat: str = 'none'
 
   @nn.compact
@@ -200,7 +202,8 @@ class AudioEncoder(nn.Module):
     if tuple(chunks.shape[1:]) != (cfg.num_mel_bins, window):
       raise ValueError(f'chunks: expected [C, {cfg.num_mel_bins}, {window}], got {chunks.shape}')
     if cfg.n_window > cfg.max_source_positions:
-      raise ValueError(f'n_window={cfg.n_window} exceeds max_source_positions={cfg.max_source_positions}')
+      raise ValueError(f'n_window={cfg.n_window} exceeds '
+                       f'max_source_positions={cfg.max_source_positions}')
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     # Unused in the forward pass; kept so checkpoints round-trip.
     self.param('audio_bos_eos_token',
@@ -227,7 +230,8 @@ class AudioEncoder(nn.Module):
     flat = x.reshape(-1, cfg.d_model)                                  # [C * W, D]
     x = (flat[pool_index[:, 0]] + flat[pool_index[:, 1]]) / 2         # AvgPool1d(2, 2) per clip
     x = layers.layer_norm(LAYER_NORM_EPS, name='ln_post', **kw)(x)
-    return layers.dense(cfg.output_dim, ('audio_embed', 'embed'), use_bias=True, name='proj', **kw)(x)
+    return layers.dense(cfg.output_dim, ('audio_embed', 'embed'), use_bias=True, name='proj',
+                        **kw)(x)
 
 
 Rule = layers.Rule
@@ -235,7 +239,8 @@ _linear = layers.linear_rules
 
 
 def _norm(torch_name: str, path: str) -> list[Rule]:
-  return [(torch_name + r'\.weight', path + '/scale', None), (torch_name + r'\.bias', path + '/bias', None)]
+  return [(torch_name + r'\.weight', path + '/scale', None),
+          (torch_name + r'\.bias', path + '/bias', None)]
 
 
 _LAYER = r'layers\.(?P<layer>\d+)\.'

@@ -119,7 +119,8 @@ class ThinkerConfig:
 
   @classmethod
   def from_hf(cls, config: str | os.PathLike | dict[str, Any], **overrides) -> 'ThinkerConfig':
-    """From a transformers `config.json` (path, directory or dict) of the full Omni model or its thinker."""
+    """From a transformers `config.json` (path, directory or dict) of the Omni model or its
+    thinker."""
     if not isinstance(config, dict):
       path = os.fspath(config)
       if os.path.isdir(path):

@@ -47,8 +47,8 @@ class RMSNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
-                       (x.shape[-1],), self.param_dtype)
+    init = nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,))
+    scale = self.param('scale', init, (x.shape[-1],), self.param_dtype)
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
     return jnp.asarray(scale, self.dtype) * normed.astype(self.dtype)

@@ -198,14 +198,18 @@ def block_attention(q, k, v, blocks, mask, slots):
   return out.reshape(-1, *out.shape[2:])[slots]
 
 
-class PatchEmbed(nn.Module):
+class VisionModule(nn.Module):
+  """The fields every vision-tower module takes: its config and compute / storage dtypes."""
+  config: VisionConfig
+  dtype: layers.Dtype = jnp.float32
+  param_dtype: layers.Dtype = jnp.float32
+
+
+class PatchEmbed(VisionModule):
   """Conv3d with kernel = stride and no bias, as a matmul over the flattened patch rows.
 
   The kernel is stored [tp, p, p, C_in, C] (flax Conv layout); rows are (C_in, tp, p, p).
   """
-  config: VisionConfig
-  dtype: layers.Dtype
-  param_dtype: layers.Dtype
 
   @nn.compact
   def __call__(self, pixel_values):
@@ -221,10 +225,8 @@ class PatchEmbed(nn.Module):
     return jnp.asarray(pixel_values, self.dtype) @ kernel
 
 
-class Attention(nn.Module):
-  config: VisionConfig
-  dtype: layers.Dtype
-  param_dtype: layers.Dtype
+class Attention(VisionModule):
+  """Self-attention of one block (`Qwen2_5OmniVisionAttention`), per frame or per window."""
 
   @nn.compact
   def __call__(self, x, rope, tables, full_attention):
@@ -248,12 +250,9 @@ class Attention(nn.Module):
     return dense(('vision_heads', 'vision_embed'), 'proj')(out.reshape(x.shape))
 
 
-class Block(nn.Module):
+class Block(VisionModule):
   """One pre-norm ViT block. The carry holds the layer number, which picks the attention
   layout (per frame or per window) inside the scan."""
-  config: VisionConfig
-  dtype: layers.Dtype
-  param_dtype: layers.Dtype
 
   @nn.compact
   def __call__(self, carry, rope, tables):
@@ -270,11 +269,8 @@ class Block(nn.Module):
     return (x, layer + 1), None
 
 
-class PatchMerger(nn.Module):
+class PatchMerger(VisionModule):
   """RMSNorm, then each merge unit's m^2 patches concatenated -> Linear -> GELU -> Linear."""
-  config: VisionConfig
-  dtype: layers.Dtype
-  param_dtype: layers.Dtype
 
   @nn.compact
   def __call__(self, x):
@@ -288,15 +284,12 @@ class PatchMerger(nn.Module):
     return dense(c.out_hidden_size, ('vision_merge', 'embed'), 'mlp_2')(x)
 
 
-class VisionEncoder(nn.Module):
+class VisionEncoder(VisionModule):
   """pixel_values [P, C_in*tp*p*p] (+ the tables of `vision_inputs`) -> [P / m^2, out_hidden].
 
   Output rows are in reference order (items in order, t*h*w/m^2 tokens each), padded rows
   (token_mask False) are zero.
   """
-  config: VisionConfig
-  dtype: layers.Dtype = jnp.float32
-  param_dtype: layers.Dtype = jnp.float32
   remat: str = 'none'
 
   @nn.compact

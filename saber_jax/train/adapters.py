@@ -52,14 +52,19 @@ def save_adapter(path: str, lora_params, *, rank: int, alpha: float, targets, ba
       json.dump(dict(rank=rank, alpha=alpha, targets=list(targets), base=base), f, indent=2)
 
 
+def _read_settings(path: str, missing: str) -> dict:
+  """The JSON settings file of an adapter; FileNotFoundError(`missing`) where it is absent."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(missing)
+  with open(path) as f:
+    return json.load(f)
+
+
 def load_adapter(path: str, config: ThinkerConfig) -> tuple[dict, dict]:
   """(settings, LoRA tree in host memory) of an adapter written by `save_adapter`."""
   settings_path = os.path.join(path, ADAPTER_FILE)
-  if not os.path.exists(settings_path):
-    raise FileNotFoundError(f'{settings_path} not found: {path} holds no LoRA adapter (only '
-                            'stages trained with trainable=lora keep one)')
-  with open(settings_path) as f:
-    settings = json.load(f)
+  settings = _read_settings(settings_path, f'{settings_path} not found: {path} holds no LoRA '
+                            'adapter (only stages trained with trainable=lora keep one)')
   abstract = jax.eval_shape(lambda: lora_lib.init_lora(
       jax.random.key(0), nn.unbox(abstract_params(config)), rank=settings['rank'],
       targets=tuple(settings['targets'])))
@@ -122,11 +127,8 @@ def load_peft(path: str, abstract_lora, *, rank: int, alpha: float) -> dict:
   scaling must be the run's (`lora.rank`, `lora.alpha / lora.rank`), and its tensors exactly
   the run's target modules: anything else is an error naming the setting or tensor."""
   config_path = os.path.join(path, PEFT_CONFIG)
-  if not os.path.exists(config_path):
-    raise FileNotFoundError(f'init_lora={path}: no {PEFT_CONFIG} (expected a PEFT adapter '
-                            'directory)')
-  with open(config_path) as f:
-    settings = json.load(f)
+  settings = _read_settings(config_path, f'init_lora={path}: no {PEFT_CONFIG} (expected a PEFT '
+                            'adapter directory)')
   unsupported = {k: settings.get(k) for k in ('use_dora', 'rank_pattern', 'alpha_pattern',
                                               'modules_to_save') if settings.get(k)}
   if settings.get('peft_type') != 'LORA' or settings.get('bias', 'none') != 'none':

@@ -103,7 +103,8 @@ def weight_decay_mask(params):
   arrays. Embeddings, kernels and LoRA `a`/`b` decay, as in transformers/PEFT."""
   def decays(path, _):
     names = jax.tree_util.keystr(path, simple=True, separator='/').split('/')
-    return not (names[-1] in _NO_DECAY_LEAF_NAMES or any(_NORM_MODULE.search(n) for n in names[:-1]))
+    return not (names[-1] in _NO_DECAY_LEAF_NAMES
+                or any(_NORM_MODULE.search(n) for n in names[:-1]))
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
