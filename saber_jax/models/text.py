@@ -46,7 +46,8 @@ class Attention(nn.Module):
     """x [B, L, H] -> (out [B, L, H], new rows). Without a cache the queries attend to the
     keys of x (mask bool [B, 1, L, L]; or, for `attention` 'cudnn', the right-padded rows'
     valid lengths [B], see `layers.causal_attention`; or, for 'splash', segment ids [B, L],
-    see `layers.splash_attention`) and the new rows are None. With
+    see `layers.splash_attention`; or, for pair rows on either kernel, `PairRows`) and the
+    new rows are None. With
     one layer's cache [B, S, K, H], the keys and values of x take slots [cache_index,
     cache_index + L) and the queries attend over all S slots (mask [B, 1, L, S]); the new
     rows returned are those keys and values, KVCache [B, L, K, H], for the caller to write
