@@ -144,8 +144,10 @@ def setup_torch(args):
 # ----------------------------------------------------------------------------- driver
 
 # Both workers alive at once need about this much free memory (measured peaks: saber_jax
-# ~6 GiB, transformers ~7.5 GiB); with less, the sides run one after the other.
+# ~6 GiB, transformers ~7.5 GiB; a compiled transformers side adds ~7.5); with less, the
+# sides run one after the other.
 LOCKSTEP_MEMORY = 15 * 2 ** 30
+TORCH_MEMORY = 7.5 * 2 ** 30
 
 
 def bench(args) -> dict:
@@ -163,7 +165,8 @@ def bench(args) -> dict:
       sides['torch_compile'] = side_args
     repeats = [common.run_repeat(__file__, sides, args.steps,
                                  repeat, lockstep and common.available_memory_bytes()
-                                 > LOCKSTEP_MEMORY) for repeat in range(args.repeats)]
+                                 > LOCKSTEP_MEMORY + TORCH_MEMORY * (len(sides) - 2))
+               for repeat in range(args.repeats)]
   return summarize(repeats)
 
 
