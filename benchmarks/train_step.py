@@ -246,7 +246,8 @@ def print_table(r: dict):
   if 'torch_compile_step_s' in r:
     print(f"torch.compile (inductor): {r['torch_compile_step_s']:.2f} s/step, MFU "
           f"{r['torch_compile_mfu']:.2f}, first loss {r['torch_compile_loss']:.5f}, peak host "
-          f"{r['torch_compile_max_rss_gib']:.2f} GiB: saber_jax {r['speedup_vs_torch_compile']:.2f}x"
+          f"{r['torch_compile_max_rss_gib']:.2f} GiB: saber_jax "
+          f"{r['speedup_vs_torch_compile']:.2f}x"
           f" (paired {r['paired_speedup_vs_torch_compile']:.2f}x)")
   print(f"speedup {r['speedup']:.2f}x (paired per step {r['paired_speedup']:.2f}x); model "
         f"FLOPs/step {r['model_flops_per_step'] / 1e9:.1f} G (hardware "
