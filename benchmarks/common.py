@@ -309,9 +309,25 @@ def gib(num_bytes: float) -> float:
   return num_bytes / 2 ** 30
 
 
+def cpu_model() -> str:
+  """lscpu's model name, with the family/model numbers (a VM's name may say only 'AMD
+  EPYC': family 25 is Zen 3/4, 26 Zen 5) and whether the CPU has AVX-512 bf16."""
+  try:
+    out = subprocess.run(['lscpu'], capture_output=True, text=True, timeout=10).stdout
+  except (OSError, subprocess.SubprocessError):
+    return 'unknown CPU'
+  fields = dict(line.split(':', 1) for line in out.splitlines() if ':' in line)
+  get = lambda key: fields.get(key, '?').strip()
+  bf16 = 'avx512_bf16' in get('Flags').split()
+  return (f"{get('Model name')} (family {get('CPU family')}, model {get('Model')}"
+          f"{', AVX-512 bf16' if bf16 else ''})")
+
+
 def machine() -> str:
   import jax
-  return f'{jax.devices()[0].device_kind}, {os.cpu_count()} cpus, load {os.getloadavg()[0]:.1f}'
+  device = jax.devices()[0]
+  kind = cpu_model() if device.platform == 'cpu' else device.device_kind
+  return f'{kind}, {os.cpu_count()} cpus, load {os.getloadavg()[0]:.1f}'
 
 
 def fresh_state(trainable, frozen, optimizer):

@@ -46,9 +46,12 @@ def _dpo_config():
                                         sft_weight=0.0))
 
 
-def pair_batch(model_config, pairs: int, shared: bool, seed: int = 0) -> dict:
+def pair_batch(model_config, pairs: int, shared: bool, seed: int = 0, *,
+               clip_mel_frames: int = CLIP_MEL_FRAMES, video_grid=VIDEO_GRID,
+               prompt_tokens: int = PROMPT_TOKENS, answer_tokens=ANSWER_TOKENS,
+               length_step: int = 256) -> dict:
   """`pairs` SABER-shaped pairs through the pipeline's collate, in one layout (the same
-  tokens and media for both layouts)."""
+  tokens and media for both layouts); the keywords shrink them (device_check --smoke)."""
   from saber_jax.data import collate, examples as examples_lib, records
   from saber_jax.data.prompt import expand_placeholders
   rng = np.random.default_rng(seed)
@@ -56,26 +59,26 @@ def pair_batch(model_config, pairs: int, shared: bool, seed: int = 0) -> dict:
   text = lambda n: rng.integers(1000, 150000, n)
   examples = []
   for index in range(pairs):
-    clip = expand_placeholders(audio_lengths=[CLIP_MEL_FRAMES], video_grids=[VIDEO_GRID],
+    clip = expand_placeholders(audio_lengths=[clip_mel_frames], video_grids=[video_grid],
                                video_second_per_grid=[1.0], use_audio_in_video=True)
     record = dict(kind=records.PREFERENCE,
-                  prompt_ids=np.concatenate([text(PROMPT_TOKENS // 3), clip,
-                                             text(PROMPT_TOKENS - PROMPT_TOKENS // 3)]))
-    for side, n in zip(('chosen', 'rejected'), ANSWER_TOKENS):
+                  prompt_ids=np.concatenate([text(prompt_tokens // 3), clip,
+                                             text(prompt_tokens - prompt_tokens // 3)]))
+    for side, n in zip(('chosen', 'rejected'), answer_tokens):
       record[f'{side}_ids'] = text(n)
       record[f'{side}_segments'] = np.repeat(common.RESPONSE_SEGMENTS, -(-n // 3))[:n]
     media = dict(
         use_audio_in_video=True,
-        audio=rng.standard_normal((model_config.audio.num_mel_bins, CLIP_MEL_FRAMES),
+        audio=rng.standard_normal((model_config.audio.num_mel_bins, clip_mel_frames),
                                   np.float32),
         video=dict(pixel_values_videos=rng.standard_normal(
-                       (int(np.prod(VIDEO_GRID)), v.patch_dim), np.float32),
-                   video_grid_thw=np.array([VIDEO_GRID]),
+                       (int(np.prod(video_grid)), v.patch_dim), np.float32),
+                   video_grid_thw=np.array([video_grid]),
                    video_second_per_grid=np.array([1.0], np.float32)))
     examples.append(examples_lib.Example(examples_lib._rows_of(record, shared), media, False,
                                          index, (0.0, 0.0)))
   options = examples_lib.DataConfig(batch_size=pairs, shared_prompt=shared,
-                                    length_buckets=tuple(range(256, 8193, 256)))
+                                    length_buckets=tuple(range(length_step, 8193, length_step)))
   return collate.collate(examples, model_config=model_config, options=options,
                          preference=True)
 

@@ -10,7 +10,8 @@ the response tokens trained (token-mean NLL, Eq. 2). Both sides load the same we
 transformers checkpoint; saber_jax converts it with `convert.load_hf`), see the same
 inputs and run AdamW (lr 1e-5, weight decay 0.1 except biases and norms, global-norm
 clipping at 1): saber_jax as one jitted, state-donating step in fp32, transformers in
-eager PyTorch fp32 (sdpa attention) with torch.optim.AdamW. Their first-step losses must
+eager PyTorch fp32 (sdpa attention) with torch.optim.AdamW (`--torch_compile`: also under
+`torch.compile`, inductor, as a third side). Their first-step losses must
 agree, which checks that the two sides compute the same thing. On a GPU both sides run
 there (float32 matmuls in full float32, no TF32) and each also reports its allocator's
 peak GPU memory.
@@ -112,6 +113,8 @@ def setup_torch(args):
   model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(
       args.model_dir, dtype=torch.float32, attn_implementation='sdpa').to(device)
   model.train()
+  if args.side == 'torch_compile':       # inductor; compiles in the first (untimed) steps
+    model = torch.compile(model)
   # Decay as saber_jax's optim.weight_decay_mask: not biases, not norm weights.
   no_decay = lambda name: name.endswith('bias') or 'norm' in name or 'ln_' in name
   named = list(model.named_parameters())
@@ -141,8 +144,10 @@ def setup_torch(args):
 # ----------------------------------------------------------------------------- driver
 
 # Both workers alive at once need about this much free memory (measured peaks: saber_jax
-# ~6 GiB, transformers ~7.5 GiB); with less, the sides run one after the other.
+# ~6 GiB, transformers ~7.5 GiB; a compiled transformers side adds ~7.5); with less, the
+# sides run one after the other.
 LOCKSTEP_MEMORY = 15 * 2 ** 30
+TORCH_MEMORY = 7.5 * 2 ** 30
 
 
 def bench(args) -> dict:
@@ -155,9 +160,13 @@ def bench(args) -> dict:
                  f'--remat={args.remat or "dots"}',
                  f'--chunk_size={args.chunk_size}', f'--torch_threads={args.torch_threads}']
     lockstep = args.mode == 'lockstep'
-    repeats = [common.run_repeat(__file__, dict(jax=side_args, torch=side_args), args.steps,
+    sides = dict(jax=side_args, torch=side_args)
+    if args.torch_compile:
+      sides['torch_compile'] = side_args
+    repeats = [common.run_repeat(__file__, sides, args.steps,
                                  repeat, lockstep and common.available_memory_bytes()
-                                 > LOCKSTEP_MEMORY) for repeat in range(args.repeats)]
+                                 > LOCKSTEP_MEMORY + TORCH_MEMORY * (len(sides) - 2))
+               for repeat in range(args.repeats)]
   return summarize(repeats)
 
 
@@ -174,7 +183,23 @@ def summarize(repeats: list[dict]) -> dict:
   jax_s = over_repeats(lambda r: r['jax']['wall_s'])
   torch_s = over_repeats(lambda r: r['torch']['wall_s'])
   rss = lambda side: common.median([rep['infos'][side]['max_rss_bytes'] for rep in repeats])
-  return dict(
+  compiled = {}
+  if 'torch_compile' in repeats[0]['infos']:
+    info = repeats[0]['infos']['torch_compile']
+    if not np.isclose(jax0['loss'], info['loss'], rtol=1e-4, atol=1e-4):
+      raise AssertionError(f'first-step losses differ: saber_jax {jax0["loss"]}, compiled '
+                           f'transformers {info["loss"]}')
+    step_s = over_repeats(lambda r: r['torch_compile']['wall_s'])
+    compiled = dict(
+        torch_compile_step_s=step_s, torch_compile_tokens_per_s=tokens / step_s,
+        speedup_vs_torch_compile=step_s / jax_s,
+        paired_speedup_vs_torch_compile=over_repeats(
+            lambda r: r['torch_compile']['wall_s'] / r['jax']['wall_s']),
+        torch_compile_mfu=over_repeats(
+            lambda r: flops / r['torch_compile']['wall_s'] / r['peak_torch_compile']),
+        torch_compile_max_rss_gib=common.gib(rss('torch_compile')),
+        torch_compile_loss=info['loss'])
+  return dict(**compiled,
       config='bench', machine=common.machine(), repeats=len(repeats),
       steps_per_repeat=len(repeats[0]['rounds']),
       lockstep=all(rep['lockstep'] for rep in repeats), tokens_per_step=tokens,
@@ -218,6 +243,12 @@ def print_table(r: dict):
     print(f"{'peak GPU memory (GiB)':24}{r['jax_device_peak_gib']:12.2f}"
           f"{r['torch_device_peak_gib']:14.2f}")
   print(f"{'first-step loss':24}{r['jax_loss']:12.5f}{r['torch_loss']:14.5f}")
+  if 'torch_compile_step_s' in r:
+    print(f"torch.compile (inductor): {r['torch_compile_step_s']:.2f} s/step, MFU "
+          f"{r['torch_compile_mfu']:.2f}, first loss {r['torch_compile_loss']:.5f}, peak host "
+          f"{r['torch_compile_max_rss_gib']:.2f} GiB: saber_jax "
+          f"{r['speedup_vs_torch_compile']:.2f}x"
+          f" (paired {r['paired_speedup_vs_torch_compile']:.2f}x)")
   print(f"speedup {r['speedup']:.2f}x (paired per step {r['paired_speedup']:.2f}x); model "
         f"FLOPs/step {r['model_flops_per_step'] / 1e9:.1f} G (hardware "
         f"{r['hardware_flops_per_step'] / 1e9:.1f} G, hfu {r['hfu']:.2f}); matmul peak "
@@ -335,15 +366,19 @@ def main():
   parser.add_argument('--seq_len', type=int, default=4096, help='7b-llm-slice row length')
   parser.add_argument('--attention', default='auto', choices=['auto', 'xla', 'cudnn'],
                       help='7b-llm-slice decoder attention (auto: cuDNN on a GPU)')
+  parser.add_argument('--torch_compile', action='store_true',
+                      help='bench: also time transformers under torch.compile (inductor)')
   parser.add_argument('--json', action='store_true')
   # Internal: one measured side in this process.
-  parser.add_argument('--side', choices=['jax', 'torch', 'peak'], help=argparse.SUPPRESS)
+  parser.add_argument('--side', choices=['jax', 'torch', 'torch_compile', 'peak'],
+                      help=argparse.SUPPRESS)
   parser.add_argument('--model_dir', help=argparse.SUPPRESS)
   parser.add_argument('--batch', help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.side:
     common.serve(common.setup_peak if args.side == 'peak' else
-                 lambda: dict(jax=setup_jax, torch=setup_torch)[args.side](args))
+                 lambda: dict(jax=setup_jax, torch=setup_torch,
+                              torch_compile=setup_torch)[args.side](args))
     return
   if args.config == '7b-llm-slice':
     result = llm_slice(args)

@@ -104,3 +104,71 @@ def test_auto_attention_picks_splash_on_tpu(monkeypatch):
   assert weights.model_config_of(config).attention == 'splash'
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
   assert weights.model_config_of(config).attention == 'cudnn'
+
+
+def _pair_segments(length: int) -> np.ndarray:
+  """Pair segment ids [3, L] (1 prompt, 2 chosen, 3 rejected, 0 padding): unequal answers
+  either way round, and a padding pair (one prompt token, as the pipeline pads)."""
+  segments = np.zeros((3, length), np.int32)
+  segments[0, :30], segments[0, 30:50], segments[0, 50:length - 10] = 1, 2, 3
+  segments[1, :10], segments[1, 10:length - 30], segments[1, length - 30:length - 25] = 1, 2, 3
+  segments[2, :1] = 1
+  return segments
+
+
+def test_pair_rows_on_splash_equal_the_masked_pair_attention():
+  """`[prompt | chosen | rejected]` rows as two gathered causal rows on the splash kernel:
+  outputs at every real token and the q/k/v gradients equal attention under
+  `text.segment_mask` (GQA, fp32)."""
+  from saber_jax.models import text
+  rng = np.random.default_rng(2)
+  length, heads, kv_heads, head_dim = 100, 4, 2, 16
+  segments = _pair_segments(length)
+  valid = segments > 0
+  q = jnp.asarray(rng.normal(size=(3, length, heads, head_dim)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(3, length, kv_heads, head_dim)), jnp.float32)
+          for _ in range(2))
+  weight = jnp.asarray(rng.normal(size=q.shape) * valid[..., None, None], jnp.float32)
+  mask = text.segment_mask(jnp.asarray(segments))
+
+  def loss(attend, q, k, v):
+    out = attend(q, k, v)
+    return jnp.sum(out * weight), out
+
+  grad = lambda attend: jax.grad(loss, argnums=(1, 2, 3), has_aux=True)(attend, q, k, v)
+  want_grads, want = grad(lambda q, k, v: layers.attention(q, k, v, mask))
+  rows = text.pair_rows(jnp.asarray(segments), 'splash')
+  np.testing.assert_array_equal(np.asarray(rows.kernel == 0).sum(-1),
+                                [50, 70, 70, 15, 1, 1])    # prompt + each answer
+  got_grads, got = grad(lambda q, k, v: text.pair_row_attention(q, k, v, rows, 'splash'))
+  assert bool(jnp.all(jnp.isfinite(got)))                  # padding too
+  assert _max_error(got, want, valid) < 1e-5
+  for g, w in zip(got_grads, want_grads):
+    assert float(jnp.max(jnp.abs(g - w))) < 1e-5 * float(jnp.max(jnp.abs(w)))
+
+
+def _square_shapes(hlo: str, length: int) -> list[str]:
+  """The HLO's array shapes whose last two dimensions are both `length`."""
+  import re
+  return re.findall(rf'\w+\[[\d,]*\b{length},{length}\]', hlo)
+
+
+def test_pair_rows_on_splash_hold_no_length_squared_tensor():
+  """The compiled forward and backward of a decoder on pair rows: with the XLA path the
+  [B, 1, L, L] mask and [B, N, L, L] scores are there; on splash no [.., L, L] array."""
+  config = ThinkerConfig.tiny().text
+  length = 384                        # three of the kernel's 128-wide tiles (one tile: L x L)
+  segments = jnp.asarray(_pair_segments(length))
+  x = jnp.zeros((3, length, config.hidden_size), jnp.float32)
+  position_ids = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (3, 3, length))
+  model = lambda attention: TextModel(config, remat='full', attention=attention)
+  params = nn.unbox(model('xla').init(jax.random.key(0), x, position_ids, segments > 0,
+                                      segments))
+
+  def hlo(attention):
+    loss = lambda p: jnp.sum(model(attention).apply(p, x, position_ids, segments > 0,
+                                                    segments))
+    return jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+
+  assert _square_shapes(hlo('xla'), length)
+  assert not _square_shapes(hlo('splash'), length)

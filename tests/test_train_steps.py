@@ -1,6 +1,8 @@
 """The step functions: sharding-invariant loss and gradients, trainable subsets, CA-DPO,
 non-finite handling."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import ml_collections
@@ -173,11 +175,13 @@ DPO_OPTIONS = ml_collections.ConfigDict(dict(beta=0.5, label_smoothing=0.0,
                                              loss_type='sigmoid_norm', sft_weight=0.3))
 
 
-def _dpo_values(model_config, trainable, frozen, batch, lora_config=None):
+def _dpo_values(model_config, trainable, frozen, batch, lora_config=None, mesh=None):
   loss_fn = lambda t, b: steps.dpo_loss(t, frozen, b, model_config=model_config,
                                         dpo_config=DPO_OPTIONS, lora_config=lora_config)
-  (loss, metrics), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(trainable, batch)
-  logps = jax.jit(lambda p, b: steps.pair_logps(p, b, model_config=model_config))(
+  traced = (lambda fn: fn) if mesh is None else (lambda fn: sharding.on_mesh(fn, mesh))
+  (loss, metrics), grads = jax.jit(traced(jax.value_and_grad(loss_fn, has_aux=True)))(
+      trainable, batch)
+  logps = jax.jit(traced(lambda p, b: steps.pair_logps(p, b, model_config=model_config)))(
       steps.join_params(trainable, frozen, lora_config), batch)
   return dict(loss=loss, **metrics, chosen=logps[0], rejected=logps[1]), grads
 
@@ -251,3 +255,18 @@ def test_shared_prompt_dpo_step_on_a_2x4_mesh_equals_two_rows(model_config, para
   placed = jax.device_put(params, sharding.tree_shardings(abstract_params(model_config), mesh))
   batch = sharding.global_batch(_pair_batch(model_config, pair_examples, True, 8), mesh)
   _assert_same_step(*_dpo_values(model_config, placed, {}, batch), *two_row_step)
+
+
+@pytest.mark.slow
+def test_shared_prompt_dpo_step_on_splash_on_a_2x4_mesh_equals_two_rows(model_config, params,
+                                                                        pair_examples,
+                                                                        two_row_step):
+  """The pair rows on the splash kernel (Pallas' interpreter; two gathered causal rows per
+  pair, no [B, 1, L, L] mask) under shard_map on a 2x4 mesh: the two-row XLA step's
+  values and gradients. Unequal answers, GQA, a padding pair."""
+  config = dataclasses.replace(model_config, attention='splash')
+  assert config.text.num_attention_heads > config.text.num_key_value_heads    # GQA
+  mesh = sharding.make_mesh((2, 4, 1))
+  placed = jax.device_put(params, sharding.tree_shardings(abstract_params(config), mesh))
+  batch = sharding.global_batch(_pair_batch(config, pair_examples, True, 8), mesh)
+  _assert_same_step(*_dpo_values(config, placed, {}, batch, mesh=mesh), *two_row_step)

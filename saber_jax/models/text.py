@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from saber_jax.batch import PAIR_PROMPT
+from saber_jax.batch import CHOSEN, PAIR_PROMPT, REJECTED
 from saber_jax.models import layers
 from saber_jax.models.config import TextConfig
 from saber_jax.models.rope import apply_rope, mrope_cos_sin
@@ -47,7 +47,8 @@ class Attention(nn.Module):
     """x [B, L, H] -> (out [B, L, H], new rows). Without a cache the queries attend to the
     keys of x (mask bool [B, 1, L, L]; or, for `attention` 'cudnn', the right-padded rows'
     valid lengths [B], see `layers.causal_attention`; or, for 'splash', segment ids [B, L],
-    see `layers.splash_attention`) and the new rows are None. With
+    see `layers.splash_attention`; or, for pair rows on either kernel, `PairRows`) and the
+    new rows are None. With
     one layer's cache [B, S, K, H], the keys and values of x take slots [cache_index,
     cache_index + L) and the queries attend over all S slots (mask [B, 1, L, S]); the new
     rows returned are those keys and values, KVCache [B, L, K, H], for the caller to write
@@ -66,7 +67,9 @@ class Attention(nn.Module):
     if cache is not None:
       new_rows = KVCache(k, v)
       k, v = cache.write(new_rows, cache_index, axis=1)
-    if cache is None and mask.ndim == 1:       # row lengths [B]: cuDNN's fused kernel
+    if isinstance(mask, PairRows):             # shared-prompt pair rows, see PairRows
+      out = pair_row_attention(q, k, v, mask, self.attention)
+    elif cache is None and mask.ndim == 1:     # row lengths [B]: cuDNN's fused kernel
       out = layers.causal_attention(q, k, v, mask, self.attention)
     elif cache is None and mask.ndim == 2:     # segment ids [B, L]: the splash kernel
       out = layers.splash_attention(q, k, v, mask)
@@ -134,13 +137,70 @@ def cache_attention_mask(valid_slots, cache_index, num_queries: int):
   return causal[None, None] & valid_slots[:, None, None, :]
 
 
+class PairRows(NamedTuple):
+  """The two causal rows `[prompt | chosen]` and `[prompt | rejected]` of every shared-
+  prompt pair row, as gathers of the pair row's tokens (see `pair_rows`): the fused
+  kernels run them without a [B, 1, L, L] mask, so only the prompt's attention is
+  computed twice (its projections, the MLPs and the towers once).
+
+  order int [B, 2, L]: row r of pair b holds the pair row's tokens order[b, r] (the
+    prompt's and answer r's first, in order, then the rest, which the kernel ignores).
+  source int [B, L]: where token t's output is in the flat [2 * L] outputs of its pair's
+    rows (the prompt's and the chosen answer's in row 0, the rejected answer's in row 1).
+  kernel int: the gathered rows' valid lengths [2B] ('cudnn', 'xla') or segment ids
+    [2B, L] ('splash'; the ignored tail is a segment of its own).
+  """
+  order: jax.Array
+  source: jax.Array
+  kernel: jax.Array
+
+
+PAIR_ANSWERS = (CHOSEN, REJECTED)    # the segment ids of the two answers
+
+
+def pair_rows(segments, attention: str) -> PairRows:
+  """The gathers of `PairRows` from pair segment ids [B, L] (SHARED_PREFIX the prompt,
+  PAIR_ANSWERS the answers, 0 padding; any order within the row). Padding tokens take
+  row 0's output at a position past its valid length: finite, not meaningful."""
+  length = segments.shape[-1]
+  positions = jnp.arange(length, dtype=jnp.int32)
+  keep = jnp.stack([(segments == SHARED_PREFIX) | (segments == a) for a in PAIR_ANSWERS], 1)
+  # Kept tokens first, each group in row order: a stable sort on (not kept, position).
+  order = jnp.argsort(jnp.where(keep, 0, length) + positions, axis=-1).astype(jnp.int32)
+  where = jnp.argsort(order, axis=-1).astype(jnp.int32)          # inverse permutation
+  row = (segments == PAIR_ANSWERS[1]).astype(jnp.int32)           # [B, L]
+  source = row * length + jnp.take_along_axis(where, row[:, None], axis=1)[:, 0]
+  lengths = jnp.sum(keep, axis=-1, dtype=jnp.int32).reshape(-1)   # [2B]
+  if attention == 'splash':
+    kernel = jnp.where(positions[None] < lengths[:, None], 0, -1).astype(jnp.int32)
+  else:
+    kernel = lengths
+  return PairRows(order, source, kernel)
+
+
+def pair_row_attention(q, k, v, rows: PairRows, attention: str):
+  """Attention of shared-prompt pair rows through a causal kernel on their two gathered
+  rows. q [B, L, N, H]; k, v [B, L, K, H] -> [B, L, N, H]."""
+  b, length = q.shape[:2]
+  gather = lambda x: jnp.take_along_axis(
+      x[:, None], rows.order[..., None, None], axis=2).reshape(2 * b, length, *x.shape[2:])
+  q, k, v = gather(q), gather(k), gather(v)
+  if attention == 'splash':
+    out = layers.splash_attention(q, k, v, rows.kernel)
+  else:
+    out = layers.causal_attention(q, k, v, rows.kernel, attention)
+  out = out.reshape(b, 2 * length, *out.shape[2:])
+  return jnp.take_along_axis(out, rows.source[..., None, None], axis=1)
+
+
 def _attention_arg(attention: str, valid, segments):
-  """What the decoder's attention needs to know of padding and segments (see Attention).
-  Segments with a shared prompt need the explicit [B, 1, L, L] mask, so they run the XLA
-  path whatever `attention` says: the fused kernels know a row's causal span (cuDNN, by
-  its length) or plain segments (splash), not a prefix two segments share."""
+  """What the decoder's attention needs to know of padding and segments (see Attention):
+  pair rows (segments given) become `PairRows` for the fused kernels (segment ids other
+  than SHARED_PREFIX and PAIR_ANSWERS are left out there) and the explicit [B, 1, L, L]
+  mask for 'xla', where two gathered rows cost twice one masked row (XLA computes every
+  (query, key) pair: 1.9x slower measured on CPU, see the README)."""
   if segments is not None:
-    return segment_mask(segments)
+    return segment_mask(segments) if attention == 'xla' else pair_rows(segments, attention)
   if attention == 'xla':
     return attention_mask(valid)
   if attention == 'splash':       # padding becomes a segment of its own (-1)
