@@ -131,7 +131,7 @@ def _allocator(placed: dict, compiled: dict, stepped: dict) -> dict:
 
 def _peaks(smoke: bool) -> dict:
   """The vendor's dense bf16 peak of device 0 and a measured bf16 matmul's FLOP/s."""
-  from saber_jax import flops
+  from saber_jax.train import flops
   return dict(vendor_peak_flops=flops.peak_flops(),
               measured_peak_flops=common.matmul_peak(256 if smoke else 8192, 'bfloat16'))
 
@@ -194,10 +194,9 @@ def _train(model_config, batch, trainable_mode: str, loss, shapes: Shapes, peaks
            state_parts) -> dict:
   """One training section: place the state, compile, warm up, time `shapes.steps` steps."""
   import jax
-  from saber_jax import flops
-  from saber_jax.train import steps
+  from saber_jax.train import flops
   trainable, frozen = state_parts
-  state = steps.init_state(trainable, {}, _optimizer())
+  state = common.fresh_state(trainable, {}, _optimizer())
   device_batch = jax.device_put(batch)
   placed = _memory_stats()
   compiled = _compiled_step(loss, state, frozen, device_batch)
@@ -250,7 +249,7 @@ def dpo_7b_lora(shapes: Shapes, smoke: bool) -> dict:
   import jax
   import jax.numpy as jnp
   import dpo_step
-  from saber_jax import flops
+  from saber_jax.train import flops
   from saber_jax.train import steps
   model_config = _seven_b(smoke)
   trainable, frozen, lora_config = _lora_state(model_config, jax.random.key(0))
@@ -267,7 +266,7 @@ def dpo_7b_lora(shapes: Shapes, smoke: bool) -> dict:
     batch = dict(batch, ref_chosen_logps=np.zeros(shapes.pairs, np.float32),
                  ref_rejected_logps=np.zeros(shapes.pairs, np.float32))
     # Each variant its own copy of the (small) trainable tree: the steps donate it.
-    state = steps.init_state(jax.tree.map(jnp.copy, trainable), {}, _optimizer())
+    state = common.fresh_state(jax.tree.map(jnp.copy, trainable), {}, _optimizer())
     device_batch = jax.device_put(batch)
     compiled = _compiled_step(loss, state, frozen, device_batch)
     runs[variant] = _Stepper(compiled, state, frozen, device_batch)
@@ -311,7 +310,7 @@ def _hbm_bandwidth(smoke: bool) -> float:
 def decode_7b(shapes: Shapes, smoke: bool) -> dict:
   import flax.linen as nn
   import jax
-  from saber_jax.generate import generate
+  from saber_jax.decode import generate
   from saber_jax.models.thinker import init_params
   model_config = _seven_b(smoke)
   params = jax.jit(lambda k: nn.unbox(init_params(model_config, k)))(jax.random.key(0))
