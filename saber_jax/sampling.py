@@ -38,7 +38,6 @@ import os
 import time
 from typing import Iterator, Sequence
 
-import grain
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
@@ -114,13 +113,25 @@ def make_prompt(record: dict, where: str, model_config: ThinkerConfig,
   return Prompt(str(record['id']), where, example, (length,) + tuple(sizes[k] for k in SIZE_KEYS))
 
 
-def _own_records(paths: Sequence[str], process: int, count: int) -> Iterator[tuple[str, bytes]]:
-  """('path:index', blob) of every `count`-th record from `process` on, read lazily."""
-  source = grain.sources.ArrayRecordDataSource(list(paths))
-  starts = np.cumsum([0] + [records.count_records(p) for p in paths])
-  for index in range(process, int(starts[-1]), count):
-    file = int(np.searchsorted(starts, index, side='right')) - 1
-    yield f'{paths[file]}:{index - starts[file]}', source[index]
+def _own_records(paths: Sequence[str], process: int, count: int
+                 ) -> Iterator[tuple[str, bytes | records.RecordError]]:
+  """('path:index', blob) of every `count`-th record from `process` on, read lazily; a
+  record (or a whole shard, 'path') Riegeli cannot read comes as its RecordError instead,
+  so the caller logs it and goes on."""
+  readable = []
+  for path in paths:
+    try:
+      records.count_records(path)
+      readable.append(path)
+    except records.RecordError as e:
+      if process == 0:
+        yield path, e
+  source = records.ShardSource(readable)
+  for index in range(process, len(source), count):
+    try:
+      yield source.where(index), source[index]
+    except records.RecordError as e:
+      yield source.where(index), e
 
 
 def windows(prompts: Iterator[Prompt], batch_size: int, window_batches: int
@@ -234,6 +245,8 @@ def sample_records(config, model_config: ThinkerConfig, params, mesh, record_pat
         stats.skipped += 1
         continue
       try:
+        if isinstance(blob, records.RecordError):
+          raise blob
         record = records.decode_record(blob, where)
       except records.RecordError as e:
         error(None, where, str(e))
@@ -368,7 +381,10 @@ def generate_stage(config, record_paths, init_from: str, out_path: str,
   os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
   _check_fingerprint(config, record_paths, init_from, out_path)
   if jax.process_index() == 0:
-    warn_short_budget(config.generate.max_new_tokens, datasets.resolve_paths(record_paths))
+    try:
+      warn_short_budget(config.generate.max_new_tokens, datasets.resolve_paths(record_paths))
+    except records.RecordError as e:    # a damaged shard: its records go to errors.jsonl
+      print(f'[generate] warning: answer lengths not checked: {e}', flush=True)
   model_config = weights.model_config_of(config)
   mesh = sharding.make_mesh(config.mesh)
   params = weights.initial_params(config, model_config, mesh, init_from)
