@@ -253,3 +253,23 @@ def test_two_processes_killed_and_restarted_write_each_id_once_with_the_same_sam
   got = {line['id']: line for line in lines}
   assert len(got) == len(lines)
   assert_same_samples(got, want)
+
+
+def test_own_records_hand_damaged_records_and_shards_to_errors(data, tmp_path):
+  """A shard cut short is one error naming it (process 0 only); a flipped byte is one
+  error naming path:index; every other record is still read."""
+  whole = data[0]
+  raw = pathlib.Path(whole).read_bytes()
+  cut, flip = str(tmp_path / 'cut.array_record'), str(tmp_path / 'flip.array_record')
+  pathlib.Path(cut).write_bytes(raw[:len(raw) // 2])
+  flipped = bytearray(raw)
+  flipped[len(raw) // 3] ^= 0xFF
+  pathlib.Path(flip).write_bytes(bytes(flipped))
+  got = list(sampling._own_records([cut, whole, flip], 0, 1))
+  errors = [(w, e) for w, e in got if isinstance(e, records.RecordError)]
+  assert [w for w, _ in errors][0] == cut and len(errors) == 2
+  assert re.fullmatch(re.escape(flip) + r':\d+', errors[1][0])
+  assert str(errors[1][1]).startswith(errors[1][0] + ': damaged record file')
+  n = records.count_records(whole)
+  assert len(got) == 1 + 2 * n
+  assert [w for w, _ in sampling._own_records([cut, whole], 1, 2)][0] != cut   # process 0 logs
