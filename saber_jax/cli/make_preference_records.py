@@ -72,6 +72,10 @@ def main(argv=None):
   parser.add_argument('--tokenizer', default=None, help='HF tokenizer dir (default: offline Qwen)')
   parser.add_argument('--force', action='store_true')
   args = parser.parse_args(_common.dashed(argv, parser))
+  try:   # one writer per output (the lock `fingerprint.ensure` takes for the other tools)
+    files.acquire_lock(os.path.join(args.out, 'fingerprint.json' + files.LOCK_SUFFIX), args.out)
+  except files.LockHeld as e:
+    raise SystemExit(f'error: {e}') from None
   if os.path.exists(os.path.join(args.out, 'stats.json')) and not args.force:
     print(f'{args.out} is done (stats.json present); --force to rebuild')
     return

@@ -87,7 +87,8 @@ def claim_ref_output(config, out: str, paths, init_from: str | None) -> None:
                  **weights.weights_identity(config, init_from),
                  'data': trainer.data_identity(config)}
   outputs = [os.path.join(out, name) for name in os.listdir(out)
-             if name != fingerprint.FILE] if os.path.isdir(out) else []
+             if name != fingerprint.FILE and not name.endswith(files.LOCK_SUFFIX)
+             ] if os.path.isdir(out) else []
 
   def clear():
     for path in outputs:
