@@ -447,21 +447,58 @@ def record_id(record: Mapping, where: str) -> str:
   return str(rid)
 
 
-def records_with_ids(path: Path) -> Iterator[tuple[str, dict]]:
-  """(id, record) of each record of a JSONL file; a record without a usable id is a
-  ValueError naming the file and the record's number."""
-  for n, r in enumerate(read_jsonl(path), 1):
-    yield record_id(r, f'{os.fspath(path)} record {n}'), r
-
-
 class DuplicateId(ValueError):
   pass
 
 
-def check_unique_ids(path: Path) -> None:
-  """DuplicateId naming the file, the id and both records' numbers when an id repeats."""
+def _canonical(record: Mapping) -> str:
+  return json.dumps(record, sort_keys=True, ensure_ascii=False)
+
+
+def repeated_lines(path: Path, unique: bool = True) -> set[int]:
+  """Record numbers (1-based, blank lines not counted) of the records of a JSONL file
+  that repeat an earlier record exactly (the same lines given twice): callers drop them.
+  With `unique`, two different records of one id are a DuplicateId naming the file, the
+  id and both record numbers; read whole before the caller does any work."""
   first: dict[str, int] = {}
-  for n, (rid, _) in enumerate(records_with_ids(path), 1):
+  seen: set[tuple[str, str]] = set()
+  repeats = set()
+  for n, r in enumerate(read_jsonl(path), 1):
+    rid = record_id(r, f'{os.fspath(path)} record {n}')
+    text = _canonical(r)
+    if (rid, text) in seen:
+      repeats.add(n)
+      continue
+    seen.add((rid, text))
+    if unique and rid in first:
+      raise DuplicateId(f'{os.fspath(path)}: duplicate id {rid!r} (records {first[rid]} '
+                        f'and {n} differ)')
+    first.setdefault(rid, n)
+  return repeats
+
+
+def records_with_ids(path: Path, unique: bool = True) -> Iterator[tuple[str, dict]]:
+  """(id, record) of each record of a JSONL file; a record without a usable id is a
+  ValueError naming the file and the record's number. The file is checked first
+  (`repeated_lines`): two different records of one id are a DuplicateId (unless not
+  `unique`: several records per id, e.g. pairs of one clip); a record repeated exactly is
+  skipped, with a count on stderr."""
+  repeats = repeated_lines(path, unique)
+  if repeats:
+    print(f'{os.fspath(path)}: {len(repeats)} records repeat earlier ones exactly; each is '
+          'used once', file=sys.stderr, flush=True)
+  for n, r in enumerate(read_jsonl(path), 1):
+    if n not in repeats:
+      yield record_id(r, f'{os.fspath(path)} record {n}'), r
+
+
+def check_unique_ids(path: Path) -> None:
+  """DuplicateId naming the file, the id and both records' numbers when an id repeats
+  (for inputs whose every line becomes work, such as a judged run's: even an exact
+  repeat would be judged twice)."""
+  first: dict[str, int] = {}
+  for n, r in enumerate(read_jsonl(path), 1):
+    rid = record_id(r, f'{os.fspath(path)} record {n}')
     if rid in first:
       raise DuplicateId(f'{os.fspath(path)}: duplicate id {rid!r} (records {first[rid]} '
                         f'and {n})')
@@ -471,7 +508,8 @@ def check_unique_ids(path: Path) -> None:
 def load_by_id(path: Path, required: tuple[str, ...] = (),
                ids: set[str] | None = None) -> dict[str, dict]:
   """id -> record for a JSONL file (only `ids` when given); each kept record must have
-  the `required` fields. Duplicate ids are an error naming the file."""
+  the `required` fields. Two different records of one id are an error naming the file,
+  the id and both records; an exact repeat is dropped (`records_with_ids`)."""
   out = {}
   for rid, r in records_with_ids(path):
     if ids is not None and rid not in ids:

@@ -113,21 +113,32 @@ def make_prompt(record: dict, where: str, model_config: ThinkerConfig,
   return Prompt(str(record['id']), where, example, (length,) + tuple(sizes[k] for k in SIZE_KEYS))
 
 
-def _own_records(paths: Sequence[str], process: int, count: int
-                 ) -> Iterator[tuple[str, bytes | records.RecordError]]:
-  """('path:index', blob) of every `count`-th record from `process` on, read lazily; a
-  record (or a whole shard, 'path') Riegeli cannot read comes as its RecordError instead,
-  so the caller logs it and goes on."""
-  readable = []
+def readable_shards(paths: Sequence[str]) -> tuple[list[str], list[records.RecordError]]:
+  """(the shards that open, the errors of those that do not)."""
+  readable, errors = [], []
   for path in paths:
     try:
       records.count_records(path)
       readable.append(path)
     except records.RecordError as e:
-      if process == 0:
-        yield path, e
-  source = records.ShardSource(readable)
+      errors.append(e)
+  return readable, errors
+
+
+def _own_records(paths: Sequence[str], process: int, count: int, skip: Sequence[int] = ()
+                 ) -> Iterator[tuple[str, bytes | records.RecordError]]:
+  """('path:index', blob) of every `count`-th record from `process` on, read lazily; a
+  record (or a whole shard, 'path') Riegeli cannot read comes as its RecordError instead,
+  so the caller logs it and goes on. `skip`: positions among the readable shards left out
+  (records repeating earlier ones)."""
+  readable, errors = readable_shards(paths)
+  if process == 0:
+    for path, error in zip([p for p in paths if p not in readable], errors):
+      yield path, error
+  source, skip = records.ShardSource(readable), set(skip)
   for index in range(process, len(source), count):
+    if index in skip:
+      continue
     try:
       yield source.where(index), source[index]
     except records.RecordError as e:
@@ -201,6 +212,7 @@ class Stats:
   written: int = 0
   skipped: int = 0
   errors: int = 0
+  repeated: int = 0            # records repeating earlier ones byte for byte, dropped
   batches: int = 0
   padding_rows: int = 0
   row_steps: int = 0           # rows x decode steps run
@@ -230,6 +242,14 @@ def sample_records(config, model_config: ThinkerConfig, params, mesh, record_pat
   files.repair_tail(own_part)
   done = finished_ids(out_path)
   stats, kept = Stats(), []
+  # Before any sampling: two different records of one id would give one line for two
+  # prompts (RecordError naming both places); a record repeated byte for byte is dropped.
+  readable = readable_shards(datasets.resolve_paths(record_paths))[0]
+  repeats = records.repeated_records(readable, tolerate_damaged=True)
+  stats.repeated = len(repeats)
+  if repeats and process == 0:
+    print(f'[generate] {len(repeats)} records repeat earlier ones byte for byte (a shard '
+          'given twice?): each is sampled once', flush=True)
 
   def error(prompt_id, where, reason):
     files.append_jsonl(own_errors, [dict(id=prompt_id, where=where, reason=reason)])
@@ -238,7 +258,8 @@ def sample_records(config, model_config: ThinkerConfig, params, mesh, record_pat
 
   def prompts() -> Iterator[Prompt]:
     taken = 0
-    for where, blob in _own_records(datasets.resolve_paths(record_paths), process, count):
+    for where, blob in _own_records(datasets.resolve_paths(record_paths), process, count,
+                                    repeats):
       if limit is not None and taken >= limit:
         return
       if where in done:

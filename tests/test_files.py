@@ -128,14 +128,25 @@ def test_appender_writes_whole_lines_from_many_threads(tmp_path):
 def test_ids_are_checked_naming_file_record_and_id(tmp_path):
   path = tmp_path / 'in.jsonl'
   path.write_text('{"id": "a", "x": 1}\n{"id": 2}\n\n{"id": "a"}\n')
-  assert [rid for rid, _ in files.records_with_ids(path)] == ['a', '2', 'a']
+  # Several records of one id only where the reader asks for them (pairs of one clip).
+  assert [rid for rid, _ in files.records_with_ids(path, unique=False)] == ['a', '2', 'a']
   with pytest.raises(files.DuplicateId, match=r"in.jsonl: duplicate id 'a' \(records 1 and 3\)"):
     files.check_unique_ids(path)
+  # Two different records of one id: refused before the first record is handed out.
+  for read in (lambda: next(files.records_with_ids(path)), lambda: files.load_by_id(path),
+               lambda: files.load_by_id(path, ids={'2'})):
+    with pytest.raises(files.DuplicateId,
+                       match=r"in.jsonl: duplicate id 'a' \(records 1 and 3 differ\)"):
+      read()
+  # The same record twice (a file concatenated with itself): kept once, counted.
+  path.write_text('{"id": "a", "x": 1}\n{"id": 2}\n{"x": 1, "id": "a"}\n{"id": 2}\n')
+  assert files.repeated_lines(path) == {3, 4}
+  assert [rid for rid, _ in files.records_with_ids(path)] == ['a', '2']
   assert files.load_by_id(path, ids={'2'}) == {'2': {'id': 2}}
   with pytest.raises(ValueError, match=r"in.jsonl: record 'a' has no 'y' field"):
     files.load_by_id(path, required=('y',))
-  with pytest.raises(files.DuplicateId, match=r"in.jsonl: duplicate id 'a'"):
-    files.load_by_id(path)
+  with pytest.raises(files.DuplicateId, match=r"duplicate id 'a' \(records 1 and 3\)"):
+    files.check_unique_ids(path)       # a judged run's input: every line would be judged
   path.write_text('{"id": "a"}\n{"name": "no id"}\n')
   with pytest.raises(ValueError, match=r"in.jsonl record 2: record has no 'id' field"):
     files.check_unique_ids(path)

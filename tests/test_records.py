@@ -331,3 +331,25 @@ def test_size_index_of_a_shard_rewritten_with_its_mtime_kept_is_stale(tmp_path):
   os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))          # `cp -p`: mtime kept
   with pytest.raises(records.RecordError, match='stale size index'):
     records.load_sizes(path, rebuild=False)
+
+
+def test_duplicate_ids_across_shards_are_refused_and_repeats_found(tmp_path):
+  a = str(tmp_path / records.shard_name('a', 0, 1))
+  records.write_records(a, _blobs(3))
+  # The same shard given twice: every record of the second copy repeats one of the first.
+  assert records.repeated_records([a, a]) == [3, 4, 5]
+  assert records.repeated_records([a]) == []
+  rng = np.random.default_rng(11)
+  other = str(tmp_path / records.shard_name('b', 0, 1))
+  records.write_records(other, [_blobs(1, prefix='x')[0],
+                                records.encode_sft_record(**_sft_fields(rng, 'r1'))])
+  with pytest.raises(records.RecordError, match=re.escape(
+      f"duplicate id 'r1': {a}:1 and {other}:1 hold different records")):
+    records.repeated_records([a, other])
+  # An index of an older version (no ids) is rebuilt, not trusted.
+  with np.load(records.sizes_path(a)) as index:
+    old = {k: index[k] for k in ('sizes', 'fields', 'fingerprint')}
+  np.savez(records.sizes_path(a), **old)
+  with pytest.raises(records.RecordError, match='size index without record ids'):
+    records.load_sizes(a, rebuild=False)
+  assert records.repeated_records([a, a]) == [3, 4, 5]

@@ -26,7 +26,7 @@ from saber_jax.data import prompt, records
 def read_pairs(path: str) -> dict[str, list[dict]]:
   """Pairs grouped by clip id, in file order; a malformed line names the file and line."""
   by_clip = collections.defaultdict(list)
-  for rid, pair in files.records_with_ids(path):
+  for rid, pair in files.records_with_ids(path, unique=False):   # several pairs per clip
     by_clip[rid].append(pair)
   return by_clip
 
@@ -35,8 +35,13 @@ def make_records(pairs_path: str, sft_records: str, out: str, tokenizer) -> dict
   pairs = read_pairs(pairs_path)
   rejects, made = [], collections.Counter()
 
+  paths = records.shard_paths(sft_records)
+  repeats = set(records.repeated_records(paths))   # two records of one id: refused here
+
   def blobs():
-    for where, blob in records.read_records(records.shard_paths(sft_records)):
+    for position, (where, blob) in enumerate(records.read_records(paths)):
+      if position in repeats:
+        continue
       record = records.decode_record(blob, where)
       for k, pair in enumerate(pairs.pop(record['id'], [])):
         try:

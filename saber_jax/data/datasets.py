@@ -96,6 +96,10 @@ def _dataset(model_config, data_config, paths, kind, *, seed, shard_index, shard
   options = data_options(data_config)
   shard_index, shard_count = _process(shard_index, shard_count)
   paths = resolve_paths(paths)
+  repeats = records.repeated_records(paths, tolerate_damaged=damaged_log is not None)
+  if repeats and shard_index == 0:   # two different records of one id raised above
+    print(f'[data] warning: {len(repeats)} records repeat earlier ones byte for byte (a shard '
+          'given twice?); they are used as often as they appear', flush=True)
   loader = RecordLoader(paths, kind, model_config, options,
                         require_reference=kind == records.PREFERENCE and not reference,
                         damaged_log=damaged_log)

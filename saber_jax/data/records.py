@@ -47,7 +47,7 @@ import math
 import os
 import re
 import sys
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 import msgpack
 import numpy as np
@@ -353,17 +353,17 @@ def write_records(path: str, blobs: Iterable[bytes], options: str = WRITER_OPTIO
   The file is written as '{path}.tmp-{pid}' and renamed onto `path` only once closed, so
   `path` either does not exist or is complete; a failure removes the temporary file.
   """
-  sizes = []
+  rows = []
   with files.atomic_path(path) as tmp:
     writer = _array_record().ArrayRecordWriter(tmp, options)
     try:
       for blob in blobs:
         writer.write(blob)
-        sizes.append(record_sizes(unpack(blob)))
+        rows.append(_index_row(unpack(blob), blob))
     finally:
       writer.close()
-  _save_sizes(path, np.array(sizes, np.int32).reshape(-1, len(SIZE_FIELDS)))
-  return len(sizes)
+  _save_index(path, _index_of(rows))
+  return len(rows)
 
 
 def damaged(where: str, error: BaseException) -> 'RecordError':
@@ -609,50 +609,76 @@ def _fingerprint(shard: str, num_records: int) -> np.ndarray:
                    int.from_bytes(digest, 'little', signed=True)], np.int64)
 
 
-def _save_sizes(shard: str, sizes: np.ndarray) -> None:
+class Index(NamedTuple):
+  """What the size index holds of a shard's records, in order: SIZE_FIELDS [n, fields]
+  int32, the ids [n] (str; '' for a damaged record) and an 8-byte hash of each blob [n]
+  int64 (to tell a repeated record from another one of the same id)."""
+  sizes: np.ndarray
+  ids: np.ndarray
+  digests: np.ndarray
+
+
+def _digest(blob: bytes) -> int:
+  return int.from_bytes(hashlib.blake2b(blob, digest_size=8).digest(), 'little', signed=True)
+
+
+def _index_row(record: Mapping[str, Any], blob: bytes) -> tuple:
+  return record_sizes(record), str(record['id']), _digest(blob)
+
+
+def _index_of(rows: list[tuple]) -> Index:
+  return Index(np.array([r[0] for r in rows], np.int32).reshape(-1, len(SIZE_FIELDS)),
+               np.array([r[1] for r in rows], dtype=np.str_).reshape(-1),
+               np.array([r[2] for r in rows], np.int64).reshape(-1))
+
+
+def _save_index(shard: str, index: Index) -> None:
   with files.atomic_open(sizes_path(shard), 'wb') as f:   # a file object: no '.npz' added
-    np.savez(f, sizes=sizes, fields=np.array(SIZE_FIELDS),
-             fingerprint=_fingerprint(shard, len(sizes)))
+    np.savez(f, sizes=index.sizes, ids=index.ids, digests=index.digests,
+             fields=np.array(SIZE_FIELDS), fingerprint=_fingerprint(shard, len(index.sizes)))
 
 
-def _cached_sizes(shard: str) -> tuple[np.ndarray | None, str]:
-  """(sizes, '') from a valid index file, or (None, why not)."""
+def _cached_index(shard: str) -> tuple[Index | None, str]:
+  """(index, '') from a valid index file, or (None, why not)."""
   path = sizes_path(shard)
   if not os.path.exists(path):
     return None, 'no size index'
-  with np.load(path) as index:
-    sizes, fields, fingerprint = index['sizes'], tuple(index['fields']), index['fingerprint']
+  with np.load(path) as saved:
+    if 'ids' not in saved or 'digests' not in saved:
+      return None, 'size index without record ids (an older version)'
+    index = Index(saved['sizes'], saved['ids'], saved['digests'])
+    fields, fingerprint = tuple(saved['fields']), saved['fingerprint']
   if fields != SIZE_FIELDS:
     return None, f'size index of other fields {fields}'
-  if not np.array_equal(fingerprint, _fingerprint(shard, len(sizes))):
+  if not np.array_equal(fingerprint, _fingerprint(shard, len(index.sizes))):
     return None, 'stale size index (the shard was rewritten after it)'
-  return sizes, ''
+  return index, ''
 
 
-def _index_shard(shard: str, tolerate_damaged: bool) -> tuple[np.ndarray, bool]:
-  """(sizes of every record, whether all could be read); an unreadable record is sized 0
-  when `tolerate_damaged`, else its RecordError names it."""
+def _index_shard(shard: str, tolerate_damaged: bool) -> tuple[Index, bool]:
+  """(the index of every record, whether all could be read); an unreadable record is
+  sized 0 with id '' when `tolerate_damaged`, else its RecordError names it."""
   rows, damaged_any = [], False
 
   def zero(where, error):
     nonlocal damaged_any
     damaged_any = True
     print(f'{error}; sized 0', file=sys.stderr, flush=True)
-    rows.append((0,) * len(SIZE_FIELDS))
+    rows.append(((0,) * len(SIZE_FIELDS), '', 0))
 
   for where, blob in read_records(shard, on_damaged=zero if tolerate_damaged else None):
     try:
-      rows.append(record_sizes(decode_record(blob, where)))
+      rows.append(_index_row(decode_record(blob, where), blob))
     except RecordError as e:
       if not tolerate_damaged:
         raise
       zero(where, e)
-  return np.array(rows, np.int32).reshape(-1, len(SIZE_FIELDS)), not damaged_any
+  return _index_of(rows), not damaged_any
 
 
-def load_sizes(paths: str | Sequence[str], rebuild: bool = True,
-               tolerate_damaged: bool = False) -> np.ndarray:
-  """int32 [records, len(SIZE_FIELDS)] of the shards, in order, from their size indexes.
+def load_index(paths: str | Sequence[str], rebuild: bool = True,
+               tolerate_damaged: bool = False) -> list[Index]:
+  """The Index of each shard, from its size index file.
 
   A missing or stale index is rebuilt from its shard and cached beside it (where writable)
   when `rebuild`; otherwise it raises RecordError naming the shard. A record that cannot
@@ -662,16 +688,44 @@ def load_sizes(paths: str | Sequence[str], rebuild: bool = True,
   paths = [paths] if isinstance(paths, str) else list(paths)
   out = []
   for shard in paths:
-    sizes, problem = _cached_sizes(shard)
-    if sizes is None:
+    index, problem = _cached_index(shard)
+    if index is None:
       if not rebuild:
         raise RecordError(f'{shard}: {problem}; open it with rebuild=True to index it again')
       print(f'{shard}: {problem}; indexing it', file=sys.stderr, flush=True)
-      sizes, whole = _index_shard(shard, tolerate_damaged)
+      index, whole = _index_shard(shard, tolerate_damaged)
       try:
         if whole:
-          _save_sizes(shard, sizes)
+          _save_index(shard, index)
       except OSError as e:   # a read-only record set: use the index without caching it
         print(f'{shard}: size index not cached ({e})', file=sys.stderr, flush=True)
-    out.append(sizes)
-  return np.concatenate(out)
+    out.append(index)
+  return out
+
+
+def load_sizes(paths: str | Sequence[str], rebuild: bool = True,
+               tolerate_damaged: bool = False) -> np.ndarray:
+  """int32 [records, len(SIZE_FIELDS)] of the shards, in order (see `load_index`)."""
+  return np.concatenate([i.sizes for i in load_index(paths, rebuild, tolerate_damaged)])
+
+
+def repeated_records(paths: Sequence[str], tolerate_damaged: bool = False) -> list[int]:
+  """Global positions (in `paths` taken in order) of records that repeat an earlier one
+  byte for byte (the same shard given twice): the caller drops them. Two different
+  records of one id are a RecordError naming the id and both places, raised before any
+  work (ids come from the size indexes: no record is read when they are current)."""
+  first: dict[str, tuple[str, int]] = {}
+  repeats, position = [], 0
+  for path, index in zip(paths, load_index(paths, tolerate_damaged=tolerate_damaged)):
+    for local, (rid, digest) in enumerate(zip(index.ids.tolist(), index.digests.tolist())):
+      where = f'{path}:{local}'
+      if rid and rid in first:
+        seen_where, seen_digest = first[rid]
+        if seen_digest != digest:
+          raise RecordError(f'duplicate id {rid!r}: {seen_where} and {where} hold different '
+                            'records of one id (remove or rename one)')
+        repeats.append(position)
+      elif rid:
+        first[rid] = (where, digest)
+      position += 1
+  return repeats
