@@ -5,6 +5,7 @@ duplicate; saber-make-demo-data is deterministic."""
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -348,6 +349,19 @@ def test_preference_records_refuse_nothing_and_count_reasons(dataset, tmp_path, 
   pairs.write_text(json.dumps({'id': GOOD[0], 'chosen': good, 'rejected': good + '!'}) + '\n')
   stats = make_preference_records.main(args + ['--out', str(tmp_path / 'one')])
   assert (stats['records'], stats['rejected']) == (1, 0)
+
+  # The SFT records hold two different records of one id: refused naming the id and both
+  # places before a record is written.
+  first = records.shard_paths(str(tmp_path / 'sft' / 'sft'))[0]
+  twice = dict(next(records.iter_records(first)), duration=99.0)   # another clip, same id
+  dup = [records.shard_name(str(tmp_path / 'dup' / 'sft'), i, 2) for i in range(2)]
+  records.write_records(dup[0], (blob for _, blob in records.read_records(first)))
+  records.write_records(dup[1], [records.pack(twice)])
+  dup_args = ['--pairs', str(pairs), '--sft-records', str(tmp_path / 'dup' / 'sft')]
+  with pytest.raises(SystemExit, match=re.escape(f"duplicate id {twice['id']!r}: {dup[0]}:0 "
+                                                 f'and {dup[1]}:0 hold different records')):
+    make_preference_records.main(dup_args + ['--out', str(tmp_path / 'dup-out')])
+  assert not os.path.exists(tmp_path / 'dup-out' / 'stats.json')
 
 
 def test_a_second_run_of_a_shard_exits_at_once_naming_the_first(dataset, tmp_path, capsys):

@@ -84,8 +84,11 @@ def main(argv=None):
   if os.path.exists(os.path.join(args.out, 'stats.json')) and not args.force:
     print(f'{args.out} is done (stats.json present); --force to rebuild')
     return
-  stats = make_records(args.pairs, args.sft_records, args.out,
-                       prompt.load_tokenizer(args.tokenizer))
+  try:   # a damaged shard, two SFT records of one id: one line naming the place
+    stats = make_records(args.pairs, args.sft_records, args.out,
+                         prompt.load_tokenizer(args.tokenizer))
+  except (records.RecordError, files.DuplicateId) as e:
+    raise SystemExit(f'error: {e}') from None
   print(json.dumps(stats))
   if not stats['records']:
     raise SystemExit(f"error: saber-make-preference-records wrote no record ({stats['rejected']} "
