@@ -375,12 +375,15 @@ def damaged(where: str, error: BaseException) -> 'RecordError':
 _RIEGELI_ERRORS = (RuntimeError, OSError, ValueError)
 
 
-def open_shard(path: str) -> tuple[Any, int]:
+def open_shard(path: str, random_access: bool = False) -> tuple[Any, int]:
   """(an ArrayRecordReader of `path`, its record count); a shard that cannot be opened (cut
-  short: its postscript is gone) is a RecordError naming it."""
+  short: its postscript is gone) is a RecordError naming it. `random_access`: no
+  readahead (Grain's ArrayRecordDataSource settings), for reads of one record at a time."""
   reader = None
   try:
-    reader = _array_record().ArrayRecordReader(path)
+    reader = (_array_record().ArrayRecordReader(path, options='readahead_buffer_size:0',
+                                                file_reader_buffer_size=32768)
+              if random_access else _array_record().ArrayRecordReader(path))
     count = reader.num_records()
     return reader, count
   except _RIEGELI_ERRORS as e:
@@ -434,7 +437,7 @@ class ShardSource:
       raise IndexError(f'record {index} of {len(self)}')
     file, local = self.locate(index)
     if file not in self._readers:
-      self._readers[file] = open_shard(self.paths[file])[0]
+      self._readers[file] = open_shard(self.paths[file], random_access=True)[0]
     try:
       return self._readers[file].read([local])[0]
     except _RIEGELI_ERRORS as e:
