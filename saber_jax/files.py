@@ -343,7 +343,7 @@ def _create_lock(path: str) -> bool:
   file: atomic, and fails when `path` exists). False when another one is there."""
   tmp = temp_path(path)
   with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump({'pid': os.getpid(), 'host': socket.gethostname(),
+    json.dump({'path': path, 'pid': os.getpid(), 'host': socket.gethostname(),
                'since': time.strftime('%Y-%m-%dT%H:%M:%S%z'), 'argv': sys.argv}, f)
   try:
     os.link(tmp, path)
@@ -377,6 +377,12 @@ def acquire_lock(path: Path, what: str = '', wait: float = 0.0) -> None:
         changes += 1
         continue                                   # released meanwhile: try again
       pid, host = holder.get('pid'), holder.get('host')
+      if holder.get('path', path) != path:         # copied along with an output folder
+        print(f'{path}: replacing a lock copied from {holder["path"]}', file=sys.stderr,
+              flush=True)
+        _remove_if_same(path, holder)
+        changes += 1
+        continue
       local = host == socket.gethostname() and isinstance(pid, int)
       if local and (pid == os.getpid() or pid in _ancestors()):
         return                                     # our own, or our parent's, output

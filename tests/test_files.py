@@ -209,6 +209,20 @@ def test_a_second_writer_exits_at_once_naming_the_holder(tmp_path):
   assert third.returncode == 0 and out == 'got it\n'
   assert f'taking over the stale lock of pid {holder.pid}' in err
   assert not os.path.exists(lock)        # released when the taker exited
+  # A lock copied with its output folder (`cp -r` of a running run's workdir) is not held.
+  holder = _python(_HOLD, lock, 60)
+  try:
+    assert holder.stdout.readline() == 'held\n'
+    copy = str(tmp_path / 'copy' / 'fingerprint.json.lock')
+    os.makedirs(os.path.dirname(copy))
+    with open(lock, 'rb') as src, open(copy, 'wb') as dst:
+      dst.write(src.read())
+    fourth = _python(_TRY, copy)
+    out, err = fourth.communicate(timeout=60)
+    assert fourth.returncode == 0 and f'replacing a lock copied from {lock}' in err
+  finally:
+    holder.kill()
+    holder.wait()
 
 
 def test_lock_is_shared_by_its_process_and_children_and_released_by_the_last_claim(tmp_path):
