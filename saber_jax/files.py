@@ -8,16 +8,22 @@ Two kinds of operation, kept apart on purpose:
 - local append-only files (durable appends, torn-tail reads and repair): they need
   O_APPEND, fsync and truncate of a POSIX file, which an object store has none of.
 Plus the record vocabulary the JSONL tools share: `record_id`, `load_by_id`, duplicate-id
-checks and sharding by line.
+checks and sharding by line; and the output lock (`acquire_lock`): one writer per output.
 """
 
+import atexit
 import contextlib
 import glob
 import json
 import os
 import shutil
+import socket
+import sys
 import threading
+import time
 from typing import Any, Callable, Iterable, Iterator, Mapping
+
+from saber_jax.errors import UserError
 
 Path = str | os.PathLike
 
@@ -275,6 +281,166 @@ def read_whole_lines(path: str) -> Iterator[dict]:
           return
 
 
+# ------------------------------------------------------------------------------ locks
+
+LOCK_SUFFIX = '.lock'
+_held: dict[str, int] = {}          # lock path -> how many claims of this process hold it
+_held_guard = threading.Lock()
+
+
+class LockHeld(UserError):
+  """Another live process owns the output; names it (pid, host, since, command)."""
+
+
+def _holder(path: str) -> dict | None:
+  """The lock file's JSON ({pid, host, since, argv}), None when gone; an unreadable one
+  (not written by `acquire_lock`) is {} and counts as held."""
+  try:
+    with open(path, encoding='utf-8') as f:
+      value = json.load(f)
+    return value if isinstance(value, dict) else {}
+  except FileNotFoundError:
+    return None
+  except (OSError, ValueError):
+    return {}
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:     # another user's live process
+    return True
+  return True
+
+
+def _ancestors() -> set[int]:
+  """This process's parent chain: a child a holder started works for it (a pipeline
+  running a tool as a subprocess, a test calling a program)."""
+  out, pid = set(), os.getppid()
+  while pid > 1 and pid not in out:
+    out.add(pid)
+    try:
+      with open(f'/proc/{pid}/stat', encoding='utf-8') as f:
+        pid = int(f.read().rsplit(')', 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+      break
+  return out
+
+
+def _describe(holder: dict) -> str:
+  if not holder:
+    return ('an unknown process (the lock file is not readable; remove it if no run writes '
+            'this output)')
+  argv = ' '.join(holder.get('argv') or [])[:160]
+  return (f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')}"
+          + (f' ({argv})' if argv else ''))
+
+
+def _create_lock(path: str) -> bool:
+  """Writes this process's lock file at `path` whole (a hard link of a finished temporary
+  file: atomic, and fails when `path` exists). False when another one is there."""
+  tmp = temp_path(path)
+  with open(tmp, 'w', encoding='utf-8') as f:
+    json.dump({'path': path, 'pid': os.getpid(), 'host': socket.gethostname(),
+               'since': time.strftime('%Y-%m-%dT%H:%M:%S%z'), 'argv': sys.argv}, f)
+  try:
+    os.link(tmp, path)
+    return True
+  except FileExistsError:
+    return False
+  finally:
+    os.remove(tmp)
+
+
+def acquire_lock(path: Path, what: str = '', wait: float = 0.0) -> None:
+  """Makes this process the one writer of an output: creates the lock file `path` (pid,
+  host, start time, command line) or raises LockHeld naming the live process that holds
+  it. A lock of a dead process of this host is stale: named on stderr and taken over. A
+  lock held by this process or one of its ancestors is shared (counted; see
+  `release_lock`). Held until `release_lock` or the process exits. `wait`: seconds to
+  wait for a live holder (short critical sections) before LockHeld."""
+  path = os.path.abspath(os.fspath(path))
+  _makedirs_for(path)
+  with _held_guard:
+    if path in _held:
+      _held[path] += 1
+      return
+    deadline, changes = time.monotonic() + wait, 0
+    while changes < 3 or time.monotonic() < deadline:
+      if _create_lock(path):
+        _held[path] = 1
+        return
+      holder = _holder(path)
+      if holder is None:
+        changes += 1
+        continue                                   # released meanwhile: try again
+      pid, host = holder.get('pid'), holder.get('host')
+      if holder.get('path', path) != path:         # copied along with an output folder
+        print(f'{path}: replacing a lock copied from {holder["path"]}', file=sys.stderr,
+              flush=True)
+        _remove_if_same(path, holder)
+        changes += 1
+        continue
+      local = host == socket.gethostname() and isinstance(pid, int)
+      if local and (pid == os.getpid() or pid in _ancestors()):
+        return                                     # our own, or our parent's, output
+      if local and not _alive(pid):
+        print(f'{path}: taking over the stale lock of {_describe(holder)}, which is no '
+              'longer running', file=sys.stderr, flush=True)
+        _remove_if_same(path, holder)
+        changes += 1
+        continue
+      if time.monotonic() < deadline:
+        time.sleep(0.05)
+        continue
+      raise LockHeld(f'{what or os.path.dirname(path)} is being written by {_describe(holder)} '
+                     f'(lock {path}); wait for it to finish or stop it. A second writer '
+                     'would mix its results with the first one\'s')
+    raise LockHeld(f'{path}: could not take the lock (it changed hands three times)')
+
+
+def _remove_if_same(path: str, holder: dict) -> None:
+  """Removes the lock file if it still holds `holder` (another taker may have replaced
+  it since it was read)."""
+  if _holder(path) == holder:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(path)
+
+
+def release_lock(path: Path) -> None:
+  """Drops one claim of `acquire_lock`; the last removes the lock file."""
+  path = os.path.abspath(os.fspath(path))
+  with _held_guard:
+    if path not in _held:
+      return
+    _held[path] -= 1
+    if _held[path]:
+      return
+    del _held[path]
+    holder = _holder(path)
+    if holder and holder.get('pid') == os.getpid():
+      _remove_if_same(path, holder)
+
+
+@contextlib.contextmanager
+def locked(path: Path, what: str = '', wait: float = 60.0) -> Iterator[None]:
+  """`acquire_lock` for the block only (a critical section: waits up to `wait` s)."""
+  acquire_lock(path, what, wait)
+  try:
+    yield
+  finally:
+    release_lock(path)
+
+
+@atexit.register
+def _release_all() -> None:
+  for path in list(_held):
+    _held[path] = 1
+    release_lock(path)
+
+
 # ------------------------------------------------------------------------------ records
 
 def record_id(record: Mapping, where: str) -> str:
@@ -287,21 +453,58 @@ def record_id(record: Mapping, where: str) -> str:
   return str(rid)
 
 
-def records_with_ids(path: Path) -> Iterator[tuple[str, dict]]:
-  """(id, record) of each record of a JSONL file; a record without a usable id is a
-  ValueError naming the file and the record's number."""
-  for n, r in enumerate(read_jsonl(path), 1):
-    yield record_id(r, f'{os.fspath(path)} record {n}'), r
-
-
 class DuplicateId(ValueError):
   pass
 
 
-def check_unique_ids(path: Path) -> None:
-  """DuplicateId naming the file, the id and both records' numbers when an id repeats."""
+def _canonical(record: Mapping) -> str:
+  return json.dumps(record, sort_keys=True, ensure_ascii=False)
+
+
+def repeated_lines(path: Path, unique: bool = True) -> set[int]:
+  """Record numbers (1-based, blank lines not counted) of the records of a JSONL file
+  that repeat an earlier record exactly (the same lines given twice): callers drop them.
+  With `unique`, two different records of one id are a DuplicateId naming the file, the
+  id and both record numbers; read whole before the caller does any work."""
   first: dict[str, int] = {}
-  for n, (rid, _) in enumerate(records_with_ids(path), 1):
+  seen: set[tuple[str, str]] = set()
+  repeats = set()
+  for n, r in enumerate(read_jsonl(path), 1):
+    rid = record_id(r, f'{os.fspath(path)} record {n}')
+    text = _canonical(r)
+    if (rid, text) in seen:
+      repeats.add(n)
+      continue
+    seen.add((rid, text))
+    if unique and rid in first:
+      raise DuplicateId(f'{os.fspath(path)}: duplicate id {rid!r} (records {first[rid]} '
+                        f'and {n} differ)')
+    first.setdefault(rid, n)
+  return repeats
+
+
+def records_with_ids(path: Path, unique: bool = True) -> Iterator[tuple[str, dict]]:
+  """(id, record) of each record of a JSONL file; a record without a usable id is a
+  ValueError naming the file and the record's number. The file is checked first
+  (`repeated_lines`): two different records of one id are a DuplicateId (unless not
+  `unique`: several records per id, e.g. pairs of one clip); a record repeated exactly is
+  skipped, with a count on stderr."""
+  repeats = repeated_lines(path, unique)
+  if repeats:
+    print(f'{os.fspath(path)}: {len(repeats)} records repeat earlier ones exactly; each is '
+          'used once', file=sys.stderr, flush=True)
+  for n, r in enumerate(read_jsonl(path), 1):
+    if n not in repeats:
+      yield record_id(r, f'{os.fspath(path)} record {n}'), r
+
+
+def check_unique_ids(path: Path) -> None:
+  """DuplicateId naming the file, the id and both records' numbers when an id repeats
+  (for inputs whose every line becomes work, such as a judged run's: even an exact
+  repeat would be judged twice)."""
+  first: dict[str, int] = {}
+  for n, r in enumerate(read_jsonl(path), 1):
+    rid = record_id(r, f'{os.fspath(path)} record {n}')
     if rid in first:
       raise DuplicateId(f'{os.fspath(path)}: duplicate id {rid!r} (records {first[rid]} '
                         f'and {n})')
@@ -311,7 +514,8 @@ def check_unique_ids(path: Path) -> None:
 def load_by_id(path: Path, required: tuple[str, ...] = (),
                ids: set[str] | None = None) -> dict[str, dict]:
   """id -> record for a JSONL file (only `ids` when given); each kept record must have
-  the `required` fields. Duplicate ids are an error naming the file."""
+  the `required` fields. Two different records of one id are an error naming the file,
+  the id and both records; an exact repeat is dropped (`records_with_ids`)."""
   out = {}
   for rid, r in records_with_ids(path):
     if ids is not None and rid not in ids:

@@ -83,16 +83,42 @@ def write(path: str, fingerprint: Any) -> None:
 
 def ensure(path: str, fingerprint: Any, *, has_output: bool, overwrite: bool,
            clear: Callable[[], None], overwrite_hint: str = '--overwrite',
-           writer: bool = True) -> str:
+           writer: bool = True, hold: bool = True) -> str:
   """Checks the output `path` (its fingerprint file) belongs to `fingerprint`.
 
-  has_output: whether any of the output already exists (to resume, or to be replaced).
+  has_output: whether any of the output already exists (to resume, or to be replaced);
+    a function is asked once the lock is held.
   Returns 'fresh' (nothing there, or cleared by `overwrite`) or 'resume'. Raises
   Mismatch naming every differing field when the output belongs to something else and
   `overwrite` is not set. Only a `writer` (process 0 of a multi-process run) clears and
   writes; the others check the same way.
+
+  Every program claims its output here, so here it becomes the output's one writer: the
+  `writer` takes the lock `{path}.lock` (files.acquire_lock; files.LockHeld names a live
+  holder) and keeps it until it exits, or, with `hold=False` (runs that share an output
+  and lock their own parts, as preprocess shards), only while checking and writing the
+  fingerprint, so two runs started at once cannot both find no fingerprint.
   """
+  lock = path + files.LOCK_SUFFIX
+  if not writer:
+    return _ensure(path, fingerprint, has_output=has_output, overwrite=overwrite, clear=clear,
+                   overwrite_hint=overwrite_hint, writer=False)
+  files.acquire_lock(lock, os.path.dirname(os.path.abspath(path)), wait=0 if hold else 60)
+  kept = False
+  try:
+    state = _ensure(path, fingerprint, has_output=has_output, overwrite=overwrite, clear=clear,
+                    overwrite_hint=overwrite_hint, writer=True)
+    kept = hold
+    return state
+  finally:
+    if not kept:
+      files.release_lock(lock)
+
+
+def _ensure(path, fingerprint, *, has_output, overwrite, clear, overwrite_hint, writer):
+  """`ensure` under the lock; `has_output` may be a function, asked under the lock."""
   fingerprint = normalize(fingerprint)
+  has_output = has_output() if callable(has_output) else has_output
   old = None
   if os.path.exists(path):
     try:

@@ -41,7 +41,6 @@ import os
 import time
 from typing import Iterator, Sequence
 
-import grain
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
@@ -118,13 +117,36 @@ def make_prompt(record: dict, where: str, model_config: ThinkerConfig,
   return Prompt(str(record['id']), where, example, (length,) + tuple(sizes[k] for k in SIZE_KEYS))
 
 
-def _own_records(paths: Sequence[str], process: int, count: int) -> Iterator[tuple[str, bytes]]:
-  """('path:index', blob) of every `count`-th record from `process` on, read lazily."""
-  source = grain.sources.ArrayRecordDataSource(list(paths))
-  starts = np.cumsum([0] + [records.count_records(p) for p in paths])
-  for index in range(process, int(starts[-1]), count):
-    file = int(np.searchsorted(starts, index, side='right')) - 1
-    yield f'{paths[file]}:{index - starts[file]}', source[index]
+def readable_shards(paths: Sequence[str]) -> tuple[list[str], list[records.RecordError]]:
+  """(the shards that open, the errors of those that do not)."""
+  readable, errors = [], []
+  for path in paths:
+    try:
+      records.count_records(path)
+      readable.append(path)
+    except records.RecordError as e:
+      errors.append(e)
+  return readable, errors
+
+
+def _own_records(paths: Sequence[str], process: int, count: int, skip: Sequence[int] = ()
+                 ) -> Iterator[tuple[str, bytes | records.RecordError]]:
+  """('path:index', blob) of every `count`-th record from `process` on, read lazily; a
+  record (or a whole shard, 'path') Riegeli cannot read comes as its RecordError instead,
+  so the caller logs it and goes on. `skip`: positions among the readable shards left out
+  (records repeating earlier ones)."""
+  readable, errors = readable_shards(paths)
+  if process == 0:
+    for path, error in zip([p for p in paths if p not in readable], errors):
+      yield path, error
+  source, skip = records.ShardSource(readable), set(skip)
+  for index in range(process, len(source), count):
+    if index in skip:
+      continue
+    try:
+      yield source.where(index), source[index]
+    except records.RecordError as e:
+      yield source.where(index), e
 
 
 def windows(prompts: Iterator[Prompt], batch_size: int, window_batches: int
@@ -194,6 +216,7 @@ class Stats:
   written: int = 0
   skipped: int = 0
   errors: int = 0
+  repeated: int = 0            # records repeating earlier ones byte for byte, dropped
   batches: int = 0
   padding_rows: int = 0
   row_steps: int = 0           # rows x decode steps run
@@ -224,6 +247,14 @@ def sample_records(config, model_config: ThinkerConfig, params, mesh, record_pat
   files.repair_tail(own_part)
   done = finished_ids(out_path)
   stats, kept = Stats(), []
+  # Before any sampling: two different records of one id would give one line for two
+  # prompts (RecordError naming both places); a record repeated byte for byte is dropped.
+  readable = readable_shards(datasets.resolve_paths(record_paths))[0]
+  repeats = records.repeated_records(readable, tolerate_damaged=True)
+  stats.repeated = len(repeats)
+  if repeats and process == 0:
+    print(f'[generate] {len(repeats)} records repeat earlier ones byte for byte (a shard '
+          'given twice?): each is sampled once', flush=True)
 
   def error(prompt_id, where, reason):
     files.append_jsonl(own_errors, [dict(id=prompt_id, where=where, reason=reason)])
@@ -232,13 +263,16 @@ def sample_records(config, model_config: ThinkerConfig, params, mesh, record_pat
 
   def prompts() -> Iterator[Prompt]:
     taken = 0
-    for where, blob in _own_records(datasets.resolve_paths(record_paths), process, count):
+    for where, blob in _own_records(datasets.resolve_paths(record_paths), process, count,
+                                    repeats):
       if limit is not None and taken >= limit:
         return
       if where in done:
         stats.skipped += 1
         continue
       try:
+        if isinstance(blob, records.RecordError):
+          raise blob
         record = records.decode_record(blob, where)
       except records.RecordError as e:
         error(None, where, str(e))
@@ -376,7 +410,10 @@ def generate_stage(config, record_paths, init_from: str, out_path: str,
   os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
   _check_fingerprint(config, record_paths, init_from, out_path)
   if jax.process_index() == 0:
-    warn_short_budget(config.generate.max_new_tokens, datasets.resolve_paths(record_paths))
+    try:
+      warn_short_budget(config.generate.max_new_tokens, datasets.resolve_paths(record_paths))
+    except records.RecordError as e:    # a damaged shard: its records go to errors.jsonl
+      print(f'[generate] warning: answer lengths not checked: {e}', flush=True)
   model_config = weights.model_config_of(config)
   mesh = sharding.make_mesh(config.mesh)
   params = weights.initial_params(config, model_config, mesh, init_from)

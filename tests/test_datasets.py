@@ -8,13 +8,14 @@ import functools
 import json
 import math
 import pathlib
+import re
 
 import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 
-from saber_jax import losses
+from saber_jax import files, losses
 from saber_jax.batch import CHOSEN, FILL, REJECTED
 from saber_jax.data import collate, datasets, prompt, records
 from saber_jax.data.examples import DataConfig
@@ -364,9 +365,60 @@ def test_stale_size_index_is_caught_by_collate(data, tmp_path):
     records.write_records(dst, (b for _, b in records.read_records(src)))
   sizes = records.load_sizes(copy[0])
   sizes[:, records.SIZE_FIELDS.index('video_frames')] = 1   # an index that lies
+  with np.load(records.sizes_path(copy[0])) as index:
+    kept = {k: index[k] for k in ('ids', 'digests', 'fingerprint')}
   np.savez(records.sizes_path(copy[0]), sizes=sizes, fields=np.array(records.SIZE_FIELDS),
-           fingerprint=np.load(records.sizes_path(copy[0]))['fingerprint'])
+           **kept)
   with pytest.raises(records.RecordError, match='size index does not match'):
     list(sft_batches(TINY, dataclasses.replace(BASE, num_epochs=1, batch_size=6,
                                                         num_data_shards=1),
                               copy, seed=0, shard_index=0, shard_count=1))
+
+
+@pytest.mark.parametrize('cut', ['frames', 'input_features', 'no_frames'])
+def test_a_record_with_cut_media_fails_naming_the_id_and_field(data, tmp_path, cut):
+  sft, _, _ = data
+  record = next(records.iter_records(sft[0]))
+  if cut == 'frames':          # 2 of its frames kept, the placeholders of all of them
+    record['frames'] = record['frames'][:2]
+  elif cut == 'input_features':
+    record['input_features'] = record['input_features'][:, :record['input_features'].shape[1] // 2]
+  else:
+    del record['frames'], record['video_fps']
+    record['use_audio_in_video'] = False
+  path = str(tmp_path / records.shard_name('cut', 0, 1))
+  records.write_records(path, [records.pack(records.validate_record(record))])  # schema-valid
+  field = 'frames' if cut == 'no_frames' else cut
+  what = 'audio' if cut == 'input_features' else 'video'
+  with pytest.raises(records.RecordError, match=re.escape(f'{path}:0: record {record["id"]!r}: '
+                                                          f'field {field!r}: the prompt has ')
+                     + rf'\d+ {what} tokens \(placeholders\), its {field} .* make \d+'):
+    next(sft_batches(TINY, dataclasses.replace(BASE, batch_size=1, num_data_shards=1,
+                                               shuffle=False), [path], seed=0, shard_index=0,
+                     shard_count=1))
+
+
+def test_the_reference_pass_logs_a_damaged_record_and_goes_on(data, tmp_path):
+  _, pref, _ = data
+  copy = [str(tmp_path / pathlib.Path(p).name) for p in pref]
+  for src, dst in zip(pref, copy):
+    records.write_records(dst, (b for _, b in records.read_records(src)))
+  raw = bytearray(pathlib.Path(copy[1]).read_bytes())
+  raw[len(raw) // 3] ^= 0xFF
+  pathlib.Path(copy[1]).write_bytes(bytes(raw))
+  bad = []
+  list(records.read_records(copy[1], on_damaged=lambda where, e: bad.append(where)))
+  assert len(bad) == 1
+  config = dataclasses.replace(BASE, batch_size=2, num_epochs=1, shuffle=False)
+  with pytest.raises(records.RecordError, match=re.escape(bad[0]) + ': damaged record file'):
+    list(datasets.reference_batches(TINY, config, copy, shard_index=0, shard_count=1))
+  log = str(tmp_path / 'errors.jsonl')
+  real = []
+  for b in datasets.reference_batches(TINY, config, copy, shard_index=0, shard_count=1,
+                                      damaged_log=log):
+    mask = b['example_mask'].reshape(len(b['pair_index']), -1)[:, 0]
+    real += [int(i) for i, m in zip(b['pair_index'], mask) if m]
+  errors = list(files.read_jsonl(log))
+  assert [e['where'] for e in errors] == bad
+  assert 'damaged record file' in errors[0]['reason']
+  assert sorted(real + [errors[0]['index']]) == list(range(NUM_CLIPS))

@@ -128,14 +128,25 @@ def test_appender_writes_whole_lines_from_many_threads(tmp_path):
 def test_ids_are_checked_naming_file_record_and_id(tmp_path):
   path = tmp_path / 'in.jsonl'
   path.write_text('{"id": "a", "x": 1}\n{"id": 2}\n\n{"id": "a"}\n')
-  assert [rid for rid, _ in files.records_with_ids(path)] == ['a', '2', 'a']
+  # Several records of one id only where the reader asks for them (pairs of one clip).
+  assert [rid for rid, _ in files.records_with_ids(path, unique=False)] == ['a', '2', 'a']
   with pytest.raises(files.DuplicateId, match=r"in.jsonl: duplicate id 'a' \(records 1 and 3\)"):
     files.check_unique_ids(path)
+  # Two different records of one id: refused before the first record is handed out.
+  for read in (lambda: next(files.records_with_ids(path)), lambda: files.load_by_id(path),
+               lambda: files.load_by_id(path, ids={'2'})):
+    with pytest.raises(files.DuplicateId,
+                       match=r"in.jsonl: duplicate id 'a' \(records 1 and 3 differ\)"):
+      read()
+  # The same record twice (a file concatenated with itself): kept once, counted.
+  path.write_text('{"id": "a", "x": 1}\n{"id": 2}\n{"x": 1, "id": "a"}\n{"id": 2}\n')
+  assert files.repeated_lines(path) == {3, 4}
+  assert [rid for rid, _ in files.records_with_ids(path)] == ['a', '2']
   assert files.load_by_id(path, ids={'2'}) == {'2': {'id': 2}}
   with pytest.raises(ValueError, match=r"in.jsonl: record 'a' has no 'y' field"):
     files.load_by_id(path, required=('y',))
-  with pytest.raises(files.DuplicateId, match=r"in.jsonl: duplicate id 'a'"):
-    files.load_by_id(path)
+  with pytest.raises(files.DuplicateId, match=r"duplicate id 'a' \(records 1 and 3\)"):
+    files.check_unique_ids(path)       # a judged run's input: every line would be judged
   path.write_text('{"id": "a"}\n{"name": "no id"}\n')
   with pytest.raises(ValueError, match=r"in.jsonl record 2: record has no 'id' field"):
     files.check_unique_ids(path)
@@ -147,3 +158,111 @@ def test_sharding_by_line_splits_every_item_once():
   assert [len(s) for s in shards] == [files.shard_size(10, i, 3) for i in range(3)]
   with pytest.raises(ValueError, match=r'shard index must be in \[0, 3\), got 3'):
     list(files.sharded(range(10), 3, 3))
+
+
+# ------------------------------------------------------------------------------ locks
+
+_HOLD = '''
+import sys, time
+from saber_jax import files
+files.acquire_lock(sys.argv[1], 'the output')
+print('held', flush=True)
+time.sleep(float(sys.argv[2]))
+'''
+
+_TRY = '''
+import sys
+from saber_jax import files
+try:
+  files.acquire_lock(sys.argv[1], 'the output')
+except files.LockHeld as e:
+  raise SystemExit(f'error: {e}')
+print('got it', flush=True)
+'''
+
+
+def _python(code, *args, **kwargs):
+  import subprocess
+  import sys
+  return subprocess.Popen([sys.executable, '-c', code, *map(str, args)], text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+
+
+def test_a_second_writer_exits_at_once_naming_the_holder(tmp_path):
+  lock = str(tmp_path / 'out' / 'fingerprint.json.lock')
+  holder = _python(_HOLD, lock, 60)
+  try:
+    assert holder.stdout.readline() == 'held\n'
+    held = files._holder(lock)
+    assert held['pid'] == holder.pid and held['host'] and held['since'] and held['argv']
+    second = _python(_TRY, lock)
+    _, err = second.communicate(timeout=60)
+    assert second.returncode == 1
+    assert f'the output is being written by pid {holder.pid} on ' in err and lock in err
+  finally:
+    holder.kill()
+    holder.wait()
+  # The holder was killed (SIGKILL: no cleanup): its lock is stale, named and taken over.
+  assert files._holder(lock)['pid'] == holder.pid
+  third = _python(_TRY, lock)
+  out, err = third.communicate(timeout=60)
+  assert third.returncode == 0 and out == 'got it\n'
+  assert f'taking over the stale lock of pid {holder.pid}' in err
+  assert not os.path.exists(lock)        # released when the taker exited
+  # A lock copied with its output folder (`cp -r` of a running run's workdir) is not held.
+  holder = _python(_HOLD, lock, 60)
+  try:
+    assert holder.stdout.readline() == 'held\n'
+    copy = str(tmp_path / 'copy' / 'fingerprint.json.lock')
+    os.makedirs(os.path.dirname(copy))
+    with open(lock, 'rb') as src, open(copy, 'wb') as dst:
+      dst.write(src.read())
+    fourth = _python(_TRY, copy)
+    out, err = fourth.communicate(timeout=60)
+    assert fourth.returncode == 0 and f'replacing a lock copied from {lock}' in err
+  finally:
+    holder.kill()
+    holder.wait()
+
+
+def test_lock_is_shared_by_its_process_and_children_and_released_by_the_last_claim(tmp_path):
+  lock = str(tmp_path / 'x.lock')
+  files.acquire_lock(lock)
+  files.acquire_lock(lock)
+  child = _python(_TRY, lock)                 # a child of the holder works for it
+  assert child.communicate(timeout=60)[0] == 'got it\n' and child.returncode == 0
+  files.release_lock(lock)
+  assert files._holder(lock)['pid'] == os.getpid()
+  files.release_lock(lock)
+  assert not os.path.exists(lock)
+  with files.locked(lock):
+    assert os.path.exists(lock)
+  assert not os.path.exists(lock)
+
+
+_ENSURE = '''
+import os, sys, time
+from saber_jax import fingerprint
+path, settings, start = sys.argv[1], sys.argv[2], float(sys.argv[3])
+time.sleep(max(0.0, start - time.time()))
+try:
+  fingerprint.ensure(path, {'settings': settings}, hold=False, overwrite=False, clear=None,
+                     has_output=lambda: os.path.exists(path))
+except fingerprint.Mismatch as e:
+  raise SystemExit('mismatch')
+print('claimed', flush=True)
+'''
+
+
+def test_runs_started_together_with_other_settings_never_both_claim_an_output(tmp_path):
+  """preprocess's shard runs: the fingerprint check-and-write happens under the lock."""
+  for attempt in range(3):
+    path = str(tmp_path / str(attempt) / 'fingerprint.json')
+    start = time.time() + 3
+    runs = [_python(_ENSURE, path, settings, start) for settings in ('a', 'b', 'a')]
+    results = [(p.communicate(timeout=120), p.returncode) for p in runs]
+    claimed = [r for (out, _), r in results if out == 'claimed\n']
+    assert len(claimed) in (1, 2), results          # never both settings
+    winner = files.read_json(path)['settings']
+    assert len(claimed) == (2 if winner == 'a' else 1), results
+    assert not os.path.exists(path + files.LOCK_SUFFIX)

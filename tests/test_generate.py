@@ -255,3 +255,47 @@ def test_two_processes_stopped_by_sigterm_and_restarted_write_each_id_once_with_
   got = {line['id']: line for line in lines}
   assert len(got) == len(lines)
   assert_same_samples(got, want)
+
+
+def test_own_records_hand_damaged_records_and_shards_to_errors(data, tmp_path):
+  """A shard cut short is one error naming it (process 0 only); a flipped byte is one
+  error naming path:index; every other record is still read."""
+  whole = data[0]
+  raw = pathlib.Path(whole).read_bytes()
+  cut, flip = str(tmp_path / 'cut.array_record'), str(tmp_path / 'flip.array_record')
+  pathlib.Path(cut).write_bytes(raw[:len(raw) // 2])
+  flipped = bytearray(raw)
+  flipped[len(raw) // 3] ^= 0xFF
+  pathlib.Path(flip).write_bytes(bytes(flipped))
+  got = list(generate._own_records([cut, whole, flip], 0, 1))
+  errors = [(w, e) for w, e in got if isinstance(e, records.RecordError)]
+  assert [w for w, _ in errors][0] == cut and len(errors) == 2
+  assert re.fullmatch(re.escape(flip) + r':\d+', errors[1][0])
+  assert str(errors[1][1]).startswith(errors[1][0] + ': damaged record file')
+  n = records.count_records(whole)
+  assert len(got) == 1 + 2 * n
+  assert [w for w, _ in generate._own_records([cut, whole], 1, 2)][0] != cut   # process 0 logs
+  # The same shard given twice: the repeats `repeated_records` finds are skipped.
+  repeats = records.repeated_records([whole, whole])
+  assert repeats == list(range(n, 2 * n))
+  assert len(list(generate._own_records([whole, whole], 0, 1, repeats))) == n
+
+
+def test_two_records_of_one_id_are_refused_before_sampling(data, tmp_path):
+  """One id, two prompts: one of them would be lost (one line per id). Refused naming both
+  places before a prompt is sampled; the same shard given twice is sampled once."""
+  record = next(records.iter_records(data[0]))
+  record['duration'] += 1.0                                # another recording, same id
+  other = str(tmp_path / records.shard_name('other', 0, 1))
+  records.write_records(other, [records.pack(record)])
+  config = sampling_config('one')
+  config.generate.batch_size = 2
+  model_config = weights.model_config_of(config)
+  mesh = sharding.make_mesh((-1, 1, 1), jax.devices()[:1])
+  params = abstract_params(model_config)         # never used: refused before sampling
+  out = tmp_path / 'predictions.jsonl'
+  with pytest.raises(records.RecordError, match=re.escape(
+      f"duplicate id {record['id']!r}: {data[0]}:0 and {other}:0 hold different records")):
+    generate.sample_records(config, model_config, params, mesh, [data[0], other], str(out),
+                            prompt.load_tokenizer())
+  assert not list(tmp_path.glob('predictions.jsonl*'))

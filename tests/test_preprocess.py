@@ -5,6 +5,7 @@ duplicate; saber-make-demo-data is deterministic."""
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -348,3 +349,41 @@ def test_preference_records_refuse_nothing_and_count_reasons(dataset, tmp_path, 
   pairs.write_text(json.dumps({'id': GOOD[0], 'chosen': good, 'rejected': good + '!'}) + '\n')
   stats = make_preference_records.main(args + ['--out', str(tmp_path / 'one')])
   assert (stats['records'], stats['rejected']) == (1, 0)
+
+  # The SFT records hold two different records of one id: refused naming the id and both
+  # places before a record is written.
+  first = records.shard_paths(str(tmp_path / 'sft' / 'sft'))[0]
+  twice = dict(next(records.iter_records(first)), duration=99.0)   # another clip, same id
+  dup = [records.shard_name(str(tmp_path / 'dup' / 'sft'), i, 2) for i in range(2)]
+  records.write_records(dup[0], (blob for _, blob in records.read_records(first)))
+  records.write_records(dup[1], [records.pack(twice)])
+  dup_args = ['--pairs', str(pairs), '--sft-records', str(tmp_path / 'dup' / 'sft')]
+  with pytest.raises(SystemExit, match=re.escape(f"duplicate id {twice['id']!r}: {dup[0]}:0 "
+                                                 f'and {dup[1]}:0 hold different records')):
+    make_preference_records.main(dup_args + ['--out', str(tmp_path / 'dup-out')])
+  assert not os.path.exists(tmp_path / 'dup-out' / 'stats.json')
+
+
+def test_a_second_run_of_a_shard_exits_at_once_naming_the_first(dataset, tmp_path, capsys):
+  """One writer per shard: a live process holding shard 0's lock (a run started first)
+  makes this run exit 1 before any clip is read; a shard run with other settings is a
+  fingerprint error even before the first run wrote a record (checked in test_files)."""
+  lock = preprocess.shard_lock(str(tmp_path), 0, 2)
+  holder = subprocess.Popen([sys.executable, '-c', 'import sys, time\n'
+                             'from saber_jax import files\n'
+                             'files.acquire_lock(sys.argv[1]); print(1, flush=True)\n'
+                             'time.sleep(60)', lock], stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline() == '1\n'
+    with pytest.raises(SystemExit) as exit_info:
+      _run(dataset, tmp_path, '--num-shards', '2', '--shard-index', '0')
+    assert exit_info.value.code == 1
+    error = capsys.readouterr().err
+    assert f'{tmp_path} shard 0 is being written by pid {holder.pid} on ' in error
+    assert not os.path.exists(tmp_path / 'parts')                 # no work was done
+    stats = _run(dataset, tmp_path, '--num-shards', '2', '--shard-index', '1')   # shard 1 runs
+    assert stats['shards_done'] == [1]
+  finally:
+    holder.kill()
+    holder.wait()
+  assert not os.path.exists(preprocess.shard_lock(str(tmp_path), 1, 2))   # released

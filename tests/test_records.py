@@ -2,6 +2,7 @@
 written atomically."""
 
 import math
+import re
 import os
 import shutil
 
@@ -256,3 +257,102 @@ def test_missing_or_stale_size_index_is_detected_and_rebuilt(tmp_path):
   rebuilt = records.load_sizes(path)
   assert rebuilt[1, records.SIZE_FIELDS.index('video_frames')] == 2
   np.testing.assert_array_equal(rebuilt, records.load_sizes(other, rebuild=False))
+
+
+# ---------------------------------------------------------------- damaged record files
+
+def _damaged_shards(tmp_path, n=6):
+  """(whole shard, its blobs, the shard cut to half, the shard with one byte flipped in
+  its middle)."""
+  path = str(tmp_path / records.shard_name('whole', 0, 1))
+  blobs = _blobs(n)
+  records.write_records(path, blobs)
+  data = open(path, 'rb').read()
+  cut = str(tmp_path / records.shard_name('cut', 0, 1))
+  open(cut, 'wb').write(data[:len(data) // 2])
+  flipped = bytearray(data)
+  flipped[len(data) // 3] ^= 0xFF
+  flip = str(tmp_path / records.shard_name('flip', 0, 1))
+  open(flip, 'wb').write(bytes(flipped))
+  return path, blobs, cut, flip
+
+
+def test_every_read_of_a_damaged_shard_names_the_file_and_record(tmp_path):
+  path, blobs, cut, flip = _damaged_shards(tmp_path)
+  for read in (records.count_records, lambda p: list(records.read_records(p)),
+               lambda p: records.ShardSource([p]), records.load_sizes):
+    with pytest.raises(records.RecordError, match=re.escape(cut) + r': damaged record file '
+                       r'\(RuntimeError: .*Riegeli'):
+      read(cut)
+  # One flipped byte: the record it hit is named by its index, the others read fine.
+  got, damaged = [], []
+  read = records.read_records(flip, chunk=4, on_damaged=lambda w, e: damaged.append((w, e)))
+  for where, blob in read:
+    got.append((where, blob))
+  assert len(damaged) == 1 and len(got) == len(blobs) - 1
+  bad = int(damaged[0][0].rsplit(':', 1)[1])
+  assert str(damaged[0][1]).startswith(f'{flip}:{bad}: damaged record file')
+  assert [b for _, b in got] == blobs[:bad] + blobs[bad + 1:]
+  with pytest.raises(records.RecordError, match=re.escape(f'{flip}:{bad}: damaged record')):
+    list(records.read_records(flip))
+  source = records.ShardSource([path, flip])
+  assert len(source) == 2 * len(blobs) and source[len(blobs) + bad + 1] == blobs[bad + 1]
+  with pytest.raises(records.RecordError, match=re.escape(f'{flip}:{bad}: damaged record')):
+    source[len(blobs) + bad]
+  with pytest.raises(records.RecordError, match=re.escape(f'{flip}:{bad}: damaged record')):
+    records.load_sizes(flip)
+  sizes = records.load_sizes(flip, tolerate_damaged=True)    # the reference pass: sized 0
+  assert sizes.shape[0] == len(blobs) and not sizes[bad].any() and sizes[bad - 1].all() >= 0
+  assert not os.path.exists(records.sizes_path(flip))        # a partial index is not cached
+
+
+def test_fill_reference_logps_drops_damaged_pairs_when_asked(tmp_path):
+  path = str(tmp_path / records.shard_name('pairs', 0, 1))
+  records.write_records(path, _pairs(40))
+  data = bytearray(open(path, 'rb').read())
+  data[int(len(data) * 0.3)] ^= 0xFF      # inside the records (the file ends in padding)
+  open(path, 'wb').write(bytes(data))
+  logps = {i: (-1.0, -2.0) for i in range(40)}
+  with pytest.raises(records.RecordError, match='damaged record file'):
+    records.fill_reference_logps([path], logps, key='index', out_dir=str(tmp_path / 'a'))
+  counts = records.fill_reference_logps([path], logps, key='index', out_dir=str(tmp_path / 'b'),
+                                        drop=[0], skip_unreadable=True)
+  kept = [r['id'] for r in records.iter_records(str(tmp_path / 'b' / os.path.basename(path)))]
+  assert counts['dropped'] >= 2 and counts['filled'] == len(kept) == 40 - counts['dropped']
+  assert 'p0' not in kept and kept == sorted(kept, key=lambda i: int(i[1:]))
+
+
+def test_size_index_of_a_shard_rewritten_with_its_mtime_kept_is_stale(tmp_path):
+  path = str(tmp_path / records.shard_name('sft', 0, 1))
+  records.write_records(path, _blobs(3))
+  records.load_sizes(path, rebuild=False)
+  stat = os.stat(path)
+  other = str(tmp_path / 'other' / records.shard_name('sft', 0, 1))
+  records.write_records(other, _blobs(3, prefix='other-id-'))     # same size, other bytes
+  assert os.path.getsize(other) == stat.st_size
+  shutil.copyfile(other, path)
+  os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))          # `cp -p`: mtime kept
+  with pytest.raises(records.RecordError, match='stale size index'):
+    records.load_sizes(path, rebuild=False)
+
+
+def test_duplicate_ids_across_shards_are_refused_and_repeats_found(tmp_path):
+  a = str(tmp_path / records.shard_name('a', 0, 1))
+  records.write_records(a, _blobs(3))
+  # The same shard given twice: every record of the second copy repeats one of the first.
+  assert records.repeated_records([a, a]) == [3, 4, 5]
+  assert records.repeated_records([a]) == []
+  rng = np.random.default_rng(11)
+  other = str(tmp_path / records.shard_name('b', 0, 1))
+  records.write_records(other, [_blobs(1, prefix='x')[0],
+                                records.encode_sft_record(**_sft_fields(rng, 'r1'))])
+  with pytest.raises(records.RecordError, match=re.escape(
+      f"duplicate id 'r1': {a}:1 and {other}:1 hold different records")):
+    records.repeated_records([a, other])
+  # An index of an older version (no ids) is rebuilt, not trusted.
+  with np.load(records.sizes_path(a)) as index:
+    old = {k: index[k] for k in ('sizes', 'fields', 'fingerprint')}
+  np.savez(records.sizes_path(a), **old)
+  with pytest.raises(records.RecordError, match='size index without record ids'):
+    records.load_sizes(a, rebuild=False)
+  assert records.repeated_records([a, a]) == [3, 4, 5]

@@ -795,3 +795,15 @@ def test_nonsense_run_arguments_are_usage_errors(tmp_path, capsys, flag, value, 
                    flag, value])
   assert exit_info.value.code == 2
   assert f'argument {flag}: {message}' in capsys.readouterr().err
+
+
+def test_id_readers_refuse_duplicate_ids_before_any_work(tmp_path, capsys):
+  """Pairs from annotations, preference records from pairs and SFT records: an id twice
+  is refused naming it and both records before anything is written (the judged tools
+  refuse theirs in run_judged: test_judge)."""
+  records = [{'id': f'e{i}', 'lang': 'en', 'annotation': annotation(f'e{i}')} for i in range(3)]
+  path = write_jsonl(tmp_path / 'ann.jsonl', records + [dict(records[1], lang='fr')])
+  with pytest.raises(SystemExit, match=r"ann.jsonl: duplicate id 'e1' \(records 2 and 4\)"):
+    make_pairs.main(['--strategy', 'perturb', '--annotations', path, '--out',
+                     str(tmp_path / 'pairs')])
+  assert not os.path.exists(tmp_path / 'pairs' / 'pairs.jsonl')

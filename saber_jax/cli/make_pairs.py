@@ -220,7 +220,7 @@ def render_answer(annotation: dict, lang: str) -> str:
 def _index_annotations(path: str) -> tuple[list[tuple[str, str, int]], dict[str, list[int]]]:
   """[(id, lang, byte offset)] of every line, and line numbers per language, so donors
   are read back by seeking instead of holding every annotation in memory."""
-  entries, by_lang = [], {}
+  entries, by_lang, first = [], {}, {}
   with open(path, 'rb') as f:
     offset = 0
     for line in f:
@@ -230,6 +230,10 @@ def _index_annotations(path: str) -> tuple[list[tuple[str, str, int]], dict[str,
         except ValueError as e:
           raise ValueError(f'{path}: line {len(entries) + 1}: not valid JSON ({e})') from None
         rid = files.record_id(r, f'{path} record {len(entries) + 1}')
+        if rid in first:    # one clip's pairs twice over, or another clip's under its id
+          raise SystemExit(f'error: {path}: duplicate id {rid!r} (records {first[rid]} and '
+                           f'{len(entries) + 1}); no pair was made')
+        first[rid] = len(entries) + 1
         lang = str(r.get('lang', ''))
         by_lang.setdefault(lang, []).append(len(entries))
         entries.append((rid, lang, offset))

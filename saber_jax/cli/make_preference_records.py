@@ -26,7 +26,7 @@ from saber_jax.data import prompt, records
 def read_pairs(path: str) -> dict[str, list[dict]]:
   """Pairs grouped by clip id, in file order; a malformed line names the file and line."""
   by_clip = collections.defaultdict(list)
-  for rid, pair in files.records_with_ids(path):
+  for rid, pair in files.records_with_ids(path, unique=False):   # several pairs per clip
     by_clip[rid].append(pair)
   return by_clip
 
@@ -35,8 +35,13 @@ def make_records(pairs_path: str, sft_records: str, out: str, tokenizer) -> dict
   pairs = read_pairs(pairs_path)
   rejects, made = [], collections.Counter()
 
+  paths = records.shard_paths(sft_records)
+  repeats = set(records.repeated_records(paths))   # two records of one id: refused here
+
   def blobs():
-    for where, blob in records.read_records(records.shard_paths(sft_records)):
+    for position, (where, blob) in enumerate(records.read_records(paths)):
+      if position in repeats:
+        continue
       record = records.decode_record(blob, where)
       for k, pair in enumerate(pairs.pop(record['id'], [])):
         try:
@@ -72,11 +77,18 @@ def main(argv=None):
   parser.add_argument('--tokenizer', default=None, help='HF tokenizer dir (default: offline Qwen)')
   parser.add_argument('--force', action='store_true')
   args = parser.parse_args(_common.dashed(argv, parser))
+  try:   # one writer per output (the lock `fingerprint.ensure` takes for the other tools)
+    files.acquire_lock(os.path.join(args.out, 'fingerprint.json' + files.LOCK_SUFFIX), args.out)
+  except files.LockHeld as e:
+    raise SystemExit(f'error: {e}') from None
   if os.path.exists(os.path.join(args.out, 'stats.json')) and not args.force:
     print(f'{args.out} is done (stats.json present); --force to rebuild')
     return
-  stats = make_records(args.pairs, args.sft_records, args.out,
-                       prompt.load_tokenizer(args.tokenizer))
+  try:   # a damaged shard, two SFT records of one id: one line naming the place
+    stats = make_records(args.pairs, args.sft_records, args.out,
+                         prompt.load_tokenizer(args.tokenizer))
+  except (records.RecordError, files.DuplicateId) as e:
+    raise SystemExit(f'error: {e}') from None
   print(json.dumps(stats))
   if not stats['records']:
     raise SystemExit(f"error: saber-make-preference-records wrote no record ({stats['rejected']} "

@@ -383,8 +383,18 @@ def claim_output(args, settings) -> None:
     for path in _outputs(args.out):
       shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
-  fingerprint.ensure(os.path.join(args.out, fingerprint.FILE), produced_by,
-                     has_output=bool(_outputs(args.out)), overwrite=args.overwrite, clear=clear)
+  # Shard runs of one output may start together: the check-and-write happens under the
+  # fingerprint's lock, and a fingerprint another shard run wrote counts as output, so
+  # a run with other settings is refused even before any shard has written a record.
+  path = os.path.join(args.out, fingerprint.FILE)
+  fingerprint.ensure(path, produced_by, hold=False, overwrite=args.overwrite, clear=clear,
+                     has_output=lambda: bool(_outputs(args.out)) or os.path.exists(path))
+
+
+def shard_lock(out: str, index: int, num_shards: int) -> str:
+  """The lock a run holds while it writes shard `index`: shard runs of one output run
+  side by side, two runs of one shard never."""
+  return os.path.join(out, f'shard-{index:05d}-of-{num_shards:05d}{files.LOCK_SUFFIX}')
 
 
 def remove_stale_tmp(out, shards, num_shards) -> None:
@@ -466,7 +476,9 @@ def main(argv=None):
   os.makedirs(args.out, exist_ok=True)
   try:
     claim_output(args, settings)
-  except fingerprint.Mismatch as e:
+    for i in shards:      # before any work: a second run of a shard exits at once
+      files.acquire_lock(shard_lock(args.out, i, args.num_shards), f'{args.out} shard {i}')
+  except (fingerprint.Mismatch, files.LockHeld) as e:
     parser.exit(1, f'error: {e}\n')
   todo = [i for i in shards if args.force or not os.path.exists(
       _part(args.out, 'stats', i, args.num_shards, 'json'))]
@@ -480,14 +492,19 @@ def main(argv=None):
         initializer=_init_worker, initargs=(args.tokenizer, os.getpid()))
   elif todo:
     _init_worker(args.tokenizer)
+  merge_lock = os.path.join(args.out, 'merge' + files.LOCK_SUFFIX)
   try:
     for i in todo:
       run_shard(args, i, settings, pool)
-      merge_shard_parts(args.out, args.num_shards)
+      with files.locked(merge_lock):
+        merge_shard_parts(args.out, args.num_shards)
   finally:
     if pool:
       pool.shutdown()
-  total = merge_shard_parts(args.out, args.num_shards)
+  with files.locked(merge_lock):
+    total = merge_shard_parts(args.out, args.num_shards)
+  for i in shards:
+    files.release_lock(shard_lock(args.out, i, args.num_shards))
   if not args.quiet:
     print(json.dumps({k: total[k] for k in ('clips', 'records', 'rejects', 'left_out', 'outcomes',
                                             'annotation_rejects', 'complete')}, ensure_ascii=False))

@@ -92,14 +92,19 @@ class _Collate:
 
 
 def _dataset(model_config, data_config, paths, kind, *, seed, shard_index, shard_count,
-             reference=False) -> grain.IterDataset:
+             reference=False, damaged_log=None) -> grain.IterDataset:
   options = data_options(data_config)
   shard_index, shard_count = _process(shard_index, shard_count)
   paths = resolve_paths(paths)
+  repeats = records.repeated_records(paths, tolerate_damaged=damaged_log is not None)
+  if repeats and shard_index == 0:   # two different records of one id raised above
+    print(f'[data] warning: {len(repeats)} records repeat earlier ones byte for byte (a shard '
+          'given twice?); they are used as often as they appear', flush=True)
   loader = RecordLoader(paths, kind, model_config, options,
-                        require_reference=kind == records.PREFERENCE and not reference)
+                        require_reference=kind == records.PREFERENCE and not reference,
+                        damaged_log=damaged_log)
   plan = batch_plan(model_config, options, paths, kind, seed=seed, shard_count=shard_count,
-                    reference=reference)
+                    reference=reference, damaged_log=damaged_log)
   if len(plan.needs['length']) != len(loader):
     raise records.RecordError(f'{paths}: the size indexes list {len(plan.needs["length"])} '
                               f'records, the shards hold {len(loader)}')
@@ -136,10 +141,13 @@ def preference_dataset(model_config: ThinkerConfig, data_config: Any,
 
 def reference_batches(model_config: ThinkerConfig, data_config: Any,
                       paths: str | Sequence[str], *, shard_index: int | None = None,
-                      shard_count: int | None = None) -> grain.DatasetIterator:
+                      shard_count: int | None = None,
+                      damaged_log: str | None = None) -> grain.DatasetIterator:
   """The reference pass: every pair once, in size order (one epoch), the last batch padded
   so all processes take the same number of steps. `pair_index` [P] says which pair each
   is (-1: padding; a pair dropped as too long has example_mask False), for
-  `records.fill_reference_logps(..., key='index')`."""
+  `records.fill_reference_logps(..., key='index')`. With `damaged_log`, a record that
+  cannot be read or decoded is logged there and dropped instead of stopping the pass."""
   return iter(_dataset(model_config, data_config, paths, records.PREFERENCE, seed=0,
-                       shard_index=shard_index, shard_count=shard_count, reference=True))
+                       shard_index=shard_index, shard_count=shard_count, reference=True,
+                       damaged_log=damaged_log))

@@ -18,11 +18,13 @@ global index to its Example.
 import dataclasses
 from typing import Any, Sequence
 
-import grain
 import numpy as np
 
+from saber_jax import files
 from saber_jax.batch import CHOSEN, IGNORE_INDEX, PAIR_PROMPT, PROMPT, REJECTED
 from saber_jax.data import media, records
+from saber_jax.data.prompt import vision_token_count
+from saber_jax.models.audio import audio_token_count
 from saber_jax.models.config import ThinkerConfig
 
 OVERLONG_MODES = ('truncate', 'drop')     # DataConfig.overlong
@@ -199,7 +201,40 @@ def media_of(record: dict, config: ThinkerConfig, where: str) -> dict[str, Any]:
       out['image'] = media.image_patches(record['image'], **patch)
   except ValueError as e:
     raise records.RecordError(f'{where}: record {record["id"]!r}: {e}') from None
+  check_placeholders(record, out, config, where)
   return out
+
+
+def _prompt_tokens(record: dict) -> np.ndarray:
+  if record['kind'] == records.PREFERENCE:
+    return np.asarray(record['prompt_ids'])
+  return np.asarray(record['input_ids'])
+
+
+def check_placeholders(record: dict, media_arrays: dict[str, Any], config: ThinkerConfig,
+                       where: str) -> None:
+  """The record's audio / video / image placeholder tokens against the media it holds (a
+  record whose arrays were cut or removed, its prompt kept): a RecordError naming the
+  record, the field and both counts, instead of a failure deep in collate or the model."""
+  tokens = _prompt_tokens(record)
+  merge = config.vision.spatial_merge_size
+  audio = media_arrays.get('audio')
+  video, image = media_arrays.get('video'), media_arrays.get('image')
+  made = {
+      'input_features': (config.audio_token_id, 'audio', 0 if audio is None else
+                         int(audio_token_count(audio.shape[1]))),
+      'frames': (config.video_token_id, 'video', 0 if video is None else sum(
+          vision_token_count(g, merge) for g in video['video_grid_thw'])),
+      'image': (config.image_token_id, 'image', 0 if image is None else sum(
+          vision_token_count(g, merge) for g in image['image_grid_thw'])),
+  }
+  for field, (token, what, want) in made.items():
+    have = int(np.sum(tokens == token))
+    if have != want:
+      shape = list(record[field].shape) if field in record else 'absent'
+      raise records.RecordError(
+          f'{where}: record {record["id"]!r}: field {field!r}: the prompt has {have} {what} '
+          f'tokens (placeholders), its {field} ({shape}) make {want} (media cut or removed?)')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,30 +261,40 @@ def prompt_example(record: dict, model_config: ThinkerConfig, where: str) -> Exa
 class RecordLoader:
   """Global record index -> Example (a Grain map function; picklable: readers open lazily).
 
-  Index -1 is padding (None), used by the reference pass.
+  Index -1 is padding (None), used by the reference pass. A record that cannot be read
+  or decoded is a RecordError naming 'path:index' and the id; with `damaged_log` (the
+  reference pass) it is appended there ({"id", "index", "where", "reason"}) and dropped.
   """
 
   def __init__(self, paths: Sequence[str], kind: str, model_config: ThinkerConfig,
-               options: DataConfig, require_reference: bool):
+               options: DataConfig, require_reference: bool, damaged_log: str | None = None):
     self.paths, self.kind, self.model_config = list(paths), kind, model_config
     self.options, self.require_reference = options, require_reference
-    counts = [records.count_records(p) for p in self.paths]
-    self.starts = np.cumsum([0] + counts)
-    self._source = None
+    self.damaged_log = damaged_log
+    self._source = records.ShardSource(self.paths)
 
   def __len__(self):
-    return int(self.starts[-1])
+    return len(self._source)
 
   def where(self, index: int) -> str:
-    file = int(np.searchsorted(self.starts, index, side='right')) - 1
-    return f'{self.paths[file]}:{index - self.starts[file]}'
+    return self._source.where(index)
 
   def __call__(self, index: int) -> Example | None:
     index = int(index)
     if index < 0:   # padding of the reference pass
       return None
-    if self._source is None:
-      self._source = grain.sources.ArrayRecordDataSource(self.paths)
+    try:
+      return self._load(index)
+    except records.RecordError as e:
+      if self.damaged_log is None:
+        raise
+      # The reference pass logs a damaged record and goes on: it is dropped from the pairs.
+      files.append_jsonl(self.damaged_log, [dict(id=None, index=index, where=self.where(index),
+                                                 reason=str(e))])
+      print(f'[data] skipped {self.where(index)}: {e}', flush=True)
+      return Example(None, {}, False, index)
+
+  def _load(self, index: int) -> Example:
     where = self.where(index)
     record = records.decode_record(self._source[index], where)
     if record['kind'] != self.kind:

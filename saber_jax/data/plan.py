@@ -192,11 +192,15 @@ class BatchPlan:
 
 
 def batch_plan(model_config: ThinkerConfig, data_config: Any, paths: Sequence[str], kind: str,
-               *, seed: int, shard_count: int, reference: bool = False) -> BatchPlan:
+               *, seed: int, shard_count: int, reference: bool = False,
+               damaged_log: str | None = None) -> BatchPlan:
   """The global batch plan of the record files (their size indexes, built if missing) for
-  `shard_count` processes of `data_config.batch_size` examples each."""
+  `shard_count` processes of `data_config.batch_size` examples each. With `damaged_log`
+  (the reference pass) a record that cannot be read is sized 0 (the loader logs and drops
+  it)."""
   options = data_options(data_config)
-  needs = example_needs(records.load_sizes(paths), kind, model_config, options)
+  sizes = records.load_sizes(paths, tolerate_damaged=damaged_log is not None)
+  needs = example_needs(sizes, kind, model_config, options)
   return BatchPlan(needs, rows_per_example=num_rows(kind, options.shared_prompt),
                    batch_size=options.batch_size * shard_count,
                    num_data_shards=options.num_data_shards * shard_count, model_config=model_config,

@@ -35,22 +35,25 @@ when complete, so a killed writer never leaves a shard that looks finished.
 
 Size index: beside each shard, `{shard}.sizes.npz` holds the sizes batching needs, a row
 of SIZE_FIELDS (int32) per record, and the shard's fingerprint (bytes, mtime, record
-count). `write_records` writes it with the shard; `load_sizes` builds a missing or stale
-one (the shard was rewritten) by reading the shard once and caches it, so the batch plan
-never trusts sizes of other bytes.
+count, a hash of its first and last 64 KiB). `write_records` writes it with the shard;
+`load_sizes` builds a missing or stale one (the shard was rewritten) by reading the shard
+once and caches it, so the batch plan never trusts sizes of other bytes.
 """
 
+import contextlib
 import glob
+import hashlib
 import math
 import os
 import re
 import sys
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 import msgpack
 import numpy as np
 
 from saber_jax import batch, files
+from saber_jax.errors import UserError
 from saber_jax.data import sed
 
 SCHEMA_VERSION = 1
@@ -60,7 +63,7 @@ WRITER_OPTIONS = 'group_size:1'
 SHARD_SUFFIX = '.array_record'
 
 
-class RecordError(ValueError):
+class RecordError(UserError):
   """A record blob or field that does not follow the schema; names the record and field."""
 
 
@@ -350,44 +353,146 @@ def write_records(path: str, blobs: Iterable[bytes], options: str = WRITER_OPTIO
   The file is written as '{path}.tmp-{pid}' and renamed onto `path` only once closed, so
   `path` either does not exist or is complete; a failure removes the temporary file.
   """
-  sizes = []
+  rows = []
   with files.atomic_path(path) as tmp:
     writer = _array_record().ArrayRecordWriter(tmp, options)
     try:
       for blob in blobs:
         writer.write(blob)
-        sizes.append(record_sizes(unpack(blob)))
+        rows.append(_index_row(unpack(blob), blob))
     finally:
       writer.close()
-  _save_sizes(path, np.array(sizes, np.int32).reshape(-1, len(SIZE_FIELDS)))
-  return len(sizes)
+  _save_index(path, _index_of(rows))
+  return len(rows)
+
+
+def damaged(where: str, error: BaseException) -> 'RecordError':
+  """The RecordError of a shard (or one record of it) Riegeli cannot read: its checksum
+  failed, it was cut short; names 'path' or 'path:index'."""
+  return RecordError(f'{where}: damaged record file ({type(error).__name__}: {error})')
+
+
+_RIEGELI_ERRORS = (RuntimeError, OSError, ValueError)
+
+
+def open_shard(path: str, random_access: bool = False) -> tuple[Any, int]:
+  """(an ArrayRecordReader of `path`, its record count); a shard that cannot be opened (cut
+  short: its postscript is gone) is a RecordError naming it. `random_access`: no
+  readahead (Grain's ArrayRecordDataSource settings), for reads of one record at a time."""
+  reader = None
+  try:
+    reader = (_array_record().ArrayRecordReader(path, options='readahead_buffer_size:0',
+                                                file_reader_buffer_size=32768)
+              if random_access else _array_record().ArrayRecordReader(path))
+    count = reader.num_records()
+    return reader, count
+  except _RIEGELI_ERRORS as e:
+    if reader is not None:
+      with contextlib.suppress(*_RIEGELI_ERRORS):
+        reader.close()
+    raise damaged(path, e) from None
+
+
+def _close(reader, path: str) -> None:
+  try:
+    reader.close()
+  except _RIEGELI_ERRORS as e:
+    raise damaged(path, e) from None
 
 
 def count_records(paths: str | Sequence[str]) -> int:
   paths = [paths] if isinstance(paths, str) else list(paths)
   total = 0
   for path in paths:
-    reader = _array_record().ArrayRecordReader(path)
-    total += reader.num_records()
-    reader.close()
+    reader, count = open_shard(path)
+    _close(reader, path)
+    total += count
   return total
 
 
-def read_records(paths: str | Sequence[str], chunk: int = 64) -> Iterator[tuple[str, bytes]]:
+class ShardSource:
+  """Global record index -> blob over shards, as Grain's ArrayRecordDataSource, but a
+  record Riegeli cannot read is a RecordError naming 'path:index' (the one place every
+  random-access reader goes through: the Grain loader, generate). Picklable: the readers
+  open lazily in each process."""
+
+  def __init__(self, paths: Sequence[str]):
+    self.paths = list(paths)
+    self.starts = np.cumsum([0] + [count_records(p) for p in self.paths])
+    self._readers: dict[int, Any] = {}
+
+  def __len__(self):
+    return int(self.starts[-1])
+
+  def locate(self, index: int) -> tuple[int, int]:
+    file = int(np.searchsorted(self.starts, index, side='right')) - 1
+    return file, int(index - self.starts[file])
+
+  def where(self, index: int) -> str:
+    file, local = self.locate(index)
+    return f'{self.paths[file]}:{local}'
+
+  def __getitem__(self, index: int) -> bytes:
+    if not 0 <= index < len(self):
+      raise IndexError(f'record {index} of {len(self)}')
+    file, local = self.locate(index)
+    if file not in self._readers:
+      self._readers[file] = open_shard(self.paths[file], random_access=True)[0]
+    try:
+      return self._readers[file].read([local])[0]
+    except _RIEGELI_ERRORS as e:
+      raise damaged(f'{self.paths[file]}:{local}', e) from None
+
+  def __getstate__(self):
+    return {**self.__dict__, '_readers': {}}
+
+
+def _read_range(reader, path: str, start: int, stop: int, on_damaged):
+  """(where, blob) of records [start, stop); a failed chunk is reread record by record so
+  the error names the damaged record itself."""
+  try:
+    for offset, blob in enumerate(reader.read(start, stop)):
+      yield f'{path}:{start + offset}', blob
+    return
+  except _RIEGELI_ERRORS:
+    pass
+  for index in range(start, stop):
+    try:
+      blob = reader.read([index])[0]
+    except _RIEGELI_ERRORS as e:
+      error = damaged(f'{path}:{index}', e)
+      if on_damaged is None:
+        raise error from None
+      on_damaged(f'{path}:{index}', error)
+      continue
+    yield f'{path}:{index}', blob
+
+
+def read_records(paths: str | Sequence[str], chunk: int = 64,
+                 on_damaged=None) -> Iterator[tuple[str, bytes]]:
   """Streams ('path:index', blob) of every record of the files, in order.
 
-  Reads `chunk` records at a time, so a shard is never held in memory whole.
+  Reads `chunk` records at a time, so a shard is never held in memory whole. A shard or
+  record Riegeli cannot read is a RecordError naming 'path' or 'path:index'; with
+  `on_damaged(where, error)` it is reported there instead and the reading goes on.
   """
   paths = [paths] if isinstance(paths, str) else list(paths)
   for path in paths:
-    reader = _array_record().ArrayRecordReader(path)
     try:
-      total = reader.num_records()
+      reader, total = open_shard(path)
+      _close(reader, path)
+    except RecordError as e:
+      if on_damaged is None:
+        raise
+      on_damaged(path, e)
+      continue
+    reader, total = open_shard(path)
+    try:
       for start in range(0, total, chunk):
-        for offset, blob in enumerate(reader.read(start, min(total, start + chunk))):
-          yield f'{path}:{start + offset}', blob
+        yield from _read_range(reader, path, start, min(total, start + chunk), on_damaged)
     finally:
-      reader.close()
+      with contextlib.suppress(*_RIEGELI_ERRORS):   # a damaged record was reported above
+        reader.close()
 
 
 def iter_records(paths: str | Sequence[str]) -> Iterator[dict[str, Any]]:
@@ -398,7 +503,8 @@ def iter_records(paths: str | Sequence[str]) -> Iterator[dict[str, Any]]:
 
 def fill_reference_logps(paths: Sequence[str], logps: Mapping[Any, tuple[float, float]], *,
                          key: str = 'id', out_dir: str | None = None,
-                         missing: str = 'error') -> dict[str, int]:
+                         missing: str = 'error', drop: Sequence[int] = (),
+                         skip_unreadable: bool = False) -> dict[str, int]:
   """Rewrites preference shards with `ref_chosen_logps` / `ref_rejected_logps` filled in.
 
   Args:
@@ -410,21 +516,34 @@ def fill_reference_logps(paths: Sequence[str], logps: Mapping[Any, tuple[float, 
     out_dir: where the new shards go (same file names); None rewrites them in place.
     missing: a record whose id is not in `logps`: 'error' (RecordError naming it) or
       'keep' (its current values stay, e.g. NaN for a pair the pipeline drops as too long).
+    drop: positions (in `paths` taken in order) of records left out of the output: those
+      the reference pass found damaged.
+    skip_unreadable: a record Riegeli cannot read is left out (counted as dropped)
+      instead of a RecordError naming it.
   Streams shard by shard: read, write a temporary file, rename (see `write_records`).
-  Returns counts {'filled', 'kept'}.
+  Returns counts {'filled', 'kept'} (and 'dropped' with `drop` or `skip_unreadable`).
   """
   if missing not in ('error', 'keep'):
     raise ValueError(f"missing must be 'error' or 'keep', got {missing!r}")
   if key not in ('id', 'index'):
     raise ValueError(f"key must be 'id' or 'index', got {key!r}")
-  counts = {'filled': 0, 'kept': 0}
+  counts = {'filled': 0, 'kept': 0, **({'dropped': 0} if drop or skip_unreadable else {})}
+  drop = set(drop)
   seen: set[str] = set()
   position = 0
 
+  def unreadable(where, error):
+    nonlocal position
+    position += 1
+    counts['dropped'] += 1
+
   def rewritten(path):
     nonlocal position
-    for where, blob in read_records(path):
+    for where, blob in read_records(path, on_damaged=unreadable if skip_unreadable else None):
       index, position = position, position + 1
+      if index in drop:
+        counts['dropped'] += 1
+        continue
       record = decode_record(blob, where)
       if record['kind'] != PREFERENCE:
         raise RecordError(f'{where}: record {record["id"]!r}: field \'kind\': expected '
@@ -476,50 +595,140 @@ def sizes_path(shard: str) -> str:
   return shard + SIZES_SUFFIX
 
 
+_HASHED_BLOCK = 1 << 16
+
+
 def _fingerprint(shard: str, num_records: int) -> np.ndarray:
+  """(bytes, mtime, records, a hash of the first and last 64 KiB): a shard rewritten with
+  its mtime kept (copied with `cp -p`, restored from an archive) differs in its head (the
+  first chunk) or tail (the index and postscript) unless it is byte for byte the same."""
   stat = os.stat(shard)
-  return np.array([stat.st_size, stat.st_mtime_ns, num_records], np.int64)
+  with open(shard, 'rb') as f:
+    head = f.read(_HASHED_BLOCK)
+    f.seek(max(0, stat.st_size - _HASHED_BLOCK))
+    tail = f.read(_HASHED_BLOCK)
+  digest = hashlib.blake2b(head + tail, digest_size=8).digest()
+  return np.array([stat.st_size, stat.st_mtime_ns, num_records,
+                   int.from_bytes(digest, 'little', signed=True)], np.int64)
 
 
-def _save_sizes(shard: str, sizes: np.ndarray) -> None:
+class Index(NamedTuple):
+  """What the size index holds of a shard's records, in order: SIZE_FIELDS [n, fields]
+  int32, the ids [n] (str; '' for a damaged record) and an 8-byte hash of each blob [n]
+  int64 (to tell a repeated record from another one of the same id)."""
+  sizes: np.ndarray
+  ids: np.ndarray
+  digests: np.ndarray
+
+
+def _digest(blob: bytes) -> int:
+  return int.from_bytes(hashlib.blake2b(blob, digest_size=8).digest(), 'little', signed=True)
+
+
+def _index_row(record: Mapping[str, Any], blob: bytes) -> tuple:
+  return record_sizes(record), str(record['id']), _digest(blob)
+
+
+def _index_of(rows: list[tuple]) -> Index:
+  return Index(np.array([r[0] for r in rows], np.int32).reshape(-1, len(SIZE_FIELDS)),
+               np.array([r[1] for r in rows], dtype=np.str_).reshape(-1),
+               np.array([r[2] for r in rows], np.int64).reshape(-1))
+
+
+def _save_index(shard: str, index: Index) -> None:
   with files.atomic_open(sizes_path(shard), 'wb') as f:   # a file object: no '.npz' added
-    np.savez(f, sizes=sizes, fields=np.array(SIZE_FIELDS),
-             fingerprint=_fingerprint(shard, len(sizes)))
+    np.savez(f, sizes=index.sizes, ids=index.ids, digests=index.digests,
+             fields=np.array(SIZE_FIELDS), fingerprint=_fingerprint(shard, len(index.sizes)))
 
 
-def _cached_sizes(shard: str) -> tuple[np.ndarray | None, str]:
-  """(sizes, '') from a valid index file, or (None, why not)."""
+def _cached_index(shard: str) -> tuple[Index | None, str]:
+  """(index, '') from a valid index file, or (None, why not)."""
   path = sizes_path(shard)
   if not os.path.exists(path):
     return None, 'no size index'
-  with np.load(path) as index:
-    sizes, fields, fingerprint = index['sizes'], tuple(index['fields']), index['fingerprint']
+  with np.load(path) as saved:
+    if 'ids' not in saved or 'digests' not in saved:
+      return None, 'size index without record ids (an older version)'
+    index = Index(saved['sizes'], saved['ids'], saved['digests'])
+    fields, fingerprint = tuple(saved['fields']), saved['fingerprint']
   if fields != SIZE_FIELDS:
     return None, f'size index of other fields {fields}'
-  if not np.array_equal(fingerprint, _fingerprint(shard, len(sizes))):
+  if not np.array_equal(fingerprint, _fingerprint(shard, len(index.sizes))):
     return None, 'stale size index (the shard was rewritten after it)'
-  return sizes, ''
+  return index, ''
 
 
-def load_sizes(paths: str | Sequence[str], rebuild: bool = True) -> np.ndarray:
-  """int32 [records, len(SIZE_FIELDS)] of the shards, in order, from their size indexes.
+def _index_shard(shard: str, tolerate_damaged: bool) -> tuple[Index, bool]:
+  """(the index of every record, whether all could be read); an unreadable record is
+  sized 0 with id '' when `tolerate_damaged`, else its RecordError names it."""
+  rows, damaged_any = [], False
+
+  def zero(where, error):
+    nonlocal damaged_any
+    damaged_any = True
+    print(f'{error}; sized 0', file=sys.stderr, flush=True)
+    rows.append(((0,) * len(SIZE_FIELDS), '', 0))
+
+  for where, blob in read_records(shard, on_damaged=zero if tolerate_damaged else None):
+    try:
+      rows.append(_index_row(decode_record(blob, where), blob))
+    except RecordError as e:
+      if not tolerate_damaged:
+        raise
+      zero(where, e)
+  return _index_of(rows), not damaged_any
+
+
+def load_index(paths: str | Sequence[str], rebuild: bool = True,
+               tolerate_damaged: bool = False) -> list[Index]:
+  """The Index of each shard, from its size index file.
 
   A missing or stale index is rebuilt from its shard and cached beside it (where writable)
-  when `rebuild`; otherwise it raises RecordError naming the shard.
+  when `rebuild`; otherwise it raises RecordError naming the shard. A record that cannot
+  be read or decoded is a RecordError naming 'path:index', or with `tolerate_damaged` a
+  row of zeros (and the index is not cached).
   """
   paths = [paths] if isinstance(paths, str) else list(paths)
   out = []
   for shard in paths:
-    sizes, problem = _cached_sizes(shard)
-    if sizes is None:
+    index, problem = _cached_index(shard)
+    if index is None:
       if not rebuild:
         raise RecordError(f'{shard}: {problem}; open it with rebuild=True to index it again')
       print(f'{shard}: {problem}; indexing it', file=sys.stderr, flush=True)
-      sizes = np.array([record_sizes(r) for r in iter_records(shard)], np.int32).reshape(
-          -1, len(SIZE_FIELDS))
+      index, whole = _index_shard(shard, tolerate_damaged)
       try:
-        _save_sizes(shard, sizes)
+        if whole:
+          _save_index(shard, index)
       except OSError as e:   # a read-only record set: use the index without caching it
         print(f'{shard}: size index not cached ({e})', file=sys.stderr, flush=True)
-    out.append(sizes)
-  return np.concatenate(out)
+    out.append(index)
+  return out
+
+
+def load_sizes(paths: str | Sequence[str], rebuild: bool = True,
+               tolerate_damaged: bool = False) -> np.ndarray:
+  """int32 [records, len(SIZE_FIELDS)] of the shards, in order (see `load_index`)."""
+  return np.concatenate([i.sizes for i in load_index(paths, rebuild, tolerate_damaged)])
+
+
+def repeated_records(paths: Sequence[str], tolerate_damaged: bool = False) -> list[int]:
+  """Global positions (in `paths` taken in order) of records that repeat an earlier one
+  byte for byte (the same shard given twice): the caller drops them. Two different
+  records of one id are a RecordError naming the id and both places, raised before any
+  work (ids come from the size indexes: no record is read when they are current)."""
+  first: dict[str, tuple[str, int]] = {}
+  repeats, position = [], 0
+  for path, index in zip(paths, load_index(paths, tolerate_damaged=tolerate_damaged)):
+    for local, (rid, digest) in enumerate(zip(index.ids.tolist(), index.digests.tolist())):
+      where = f'{path}:{local}'
+      if rid and rid in first:
+        seen_where, seen_digest = first[rid]
+        if seen_digest != digest:
+          raise RecordError(f'duplicate id {rid!r}: {seen_where} and {where} hold different '
+                            'records of one id (remove or rename one)')
+        repeats.append(position)
+      elif rid:
+        first[rid] = (where, digest)
+      position += 1
+  return repeats

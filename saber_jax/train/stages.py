@@ -27,6 +27,7 @@ from saber_jax.train import adapters, preemption, steps, trainer
 
 DONE = 'DONE'                # written last by the reference pass
 PROGRESS = 'progress.json'   # the reference pass's batches done, when it was stopped
+ERRORS = 'errors.jsonl'      # the reference pass's damaged records
 
 
 def stage_dir(config, stage: str) -> str:
@@ -94,7 +95,8 @@ def claim_ref_output(config, out: str, paths, init_from: str | None) -> None:
                  **weights.weights_identity(config, init_from),
                  'data': trainer.data_identity(config)}
   outputs = [os.path.join(out, name) for name in os.listdir(out)
-             if name != fingerprint.FILE] if os.path.isdir(out) else []
+             if name != fingerprint.FILE and not name.endswith(files.LOCK_SUFFIX)
+             ] if os.path.isdir(out) else []
 
   def clear():
     for path in outputs:
@@ -138,6 +140,26 @@ def _progress(path: str, produced_by) -> tuple[int, dict]:
   return saved['batches'], {int(k): tuple(v) for k, v in saved['values'].items()}
 
 
+def _readable_shards(paths, damaged_log: str) -> list[str]:
+  """The shards that can be opened; each other one is logged in `damaged_log` (a fresh
+  file: the pass recomputes every pair) and left out, so the pass goes on without it."""
+  if jax.process_index() == 0 and os.path.exists(damaged_log):
+    os.remove(damaged_log)
+  multihost_utils.sync_global_devices('ref_logps errors cleared')
+  readable = []
+  for path in paths:
+    try:
+      records.count_records(path)
+      readable.append(path)
+    except records.RecordError as e:
+      if jax.process_index() == 0:
+        files.append_jsonl(damaged_log, [dict(id=None, where=path, reason=str(e))])
+        print(f'[ref_logps] skipped {e}', flush=True)
+  if not readable:
+    raise UserError(f'ref_logps: no readable shard among {len(paths)} (see {damaged_log})')
+  return readable
+
+
 def ref_logps_stage(config, record_paths, init_from: str) -> str:
   """The frozen reference's summed response log-probs of every pair, written into a copy
   of the preference records; returns their directory."""
@@ -146,6 +168,7 @@ def ref_logps_stage(config, record_paths, init_from: str) -> str:
   paths = datasets.resolve_paths(record_paths)
   out = stage_dir(config, 'ref_logps')
   claim_ref_output(config, out, paths, init_from)
+  paths = _readable_shards(paths, damaged_log := os.path.join(out, ERRORS))
   params = weights.initial_params(config, model_config, mesh, init_from)
   logps_fn = jax.jit(sharding.on_mesh(lambda params, batch: jnp.stack(steps.pair_logps(
       params, batch, model_config=model_config, chunk_size=config.logps_chunk_size), axis=-1),
@@ -154,7 +177,8 @@ def ref_logps_stage(config, record_paths, init_from: str) -> str:
   produced_by = {'records': fingerprint.files_identity(paths),
                  **weights.weights_identity(config, init_from)}
   done, values = _progress(progress, produced_by)
-  batches = datasets.reference_batches(model_config, data_config(config, mesh), paths)
+  batches = datasets.reference_batches(model_config, data_config(config, mesh), paths,
+                                       damaged_log=damaged_log)
   if done:
     _skip(batches, done)
     if jax.process_index() == 0:
@@ -179,12 +203,16 @@ def ref_logps_stage(config, record_paths, init_from: str) -> str:
                                f'kept in {progress}')
   if jax.process_index() == 0:
     os.makedirs(out, exist_ok=True)
+    damaged = sorted({int(e['index']) for e in files.read_whole_lines(damaged_log)
+                      if e.get('index') is not None})
     counts = records.fill_reference_logps(paths, values, key='index', out_dir=out,
-                                          missing='keep')
+                                          missing='keep', drop=damaged,
+                                          skip_unreadable=True)
     files.write_text(os.path.join(out, DONE), f'{counts}\n')
     if os.path.exists(progress):
       os.remove(progress)
     print(f'[ref_logps] filled {counts["filled"]} pairs, kept {counts["kept"]} '
-          f'(too long for the largest length bucket) -> {out}', flush=True)
+          f'(too long for the largest length bucket), dropped {counts["dropped"]} damaged '
+          f'(see {damaged_log}) -> {out}', flush=True)
   multihost_utils.sync_global_devices('ref_logps written')
   return out
