@@ -53,3 +53,12 @@ def test_skipped_nonfinite_step_resumes_identically(tmp_path, capsys):
   assert _logged_steps(resumed_dir) == [1, 2, 3, 4, 5, 6]
   losses = lambda d: [json.loads(line)['loss'] for line in open(d / 'metrics.jsonl')]
   assert losses(resumed_dir) == losses(tmp_path / 'straight')
+
+
+def test_a_stage_that_trained_on_no_tokens_fails_before_writing_weights():
+  from saber_jax.errors import UserError
+  from saber_jax.train.trainer import check_trained
+  with pytest.raises(UserError, match=r'\[sft\] 3 steps trained on 0 tokens'):
+    check_trained('sft', 0, 3)
+  check_trained('sft', 17, 3)
+  check_trained('sft', 0, 0)    # resumed at the last step: nothing trained now, nothing to say

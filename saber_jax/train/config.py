@@ -290,6 +290,7 @@ def validate(config) -> None:
   buckets = tuple(d.length_buckets)
   need(len(buckets) > 0 and all(b > 0 for b in buckets) and list(buckets) == sorted(set(buckets)),
        'data.length_buckets', 'increasing positive lengths')
+  need(0 <= d.max_dropped_fraction <= 1, 'data.max_dropped_fraction', 'in [0, 1]')
   need(d.overlong in examples.OVERLONG_MODES, 'data.overlong', _either(examples.OVERLONG_MODES))
   for field in ('worker_count', 'group_batches', 'min_audio_chunks', 'min_patches',
                 'min_vision_blocks', 'min_frame_len'):

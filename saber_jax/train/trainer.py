@@ -17,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from saber_jax import fingerprint, sharding, weights
 from saber_jax.batch import FILL, IGNORE_INDEX
+from saber_jax.errors import UserError
 from saber_jax.models.config import ThinkerConfig
 from saber_jax.models.thinker import abstract_params
 from saber_jax.train import adapters, checkpoint, flops, lora, optim, steps
@@ -121,7 +122,7 @@ def final_params(setup: Setup, lora_config) -> dict:
 def data_identity(config) -> dict:
   """The data settings that change a stage's result (not how fast it is read)."""
   runtime_only = ('worker_count', 'worker_buffer_size', 'read_threads', 'prefetch',
-                  'num_data_shards', 'batch_size')
+                  'num_data_shards', 'batch_size', 'max_dropped_fraction')
   return {**{k: v for k, v in config.data.items() if k not in runtime_only},
           'global_batch_size': config.data.batch_size * jax.process_count()}
 
@@ -154,6 +155,16 @@ def claim_workdir(config, workdir: str, stage: str, record_paths, init_from: str
   multihost_utils.sync_global_devices(f'{stage} workdir claimed')
 
 
+def check_trained(stage: str, tokens: int, steps: int) -> None:
+  """UserError when `steps` > 0 steps trained on no token on any process (every example
+  dropped or without an answer): the stage would write weights it never trained."""
+  total = int(np.sum(multihost_utils.process_allgather(np.int64(tokens))))
+  if steps and not total:
+    raise UserError(f'[{stage}] {steps} steps trained on 0 tokens (every example was dropped '
+                    'or had no answer tokens): no weights written; check the records and '
+                    'data.length_buckets')
+
+
 def train(config, setup: Setup, batches: Iterator[dict], data_iterator, workdir: str,
           stage: str, total_steps: int, init_from: str | None = None) -> Setup:
   """The loop: one step per batch until `total_steps` micro-steps, checkpoints every
@@ -171,7 +182,8 @@ def train(config, setup: Setup, batches: Iterator[dict], data_iterator, workdir:
     state = materialize(setup, config, init_from).state
   elif jax.process_index() == 0:
     print(f'[{stage}] resumed from step {int(jax.device_get(state.step))}', flush=True)
-  step = int(jax.device_get(state.step))
+  step = start_step = int(jax.device_get(state.step))
+  run_tokens = 0   # trained (label) tokens of this process since the start or resume
   logger = MetricLogger(config.workdir, stage, total_steps, start_step=step,
                         wandb=config.get('wandb'), run_config=config.to_dict())
   schedule = optim.learning_rate_schedule(config.optim)
@@ -195,8 +207,10 @@ def train(config, setup: Setup, batches: Iterator[dict], data_iterator, workdir:
       state, metrics = setup.step_fn(state, sharding.global_batch(batch, setup.mesh))
       step += 1
       # Counted on the host while the (asynchronously dispatched) step runs.
+      tokens = int(np.sum(batch['labels'] != IGNORE_INDEX))
+      run_tokens += tokens
       pending.append((step, metrics, dict(
-          tokens=int(np.sum(batch['labels'] != IGNORE_INDEX)),
+          tokens=tokens,
           model_flops=flops.step_flops(setup.model_config, batch, trainable=config.trainable),
           fill=fill)))
       log_now = step % config.log_every == 0 or step == total_steps
@@ -204,6 +218,8 @@ def train(config, setup: Setup, batches: Iterator[dict], data_iterator, workdir:
         fetch()
       if log_now:
         logger.write(step, {'lr': float(schedule((step - 1) // config.optim.grad_accum_steps))})
+      if step == total_steps:
+        check_trained(stage, run_tokens, step - start_step)
       checkpoint.save(mngr, step, state, data_iterator, force=step == total_steps)
     mngr.wait_until_finished()
   finally:
