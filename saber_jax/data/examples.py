@@ -267,6 +267,10 @@ class RecordLoader:
     ref = None
     if self.kind == records.PREFERENCE:
       ref = (record['ref_chosen_logps'], record['ref_rejected_logps'])
+      problem = self.require_reference and records.pair_problem(record)
+      if problem:   # the reference pass leaves these out; other records are refused here
+        raise records.RecordError(f'{where}: record {record["id"]!r}: degenerate pair: '
+                                  f'{problem}; rebuild the preference records')
       if self.require_reference and rows is not None and not np.all(np.isfinite(ref)):
         raise records.RecordError(
             f'{where}: record {record["id"]!r}: field \'ref_chosen_logps\': no reference '

@@ -24,6 +24,7 @@ from saber_jax.train import adapters, steps, trainer
 
 
 DONE = 'DONE'                # written last by the reference pass
+DEGENERATE = 'degenerate.jsonl'   # pairs the reference pass left out, with the reason
 
 
 def stage_dir(config, stage: str) -> str:
@@ -126,10 +127,16 @@ def ref_logps_stage(config, record_paths, init_from: str) -> str:
         values[int(index)] = (float(chosen), float(rejected))
   if jax.process_index() == 0:
     os.makedirs(out, exist_ok=True)
+    degenerate = []
     counts = records.fill_reference_logps(paths, values, key='index', out_dir=out,
-                                          missing='keep')
+                                          missing='keep', degenerate=degenerate)
+    files.write_jsonl(os.path.join(out, DEGENERATE), degenerate)
+    if not counts['filled']:
+      raise UserError(f'[ref_logps] no pair left to train on ({counts}); see {out}')
     files.write_text(os.path.join(out, DONE), f'{counts}\n')
     print(f'[ref_logps] filled {counts["filled"]} pairs, kept {counts["kept"]} '
-          f'(too long for the largest length bucket) -> {out}', flush=True)
+          f'(too long for the largest length bucket), left out {counts["degenerate"]} '
+          f'degenerate pairs (equal answers or chosen scored below rejected: '
+          f'{os.path.join(out, DEGENERATE)}) -> {out}', flush=True)
   multihost_utils.sync_global_devices('ref_logps written')
   return out
