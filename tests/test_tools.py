@@ -380,6 +380,23 @@ def test_make_pairs_judge_end_to_end(judge_server, tmp_path):
   assert [(p['chosen_index'], p['rejected_index']) for p in read(out / 'pairs.jsonl')] == [(1, 2), (1, 3), (0, 2)]
 
 
+def test_make_pairs_from_one_sample_per_prompt_refuses_before_any_request(judge_server,
+                                                                           tmp_path):
+  """k = 1 (or k identical answers): no pair can ever come out; say so, pay nothing."""
+  server = judge_server(lambda body: Reply(status=500, error='must not be called'))
+  samples = write_jsonl(tmp_path / 'samples.jsonl', [
+      {'id': 'p1', 'responses': ['only one']},
+      {'id': 'p2', 'responses': ['same', ' same', '']}])
+  annotations = write_jsonl(tmp_path / 'ann.jsonl', [
+      {'id': p, 'lang': 'en', 'annotation': annotation(p)} for p in ('p1', 'p2')])
+  with pytest.raises(SystemExit, match=r'error: saber-make-pairs cannot make any pair from '
+                     r'.*samples.jsonl: none of its 2 prompts has two different non-empty '
+                     r'responses \(at most 3 per prompt\)'):
+    make_pairs.main(['--samples', samples, '--annotations', annotations,
+                     '--out', str(tmp_path / 'pairs'), *judge_args(server)])
+  assert server.requests == []
+
+
 def test_make_pairs_incomplete_prompt_waits_for_its_scores(judge_server, tmp_path):
   samples = write_jsonl(tmp_path / 's.jsonl', [{'id': 'p', 'responses': [f'[[p#{i}]] r' for i in range(4)]}])
   annotations = write_jsonl(tmp_path / 'a.jsonl', [{'id': 'p', 'annotation': annotation('p')}])
