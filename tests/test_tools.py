@@ -751,10 +751,45 @@ def test_duplicate_input_id_is_refused_before_any_request(judge_server, tmp_path
 
 @pytest.mark.parametrize('flag, value, message', [('--max-retries', '-1', 'must be >= 0, got -1'),
                                                   ('--num-shards', '0', 'must be >= 1, got 0'),
-                                                  ('--concurrency', 'x', "expected int, got 'x'")])
+                                                  ('--concurrency', 'x', "expected int, got 'x'"),
+                                                  ('--temperature', '-0.5',
+                                                   'must be >= 0.0, got -0.5'),
+                                                  ('--temperature', '7',
+                                                   'must be in [0.0, 2.0], got 7'),
+                                                  ('--max-tokens', '0', 'must be >= 1, got 0')])
 def test_nonsense_run_arguments_are_usage_errors(tmp_path, capsys, flag, value, message):
   with pytest.raises(SystemExit) as exit_info:
     evaluate.main([*_saber_inputs(tmp_path), '--out', str(tmp_path / 'eval'), '--model', 'm',
                    flag, value])
   assert exit_info.value.code == 2
   assert f'argument {flag}: {message}' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('tool, args, message', [
+    ('make_pairs', ['--annotations', 'a', '--out', 'o', '--min-margin', '-1'],
+     'argument --min-margin: must be >= 0.0, got -1'),
+    ('preprocess', ['--manifest', 'm', '--annotations', 'a', '--out', 'o', '--workers', '0'],
+     'argument --workers: must be >= 1, got 0'),
+    ('preprocess', ['--manifest', 'm', '--annotations', 'a', '--out', 'o', '--max-seconds', '0.2'],
+     'argument --max-seconds: must be > --min-seconds (0.5), got 0.2'),
+    ('annotate', ['--manifest', 'm', '--out', 'o', '--model', 'j', '--num-frames', '0'],
+     'argument --num-frames: must be >= 1, got 0'),
+    ('annotate', ['--manifest', 'm', '--out', 'o', '--model', 'j', '--sample-rate', '16'],
+     'argument --sample-rate: must be >= 8000, got 16'),
+    ('build_test_set', ['--annotations', 'a', '--out', 'o', '--model', 'j', '--per-class', '0'],
+     'argument --per-class: must be >= 1, got 0'),
+    ('quality', ['--annotations', 'a', '--out', 'o', '--model', 'j', '--wer-threshold', '-0.1'],
+     'argument --wer-threshold: must be >= 0.0, got -0.1'),
+    ('make_demo_data', ['o', '--n', '0'], 'argument --n: must be >= 1, got 0'),
+    ('sample', ['--records', 'r', '--out', 'o', '--model', 'm', '--max-tokens', '8',
+                '--top-p', '0'], 'argument --top-p: must be in (0.0, 1.0], got 0'),
+    ('convert_hf', ['to-hf', '--params', 'p', '--out', 'o', '--max-shard-gb', '0'],
+     'argument --max-shard-gb: must be > 0, got 0'),
+])
+def test_every_tool_refuses_out_of_range_arguments_as_usage_errors(tool, args, message, capsys):
+  import importlib
+  module = importlib.import_module(f'saber_jax.cli.{tool}')
+  with pytest.raises(SystemExit) as exit_info:
+    module.main(args)
+  assert exit_info.value.code == 2
+  assert message in capsys.readouterr().err

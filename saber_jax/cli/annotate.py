@@ -237,9 +237,12 @@ def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--manifest', required=True, help='clips JSONL: id, video and/or audio, lang')
   parser.add_argument('--out', required=True, help='output folder')
-  parser.add_argument('--num-frames', type=int, default=16, help='frames sent per clip')
-  parser.add_argument('--frame-size', type=int, default=448, help='longer side of a frame, pixels')
-  parser.add_argument('--sample-rate', type=int, default=media.SAMPLING_RATE)
+  parser.add_argument('--num-frames', type=_common.at_least(1), default=16,
+                      help='frames sent per clip (>= 1)')
+  parser.add_argument('--frame-size', type=_common.at_least(28), default=448,
+                      help='longer side of a frame, pixels (>= 28)')
+  parser.add_argument('--sample-rate', type=_common.in_range(8000, 48000, int),
+                      default=media.SAMPLING_RATE, help='Hz, in [8000, 48000]')
   parser.add_argument('--no-audio', action='store_true', help='send frames only')
   _common.add_judge_args(parser, timeout=180.0, concurrency=4)
   return parser.parse_args(_common.dashed(argv, parser))

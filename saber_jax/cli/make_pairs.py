@@ -394,7 +394,7 @@ def parse_args(argv=None):
   parser.add_argument('--out', required=True, help='output folder')
   parser.add_argument('--pairing', choices=('product', 'zipped'), default='product',
                       help='top-2 x bottom-2 (4 pairs) or zipped (2 pairs)')
-  parser.add_argument('--min-margin', type=float, default=0.0,
+  parser.add_argument('--min-margin', type=_common.at_least(0.0, float), default=0.0,
                       help='drop pairs (and prompts) whose score margin is below this')
   parser.add_argument('--perturbations', default=','.join(PERTURBATIONS),
                       help='perturb: kinds to build, comma-separated')
