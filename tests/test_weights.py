@@ -35,6 +35,24 @@ def test_nonfinite_saved_params_are_refused_naming_the_tensor(tmp_path):
     weights.load_params(str(tmp_path / 'final'), nn.unbox(abstract_params(model_config)))
 
 
+def test_params_of_another_shape_name_the_tensor_both_shapes_and_the_directory(tmp_path):
+  model_config = ThinkerConfig.from_hf(tiny_hf_config().to_dict())
+  params = nn.unbox(init_params(model_config, jax.random.key(1)))
+  weights.save_params(str(tmp_path / 'final'), params, model_config)
+  other = tiny_hf_config()
+  other.text_config.intermediate_size += 8
+  wider = nn.unbox(abstract_params(ThinkerConfig.from_hf(other.to_dict())))
+  want = wider['text']['layers']['mlp']['down_proj']['kernel'].shape
+  have = params['text']['layers']['mlp']['down_proj']['kernel'].shape
+  with pytest.raises(weights.UserError) as error:
+    weights.load_params(str(tmp_path / 'final'), wider)
+  message = str(error.value)
+  assert message.startswith(f"{tmp_path / 'final'}: param text/layers/mlp/down_proj/kernel is "
+                            f'{list(have)} there, but the model config (config.model) has '
+                            f'{list(want)}')
+  assert 'strict' not in message
+
+
 def _run_config(tmp_path):
   tiny_hf_config().save_pretrained(tmp_path / 'model')
   c = config_lib.base_config()
