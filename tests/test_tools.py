@@ -229,6 +229,24 @@ def test_annotate_end_to_end(judge_server, tmp_path):
   assert 'No audio is provided' in parts[0]['text']
 
 
+def test_annotate_does_not_send_a_clip_longer_than_the_preprocessing_limit(judge_server,
+                                                                            tmp_path):
+  server = judge_server(lambda body: json.dumps(annotation('red')))
+  manifest = write_jsonl(tmp_path / 'clips.jsonl', [
+      {'id': 'long', 'video': make_clip(tmp_path / 'long.mp4', (250, 0, 0)), 'lang': 'en'}])
+  out = tmp_path / 'ann'
+  with pytest.raises(SystemExit, match='every item failed'):
+    annotate.main(['--manifest', manifest, '--out', str(out), '--max-seconds', '0.5',
+                   *judge_args(server)])
+  assert server.requests == []
+  [error] = read(out / 'errors.jsonl')
+  assert error['kind'] == 'too_long'
+  assert re.search(r"clip 'long': .*long.mp4: 1.\d s > --max-seconds 0.5 s; not sent",
+                   error['message'])
+  assert annotate.parse_args(['--manifest', manifest, '--out', str(out),
+                              '--model', 'm']).max_seconds == 30.0
+
+
 # ----------------------------------------------------------------------------- quality
 
 
