@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
 from saber_jax import convert, files, fingerprint, sharding
+from saber_jax.errors import UserError
 from saber_jax.models.config import ThinkerConfig
 from saber_jax.models.thinker import abstract_params, init_params
 
@@ -81,12 +82,32 @@ def params_config(path: str) -> ThinkerConfig:
   return ThinkerConfig.from_hf(os.path.join(path, CONFIG_FILE))
 
 
+def check_saved_shapes(path: str, metadata, abstract) -> None:
+  """UserError naming the first param whose saved shape differs from the model's (both
+  shapes and the directory), or that one side lacks: Orbax's own error names neither."""
+  tree = getattr(metadata, 'item_metadata', metadata)
+  saved = flax.traverse_util.flatten_dict(getattr(tree, 'tree', tree), sep='/')
+  wanted = flax.traverse_util.flatten_dict(abstract, sep='/')
+  for key in sorted(set(saved) | set(wanted)):
+    have, want = (tuple(getattr(t.get(key), 'shape', ())) if key in t else None
+                  for t in (saved, wanted))
+    if have != want:
+      raise UserError(
+          f'{path}: param {key} is ' + (f'{list(have)}' if have is not None else 'missing')
+          + ' there, but the model config (config.model) has '
+          + (f'{list(want)}' if want is not None else 'no such param')
+          + ': these weights were saved for another model; point init_from at weights of '
+          'this model, or set config.model to the one they were trained with')
+
+
 def load_params(path: str, abstract):
   """Params saved by `save_params`, placed by the shardings of `abstract` (a tree of
   ShapeDtypeStructs; plain arrays' shapes when it has none). Non-finite values are an
   error naming the param."""
+  directory = os.path.join(os.path.abspath(path), 'params')
   with ocp.StandardCheckpointer() as checkpointer:
-    params = checkpointer.restore(os.path.join(os.path.abspath(path), 'params'), abstract)
+    check_saved_shapes(path, checkpointer.metadata(directory), abstract)
+    params = checkpointer.restore(directory, abstract)
   bad = convert.nonfinite_paths(params)
   if bad:
     raise ValueError(f'{path}: params {bad} hold non-finite values (NaN or inf)')

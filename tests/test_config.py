@@ -34,6 +34,15 @@ def test_every_shipped_config_is_valid(path):
     ('nonfinite', 'ignore', "config.nonfinite = 'ignore': expected 'stop' or 'skip'"),
     ('mesh', (-1, -1, 1), 'config.mesh = (-1, -1, 1)'),
     ('dpo.beta', 0.0, 'config.dpo.beta = 0.0: expected > 0'),
+    # Relations between fields, and names that must exist.
+    ('data.num_data_shards', 3, 'config.data.num_data_shards = 3: expected >= 1 and a '
+                                'divisor of data.batch_size (8)'),
+    ('data.max_dropped_fraction', 1.5, 'config.data.max_dropped_fraction = 1.5: expected in '
+                                       '[0, 1]'),
+    ('lora.targets', (), 'config.lora.targets = (): expected at least one kernel regex'),
+    ('model.name', 'qwen_9000', "config.model.name = 'qwen_9000': expected a ThinkerConfig "
+                                'factory'),
+    ('generate.window_batches', 0, 'config.generate.window_batches = 0: expected >= 1'),
     # Value sets read from their owners (models/layers, data/pipeline, steps, losses).
     ('model.remat', 'some', "config.model.remat = 'some': expected 'none', 'full' or 'dots'"),
     ('model.attention', 'flash',
@@ -50,6 +59,16 @@ def test_nonsense_value_is_named(field, value, expected):
   with pytest.raises(ValueError, match='invalid config') as error:
     config_lib.validate(config)
   assert expected in str(error.value)
+
+
+def test_warmup_longer_than_the_run_is_named():
+  config = config_lib.base_config()
+  config.optim.total_steps, config.optim.warmup_steps = 100, 100
+  with pytest.raises(ValueError, match=r'config.optim.warmup_steps = 100: expected < '
+                                       r'optim.total_steps \(100\)'):
+    config_lib.validate(config)
+  config.optim.warmup_steps = 99
+  config_lib.validate(config)
 
 
 def test_typo_names_the_nearest_field():

@@ -19,6 +19,7 @@ from saber_jax import files, losses
 from saber_jax.batch import CHOSEN, FILL, REJECTED
 from saber_jax.data import collate, datasets, prompt, records
 from saber_jax.data.examples import DataConfig
+from saber_jax.errors import UserError
 from saber_jax.models import thinker
 from saber_jax.train import flops, steps
 from tiny_data import BASE, TINY
@@ -215,7 +216,9 @@ def test_overlong_rows_are_truncated_or_dropped_and_flagged(data, overlong):
     else:
       expected['dropped'] += 1
   assert expected['dropped'] and (overlong == 'drop' or expected['truncated'])
-  config = dataclasses.replace(BASE, length_buckets=(limit,), overlong=overlong, num_epochs=1)
+  # Most records are cut or dropped here on purpose: allow that (the default refuses it).
+  config = dataclasses.replace(BASE, length_buckets=(limit,), overlong=overlong, num_epochs=1,
+                               max_dropped_fraction=1.0)
   got = collections.Counter()
   for b in sft_batches(TINY, config, sft, seed=0, shard_index=0, shard_count=1):
     assert b['input_ids'].shape[1] == limit
@@ -230,6 +233,12 @@ def test_overlong_rows_are_truncated_or_dropped_and_flagged(data, overlong):
       else:
         got['kept'] += 1
   assert got == expected
+  if overlong == 'drop':   # by default, a stage that drops this many records refuses to start
+    refuse = dataclasses.replace(config, max_dropped_fraction=0.01)
+    with pytest.raises(UserError, match=rf"{expected['dropped']} of {sum(expected.values())} "
+                       r'records .* would train nothing: .* longer than the largest length '
+                       rf'bucket {limit} .*max_dropped_fraction=0.01 \(\S+\.array_record'):
+      next(iter(sft_batches(TINY, refuse, sft, seed=0, shard_index=0, shard_count=1)))
 
 
 @pytest.mark.parametrize('shared_prompt', [True, False])

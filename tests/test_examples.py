@@ -32,3 +32,22 @@ def test_overlong_pair_row_cuts_the_longer_answer_first():
   np.testing.assert_array_equal(row['pair_segments'], [1] * 9 + [2] * 6 + [3] * 10)
   assert examples._fit_rows(rows, 12, 'truncate') == (None, False)   # no room for an answer
   assert examples._fit_rows(rows, 25, 'drop') == (None, False)
+
+
+def test_dpo_loader_refuses_a_degenerate_pair_naming_it(tmp_path):
+  """Records not made by our builder or reference pass: DPO stops at a pair with equal
+  answers instead of training it at exactly log 2."""
+  from saber_jax.data.examples import DataConfig, RecordLoader
+  from tiny_data import TINY
+  path = records.shard_name(str(tmp_path / 'pairs'), 0, 1)
+  records.write_records(path, [records.encode_preference_record(
+      id='twins#0', lang='en', duration=1.0, prompt_ids=[1, 2, 3], chosen_ids=[4, 5],
+      rejected_ids=[4, 5], chosen_segments=[3, 3], rejected_segments=[3, 3], chosen='a',
+      rejected='a', ref_chosen_logps=-1.0, ref_rejected_logps=-1.0,
+      input_features=np.zeros((128, 4), np.float32))])
+  loader = RecordLoader([path], records.PREFERENCE, TINY, DataConfig(), require_reference=True)
+  with pytest.raises(records.RecordError, match=rf"{path}:0: record 'twins#0': degenerate pair: "
+                     'chosen and rejected answers are equal'):
+    loader(0)
+  # The reference pass itself reads it (and leaves it out of its output).
+  RecordLoader([path], records.PREFERENCE, TINY, DataConfig(), require_reference=False)(0)

@@ -138,6 +138,22 @@ def test_out_of_range_every_time_becomes_an_error_with_the_raw_reply(judge_serve
   assert len(server.requests) == 3
 
 
+def test_a_huge_reply_is_stored_capped_and_still_parsed_whole(judge_server):
+  padding = ' ' * 2_000_000    # 2 MB of whitespace inside a valid JSON object
+  server = judge_server(lambda body: '{"score": 2,' + padding + '"ok": true}')
+  reply = fast_judge(server).ask(MESSAGES, Score)
+  assert reply.value == {'score': 2, 'ok': True}
+  assert len(reply.raw) < client.MAX_RAW_CHARS + 100
+  assert reply.raw.endswith(f'... [{2_000_000 + 23 - client.MAX_RAW_CHARS} more characters '
+                            'not stored]')
+  bad = judge_server(lambda body: '{"score": 9,' + padding + '"ok": true}')
+  with pytest.raises(client.JudgeError) as info:
+    fast_judge(bad, max_retries=1).ask(MESSAGES, Score)
+  assert len(info.value.raw) < client.MAX_RAW_CHARS + 100
+  resent = bad.requests[1]['messages'][1]['content']     # the re-ask carries the cut reply
+  assert len(resent) < client.MAX_RAW_CHARS + 100
+
+
 def test_rate_limit_is_retried_by_the_sdk_honouring_retry_after(judge_server):
   def script(body):
     if len(server.requests) == 1:

@@ -9,6 +9,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from saber_jax.errors import UserError
 from saber_jax.train import lora, optim
 
 NUM_LAYERS, HIDDEN, MLP = 3, 8, 12
@@ -46,6 +47,12 @@ def paths(tree):
           for path, _ in jax.tree_util.tree_leaves_with_path(tree)}
 
 
+def params_at(params, names):
+  for name in names:
+    params = params[name]
+  return params
+
+
 def test_targets_regex_selects_exactly_the_decoder_projections():
   params = toy_params()
   projections = ['self_attn/q_proj', 'self_attn/k_proj', 'self_attn/v_proj', 'self_attn/o_proj',
@@ -61,6 +68,12 @@ def test_targets_regex_selects_exactly_the_decoder_projections():
       'text/lm_head/kernel']
   with pytest.raises(ValueError, match='matched no kernel'):
     lora.init_lora(jax.random.key(0), params, rank=2, targets=[r'qkv_proj'])
+  # A rank wider than an adapted kernel is a config error naming the kernel and its widths.
+  narrowest = min(min(params_at(params, p).shape[-2:]) for p in lora.target_kernel_paths(params))
+  with pytest.raises(UserError, match=rf'config.lora.rank = {narrowest + 1}: expected <= '
+                     rf'{narrowest}, the narrowest width of the adapted kernels \(text/'):
+    lora.init_lora(jax.random.key(0), params, rank=narrowest + 1)
+  lora.init_lora(jax.random.key(0), params, rank=narrowest)
 
 
 def test_init_shapes_keep_the_layer_axis_and_b_starts_at_zero():

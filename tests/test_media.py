@@ -315,6 +315,28 @@ def test_errors_name_the_file_and_the_problem(tmp_path):
     media.probe(tmp_path / 'missing.mp4')
 
 
+def test_audio_samples_no_recording_has_are_rejected_with_the_reason(tmp_path):
+  rate = 16000
+  loud = np.sin(np.arange(rate) / 5).astype(np.float32)
+  loud[rate // 2] = 1000.0              # a float file in another scale, or garbage
+  soundfile.write(tmp_path / 'loud.wav', loud, rate, subtype='FLOAT')
+  with pytest.raises(media.MediaError, match=r'loud.wav: audio sample 1000 at 0.500 s is far '
+                                             r'outside \[-1, 1\] \(more than 4.0\)'):
+    media.load_audio(tmp_path / 'loud.wav')
+  for value, name in ((np.nan, 'nan'), (np.inf, 'inf')):
+    bad = loud.copy()
+    bad[rate // 2] = 0.1
+    bad[rate // 4] = value
+    soundfile.write(tmp_path / f'{name}.wav', bad, rate, subtype='FLOAT')
+    with pytest.raises(media.MediaError, match=rf'{name}.wav: non-finite audio sample \(NaN or '
+                                               r'inf\) at 0.250 s'):
+      media.load_audio(tmp_path / f'{name}.wav')
+  # A lossy codec's small overshoot of full scale is a recording.
+  fine = np.clip(loud, -1, 1) * 1.2
+  soundfile.write(tmp_path / 'hot.wav', fine, rate, subtype='FLOAT')
+  assert np.abs(media.load_audio(tmp_path / 'hot.wav')).max() > 1
+
+
 # ------------------------------------------------------------------- vision features
 
 OMNI_VIDEO_SIZE = {'shortest_edge': 128 * 28 * 28, 'longest_edge': 768 * 28 * 28}

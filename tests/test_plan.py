@@ -5,9 +5,11 @@ over the data shards."""
 import dataclasses
 
 import numpy as np
+import pytest
 
 from saber_jax.data import plan as plan_lib
 from saber_jax.data import records
+from saber_jax.errors import UserError
 from tiny_data import BASE, TINY
 
 
@@ -89,3 +91,32 @@ def test_balanced_deal_spreads_audio_and_vision_evenly_over_the_data_shards():
     excess = lambda o: (lambda g: g.max(1).sum() / g.mean(1).sum())(
         needs[key][o].reshape(len(o), 4, 4).sum(2))
     assert excess(order) < 1.02 and excess(resorted) > 1.05, key
+
+
+def _sizes(prompt, response, rejected=None):
+  n = len(prompt)
+  zeros = np.zeros(n, int)
+  return np.stack([prompt, response, zeros if rejected is None else rejected,
+                   *[zeros] * 6], 1).astype(np.int32)
+
+
+def test_check_dropped_refuses_more_than_the_allowed_fraction_and_empty_answers():
+  options = dataclasses.replace(PLANNED, overlong='drop')   # largest bucket 2048
+  prompt, response = np.full(200, 100), np.full(200, 50)
+  ok = _sizes(prompt, response)
+  kept = lambda s: plan_lib.example_needs(s, records.SFT, TINY, options)['kept']
+  plan_lib.check_dropped(ok, kept(ok), records.SFT, options, ['a.array_record'])
+  two_long = _sizes(np.where(np.arange(200) < 2, 3000, 100), response)   # 1%: allowed
+  plan_lib.check_dropped(two_long, kept(two_long), records.SFT, options, ['a.array_record'])
+  three_long = _sizes(np.where(np.arange(200) < 3, 3000, 100), response)
+  with pytest.raises(UserError, match=r'3 of 200 records \(1.5%\) would train nothing: 3 longer '
+                     r"than the largest length bucket 2048 \(data.overlong='drop'\); more than "
+                     r'data.max_dropped_fraction=0.01 \(a.array_record and 1 more shards\)'):
+    plan_lib.check_dropped(three_long, kept(three_long), records.SFT, options,
+                           ['a.array_record', 'b.array_record'])
+  # A preference pair with an empty rejected answer trains nothing either.
+  pairs = _sizes(prompt, response, np.where(np.arange(200) < 10, 0, 40))
+  with pytest.raises(UserError, match='10 of 200 records .* 10 with an empty answer'):
+    plan_lib.check_dropped(pairs, kept(pairs), records.PREFERENCE, options, ['p.array_record'])
+  everything = dataclasses.replace(options, max_dropped_fraction=1.0)
+  plan_lib.check_dropped(pairs, kept(pairs), records.PREFERENCE, everything, ['p.array_record'])

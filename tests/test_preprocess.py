@@ -349,6 +349,27 @@ def test_preference_records_refuse_nothing_and_count_reasons(dataset, tmp_path, 
   pairs.write_text(json.dumps({'id': GOOD[0], 'chosen': good, 'rejected': good + '!'}) + '\n')
   stats = make_preference_records.main(args + ['--out', str(tmp_path / 'one')])
   assert (stats['records'], stats['rejected']) == (1, 0)
+  # Degenerate pairs are rejects with their reason.
+  other = tmp_path / 'other.jsonl'
+  other.write_text(''.join(json.dumps(p) + '\n' for p in [
+      {'id': GOOD[0], 'chosen': good, 'rejected': good + '!', 'chosen_score': 9,
+       'rejected_score': 2},
+      {'id': GOOD[1], 'chosen': good, 'rejected': good},
+      {'id': GOOD[2], 'chosen': good, 'rejected': good + '!', 'chosen_score': 1,
+       'rejected_score': 2}]))
+  again = ['--pairs', str(other), '--sft-records', str(tmp_path / 'sft' / 'sft'),
+           '--out', str(tmp_path / 'one')]
+  # The same inputs again: done. Other pairs into the same output: refused, never "done".
+  assert make_preference_records.main(args + ['--out', str(tmp_path / 'one')]) == stats
+  assert 'is done' in capsys.readouterr().out
+  with pytest.raises(SystemExit, match=r'error: .*one holds an earlier output .*\n  pairs'):
+    make_preference_records.main(again)
+  stats = make_preference_records.main(again + ['--overwrite'])
+  assert (stats['records'], stats['rejected']) == (1, 2)
+  rejects = {r['id']: r['reason'] for r in map(json.loads, open(tmp_path / 'one' /
+                                                                  'rejects.jsonl'))}
+  assert 'chosen and rejected answers are equal' in rejects[f'{GOOD[1]}#0']
+  assert 'chosen scored below rejected (1 < 2)' in rejects[f'{GOOD[2]}#0']
 
   # The SFT records hold two different records of one id: refused naming the id and both
   # places before a record is written.

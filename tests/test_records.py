@@ -133,6 +133,12 @@ def test_preference_from_sft_keeps_the_sft_tokenization():
   with pytest.raises(ValueError, match="pair 'c1#1': rejected"):
     records.preference_from_sft(sft, tokenizer, chosen='ok', rejected=' leading space',
                                 pair_id='c1#1')
+  # Degenerate pairs never become records: equal answers, chosen scored below rejected.
+  with pytest.raises(ValueError, match="pair 'c1#2': chosen and rejected answers are equal"):
+    records.preference_from_sft(sft, tokenizer, chosen='Same.', rejected='Same.', pair_id='c1#2')
+  with pytest.raises(ValueError, match=r"pair 'c1#3': chosen scored below rejected \(1 < 2\)"):
+    records.preference_from_sft(sft, tokenizer, chosen='A.', rejected='B.', pair_id='c1#3',
+                                chosen_score=1, rejected_score=2)
 
 
 def _blobs(n, prefix='r'):
@@ -356,3 +362,39 @@ def test_duplicate_ids_across_shards_are_refused_and_repeats_found(tmp_path):
   with pytest.raises(records.RecordError, match='size index without record ids'):
     records.load_sizes(a, rebuild=False)
   assert records.repeated_records([a, a]) == [3, 4, 5]
+
+
+def test_degenerate_pairs_are_named_and_left_out_of_the_reference_pass_output(tmp_path):
+  assert records.degenerate_pair('a', 'b', 2.0, 1.0) is None
+  assert records.degenerate_pair('a', 'b', math.nan, 1.0) is None     # unknown: not compared
+  assert records.degenerate_pair('a', 'b', 1.0, 1.0) is None          # a tie is not below
+  assert 'below' in records.degenerate_pair('a', 'b', 0.5, 1.0)
+  assert 'equal' in records.degenerate_pair(np.array([4, 5]), np.array([4, 5]))
+  rng = np.random.default_rng(8)
+  common = dict(lang='en', duration=1.0, prompt_ids=[1, 2, 3], chosen_segments=[3, 3],
+                rejected_segments=[3, 3], input_features=rng.standard_normal((128, 4)).astype(
+                    np.float32))
+  blobs = [
+      records.encode_preference_record(id='good', chosen_ids=[4, 5], rejected_ids=[6, 7],
+                                       chosen='a', rejected='b', **common),
+      records.encode_preference_record(id='same', chosen_ids=[4, 5], rejected_ids=[4, 5],
+                                       chosen='a', rejected='a', **common),
+      # Different texts, one tokenization: equal ids are as degenerate as equal texts.
+      records.encode_preference_record(id='same-ids', chosen_ids=[4, 5], rejected_ids=[4, 5],
+                                       chosen='a', rejected='a ', **common),
+      records.encode_preference_record(id='inverted', chosen_ids=[4, 5], rejected_ids=[6, 7],
+                                       chosen='a', rejected='b', chosen_score=1.0,
+                                       rejected_score=3.0, **common)]
+  path = records.shard_name(str(tmp_path / 'pairs'), 0, 1)
+  records.write_records(path, blobs)
+  left_out = []
+  counts = records.fill_reference_logps([path], {i: (-1.0, -2.0) for i in range(4)}, key='index',
+                                        out_dir=str(tmp_path / 'out'), degenerate=left_out)
+  assert counts == {'filled': 1, 'kept': 0, 'degenerate': 3}
+  assert [(d['id'], d['reason'].split(' (')[0]) for d in left_out] == [
+      ('same', 'chosen and rejected answers are equal'),
+      ('same-ids', 'chosen and rejected answers are equal'),
+      ('inverted', 'chosen scored below rejected')]
+  assert left_out[1]['where'] == f'{path}:2'
+  kept = list(records.iter_records([str(tmp_path / 'out' / os.path.basename(path))]))
+  assert [r['id'] for r in kept] == ['good']

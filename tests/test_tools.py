@@ -239,6 +239,24 @@ def test_annotate_end_to_end(judge_server, tmp_path):
   assert 'No audio is provided' in parts[0]['text']
 
 
+def test_annotate_does_not_send_a_clip_longer_than_the_preprocessing_limit(judge_server,
+                                                                            tmp_path):
+  server = judge_server(lambda body: json.dumps(annotation('red')))
+  manifest = write_jsonl(tmp_path / 'clips.jsonl', [
+      {'id': 'long', 'video': make_clip(tmp_path / 'long.mp4', (250, 0, 0)), 'lang': 'en'}])
+  out = tmp_path / 'ann'
+  with pytest.raises(SystemExit, match='every item failed'):
+    annotate.main(['--manifest', manifest, '--out', str(out), '--max-seconds', '0.5',
+                   *judge_args(server)])
+  assert server.requests == []
+  [error] = read(out / 'errors.jsonl')
+  assert error['kind'] == 'too_long'
+  assert re.search(r"clip 'long': .*long.mp4: 1.\d s > --max-seconds 0.5 s; not sent",
+                   error['message'])
+  assert annotate.parse_args(['--manifest', manifest, '--out', str(out),
+                              '--model', 'm']).max_seconds == 30.0
+
+
 # ----------------------------------------------------------------------------- quality
 
 
@@ -405,6 +423,23 @@ def test_make_pairs_judge_end_to_end(judge_server, tmp_path):
                             '--min-margin', '3', *judge_args(server)])
   indices = [(p['chosen_index'], p['rejected_index']) for p in read(out / 'pairs.jsonl')]
   assert indices == [(1, 2), (1, 3), (0, 2)]
+
+
+def test_make_pairs_from_one_sample_per_prompt_refuses_before_any_request(judge_server,
+                                                                           tmp_path):
+  """k = 1 (or k identical answers): no pair can ever come out; say so, pay nothing."""
+  server = judge_server(lambda body: Reply(status=500, error='must not be called'))
+  samples = write_jsonl(tmp_path / 'samples.jsonl', [
+      {'id': 'p1', 'responses': ['only one']},
+      {'id': 'p2', 'responses': ['same', ' same', '']}])
+  annotations = write_jsonl(tmp_path / 'ann.jsonl', [
+      {'id': p, 'lang': 'en', 'annotation': annotation(p)} for p in ('p1', 'p2')])
+  with pytest.raises(SystemExit, match=r'error: saber-make-pairs cannot make any pair from '
+                     r'.*samples.jsonl: none of its 2 prompts has two different non-empty '
+                     r'responses \(at most 3 per prompt\)'):
+    make_pairs.main(['--samples', samples, '--annotations', annotations,
+                     '--out', str(tmp_path / 'pairs'), *judge_args(server)])
+  assert server.requests == []
 
 
 def test_make_pairs_incomplete_prompt_waits_for_its_scores(judge_server, tmp_path):
@@ -788,7 +823,12 @@ def test_duplicate_input_id_is_refused_before_any_request(judge_server, tmp_path
 
 @pytest.mark.parametrize('flag, value, message', [('--max-retries', '-1', 'must be >= 0, got -1'),
                                                   ('--num-shards', '0', 'must be >= 1, got 0'),
-                                                  ('--concurrency', 'x', "expected int, got 'x'")])
+                                                  ('--concurrency', 'x', "expected int, got 'x'"),
+                                                  ('--temperature', '-0.5',
+                                                   'must be >= 0.0, got -0.5'),
+                                                  ('--temperature', '7',
+                                                   'must be in [0.0, 2.0], got 7'),
+                                                  ('--max-tokens', '0', 'must be >= 1, got 0')])
 def test_nonsense_run_arguments_are_usage_errors(tmp_path, capsys, flag, value, message):
   with pytest.raises(SystemExit) as exit_info:
     evaluate.main([*_saber_inputs(tmp_path), '--out', str(tmp_path / 'eval'), '--model', 'm',
@@ -807,3 +847,33 @@ def test_id_readers_refuse_duplicate_ids_before_any_work(tmp_path, capsys):
     make_pairs.main(['--strategy', 'perturb', '--annotations', path, '--out',
                      str(tmp_path / 'pairs')])
   assert not os.path.exists(tmp_path / 'pairs' / 'pairs.jsonl')
+
+
+@pytest.mark.parametrize('tool, args, message', [
+    ('make_pairs', ['--annotations', 'a', '--out', 'o', '--min-margin', '-1'],
+     'argument --min-margin: must be >= 0.0, got -1'),
+    ('preprocess', ['--manifest', 'm', '--annotations', 'a', '--out', 'o', '--workers', '0'],
+     'argument --workers: must be >= 1, got 0'),
+    ('preprocess', ['--manifest', 'm', '--annotations', 'a', '--out', 'o', '--max-seconds', '0.2'],
+     'argument --max-seconds: must be > --min-seconds (0.5), got 0.2'),
+    ('annotate', ['--manifest', 'm', '--out', 'o', '--model', 'j', '--num-frames', '0'],
+     'argument --num-frames: must be >= 1, got 0'),
+    ('annotate', ['--manifest', 'm', '--out', 'o', '--model', 'j', '--sample-rate', '16'],
+     'argument --sample-rate: must be >= 8000, got 16'),
+    ('build_test_set', ['--annotations', 'a', '--out', 'o', '--model', 'j', '--per-class', '0'],
+     'argument --per-class: must be >= 1, got 0'),
+    ('quality', ['--annotations', 'a', '--out', 'o', '--model', 'j', '--wer-threshold', '-0.1'],
+     'argument --wer-threshold: must be >= 0.0, got -0.1'),
+    ('make_demo_data', ['o', '--n', '0'], 'argument --n: must be >= 1, got 0'),
+    ('sample', ['--records', 'r', '--out', 'o', '--model', 'm', '--max-tokens', '8',
+                '--top-p', '0'], 'argument --top-p: must be in (0.0, 1.0], got 0'),
+    ('convert_hf', ['to-hf', '--params', 'p', '--out', 'o', '--max-shard-gb', '0'],
+     'argument --max-shard-gb: must be > 0, got 0'),
+])
+def test_every_tool_refuses_out_of_range_arguments_as_usage_errors(tool, args, message, capsys):
+  import importlib
+  module = importlib.import_module(f'saber_jax.cli.{tool}')
+  with pytest.raises(SystemExit) as exit_info:
+    module.main(args)
+  assert exit_info.value.code == 2
+  assert message in capsys.readouterr().err

@@ -208,3 +208,12 @@ def test_dpo_sigterm_at_a_random_step_resumes_exactly(tmp_path, capsys, listenin
 def _timing(key):
   return key.startswith('time/') or key in ('goodput', 'step_time_s', 'tokens_per_s',
                                             'model_flops_per_s_per_device')
+
+
+def test_a_stage_that_trained_on_no_tokens_fails_before_writing_weights():
+  from saber_jax.errors import UserError
+  from saber_jax.train.trainer import check_trained
+  with pytest.raises(UserError, match=r'\[sft\] 3 steps trained on 0 tokens'):
+    check_trained('sft', 0, 3)
+  check_trained('sft', 17, 3)
+  check_trained('sft', 0, 0)    # resumed at the last step: nothing trained now, nothing to say

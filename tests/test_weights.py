@@ -35,6 +35,31 @@ def test_nonfinite_saved_params_are_refused_naming_the_tensor(tmp_path):
     weights.load_params(str(tmp_path / 'final'), nn.unbox(abstract_params(model_config)))
 
 
+def test_params_of_another_shape_name_the_tensor_both_shapes_and_the_directory(tmp_path):
+  import orbax.checkpoint as ocp
+  saved = {'audio': {'proj': {'kernel': np.zeros((4, 8), np.float32)}},
+           'text': {'layers': {'mlp': {'down_proj': {'kernel': np.zeros((2, 16, 8), np.float32)},
+                                       'up_proj': {'kernel': np.zeros((2, 8, 16), np.float32)}}}}}
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(str(tmp_path / 'final' / 'params'), saved)
+  shape = lambda *dims: jax.ShapeDtypeStruct(dims, jnp.float32)
+  wider = {'audio': {'proj': {'kernel': shape(4, 8)}},
+           'text': {'layers': {'mlp': {'down_proj': {'kernel': shape(2, 24, 8)},
+                                       'up_proj': {'kernel': shape(2, 8, 24)}}}}}
+  with pytest.raises(weights.UserError) as error:
+    weights.load_params(str(tmp_path / 'final'), wider)
+  message = str(error.value)
+  assert message.startswith(f"{tmp_path / 'final'}: param text/layers/mlp/down_proj/kernel is "
+                            '[2, 16, 8] there, but the model config (config.model) has '
+                            '[2, 24, 8]')
+  assert 'strict' not in message
+  extra = {**wider, 'vision': {'merger': {'kernel': shape(3, 3)}}}
+  extra['text'] = saved['text']
+  with pytest.raises(weights.UserError, match='param vision/merger/kernel is missing there, but '
+                                              r'the model config \(config.model\) has \[3, 3\]'):
+    weights.load_params(str(tmp_path / 'final'), extra)
+
+
 def _run_config(tmp_path):
   tiny_hf_config().save_pretrained(tmp_path / 'model')
   c = config_lib.base_config()

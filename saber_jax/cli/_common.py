@@ -31,8 +31,9 @@ def add_judge_args(parser: argparse.ArgumentParser, *, timeout: float = 60.0,
                  help='server URL ending in /v1 (default: $OPENAI_BASE_URL or a local vLLM); '
                       'the key comes from $OPENAI_API_KEY, else "EMPTY"')
   g.add_argument('--model', required=model_required, help='model name the server knows')
-  g.add_argument('--temperature', type=float, default=0.0)
-  g.add_argument('--max-tokens', type=int, default=None)
+  g.add_argument('--temperature', type=in_range(0.0, 2.0), default=0.0, help='in [0, 2]')
+  g.add_argument('--max-tokens', type=at_least(1), default=None,
+                 help='>= 1 (default: the server decides)')
   g.add_argument('--timeout', type=positive(float), default=timeout, help='seconds per request')
   g.add_argument('--max-retries', type=at_least(0), default=3,
                  help='retries of a transport error (by the openai SDK, with backoff) and '
@@ -81,6 +82,19 @@ def at_least(minimum, kind=int):
       raise argparse.ArgumentTypeError(f'expected {kind.__name__}, got {text!r}') from None
     if value < minimum:
       raise argparse.ArgumentTypeError(f'must be >= {minimum}, got {text}')
+    return value
+  parse.__name__ = kind.__name__
+  return parse
+
+
+def in_range(low, high, kind=float, *, low_open=False):
+  """An argparse type: `kind` values in [low, high] ((low, high] with `low_open`), else a
+  usage error naming the range."""
+  def parse(text):
+    value = at_least(low, kind)(text)
+    if value > high or (low_open and value == low):
+      raise argparse.ArgumentTypeError(
+          f'must be in {"(" if low_open else "["}{low}, {high}], got {text}')
     return value
   parse.__name__ = kind.__name__
   return parse

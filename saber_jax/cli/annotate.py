@@ -13,7 +13,8 @@ Output: OUT/annotations.jsonl, the manifest record plus
   "annotation": {video_desc, audio_desc: {speech_content, acoustic_feat},
                  facial_exp_desc, body_lang_desc, sentiment_analysis}
 validated (exact keys, non-empty, written in the clip's language); failures in
-OUT/errors.jsonl, retried on the next run.
+OUT/errors.jsonl, retried on the next run. A clip longer than --max-seconds (30 s, as
+saber-preprocess) is an error ('too_long') and is not sent.
 
   saber-annotate --manifest clips.jsonl --out ann/ \\
       --base-url http://localhost:8000/v1 --model Qwen/Qwen2.5-Omni-7B
@@ -30,7 +31,7 @@ import numpy as np
 from saber_jax import files
 from saber_jax.cli import _common
 from saber_jax.data import annotation as annotation_lib
-from saber_jax.data import media
+from saber_jax.data import clips, media
 from saber_jax.judge import replies, runs
 
 # ----------------------------------------------------------------------------- prompts
@@ -207,6 +208,26 @@ def check_language(annotation: dict, lang: str) -> None:
 # ----------------------------------------------------------------------------- main
 
 
+def wav_seconds(wav: bytes) -> float:
+  with wave.open(io.BytesIO(wav)) as w:
+    return w.getnframes() / w.getframerate()
+
+
+def check_duration(rid: str, paths: list[str], max_seconds: float,
+                   wav_seconds: float | None = None) -> None:
+  """ItemError('too_long') for a clip longer than `max_seconds` (preprocessing's limit:
+  such a clip never becomes a record, and sent whole it is a request of many MB), by its
+  containers' headers before decoding, and by the decoded audio when a header says
+  nothing."""
+  lengths = [(path, media.probe(path).duration) for path in paths]
+  if wav_seconds is not None:
+    lengths.append(('its decoded audio', wav_seconds))
+  for where, seconds in lengths:
+    if seconds > max_seconds:
+      raise runs.ItemError('too_long', f'clip {rid!r}: {where}: {seconds:.1f} s > '
+                                       f'--max-seconds {max_seconds} s; not sent')
+
+
 def make_processor(args, judge, base_dir: str):
   def resolve(path):
     return path if os.path.isabs(path) else os.path.join(base_dir, path)
@@ -220,10 +241,14 @@ def make_processor(args, judge, base_dir: str):
     if not video and not audio:
       raise runs.ItemError('bad_input', f"clip {rid!r}: needs a 'video' or 'audio' path")
     try:
+      check_duration(rid, [resolve(p) for p in (video, audio) if p], args.max_seconds)
       frames = decode_frames(resolve(video), args.num_frames, args.frame_size) if video else []
       wav = None
       if not args.no_audio:
         wav = audio_wav(resolve(audio or video), args.sample_rate)
+        check_duration(rid, [], args.max_seconds, wav_seconds=wav and wav_seconds(wav))
+    except runs.ItemError:
+      raise
     except Exception as e:  # PyAV raises many types (FileNotFoundError, InvalidDataError, ...)
       raise runs.ItemError('bad_input',
                            f'clip {rid!r}: cannot decode media: {type(e).__name__}: {e}')
@@ -250,9 +275,16 @@ def parse_args(argv=None):
   parser = _common.tool_parser(__doc__)
   parser.add_argument('--manifest', required=True, help='clips JSONL: id, video and/or audio, lang')
   parser.add_argument('--out', required=True, help='output folder')
-  parser.add_argument('--num-frames', type=int, default=16, help='frames sent per clip')
-  parser.add_argument('--frame-size', type=int, default=448, help='longer side of a frame, pixels')
-  parser.add_argument('--sample-rate', type=int, default=media.SAMPLING_RATE)
+  parser.add_argument('--num-frames', type=_common.at_least(1), default=16,
+                      help='frames sent per clip (>= 1)')
+  parser.add_argument('--frame-size', type=_common.at_least(28), default=448,
+                      help='longer side of a frame, pixels (>= 28)')
+  parser.add_argument('--sample-rate', type=_common.in_range(8000, 48000, int),
+                      default=media.SAMPLING_RATE, help='Hz, in [8000, 48000]')
+  parser.add_argument('--max-seconds', type=_common.positive(float),
+                      default=clips.Settings.max_seconds,
+                      help="clips longer than this are errors, not sent (saber-preprocess's "
+                           'limit, default %(default)s)')
   parser.add_argument('--no-audio', action='store_true', help='send frames only')
   _common.add_judge_args(parser, timeout=180.0, concurrency=4)
   return parser.parse_args(_common.dashed(argv, parser))

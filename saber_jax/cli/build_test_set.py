@@ -60,7 +60,8 @@ def parse_args(argv=None):
   parser = _common.tool_parser(__doc__)
   parser.add_argument('--annotations', required=True, help='JSONL with id, annotation')
   parser.add_argument('--out', required=True, help='output folder')
-  parser.add_argument('--per-class', type=int, default=900, help='clips per class (paper: 900)')
+  parser.add_argument('--per-class', type=_common.at_least(1), default=900,
+                      help='clips per class, >= 1 (paper: 900)')
   parser.add_argument('--no-balance', action='store_true',
                       help='keep every available clip of a class even when the other falls short')
   _common.add_judge_args(parser)

@@ -40,7 +40,8 @@ def main(argv=None):
                      'token2wav, config and tokenizer files complete the export')
   to_hf.add_argument('--dtype', help='cast the thinker tensors (default: as stored; with '
                      "--base, the base's thinker dtype)")
-  to_hf.add_argument('--max-shard-gb', type=float, default=4.0)
+  to_hf.add_argument('--max-shard-gb', type=_common.positive(float), default=4.0,
+                     help='largest safetensors shard, GB (> 0)')
   to_peft = sub.add_parser('to-peft', help="a LoRA stage's adapter -> PEFT adapter directory")
   to_peft.add_argument('--params', required=True, help='final/ of a stage run with trainable=lora')
   to_peft.add_argument('--out', required=True, help='PEFT adapter directory to write')

@@ -32,6 +32,7 @@ import av
 import numpy as np
 from PIL import Image, ImageDraw
 
+from saber_jax.cli import _common
 from saber_jax.data.media import SAMPLING_RATE
 
 EMOTIONS = ('happy', 'sad', 'angry', 'neutral')
@@ -298,7 +299,7 @@ def make_demo_data(out: str, n: int = 32, seed: int = 0) -> tuple[str, str]:
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--out', required=True)
-  parser.add_argument('--n', type=int, default=32, help='number of clips')
+  parser.add_argument('--n', type=_common.at_least(1), default=32, help='number of clips (>= 1)')
   parser.add_argument('--seed', type=int, default=0)
   args = parser.parse_args(argv)
   manifest, labels = make_demo_data(args.out, args.n, args.seed)

@@ -103,6 +103,11 @@ def normalized(response: str) -> str:
   return response.lstrip()
 
 
+def can_pair(responses: list[str]) -> bool:
+  """Whether a prompt's responses can give a pair: two different non-empty ones."""
+  return len({normalized(t) for t in responses} - {''}) >= 2
+
+
 def finished_of(record: dict, where: str) -> list[bool]:
   """Which responses ended on their own (all of them when the line does not say)."""
   finished = record.get('finished', [True] * len(record['responses']))
@@ -304,12 +309,20 @@ def perturb_pairs(args) -> dict:
 def judge_pairs(args) -> dict:
   if not args.samples:
     raise SystemExit('--strategy judge needs --samples')
-  ids = set()
+  ids, pairable, most = set(), 0, 0
   for n, r in enumerate(files.read_jsonl(args.samples)):
     where = f'{args.samples} record {n + 1}'
     ids.add(files.record_id(r, where))
     responses_of(r, where)
     finished_of(r, where)
+    pairable += can_pair(r['responses'])
+    most = max(most, len(r['responses']))
+  if not pairable:   # k = 1 samples, or all equal: no pair can come out; judge nothing
+    raise SystemExit(
+        f'error: saber-make-pairs cannot make any pair from {args.samples}: none of its '
+        f'{n + 1 if ids else 0} prompts has two different non-empty responses (at most '
+        f'{most} per prompt); sample k >= 2 responses per prompt (generate.num_samples); '
+        'nothing was sent to the judge')
   references = {rid: annotation_lib.annotation_of(r, args.annotations, rid)
                 for rid, r in files.load_by_id(args.annotations, ids=ids).items()}
   judge = _common.judge_from_args(args)
@@ -318,6 +331,8 @@ def judge_pairs(args) -> dict:
   def items():
     for r in _common.sharded(files.read_jsonl(args.samples), args):
       rid = str(r['id'])
+      if not can_pair(r['responses']):    # no pair can come out of it: not worth a request
+        continue
       for i, response in enumerate(r['responses']):
         if normalized(response):
           yield {'id': f'{rid}#{i}', 'record_id': rid, 'index': i,
@@ -340,7 +355,8 @@ def judge_pairs(args) -> dict:
     for s in files.read_jsonl(scores_path):
       scored.setdefault(str(s['record_id']), {})[int(s['index'])] = float(s['score'])
   counts = {'prompts': 0, 'incomplete': 0, 'no_pairs': 0, 'pairs': 0, 'truncated_chosen': 0,
-            'no_pairs_cut': 0, 'trimmed': 0, 'empty': 0, 'margin_mean': None,
+            'no_pairs_cut': 0, 'single_response': 0, 'trimmed': 0, 'empty': 0,
+            'margin_mean': None,
             'judge': {'done': run.done, 'skipped': run.skipped, 'failed': run.failed}}
   margins = []
   with files.AtomicJsonlWriter(os.path.join(args.out, 'pairs.jsonl')) as writer:
@@ -351,6 +367,10 @@ def judge_pairs(args) -> dict:
       usable = [i for i, t in enumerate(responses) if t]   # index among the k samples
       counts['empty'] += len(responses) - len(usable)
       got = scored.get(rid, {})
+      if not can_pair(r['responses']):
+        counts['no_pairs'] += 1
+        counts['single_response'] += 1
+        continue
       if any(i not in got for i in usable):
         counts['incomplete'] += 1
         continue
@@ -390,7 +410,7 @@ def parse_args(argv=None):
   parser.add_argument('--out', required=True, help='output folder')
   parser.add_argument('--pairing', choices=('product', 'zipped'), default='product',
                       help='top-2 x bottom-2 (4 pairs) or zipped (2 pairs)')
-  parser.add_argument('--min-margin', type=float, default=0.0,
+  parser.add_argument('--min-margin', type=_common.at_least(0.0, float), default=0.0,
                       help='drop pairs (and prompts) whose score margin is below this')
   parser.add_argument('--perturbations', default=','.join(PERTURBATIONS),
                       help='perturb: kinds to build, comma-separated')
@@ -407,7 +427,9 @@ def why_no_pairs(counts: dict) -> str:
   else:
     reasons = {'prompts waiting for a failed judge call (rerun to retry)': counts['incomplete'],
                'prompts whose best and worst tie or differ by less than --min-margin':
-                   counts['no_pairs'] - counts['no_pairs_cut'],
+                   counts['no_pairs'] - counts['no_pairs_cut'] - counts['single_response'],
+               'prompts with fewer than two different non-empty responses':
+                   counts['single_response'],
                'prompts whose better responses were all cut at max_new_tokens (raise '
                'generate.max_new_tokens)': counts['no_pairs_cut'],
                'no samples': 0 if counts['prompts'] else 1}

@@ -7,8 +7,12 @@ prompt and media of its clip's SFT record (preprocess.py).
 Writes `OUT/pref-00000-of-00001.array_record` (ref log-probs empty until the reference
 pass), `OUT/rejects.jsonl` (pairs that cannot become a record, with the reason) and
 `OUT/stats.json`. A pair's `id` is its clip id; the record id is `<clip id>#<k>`.
-A finished output (stats.json present) is left alone unless --force. Writing no record
-at all exits 1 naming the counts and the most frequent reject reason.
+Pairs with equal answers or a chosen answer scored below the rejected one are rejects
+(`records.degenerate_pair`). OUT/fingerprint.json names the pairs file, the SFT shards
+(path, size, mtime) and the tokenizer: a rerun with the same inputs finds the output done
+(stats.json present); with other inputs (another --pairs) it is an error naming what
+differs, or --overwrite rebuilds it. Writing no record at all exits 1 naming the counts
+and the most frequent reject reason.
 """
 
 import argparse
@@ -18,7 +22,7 @@ import os
 
 import tqdm
 
-from saber_jax import files
+from saber_jax import files, fingerprint
 from saber_jax.cli import _common
 from saber_jax.data import prompt, records
 
@@ -68,6 +72,35 @@ def make_records(pairs_path: str, sft_records: str, out: str, tokenizer) -> dict
   return stats
 
 
+def _outputs(out: str) -> list[str]:
+  """What a run leaves in OUT (the shard, its size index, rejects, stats)."""
+  if not os.path.isdir(out):
+    return []
+  return [os.path.join(out, n) for n in sorted(os.listdir(out))
+          if n in ('rejects.jsonl', 'stats.json') or n.startswith('pref-')]
+
+
+def claim_output(args) -> str:
+  """OUT belongs to these pairs, SFT shards and tokenizer (`fingerprint.ensure`): 'resume'
+  or 'fresh'; other inputs are an error (exit 1) unless --overwrite clears OUT first."""
+  produced_by = {
+      'pairs': fingerprint.file_identity(args.pairs),
+      'sft_records': fingerprint.files_identity(records.shard_paths(args.sft_records)),
+      'tokenizer': fingerprint.tree_identity(args.tokenizer) if args.tokenizer else 'offline'}
+  outputs = _outputs(args.out)
+
+  def clear():
+    for path in outputs:
+      os.remove(path)
+
+  os.makedirs(args.out, exist_ok=True)
+  try:
+    return fingerprint.ensure(os.path.join(args.out, fingerprint.FILE), produced_by,
+                              has_output=bool(outputs), overwrite=args.overwrite, clear=clear)
+  except (fingerprint.Mismatch, files.LockHeld) as e:
+    raise SystemExit(f'error: {e}') from None
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -75,15 +108,13 @@ def main(argv=None):
   parser.add_argument('--sft-records', required=True, help='SFT shard prefix or files')
   parser.add_argument('--out', required=True)
   parser.add_argument('--tokenizer', default=None, help='HF tokenizer dir (default: offline Qwen)')
-  parser.add_argument('--force', action='store_true')
+  parser.add_argument('--overwrite', '--force', action='store_true',
+                      help='replace an output made from other inputs')
   args = parser.parse_args(_common.dashed(argv, parser))
-  try:   # one writer per output (the lock `fingerprint.ensure` takes for the other tools)
-    files.acquire_lock(os.path.join(args.out, 'fingerprint.json' + files.LOCK_SUFFIX), args.out)
-  except files.LockHeld as e:
-    raise SystemExit(f'error: {e}') from None
-  if os.path.exists(os.path.join(args.out, 'stats.json')) and not args.force:
-    print(f'{args.out} is done (stats.json present); --force to rebuild')
-    return
+  stats_path = os.path.join(args.out, 'stats.json')
+  if claim_output(args) == 'resume' and os.path.exists(stats_path):
+    print(f'{args.out} is done (stats.json present, same inputs); --overwrite to rebuild')
+    return files.read_json(stats_path)
   try:   # a damaged shard, two SFT records of one id: one line naming the place
     stats = make_records(args.pairs, args.sft_records, args.out,
                          prompt.load_tokenizer(args.tokenizer))

@@ -449,22 +449,27 @@ def main(argv=None):
   parser.add_argument('--exclude', help='ids to leave out (a JSONL with "id"s, e.g. the '
                       "test set's test_set.jsonl, or one id a line)")
   parser.add_argument('--only', help='take just these ids (same formats as --exclude)')
-  parser.add_argument('--num-shards', type=int, default=1)
-  parser.add_argument('--shard-index', type=int, default=None,
+  parser.add_argument('--num-shards', type=_common.at_least(1), default=1)
+  parser.add_argument('--shard-index', type=_common.at_least(0), default=None,
                       help='run only this shard (default: every shard in turn)')
-  parser.add_argument('--workers', type=int, default=1, help='processes for the per-clip work')
+  parser.add_argument('--workers', type=_common.at_least(1), default=1,
+                      help='processes for the per-clip work (>= 1)')
   parser.add_argument('--tokenizer', default=None,
                       help='Qwen2.5-Omni tokenizer directory (default: the offline one)')
-  parser.add_argument('--min-seconds', type=float, default=Settings.min_seconds)
-  parser.add_argument('--max-seconds', type=float, default=Settings.max_seconds)
-  parser.add_argument('--min-side', type=int, default=Settings.min_side)
+  parser.add_argument('--min-seconds', type=_common.at_least(0.0, float),
+                      default=Settings.min_seconds, help='>= 0')
+  parser.add_argument('--max-seconds', type=_common.positive(float),
+                      default=Settings.max_seconds, help='> --min-seconds')
+  parser.add_argument('--min-side', type=_common.at_least(1), default=Settings.min_side,
+                      help='pixels, >= 1')
   parser.add_argument('--force', action='store_true', help='redo shards already done')
   parser.add_argument('--overwrite', action='store_true',
                       help='delete an earlier output made from other inputs or settings')
   parser.add_argument('--quiet', action='store_true', help='no progress bar')
   args = parser.parse_args(_common.dashed(argv, parser))
-  if args.num_shards < 1:
-    parser.error('--num-shards must be >= 1')
+  if args.max_seconds <= args.min_seconds:
+    parser.error(f'argument --max-seconds: must be > --min-seconds ({args.min_seconds}), '
+                 f'got {args.max_seconds}')
   if args.shard_index is not None and not 0 <= args.shard_index < args.num_shards:
     parser.error(f'--shard-index must be in [0, {args.num_shards})')
   for path in (args.manifest, args.annotations, args.exclude, args.only):

@@ -111,7 +111,8 @@ def parse_args(argv=None):
   parser.add_argument('--transcripts',
                       help='JSONL {"id", "transcript"} from an ASR model (saber-transcribe)')
   parser.add_argument('--descriptions', help='JSONL {"id", "description"}; enables the LLM check')
-  parser.add_argument('--wer-threshold', type=float, default=DEFAULT_WER_THRESHOLD,
+  parser.add_argument('--wer-threshold', type=_common.at_least(0.0, float),
+                      default=DEFAULT_WER_THRESHOLD,
                       help='drop when WER (en) / CER (zh) exceeds this (default %(default)s)')
   _common.add_judge_args(parser, model_required=False)   # the judge: --descriptions only
   args = parser.parse_args(_common.dashed(argv, parser))

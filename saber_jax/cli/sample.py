@@ -306,8 +306,10 @@ def main(argv=None):
                  help='retries of a transport error (by the openai SDK, with backoff)')
   s = parser.add_argument_group('sampling')
   s.add_argument('--num-samples', type=_common.at_least(1), default=10, help='n per record')
-  s.add_argument('--temperature', type=float, default=0.8)
-  s.add_argument('--top-p', type=float, default=1.0)
+  s.add_argument('--temperature', type=_common.in_range(0.0, 2.0), default=0.8,
+                 help='in [0, 2]')
+  s.add_argument('--top-p', type=_common.in_range(0.0, 1.0, low_open=True), default=1.0,
+                 help='in (0, 1]')
   s.add_argument('--max-tokens', type=_common.at_least(1), required=True)
   s.add_argument('--seed', type=int, default=None, help="passed to the server's sampler")
   s.add_argument('--no-logprobs', action='store_true',

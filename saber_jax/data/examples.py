@@ -44,6 +44,8 @@ class DataConfig:
   length_buckets: padded text lengths; the largest is the longest row kept. Steps of
     256 tokens: with size-grouped batches they keep ~90% of text positions real.
   overlong: 'truncate' or 'drop' rows longer than max(length_buckets).
+  max_dropped_fraction: the largest fraction of the records that may train nothing
+    (dropped as too long, or an empty answer) before a stage refuses to start; in [0, 1].
   bucket_steps: buckets per doubling of a media size (1: powers of two; 2: also 1.5x;
     4: also 1.25x, 1.5x, 1.75x).
   min_audio_chunks, min_patches, min_vision_blocks, min_frame_len: floors of the media
@@ -61,6 +63,7 @@ class DataConfig:
   num_data_shards: int = 1
   length_buckets: tuple[int, ...] = tuple(range(256, 4097, 256))
   overlong: str = 'truncate'
+  max_dropped_fraction: float = 0.01
   bucket_steps: int = 4
   min_audio_chunks: int = 2
   min_patches: int = 256
@@ -96,6 +99,9 @@ def data_options(data_config: Any) -> DataConfig:
   buckets = options.length_buckets
   if not buckets or list(buckets) != sorted(set(buckets)):
     raise ValueError(f'length_buckets must be increasing, got {options.length_buckets}')
+  if not 0 <= options.max_dropped_fraction <= 1:
+    raise ValueError(f'max_dropped_fraction must be in [0, 1], got '
+                     f'{options.max_dropped_fraction}')
   if options.bucket_steps < 1:
     raise ValueError(f'bucket_steps must be >= 1, got {options.bucket_steps}')
   return options
@@ -306,6 +312,10 @@ class RecordLoader:
     ref = None
     if self.kind == records.PREFERENCE:
       ref = (record['ref_chosen_logps'], record['ref_rejected_logps'])
+      problem = self.require_reference and records.pair_problem(record)
+      if problem:   # the reference pass leaves these out; other records are refused here
+        raise records.RecordError(f'{where}: record {record["id"]!r}: degenerate pair: '
+                                  f'{problem}; rebuild the preference records')
       if self.require_reference and rows is not None and not np.all(np.isfinite(ref)):
         raise records.RecordError(
             f'{where}: record {record["id"]!r}: field \'ref_chosen_logps\': no reference '

@@ -35,6 +35,9 @@ N_FFT = 400
 HOP_LENGTH = 160
 NUM_MEL_BINS = 128
 MAX_AUDIO_SAMPLES = 300 * SAMPLING_RATE
+# Decoded samples are nominally in [-1, 1]; lossy codecs overshoot a little. A peak over
+# this is no recording at full scale 1 (`check_samples` rejects it).
+MAX_AUDIO_PEAK = 4.0
 
 # Vision: Qwen2-VL patching (the geometry is the vision tower's) and the OpenAI CLIP
 # normalisation.
@@ -141,7 +144,8 @@ def load_audio(path, sampling_rate: int = SAMPLING_RATE) -> np.ndarray:
     waveform: float32 [n], nominally in [-1, 1].
   Raises:
     MediaError: missing or empty file, unreadable container, no audio stream, a decoding
-      error, or a stream without samples.
+      error, a stream without samples, or samples no recording has (`check_samples`: NaN,
+      inf, |x| > MAX_AUDIO_PEAK).
   """
   path = os.fspath(path)
   _check_file(path)
@@ -158,11 +162,28 @@ def load_audio(path, sampling_rate: int = SAMPLING_RATE) -> np.ndarray:
       native_rate = source.samplerate
   if samples.shape[1] == 0:
     raise MediaError(f'{path}: audio stream holds no samples')
+  check_samples(path, samples, native_rate)
   try:
     return librosa.resample(librosa.to_mono(samples), orig_sr=native_rate,
                             target_sr=sampling_rate, res_type='soxr_hq')
   except librosa.ParameterError as e:  # e.g. NaN in a float wav
     raise MediaError(f'{path}: unusable audio samples ({e})') from e
+
+
+def check_samples(path, samples: np.ndarray, rate: int) -> None:
+  """MediaError for decoded samples [channels, n] no recording gives: NaN or inf, or a peak
+  far outside [-1, 1] (over MAX_AUDIO_PEAK: a float file in another scale, or garbage);
+  codecs overshoot 1 a little, never by this much. Names the first offending sample."""
+  bad = ~np.isfinite(samples)
+  if bad.any():
+    at = int(np.argmax(bad.any(0)))
+    raise MediaError(f'{path}: non-finite audio sample (NaN or inf) at {at / rate:.3f} s')
+  peaks = np.abs(samples).max(0)
+  if peaks.max() > MAX_AUDIO_PEAK:
+    at = int(np.argmax(peaks > MAX_AUDIO_PEAK))
+    raise MediaError(f'{path}: audio sample {float(peaks[at]):.4g} at {at / rate:.3f} s is far '
+                     f'outside [-1, 1] (more than {MAX_AUDIO_PEAK}): not a recording at full '
+                     'scale 1 (rescale the file)')
 
 
 def _decode_audio_track(path) -> tuple[np.ndarray, int]:

@@ -191,16 +191,43 @@ class BatchPlan:
     return dict(length=length, media=media_sizes, fill=fill)
 
 
+def check_dropped(sizes: np.ndarray, kept: np.ndarray, kind: str, options: DataConfig,
+                  paths: Sequence[str]) -> None:
+  """UserError when the examples that train nothing (dropped as too long, or with an empty
+  answer) are more than `options.max_dropped_fraction` of the records (1: never; the
+  trainer still refuses a stage that trained on no tokens at all)."""
+  n = len(kept)
+  answers = sizes[:, 1:3 if kind == records.PREFERENCE else 2].astype(np.int64)
+  empty = kept & (answers <= 0).any(1)
+  dropped, bad = int((~kept).sum()), int(empty.sum())
+  if not n or (dropped + bad) / n <= options.max_dropped_fraction:
+    return
+  reasons = []
+  if dropped:
+    reasons.append(f'{dropped} longer than the largest length bucket '
+                   f'{max(options.length_buckets)} (data.overlong={options.overlong!r})')
+  if bad:
+    reasons.append(f'{bad} with an empty answer')
+  where = paths[0] + (f' and {len(paths) - 1} more shards' if len(paths) > 1 else '')
+  raise UserError(
+      f'{dropped + bad} of {n} records ({(dropped + bad) / n:.1%}) would train nothing: '
+      f'{"; ".join(reasons)}; more than data.max_dropped_fraction='
+      f'{options.max_dropped_fraction} ({where}). Raise data.length_buckets, use '
+      "data.overlong='truncate', fix the records, or raise data.max_dropped_fraction")
+
+
 def batch_plan(model_config: ThinkerConfig, data_config: Any, paths: Sequence[str], kind: str,
                *, seed: int, shard_count: int, reference: bool = False,
                damaged_log: str | None = None) -> BatchPlan:
   """The global batch plan of the record files (their size indexes, built if missing) for
   `shard_count` processes of `data_config.batch_size` examples each. With `damaged_log`
   (the reference pass) a record that cannot be read is sized 0 (the loader logs and drops
-  it)."""
+  it). UserError when more than `data.max_dropped_fraction` of the records would train
+  nothing (`check_dropped`)."""
   options = data_options(data_config)
   sizes = records.load_sizes(paths, tolerate_damaged=damaged_log is not None)
   needs = example_needs(sizes, kind, model_config, options)
+  check_dropped(sizes, needs['kept'], kind, options, paths)
   return BatchPlan(needs, rows_per_example=num_rows(kind, options.shared_prompt),
                    batch_size=options.batch_size * shard_count,
                    num_data_shards=options.num_data_shards * shard_count, model_config=model_config,

@@ -271,6 +271,28 @@ def encode_preference_record(*, id: str, lang: str, prompt_ids, chosen_ids, reje
   return pack(validate_record(record, 'encode_preference_record'))
 
 
+def degenerate_pair(chosen, rejected, chosen_score=None, rejected_score=None) -> str | None:
+  """Why a preference pair teaches nothing or the wrong thing, or None: equal answers (text
+  or token ids; its DPO loss is log 2 whatever the weights) or a chosen answer scored below
+  the rejected one (NaN / None scores: unknown, not compared). One rule for the record
+  builder, the reference pass and DPO."""
+  same = (np.array_equal(np.asarray(chosen), np.asarray(rejected))
+          if isinstance(chosen, np.ndarray) else chosen == rejected)
+  if same:
+    return 'chosen and rejected answers are equal'
+  known = [x is not None and not math.isnan(float(x)) for x in (chosen_score, rejected_score)]
+  if all(known) and float(chosen_score) < float(rejected_score):
+    return f'chosen scored below rejected ({chosen_score} < {rejected_score})'
+  return None
+
+
+def pair_problem(record: Mapping[str, Any]) -> str | None:
+  """`degenerate_pair` of a decoded preference record (its texts, token ids and scores)."""
+  return (degenerate_pair(record['chosen'], record['rejected'], record.get('chosen_score'),
+                          record.get('rejected_score'))
+          or degenerate_pair(np.asarray(record['chosen_ids']), np.asarray(record['rejected_ids'])))
+
+
 def prompt_length(sft_record: Mapping[str, Any]) -> int:
   """Tokens before the response of an SFT record: the leading run of labels == -100."""
   trained = np.flatnonzero(np.asarray(sft_record['labels']) != batch.IGNORE_INDEX)
@@ -286,8 +308,12 @@ def preference_from_sft(sft_record: Mapping[str, Any], tokenizer, *, chosen: str
   The responses are tokenized as SFT responses are (sed.tokenize_response with the
   '<|im_end|>\\n' suffix), with segments from the SED headers found in each text
   (sed.split_sed_response). Raises ValueError for a response that is empty or starts
-  with whitespace (it would tokenize differently after 'assistant\\n').
+  with whitespace (it would tokenize differently after 'assistant\\n') and for a
+  degenerate pair (`degenerate_pair`: equal answers, chosen scored below rejected).
   """
+  problem = degenerate_pair(chosen, rejected, chosen_score, rejected_score)
+  if problem:
+    raise ValueError(f'pair {pair_id or sft_record["id"]!r}: {problem}')
   lang = sft_record['lang']
   sides = {}
   for side, text in (('chosen', chosen), ('rejected', rejected)):
@@ -504,7 +530,8 @@ def iter_records(paths: str | Sequence[str]) -> Iterator[dict[str, Any]]:
 def fill_reference_logps(paths: Sequence[str], logps: Mapping[Any, tuple[float, float]], *,
                          key: str = 'id', out_dir: str | None = None,
                          missing: str = 'error', drop: Sequence[int] = (),
-                         skip_unreadable: bool = False) -> dict[str, int]:
+                         skip_unreadable: bool = False,
+                         degenerate: list | None = None) -> dict[str, int]:
   """Rewrites preference shards with `ref_chosen_logps` / `ref_rejected_logps` filled in.
 
   Args:
@@ -520,14 +547,18 @@ def fill_reference_logps(paths: Sequence[str], logps: Mapping[Any, tuple[float, 
       the reference pass found damaged.
     skip_unreadable: a record Riegeli cannot read is left out (counted as dropped)
       instead of a RecordError naming it.
+    degenerate: a list: degenerate pairs (`pair_problem`) are left out of the output and
+      appended to it as {'id', 'where', 'reason'} (counted as 'degenerate'); None: kept.
   Streams shard by shard: read, write a temporary file, rename (see `write_records`).
-  Returns counts {'filled', 'kept'} (and 'dropped' with `drop` or `skip_unreadable`).
+  Returns counts {'filled', 'kept'} (and 'dropped' with `drop` or `skip_unreadable`,
+  'degenerate' with `degenerate`).
   """
   if missing not in ('error', 'keep'):
     raise ValueError(f"missing must be 'error' or 'keep', got {missing!r}")
   if key not in ('id', 'index'):
     raise ValueError(f"key must be 'id' or 'index', got {key!r}")
-  counts = {'filled': 0, 'kept': 0, **({'dropped': 0} if drop or skip_unreadable else {})}
+  counts = {'filled': 0, 'kept': 0, **({'dropped': 0} if drop or skip_unreadable else {}),
+            **({'degenerate': 0} if degenerate is not None else {})}
   drop = set(drop)
   seen: set[str] = set()
   position = 0
@@ -551,6 +582,11 @@ def fill_reference_logps(paths: Sequence[str], logps: Mapping[Any, tuple[float, 
       if record['id'] in seen:
         raise RecordError(f'{where}: record {record["id"]!r}: field \'id\': duplicate pair id')
       seen.add(record['id'])
+      problem = pair_problem(record) if degenerate is not None else None
+      if problem:
+        degenerate.append({'id': record['id'], 'where': where, 'reason': problem})
+        counts['degenerate'] += 1
+        continue
       pair = record['id'] if key == 'id' else index
       if pair in logps:
         chosen, rejected = logps[pair]

@@ -9,6 +9,11 @@ Two kinds of failure, two mechanisms: transport errors (timeouts, refused connec
 backoff with jitter, Retry-After honoured); unusable replies (not JSON, wrong keys, out
 of range) are re-asked here with the reason appended, up to `max_retries` times. What
 still fails becomes a `JudgeError` with the (redacted) raw reply.
+
+A reply's raw text is kept (in results, errors and a re-ask's context) cut to its first
+`MAX_RAW_CHARS` characters with a note of how many were left out (`cap_raw`): a runaway
+5 MB reply must not become 5 MB on every line of a results file. The value is parsed
+from the whole reply.
 """
 
 import dataclasses
@@ -20,6 +25,16 @@ import openai
 
 from saber_jax.judge import replies
 from saber_jax.judge.runs import ItemFailure
+
+
+MAX_RAW_CHARS = 4000    # a judge's JSON reply is a few hundred characters
+
+
+def cap_raw(raw: str | None, limit: int = MAX_RAW_CHARS) -> str | None:
+  """`raw` cut to `limit` characters, with a note of how many were left out."""
+  if raw is None or len(raw) <= limit:
+    return raw
+  return raw[:limit] + f'... [{len(raw) - limit} more characters not stored]'
 
 
 class JudgeError(ItemFailure):
@@ -122,12 +137,13 @@ class Judge:
         if check is not None:
           checked = check(value)
           value = value if checked is None else checked
-        return JudgeReply(value, raw, attempt)
+        return JudgeReply(value, cap_raw(raw), attempt)
       except replies.InvalidReply as exc:
         reason = str(exc)
         # Re-ask with the reason: at temperature 0 the same prompt would give the same
         # reply again. Only the latest bad reply is kept, so the context stays short.
         conversation = list(messages) + [
-            {'role': 'assistant', 'content': raw or ''},
+            {'role': 'assistant', 'content': cap_raw(raw) or ''},
             {'role': 'user', 'content': replies.correction_message(reason)}]
-    raise JudgeError('invalid_reply', self.redact(reason), raw=self.redact(raw), attempts=attempt)
+    raise JudgeError('invalid_reply', self.redact(reason), raw=self.redact(cap_raw(raw)),
+                     attempts=attempt)

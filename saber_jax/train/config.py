@@ -15,6 +15,7 @@ import numpy as np
 from saber_jax import losses
 from saber_jax.data import examples
 from saber_jax.errors import UserError
+from saber_jax.models.config import ThinkerConfig
 from saber_jax.models import layers
 from saber_jax.train import optim, steps
 
@@ -272,6 +273,8 @@ def validate(config) -> None:
   need(o.lr > 0, 'optim.lr', '> 0')
   need(o.total_steps >= 0, 'optim.total_steps', '>= 0 (0: from the data)')
   need(o.warmup_steps >= 0, 'optim.warmup_steps', '>= 0')
+  need(not o.total_steps or o.warmup_steps < o.total_steps, 'optim.warmup_steps',
+       f'< optim.total_steps ({o.total_steps}): the run would end before warm-up does')
   need(0 <= o.warmup_ratio < 1, 'optim.warmup_ratio', 'in [0, 1)')
   need(not (o.warmup_steps and o.warmup_ratio), 'optim.warmup_steps',
        'unset when optim.warmup_ratio is set (one of the two)')
@@ -286,6 +289,10 @@ def validate(config) -> None:
        'optim.grad_accum_steps', 'an integer >= 1')
   need(config.lora.rank >= 1, 'lora.rank', '>= 1')
   need(config.lora.alpha > 0, 'lora.alpha', '> 0')
+  need(len(tuple(config.lora.targets)) >= 1, 'lora.targets', 'at least one kernel regex')
+  need(config.model.get('hf_config') or callable(getattr(ThinkerConfig, config.model.name, None)),
+       'model.name', "a ThinkerConfig factory ('qwen2_5_omni_7b', 'qwen2_5_omni_3b', 'tiny') "
+       'or model.hf_config set')
   need(not config.get('init_lora') or config.trainable == 'lora', 'init_lora',
        "'' unless trainable='lora' (a PEFT adapter starts a LoRA stage)")
   need(config.dpo.beta > 0, 'dpo.beta', '> 0')
@@ -294,10 +301,14 @@ def validate(config) -> None:
   need(config.dpo.loss_type in losses.DPO_LOSS_TYPES, 'dpo.loss_type',
        f'one of {list(losses.DPO_LOSS_TYPES)}')
   need(d.batch_size >= 1, 'data.batch_size', '>= 1')
+  need(d.num_data_shards >= 1 and d.batch_size % d.num_data_shards == 0, 'data.num_data_shards',
+       f'>= 1 and a divisor of data.batch_size ({d.batch_size})')
+  need(isinstance(d.shuffle, bool), 'data.shuffle', 'True or False')
   need(d.num_epochs is None or d.num_epochs >= 1, 'data.num_epochs', 'None (repeat) or >= 1')
   buckets = tuple(d.length_buckets)
   need(len(buckets) > 0 and all(b > 0 for b in buckets) and list(buckets) == sorted(set(buckets)),
        'data.length_buckets', 'increasing positive lengths')
+  need(0 <= d.max_dropped_fraction <= 1, 'data.max_dropped_fraction', 'in [0, 1]')
   need(d.overlong in examples.OVERLONG_MODES, 'data.overlong', _either(examples.OVERLONG_MODES))
   for field in ('worker_count', 'group_batches', 'min_audio_chunks', 'min_patches',
                 'min_vision_blocks', 'min_frame_len'):
@@ -322,5 +333,6 @@ def validate(config) -> None:
   need(0 < g.top_p <= 1, 'generate.top_p', 'in (0, 1]')
   need(g.top_k >= 0, 'generate.top_k', '>= 0 (0: off)')
   need(g.num_samples >= 1, 'generate.num_samples', '>= 1')
+  need(g.window_batches >= 1, 'generate.window_batches', '>= 1')
   if problems:
     raise UserError('invalid config:\n  ' + '\n  '.join(problems))

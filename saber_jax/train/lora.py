@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from saber_jax.errors import UserError
+
 # Regexes searched (`re.search`) in the '/'-joined path of each leaf named 'kernel'.
 DEFAULT_TARGETS = (
     r'^text/.*(q_proj|k_proj|v_proj|o_proj)/kernel$',
@@ -76,6 +78,12 @@ def init_lora(key, params, *, rank: int, targets: Sequence[str] = DEFAULT_TARGET
   if rank <= 0:
     raise ValueError(f'LoRA rank must be positive, got {rank}')
   paths = target_kernel_paths(params, targets)
+  widths = {names: _get(params, names).shape[-2:] for names in paths}
+  narrowest = min(widths, key=lambda names: min(widths[names]))
+  if rank > min(widths[narrowest]):   # a factor wider than the kernel it adapts
+    raise UserError(f'config.lora.rank = {rank}: expected <= {min(widths[narrowest])}, the '
+                    f"narrowest width of the adapted kernels ({'/'.join(narrowest)} is "
+                    f'[in {widths[narrowest][0]}, out {widths[narrowest][1]}])')
   lora = {}
   for index, names in enumerate(paths):
     kernel = _get(params, names)

@@ -28,6 +28,7 @@ from saber_jax.train import adapters, preemption, steps, trainer
 DONE = 'DONE'                # written last by the reference pass
 PROGRESS = 'progress.json'   # the reference pass's batches done, when it was stopped
 ERRORS = 'errors.jsonl'      # the reference pass's damaged records
+DEGENERATE = 'degenerate.jsonl'   # pairs the reference pass left out, with the reason
 
 
 def stage_dir(config, stage: str) -> str:
@@ -205,14 +206,20 @@ def ref_logps_stage(config, record_paths, init_from: str) -> str:
     os.makedirs(out, exist_ok=True)
     damaged = sorted({int(e['index']) for e in files.read_whole_lines(damaged_log)
                       if e.get('index') is not None})
+    degenerate = []
     counts = records.fill_reference_logps(paths, values, key='index', out_dir=out,
                                           missing='keep', drop=damaged,
-                                          skip_unreadable=True)
+                                          skip_unreadable=True, degenerate=degenerate)
+    files.write_jsonl(os.path.join(out, DEGENERATE), degenerate)
+    if not counts['filled']:
+      raise UserError(f'[ref_logps] no pair left to train on ({counts}); see {out}')
     files.write_text(os.path.join(out, DONE), f'{counts}\n')
     if os.path.exists(progress):
       os.remove(progress)
     print(f'[ref_logps] filled {counts["filled"]} pairs, kept {counts["kept"]} '
           f'(too long for the largest length bucket), dropped {counts["dropped"]} damaged '
-          f'(see {damaged_log}) -> {out}', flush=True)
+          f'(see {damaged_log}), left out {counts["degenerate"]} degenerate pairs (equal '
+          f'answers or chosen scored below rejected: {os.path.join(out, DEGENERATE)}) '
+          f'-> {out}', flush=True)
   multihost_utils.sync_global_devices('ref_logps written')
   return out

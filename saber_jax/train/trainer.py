@@ -123,7 +123,7 @@ def final_params(setup: Setup, lora_config) -> dict:
 def data_identity(config) -> dict:
   """The data settings that change a stage's result (not how fast it is read)."""
   runtime_only = ('worker_count', 'worker_buffer_size', 'read_threads', 'prefetch',
-                  'num_data_shards', 'batch_size')
+                  'num_data_shards', 'batch_size', 'max_dropped_fraction')
   return {**{k: v for k, v in config.data.items() if k not in runtime_only},
           'global_batch_size': config.data.batch_size * jax.process_count()}
 
@@ -226,6 +226,14 @@ def check_global_batch(fingerprint_path: str, batch_size: int) -> None:
       f'{os.path.dirname(fingerprint_path)} was trained with a global batch of {old} examples; '
       f'this run has data.batch_size={batch_size} per process x {processes} processes = '
       f'{batch_size * processes}. To resume, use {fix} (data.batch_size is per process).')
+def check_trained(stage: str, tokens: int, steps: int) -> None:
+  """UserError when `steps` > 0 steps trained on no token on any process (every example
+  dropped or without an answer): the stage would write weights it never trained."""
+  total = int(np.sum(multihost_utils.process_allgather(np.int64(tokens))))
+  if steps and not total:
+    raise UserError(f'[{stage}] {steps} steps trained on 0 tokens (every example was dropped '
+                    'or had no answer tokens): no weights written; check the records and '
+                    'data.length_buckets')
 
 
 def train(config, setup: Setup, batches: Iterator[dict], data_iterator, workdir: str,
@@ -253,7 +261,8 @@ def train(config, setup: Setup, batches: Iterator[dict], data_iterator, workdir:
     state = materialize(setup, config, init_from).state
   elif jax.process_index() == 0:
     print(f'[{stage}] resumed from step {int(jax.device_get(state.step))}', flush=True)
-  step = int(jax.device_get(state.step))
+  step = start_step = int(jax.device_get(state.step))
+  run_tokens = 0   # trained (label) tokens of this process since the start or resume
   logger = MetricLogger(config.workdir, stage, total_steps, start_step=step,
                         wandb=config.get('wandb'), run_config=config.to_dict())
   profile = Profile(config.get('profile'), os.path.join(config.workdir, 'tensorboard', stage))
@@ -280,8 +289,10 @@ def train(config, setup: Setup, batches: Iterator[dict], data_iterator, workdir:
       state, metrics = setup.step_fn(state, sharding.global_batch(batch, setup.mesh))
       step += 1
       # Counted on the host while the (asynchronously dispatched) step runs.
+      tokens = int(np.sum(batch['labels'] != IGNORE_INDEX))
+      run_tokens += tokens
       pending.append((step, metrics, dict(
-          tokens=int(np.sum(batch['labels'] != IGNORE_INDEX)),
+          tokens=tokens,
           model_flops=flops.step_flops(setup.model_config, batch, trainable=config.trainable),
           fill=fill)))
       profile.after(step, metrics)
@@ -297,6 +308,8 @@ def train(config, setup: Setup, batches: Iterator[dict], data_iterator, workdir:
           with clock.part('eval'):
             extra.update(evaluate(evaluation, state, setup.mesh))
         logger.write(step, {**extra, **clock.take()})
+      if step == total_steps:
+        check_trained(stage, run_tokens, step - start_step)
       with clock.part('checkpoint'):
         checkpoint.save(mngr, step, state, data_iterator, force=last)
         if stop:
