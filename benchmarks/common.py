@@ -82,8 +82,10 @@ def processor_batch(config: ThinkerConfig, spec: BatchSpec = BatchSpec(), seed: 
   patches = int(np.prod(spec.video_grid))
   return dict(
       input_ids=input_ids, attention_mask=attention_mask,
-      input_features=features.astype(np.float32), feature_attention_mask=feature_mask.astype(np.int64),
-      pixel_values_videos=rng.standard_normal((patches * len(rows), v.patch_dim)).astype(np.float32),
+      input_features=features.astype(np.float32),
+      feature_attention_mask=feature_mask.astype(np.int64),
+      pixel_values_videos=rng.standard_normal(
+          (patches * len(rows), v.patch_dim)).astype(np.float32),
       video_grid_thw=np.array([spec.video_grid] * len(rows)),
       video_second_per_grid=np.full(len(rows), spec.seconds_per_grid, np.float32),
       use_audio_in_video=True, labels=labels, segments=segments)

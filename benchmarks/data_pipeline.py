@@ -202,7 +202,8 @@ def main(argv=None):
     for workers in args.workers:
       cells = []
       for checkout in checkouts:
-        v = [r['examples_per_s'] for r in results['settings'][f'{checkout}/{name}/workers={workers}']]
+        runs = results['settings'][f'{checkout}/{name}/workers={workers}']
+        v = [r['examples_per_s'] for r in runs]
         cells.append(f'{np.median(v):.1f} ({min(v):.1f}-{max(v):.1f})')
       print(f'| {name} | {workers} | ' + ' | '.join(cells) + ' |')
   if args.json:

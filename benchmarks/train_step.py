@@ -236,7 +236,8 @@ def print_table(r: dict):
   print(f"{'':24}{'saber_jax':>12}{'transformers':>14}")
   print(f"{'step time (s)':24}{r['jax_step_s']:12.2f}{r['torch_step_s']:14.2f}")
   print(f"{'tokens/s':24}{r['jax_tokens_per_s']:12.1f}{r['torch_tokens_per_s']:14.1f}")
-  print(f"{'CPU seconds per step':24}{r['jax_cpu_s_per_step']:12.1f}{r['torch_cpu_s_per_step']:14.1f}")
+  print(f"{'CPU seconds per step':24}{r['jax_cpu_s_per_step']:12.1f}"
+        f"{r['torch_cpu_s_per_step']:14.1f}")
   print(f"{'MFU (measured peak)':24}{r['mfu']:12.2f}{r['torch_mfu']:14.2f}")
   print(f"{'peak host memory (GiB)':24}{r['jax_max_rss_gib']:12.2f}{r['torch_max_rss_gib']:14.2f}")
   if r['jax_device_peak_gib'] is not None:

@@ -252,7 +252,8 @@ def generate_inputs(config: ThinkerConfig, settings: DecodeSettings, params, inp
     logits = run(_rows_split(hidden), method=Thinker.logits)[:, 0].astype(jnp.float32)
     return state._replace(
         step=t + 1, logits=logits, cache=cache,
-        tokens=state.tokens.at[live, t].set(token), logprobs=state.logprobs.at[live, t].set(logprob),
+        tokens=state.tokens.at[live, t].set(token),
+        logprobs=state.logprobs.at[live, t].set(logprob),
         lengths=state.lengths.at[live].add((~finished & ~is_eos).astype(jnp.int32)),
         finished=state.finished.at[live].set(finished | is_eos))
 

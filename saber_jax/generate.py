@@ -374,8 +374,8 @@ def _check_fingerprint(config, record_paths, init_from: str, out_path: str) -> N
   """Resume only output made from the same records, weights and sampling settings (batch
   size and process count do not change a sample); else an error naming what differs, or
   `config.overwrite` starts fresh."""
-  outputs = [p for p in [out_path, errors_path(out_path)] + glob.glob(glob.escape(out_path) + '.part*')
-             if os.path.exists(p)]
+  candidates = [out_path, errors_path(out_path)] + glob.glob(glob.escape(out_path) + '.part*')
+  outputs = [p for p in candidates if os.path.exists(p)]
   g = config.generate
   produced_by = {'records': fingerprint.files_identity(datasets.resolve_paths(record_paths)),
                  'seed': config.seed, **weights.weights_identity(config, init_from),

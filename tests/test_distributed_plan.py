@@ -70,7 +70,8 @@ def _write(folder, n=NUM_RECORDS, seed=0) -> tuple[str, str]:
         id=f'p{i}', prompt_ids=prompt_ids, chosen_ids=answers[0], rejected_ids=answers[1],
         chosen_segments=np.full(len(answers[0]), 3, np.int8),
         rejected_segments=np.full(len(answers[1]), 3, np.int8), chosen='a', rejected='b',
-        ref_chosen_logps=float(-2000 * rng.uniform()), ref_rejected_logps=float(-2000 * rng.uniform()),
+        ref_chosen_logps=float(-2000 * rng.uniform()),
+        ref_rejected_logps=float(-2000 * rng.uniform()),
         **media))
   prefixes = str(folder / 'sft'), str(folder / 'pref')
   for prefix, blobs in zip(prefixes, (sft, pref)):
@@ -161,7 +162,7 @@ def _stopped_by_sigterm(args, workdir, processes: int, signalled: int) -> list[s
   outputs = [p.communicate(timeout=600)[0] for p in launched]
   for p, out in zip(launched, outputs):
     assert p.returncode == 0, out[-4000:]
-  stops = [[l for l in out.splitlines() if 'stopped after step' in l] for out in outputs]
+  stops = [[s for s in out.splitlines() if 'stopped after step' in s] for out in outputs]
   assert all(stops), outputs[0][-3000:]
   at = {int(s[0].split('stopped after step ')[1].split()[0]) for s in stops}
   assert len(at) == 1 and 0 < min(at) < STEPS, stops      # one step for all, before the end

@@ -80,7 +80,7 @@ def test_killed_runs_resume_with_the_same_losses(sft_records, tmp_path):
   # finishes, is checkpointed whole, and the run exits 0 within seconds, saying where.
   process = _main(args, workdir)
   lines = []
-  reader = threading.Thread(target=lambda: [lines.append(l) for l in process.stdout],
+  reader = threading.Thread(target=lambda: [lines.append(s) for s in process.stdout],
                             daemon=True)
   reader.start()
   while not any('[sft] step 5/8' in line for line in lines) and process.poll() is None \
@@ -134,7 +134,7 @@ def test_two_processes_match_one(sft_records, tmp_path):
 def test_7b_dry_run_prints_per_device_memory(trainable, tmp_path):
   out = _run([f'--config=configs/sed_sft.py:7b,{trainable}', '--config.dry_run=True',
               '--config.optim.total_steps=10'], tmp_path, devices=8)
-  line = [l for l in out.splitlines() if l.startswith('per_device_memory_gib=')]
+  line = [s for s in out.splitlines() if s.startswith('per_device_memory_gib=')]
   assert line, out[-3000:]
   assert 1.0 < float(line[0].split('=')[1]) < 80.0
 

@@ -98,7 +98,7 @@ def test_sigterm_stops_after_the_step_in_flight_and_resumes_exactly_with_eval(
   loss_fn = trainer.stage_loss(config, 'sft', model_config)
   forward = [loss_fn(straight.trainable, straight.frozen, b) for b in held_out]
   tokens = [float(m['tokens']) for _, m in forward]
-  expected = sum(float(l) * t for (l, _), t in zip(forward, tokens)) / sum(tokens)
+  expected = sum(float(loss) * t for (loss, _), t in zip(forward, tokens)) / sum(tokens)
   assert want[6]['eval/loss'] == pytest.approx(expected, rel=1e-5)
   for part in ('visual', 'acoustic', 'reasoning'):
     n = [float(m[f'tokens/{part}']) for _, m in forward]

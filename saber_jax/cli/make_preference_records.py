@@ -122,9 +122,10 @@ def main(argv=None):
     raise SystemExit(f'error: {e}') from None
   print(json.dumps(stats))
   if not stats['records']:
-    raise SystemExit(f"error: saber-make-preference-records wrote no record ({stats['rejected']} "
-                     f"pairs rejected; most frequent reason: {stats['most_frequent_reject']}; see "
-                     f"{os.path.join(args.out, 'rejects.jsonl')})")
+    raise _common.produced_nothing('saber-make-preference-records wrote no record',
+                                   f"{stats['rejected']} pairs rejected",
+                                   stats['most_frequent_reject'],
+                                   os.path.join(args.out, 'rejects.jsonl'))
   return stats
 
 

@@ -206,7 +206,8 @@ def read_shard_annotations(path: str, shard_index: int, num_shards: int,
     if clip_id in found:
       source = getattr(result, 'source', None) or path
       rejects.append(_reject(clip_id, 'duplicate_annotation',
-                             f'{source}: clip {clip_id!r}: a second annotation line (the first is used)'))
+                             f'{source}: clip {clip_id!r}: a second annotation line '
+                             '(the first is used)'))
       continue
     found[clip_id] = result
   return found, rejects
@@ -243,7 +244,8 @@ def process_clip(job):
     return 'reject', _reject(entry['id'], e.reason, e.message), None
   except Exception as e:  # a bug or an unforeseen input: report it, keep going
     last = traceback.format_exception_only(type(e), e)[-1].strip()
-    return 'reject', _reject(entry['id'], 'error', f'{entry["where"]}: clip {entry["id"]!r}: {last}'), None
+    message = f'{entry["where"]}: clip {entry["id"]!r}: {last}'
+    return 'reject', _reject(entry['id'], 'error', message), None
 
 
 # --------------------------------------------------------------------------- stats
@@ -319,21 +321,24 @@ def run_shard(args, shard_index, settings, pool) -> dict:
                                                            selected)
   stats = new_stats(shard_index, n)
   stats['left_out'] = left_out
-  stats['clips'] = len(entries) + sum(1 for r in rejects if r['reason'] in ('bad_manifest', 'duplicate_clip'))
+  stats['clips'] = len(entries) + sum(1 for r in rejects
+                                      if r['reason'] in ('bad_manifest', 'duplicate_clip'))
   for r in rejects:
     _count(stats['outcomes'], r['reason'])
   listed = {e['id'] for e in entries}
   for clip_id in annotations:
     if clip_id not in listed:
-      annotation_rejects.append(_reject(clip_id, 'annotation_without_clip',
-                                        f'{args.annotations}: clip {clip_id!r} is not in the manifest'))
+      annotation_rejects.append(_reject(
+          clip_id, 'annotation_without_clip',
+          f'{args.annotations}: clip {clip_id!r} is not in the manifest'))
   for r in annotation_rejects:
     _count(stats['annotation_rejects'], r['reason'])
   rejects += annotation_rejects
 
   # Schema errors travel as their message: AnnotationError does not survive pickling intact.
   jobs = [(e, _picklable(annotations.get(e['id'])), settings) for e in entries]
-  results = _ordered_map(pool, process_clip, jobs, 4 * args.workers) if pool else map(process_clip, jobs)
+  results = (_ordered_map(pool, process_clip, jobs, 4 * args.workers) if pool
+             else map(process_clip, jobs))
   progress = tqdm.tqdm(total=len(jobs), desc=f'shard {shard_index}/{n}', unit='clip',
                        disable=args.quiet)
 

@@ -149,7 +149,8 @@ def _check_array(record, where, field, dtype, ndim, required=True):
 def _check_media(record, where):
   features = _check_array(record, where, 'input_features', np.float32, 2, required=False)
   if features is not None and (features.shape[1] < 1 or not np.isfinite(features).all()):
-    _fail(where, 'input_features', f'expected finite [mel bins, frames >= 1], got {list(features.shape)}')
+    _fail(where, 'input_features',
+          f'expected finite [mel bins, frames >= 1], got {list(features.shape)}')
   frames = _check_array(record, where, 'frames', np.uint8, 4, required=False)
   if frames is not None:
     if frames.shape[0] < 1 or frames.shape[-1] != 3:
@@ -259,8 +260,9 @@ def encode_preference_record(*, id: str, lang: str, prompt_ids, chosen_ids, reje
   """One preference record blob; None scores / log-probs are stored as NaN."""
   nan = lambda x: math.nan if x is None else float(x)
   record = dict(
-      kind=PREFERENCE, schema_version=SCHEMA_VERSION, id=id, clip_id=id if clip_id is None else clip_id,
-      lang=lang, subset=subset, duration=float(duration), use_audio_in_video=bool(use_audio_in_video),
+      kind=PREFERENCE, schema_version=SCHEMA_VERSION, id=id,
+      clip_id=id if clip_id is None else clip_id, lang=lang, subset=subset,
+      duration=float(duration), use_audio_in_video=bool(use_audio_in_video),
       prompt_ids=np.asarray(prompt_ids, np.int32), chosen_ids=np.asarray(chosen_ids, np.int32),
       rejected_ids=np.asarray(rejected_ids, np.int32),
       chosen_segments=np.asarray(chosen_segments, np.int8),
@@ -364,7 +366,8 @@ def shard_paths(prefix: str) -> list[str]:
   count = counts.pop()
   missing = [shard_name(prefix, i, count) for i in range(count) if (i, count) not in found]
   if missing:
-    raise FileNotFoundError(f'{prefix}: {len(missing)} of {count} shards missing, e.g. {missing[0]}')
+    raise FileNotFoundError(f'{prefix}: {len(missing)} of {count} shards missing, '
+                            f'e.g. {missing[0]}')
   return [found[i, count] for i in range(count)]
 
 

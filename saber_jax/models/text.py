@@ -36,12 +36,16 @@ class KVCache(NamedTuple):
     return KVCache(put(self.k, rows.k), put(self.v, rows.v))
 
 
-class Attention(nn.Module):
+class DecoderModule(nn.Module):
+  """The fields every decoder-layer module takes: its config, compute / storage dtypes and
+  the attention implementation (see ThinkerConfig.attention)."""
   config: TextConfig
   dtype: layers.Dtype
   param_dtype: layers.Dtype
   attention: str = 'xla'
 
+
+class Attention(DecoderModule):
   @nn.compact
   def __call__(self, x, cos, sin, mask, cache: KVCache | None = None, cache_index=None):
     """x [B, L, H] -> (out [B, L, H], new rows). Without a cache the queries attend to the
@@ -80,11 +84,7 @@ class Attention(nn.Module):
     return out, new_rows
 
 
-class DecoderLayer(nn.Module):
-  config: TextConfig
-  dtype: layers.Dtype
-  param_dtype: layers.Dtype
-  attention: str = 'xla'
+class DecoderLayer(DecoderModule):
 
   @nn.compact
   def __call__(self, x, cos, sin, mask, cache: KVCache | None = None, cache_index=None):
