@@ -70,7 +70,7 @@ def weights_identity(config, init_from: str | None) -> dict:
 def save_params(path: str, params, model_config: ThinkerConfig) -> None:
   """The thinker params alone (LoRA merged) and their config, as the next stage's start
   and reference; `saber-convert-hf` exports them to Hugging Face format."""
-  path = os.path.abspath(path)
+  path = files.absolute(path)
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(os.path.join(path, 'params'), params, force=True)
   if jax.process_index() == 0:
@@ -78,7 +78,7 @@ def save_params(path: str, params, model_config: ThinkerConfig) -> None:
 
 
 def params_config(path: str) -> ThinkerConfig:
-  return ThinkerConfig.from_hf(os.path.join(path, CONFIG_FILE))
+  return ThinkerConfig.from_hf(files.read_json(os.path.join(path, CONFIG_FILE)))
 
 
 def load_params(path: str, abstract):
@@ -86,7 +86,7 @@ def load_params(path: str, abstract):
   ShapeDtypeStructs; plain arrays' shapes when it has none). Non-finite values are an
   error naming the param."""
   with ocp.StandardCheckpointer() as checkpointer:
-    params = checkpointer.restore(os.path.join(os.path.abspath(path), 'params'), abstract)
+    params = checkpointer.restore(os.path.join(files.absolute(path), 'params'), abstract)
   bad = convert.nonfinite_paths(params)
   if bad:
     raise ValueError(f'{path}: params {bad} hold non-finite values (NaN or inf)')
@@ -97,7 +97,7 @@ def params_leaf_reader(path: str, abstract_params):
   """A `convert.streamed_hf_tensors` reader of the params saved by `save_params`: each call
   restores one leaf (a whole layer stack) into host memory, so an export holds one leaf at a
   time instead of the model. `abstract_params` (unboxed) names the leaves there are."""
-  directory = os.path.join(os.path.abspath(path), 'params')
+  directory = os.path.join(files.absolute(path), 'params')
   flat = flax.traverse_util.flatten_dict(abstract_params, sep='/')
 
   def leaf(tower: str, inner: str):

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from saber_jax import convert
+from saber_jax import convert, files
 from saber_jax.models import abstract_params
 from saber_jax.models.config import ThinkerConfig
 from saber_jax import weights
@@ -44,27 +44,26 @@ MODULE_PREFIX = {'text': 'model.language_model.', 'audio': 'model.audio_tower.',
 
 def save_adapter(path: str, lora_params, *, rank: int, alpha: float, targets, base: str):
   """`lora_params` (global arrays, any sharding) and their settings under `path`."""
-  path = os.path.abspath(path)
+  path = files.absolute(path)
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(os.path.join(path, 'lora'), lora_params, force=True)
   if jax.process_index() == 0:
-    with open(os.path.join(path, ADAPTER_FILE), 'w') as f:
-      json.dump(dict(rank=rank, alpha=alpha, targets=list(targets), base=base), f, indent=2)
+    files.write_json(os.path.join(path, ADAPTER_FILE),
+                     dict(rank=rank, alpha=alpha, targets=list(targets), base=base))
 
 
 def load_adapter(path: str, config: ThinkerConfig) -> tuple[dict, dict]:
   """(settings, LoRA tree in host memory) of an adapter written by `save_adapter`."""
   settings_path = os.path.join(path, ADAPTER_FILE)
-  if not os.path.exists(settings_path):
+  if not files.exists(settings_path):
     raise FileNotFoundError(f'{settings_path} not found: {path} holds no LoRA adapter (only '
                             'stages trained with trainable=lora keep one)')
-  with open(settings_path) as f:
-    settings = json.load(f)
+  settings = files.read_json(settings_path)
   abstract = jax.eval_shape(lambda: lora_lib.init_lora(
       jax.random.key(0), nn.unbox(abstract_params(config)), rank=settings['rank'],
       targets=tuple(settings['targets'])))
   with ocp.StandardCheckpointer() as checkpointer:
-    tree = checkpointer.restore(os.path.join(os.path.abspath(path), 'lora'), abstract)
+    tree = checkpointer.restore(os.path.join(files.absolute(path), 'lora'), abstract)
   return settings, jax.tree.map(np.asarray, tree)
 
 
