@@ -4,7 +4,8 @@
   config.json, with the run's dtypes, remat and attention); `lora_config_of`: whether the
   run trains LoRA factors (their config) or not (None).
 - `initial_params`: the params a stage starts from, placed on the mesh: an HF checkpoint
-  directory (streamed, `convert.load_hf`), a params directory a stage saved, or random.
+  directory (streamed, `convert.load_hf`; from a `gs://` URL through a local copy), a
+  params directory a stage saved (local or `gs://`: Orbax reads it), or random.
 - `weights_identity`: what those weights are, for fingerprints.
 - The params directory (a stage's `final/`, `saber-convert-hf to-params`' output):
   `params/` (Orbax) and `thinker_config.json`; `save_params`, `load_params`,
@@ -13,6 +14,7 @@
 
 import dataclasses
 import os
+import tempfile
 
 import flax.linen as nn
 import flax.traverse_util
@@ -51,6 +53,11 @@ def initial_params(config, model_config: ThinkerConfig, mesh: Mesh, init_from: s
   boxed = abstract_params(model_config)
   shardings = sharding.tree_shardings(boxed, mesh)
   if init_from and convert.is_hf_checkpoint(init_from):
+    if files.is_url(init_from):     # safetensors are memory-mapped: read a local copy
+      with tempfile.TemporaryDirectory(prefix='saber-init-') as local:
+        files.download(init_from, local)
+        _, params = convert.load_hf(local, model_config.param_dtype, mesh)
+      return params
     _, params = convert.load_hf(init_from, model_config.param_dtype, mesh)
     return params
   if init_from:

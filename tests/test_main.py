@@ -126,13 +126,13 @@ def test_killed_runs_resume_with_the_same_losses(sft_records, straight, tmp_path
 
 @pytest.fixture
 def gcs(monkeypatch):
-  """gcp-storage-emulator on loopback (in memory) with a bucket `runs`; the clients' standard
-  variables point at it, in this process and (returned) for the processes it starts."""
-  server_lib = pytest.importorskip('gcp_storage_emulator.server')
+  """gcp-storage-emulator on loopback (in memory, with GCS's conditional requests:
+  tests/gcs_emulator.py) and a bucket `runs`; the clients' standard variables point at it, in this process and (returned) for the processes it starts."""
+  pytest.importorskip('gcp_storage_emulator')
   pytest.importorskip('gcsfs')
+  import gcs_emulator
   port = free_port()
-  server = server_lib.create_server('127.0.0.1', port, in_memory=True, default_bucket='runs')
-  server.start()
+  server = gcs_emulator.start(port, 'runs', monkeypatch)
   url = f'http://127.0.0.1:{port}'
   env = {'STORAGE_EMULATOR_HOST': url, 'TENSORSTORE_GCS_HTTP_URL': url,
          'GOOGLE_AUTH_TOKEN_FOR_TESTING': 'emulator'}
