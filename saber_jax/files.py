@@ -74,7 +74,9 @@ def rmtree(path: Path) -> None:
 def walk_files(path: Path) -> list[str]:
   """Every file under a directory (local or URL), sorted."""
   if is_url(path):
-    return sorted(os.fspath(root / name) for root, _, names in epath.Path(path).walk()
+    scheme = os.fspath(path).split('://')[0] + '://'      # fsspec walks without it
+    with_scheme = lambda root: os.fspath(root) if is_url(root) else scheme + os.fspath(root)
+    return sorted(f'{with_scheme(root)}/{name}' for root, _, names in epath.Path(path).walk()
                   for name in names)
   return sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names)
 
@@ -279,7 +281,7 @@ def read_json(path: Path) -> Any:
 def read_jsonl(path: Path) -> Iterator[dict]:
   """Records of a JSONL file, streaming; blank lines skipped. A line that is not a JSON
   object raises ValueError naming the file and line."""
-  with open(path, encoding='utf-8') as f:
+  with open_read(path) as f:
     for lineno, line in enumerate(f, 1):
       if not line.strip():
         continue

@@ -124,24 +124,6 @@ def test_killed_runs_resume_with_the_same_losses(sft_records, straight, tmp_path
     assert got[step] == pytest.approx(want[step], rel=1e-6), step
 
 
-@pytest.fixture
-def gcs(monkeypatch):
-  """gcp-storage-emulator on loopback (in memory, with GCS's conditional requests:
-  tests/gcs_emulator.py) and a bucket `runs`; the clients' standard variables point at it, in this process and (returned) for the processes it starts."""
-  pytest.importorskip('gcp_storage_emulator')
-  pytest.importorskip('gcsfs')
-  import gcs_emulator
-  port = free_port()
-  server = gcs_emulator.start(port, 'runs', monkeypatch)
-  url = f'http://127.0.0.1:{port}'
-  env = {'STORAGE_EMULATOR_HOST': url, 'TENSORSTORE_GCS_HTTP_URL': url,
-         'GOOGLE_AUTH_TOKEN_FOR_TESTING': 'emulator'}
-  for k, v in env.items():
-    monkeypatch.setenv(k, v)
-  yield env
-  server.stop()
-
-
 def test_gs_workdir_killed_resumes_and_exports_like_a_local_run(sft_records, straight, gcs,
                                                                 tmp_path):
   from etils import epath
