@@ -74,7 +74,7 @@ def straight(sft_records, tmp_path_factory):
 
 def _read_stdout(process) -> tuple[list, threading.Thread]:
   lines = []
-  reader = threading.Thread(target=lambda: [lines.append(l) for l in process.stdout],
+  reader = threading.Thread(target=lambda: [lines.append(line) for line in process.stdout],
                             daemon=True)
   reader.start()
   return lines, reader

@@ -18,6 +18,7 @@ lora_B = b^T, one pair per layer, named after the module that carries the weight
 import json
 import math
 import os
+import tempfile
 
 import flax.linen as nn
 import jax
@@ -106,6 +107,11 @@ def peft_config(*, rank: int, alpha: float, target_modules, base_model: str) -> 
 def save_peft(path: str, lora_params, *, rank: int, alpha: float, base_model: str):
   """Write a PEFT adapter directory; the target modules are the adapted modules' full names
   (PEFT matches a name or a suffix of it, so the full model's `thinker.` modules match too)."""
+  if files.is_url(path):           # written locally, then uploaded file by file
+    with tempfile.TemporaryDirectory(prefix='saber-peft-') as local:
+      save_peft(local, lora_params, rank=rank, alpha=alpha, base_model=base_model)
+      files.upload(local, path)
+    return
   tensors = peft_tensors(lora_params)
   modules = {name.removeprefix(PEFT_PREFIX).rsplit('.lora_', 1)[0] for name in tensors}
   os.makedirs(path, exist_ok=True)
