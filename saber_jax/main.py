@@ -33,7 +33,7 @@ from absl import app, flags, logging  # noqa: E402
 import jax  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from saber_jax import configs, errors, files, pipeline, sampling  # noqa: E402
+from saber_jax import configs, errors, pipeline, sampling  # noqa: E402
 from saber_jax.train import config as config_lib, dry_run, preemption, stages  # noqa: E402
 
 CONFIGS = os.path.dirname(os.path.abspath(configs.__file__))
@@ -75,23 +75,8 @@ def initialize_distributed(config) -> None:
     jax.distributed.initialize()
 
 
-# Modes that write records or append to files in the workdir: local or gcsfuse only.
-LOCAL_WORKDIR_MODES = ('ref_logps', 'generate', 'pipeline')
-
-
-def check_workdir(config) -> None:
-  """A `gs://` workdir serves the training stages; the others say how to run instead."""
-  if files.is_url(config.workdir) and config.mode in LOCAL_WORKDIR_MODES and not config.dry_run:
-    raise errors.UserError(
-        f'workdir={config.workdir}: mode={config.mode} writes records or appends to files '
-        f'there, which an object store cannot take; use a local workdir or a gcsfuse mount '
-        f'of the bucket (gcsfuse --implicit-dirs BUCKET /mnt/BUCKET, then '
-        f'--config.workdir=/mnt/BUCKET/...). mode=sft and mode=dpo take a gs:// workdir.')
-
-
 def run(config) -> None:
   """The stage `config.mode` names (or its dry run)."""
-  check_workdir(config)
   if config.dry_run:
     dry_run.dry_run(config, 'dpo' if config.mode == 'dpo' else 'sft')
   elif config.mode == 'sft':
