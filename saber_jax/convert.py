@@ -99,8 +99,8 @@ def _all_finite(leaves):
 
 
 def is_hf_checkpoint(path: str) -> bool:
-  return os.path.isdir(path) and any(n.endswith(('.safetensors', '.safetensors.index.json'))
-                                     for n in os.listdir(path))
+  """A directory (local, or a URL `files` opens) holding safetensors."""
+  return any(n.endswith(('.safetensors', '.safetensors.index.json')) for n in files.listdir(path))
 
 
 def checkpoint_files(path: str) -> list[str]:

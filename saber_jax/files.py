@@ -3,8 +3,10 @@
 Two kinds of operation, kept apart on purpose:
 - whole files (atomic writes of text, JSON, JSONL, bytes, a directory swap; reads of
   JSONL that name file and line): a reader never sees half a file, a kill leaves the old
-  one or the new one. These take `str | os.PathLike`, so they can later open `gs://`
-  paths through `etils.epath`, where an object write is atomic by itself.
+  one or the new one. These take a local path or a URL (`gs://bucket/...`, any scheme
+  `etils.epath` opens): a local file is written under a temporary name and renamed; an
+  object is written directly, since an object write is atomic by itself. `exists`,
+  `listdir`, `rmtree`, `upload`, `download` and `tree_identity` work on both kinds.
 - local append-only files (durable appends, torn-tail reads and repair): they need
   O_APPEND, fsync and truncate of a POSIX file, which an object store has none of.
 Plus the record vocabulary the JSONL tools share: `record_id`, `load_by_id`, duplicate-id
@@ -19,13 +21,108 @@ import os
 import shutil
 import socket
 import sys
+import tempfile
 import threading
 import time
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from saber_jax.errors import UserError
+from etils import epath
 
 Path = str | os.PathLike
+
+
+# ------------------------------------------------------------------------- local or URL
+
+def is_url(path: Path) -> bool:
+  """Whether `path` names an object store location (`gs://...`) rather than a local file."""
+  return '://' in os.fspath(path)
+
+
+def absolute(path: Path) -> str:
+  """A local path made absolute; a URL as it is (os.path.abspath would make `gs://b/x`
+  a local folder `gs:`)."""
+  path = os.fspath(path)
+  return path if is_url(path) else os.path.abspath(path)
+
+
+def exists(path: Path) -> bool:
+  return epath.Path(path).exists() if is_url(path) else os.path.exists(path)
+
+
+def is_dir(path: Path) -> bool:
+  return epath.Path(path).is_dir() if is_url(path) else os.path.isdir(path)
+
+
+def listdir(path: Path) -> list[str]:
+  """The names in a directory (a URL prefix); none when it does not exist."""
+  if is_url(path):
+    path = epath.Path(path)
+    return sorted(p.name for p in path.iterdir()) if path.exists() else []
+  return sorted(os.listdir(path)) if os.path.isdir(path) else []
+
+
+def rmtree(path: Path) -> None:
+  """Removes a directory tree or a file; nothing when it does not exist."""
+  if is_url(path):
+    path = epath.Path(path)
+    if path.is_dir():
+      path.rmtree()
+    elif path.exists():
+      path.unlink()
+  elif os.path.isdir(path):
+    shutil.rmtree(path)
+  elif os.path.exists(path):
+    os.remove(path)
+
+
+def walk_files(path: Path) -> list[str]:
+  """Every file under a directory (local or URL), sorted."""
+  if is_url(path):
+    scheme = os.fspath(path).split('://')[0] + '://'      # fsspec walks without it
+    with_scheme = lambda root: os.fspath(root) if is_url(root) else scheme + os.fspath(root)
+    return sorted(f'{with_scheme(root)}/{name}' for root, _, names in epath.Path(path).walk()
+                  for name in names)
+  return sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names)
+
+
+def tree_identity(path: Path) -> dict | list:
+  """A file's path, size and modification time (or every file's under a directory):
+  changes whenever a file is rewritten, without reading it (inputs can be gigabytes)."""
+  path = os.fspath(path)
+  if is_dir(path):
+    return [tree_identity(file) for file in walk_files(path)]
+  if is_url(path):
+    stat = epath.Path(path).stat()
+    return {'path': path, 'size': stat.length, 'mtime_ns': int(stat.mtime) * 10**9}
+  stat = os.stat(path)
+  return {'path': os.path.abspath(path), 'size': stat.st_size, 'mtime_ns': stat.st_mtime_ns}
+
+
+def upload(local: str, url: Path) -> None:
+  """Copies a local file, or a directory tree file by file, to `url` (overwriting)."""
+  if os.path.isdir(local):
+    for root, _, names in os.walk(local):
+      for name in names:
+        source = os.path.join(root, name)
+        upload(source, f'{os.fspath(url)}/{os.path.relpath(source, local)}')
+    return
+  with open(local, 'rb') as f:
+    epath.Path(url).write_bytes(f.read())     # one object write: whole or not at all
+
+
+def download(url: Path, local: str) -> bool:
+  """Copies the file or directory tree at `url` to `local` (atomically per file); False
+  when there is nothing at `url`."""
+  source = epath.Path(url)
+  if not source.exists():
+    return False
+  if not source.is_dir():
+    write_bytes(local, source.read_bytes())
+    return True
+  for file in walk_files(url):
+    download(file, os.path.join(local, os.path.relpath(file, os.fspath(url))))
+  return True
 
 
 # ---------------------------------------------------------------------------- whole files
@@ -51,8 +148,15 @@ def _fsync_file(path: str) -> None:
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[str]:
   """A temporary name for a writer that opens files by name (ArrayRecord); once the block
-  ends the file is fsynced and renamed onto `path`. On an error it is removed instead."""
+  ends the file is fsynced and renamed onto `path` (uploaded, for a URL). On an error it
+  is removed instead."""
   path = os.fspath(path)
+  if is_url(path):
+    with tempfile.TemporaryDirectory() as local:
+      tmp = os.path.join(local, os.path.basename(path))
+      yield tmp
+      upload(tmp, path)
+    return
   _makedirs_for(path)
   tmp = temp_path(path)
   try:
@@ -79,6 +183,9 @@ def write_text(path: Path, text: str) -> None:
 
 
 def write_bytes(path: Path, data: bytes) -> None:
+  if is_url(path):
+    epath.Path(path).write_bytes(data)
+    return
   with atomic_open(path, 'wb') as f:
     f.write(data)
 
@@ -125,7 +232,17 @@ def replace_dir(path: Path, fill: Callable[[str], None],
   """Replaces directory `path` whole by what `fill(tmp)` writes into a sibling temporary
   directory; entries of the old directory for which `carry_over(name)` holds are copied
   into the new one first. A killed swap leaves the old directory (the temporaries of a
-  dead swap are removed by the next)."""
+  dead swap are removed by the next). A URL has no rename: the directory is filled
+  locally, then the old objects are removed and the new ones uploaded."""
+  if is_url(path):
+    with tempfile.TemporaryDirectory() as tmp:
+      fill(tmp)
+      for name in listdir(path):
+        if carry_over(name) and not os.path.exists(os.path.join(tmp, name)):
+          download(f'{os.fspath(path)}/{name}', os.path.join(tmp, name))
+      rmtree(path)
+      upload(tmp, path)
+    return
   path = os.path.abspath(os.fspath(path))
   for stale in glob.glob(glob.escape(path) + '.tmp-*') + glob.glob(glob.escape(path) + '.old-*'):
     shutil.rmtree(stale, ignore_errors=True)
@@ -149,15 +266,27 @@ def replace_dir(path: Path, fill: Callable[[str], None],
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+def open_read(path: Path, mode: str = 'r'):
+  """A local file or a URL's object opened to read (text UTF-8, or 'rb')."""
+  if is_url(path):
+    return epath.Path(path).open(mode, **({} if 'b' in mode else {'encoding': 'utf-8'}))
+  return open(path, mode, **({} if 'b' in mode else {'encoding': 'utf-8'}))
+
+
+def read_text(path: Path) -> str:
+  with open_read(path) as f:
+    return f.read()
+
+
 def read_json(path: Path) -> Any:
-  with open(path, encoding='utf-8') as f:
+  with open_read(path) as f:
     return json.load(f)
 
 
 def read_jsonl(path: Path) -> Iterator[dict]:
   """Records of a JSONL file, streaming; blank lines skipped. A line that is not a JSON
   object raises ValueError naming the file and line."""
-  with open(path, encoding='utf-8') as f:
+  with open_read(path) as f:
     for lineno, line in enumerate(f, 1):
       if not line.strip():
         continue
@@ -174,7 +303,7 @@ def read_jsonl(path: Path) -> Iterator[dict]:
 def raw_lines(path: Path) -> Iterator[tuple[int, bytes]]:
   """(1-based line number, bytes) of each non-blank line, for readers that decode line by
   line so one bad byte is one bad line (and report it instead of stopping)."""
-  with open(path, 'rb') as f:
+  with open_read(path, 'rb') as f:
     for number, raw in enumerate(f, 1):
       if raw.strip():
         yield number, raw

@@ -24,17 +24,13 @@ class Mismatch(UserError):
 
 def file_identity(path: str) -> dict:
   """A file's path, size and modification time: changes whenever the file is rewritten,
-  without reading it (inputs can be many gigabytes)."""
-  stat = os.stat(path)
-  return {'path': os.path.abspath(path), 'size': stat.st_size, 'mtime_ns': stat.st_mtime_ns}
+  without reading it (inputs can be many gigabytes). Local or a URL (`files.is_url`)."""
+  return files.tree_identity(path)
 
 
 def tree_identity(path: str) -> dict | list:
   """`file_identity` of a file, or of every file under a directory (sorted)."""
-  if not os.path.isdir(path):
-    return file_identity(path)
-  return [file_identity(file) for file in sorted(
-      os.path.join(root, name) for root, _, names in os.walk(path) for name in names)]
+  return files.tree_identity(path)
 
 
 def files_identity(paths: Iterable[str]) -> list:
@@ -120,7 +116,7 @@ def _ensure(path, fingerprint, *, has_output, overwrite, clear, overwrite_hint, 
   fingerprint = normalize(fingerprint)
   has_output = has_output() if callable(has_output) else has_output
   old = None
-  if os.path.exists(path):
+  if files.exists(path):
     try:
       old = read(path)
     except (OSError, ValueError) as e:
@@ -133,7 +129,7 @@ def _ensure(path, fingerprint, *, has_output, overwrite, clear, overwrite_hint, 
     else:
       reason = 'it was produced from other inputs or settings:\n  ' + '\n  '.join(
           differences(old, fingerprint))
-    raise Mismatch(f'{os.path.dirname(os.path.abspath(path))} holds an earlier output that '
+    raise Mismatch(f'{os.path.dirname(files.absolute(path))} holds an earlier output that '
                    f'this run would resume, but {reason}\nUse a new output location, or '
                    f'{overwrite_hint} to delete the old output and start fresh.')
   if writer:

@@ -4,7 +4,8 @@
   config.json, with the run's dtypes, remat and attention); `lora_config_of`: whether the
   run trains LoRA factors (their config) or not (None).
 - `initial_params`: the params a stage starts from, placed on the mesh: an HF checkpoint
-  directory (streamed, `convert.load_hf`), a params directory a stage saved, or random.
+  directory (streamed, `convert.load_hf`; from a `gs://` URL through a local copy), a
+  params directory a stage saved (local or `gs://`: Orbax reads it), or random.
 - `weights_identity`: what those weights are, for fingerprints.
 - The params directory (a stage's `final/`, `saber-convert-hf to-params`' output):
   `params/` (Orbax) and `thinker_config.json`; `save_params`, `load_params`,
@@ -13,6 +14,7 @@
 
 import dataclasses
 import os
+import tempfile
 
 import flax.linen as nn
 import flax.traverse_util
@@ -52,6 +54,11 @@ def initial_params(config, model_config: ThinkerConfig, mesh: Mesh, init_from: s
   boxed = abstract_params(model_config)
   shardings = sharding.tree_shardings(boxed, mesh)
   if init_from and convert.is_hf_checkpoint(init_from):
+    if files.is_url(init_from):     # safetensors are memory-mapped: read a local copy
+      with tempfile.TemporaryDirectory(prefix='saber-init-') as local:
+        files.download(init_from, local)
+        _, params = convert.load_hf(local, model_config.param_dtype, mesh)
+      return params
     _, params = convert.load_hf(init_from, model_config.param_dtype, mesh)
     return params
   if init_from:
@@ -71,7 +78,7 @@ def weights_identity(config, init_from: str | None) -> dict:
 def save_params(path: str, params, model_config: ThinkerConfig) -> None:
   """The thinker params alone (LoRA merged) and their config, as the next stage's start
   and reference; `saber-convert-hf` exports them to Hugging Face format."""
-  path = os.path.abspath(path)
+  path = files.absolute(path)
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(os.path.join(path, 'params'), params, force=True)
   if jax.process_index() == 0:
@@ -79,7 +86,7 @@ def save_params(path: str, params, model_config: ThinkerConfig) -> None:
 
 
 def params_config(path: str) -> ThinkerConfig:
-  return ThinkerConfig.from_hf(os.path.join(path, CONFIG_FILE))
+  return ThinkerConfig.from_hf(files.read_json(os.path.join(path, CONFIG_FILE)))
 
 
 def check_saved_shapes(path: str, metadata, abstract) -> None:
@@ -104,7 +111,7 @@ def load_params(path: str, abstract):
   """Params saved by `save_params`, placed by the shardings of `abstract` (a tree of
   ShapeDtypeStructs; plain arrays' shapes when it has none). Non-finite values are an
   error naming the param."""
-  directory = os.path.join(os.path.abspath(path), 'params')
+  directory = os.path.join(files.absolute(path), 'params')
   with ocp.StandardCheckpointer() as checkpointer:
     check_saved_shapes(path, checkpointer.metadata(directory), abstract)
     params = checkpointer.restore(directory, abstract)
@@ -118,7 +125,7 @@ def params_leaf_reader(path: str, abstract_params):
   """A `convert.streamed_hf_tensors` reader of the params saved by `save_params`: each call
   restores one leaf (a whole layer stack) into host memory, so an export holds one leaf at a
   time instead of the model. `abstract_params` (unboxed) names the leaves there are."""
-  directory = os.path.join(os.path.abspath(path), 'params')
+  directory = os.path.join(files.absolute(path), 'params')
   flat = flax.traverse_util.flatten_dict(abstract_params, sep='/')
 
   def leaf(tower: str, inner: str):

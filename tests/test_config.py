@@ -91,3 +91,16 @@ def test_main_stops_on_a_typo_and_on_a_bad_value_before_any_work(tmp_path):
   assert bad.returncode != 0
   assert 'config.optim.warmup_steps = -5: expected >= 0' in bad.stderr
   assert os.listdir(tmp_path) == []
+
+
+def test_a_gs_workdir_serves_the_training_stages_and_the_others_are_refused():
+  config = config_lib.base_config()
+  config.workdir = 'gs://bucket/run'
+  for mode in ('sft', 'dpo'):
+    config.mode = mode
+    config_lib.validate(config)
+  for mode in config_lib.LOCAL_WORKDIR_MODES:
+    config.mode = mode
+    with pytest.raises(ValueError, match='gcsfuse mount of the bucket') as error:
+      config_lib.validate(config)
+    assert "config.workdir = 'gs://bucket/run'" in str(error.value)

@@ -266,3 +266,46 @@ def test_runs_started_together_with_other_settings_never_both_claim_an_output(tm
     winner = files.read_json(path)['settings']
     assert len(claimed) == (2 if winner == 'a' else 1), results
     assert not os.path.exists(path + files.LOCK_SUFFIX)
+
+
+# ------------------------------------------------------------------- gs:// (the emulator)
+
+def test_whole_file_functions_open_gs_urls_and_make_no_local_gs_folder(gcs, tmp_path,
+                                                                         monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  root = 'gs://runs/files'
+  files.write_json(f'{root}/a/x.json', {'a': 'é'})
+  files.write_text(f'{root}/a/t.txt', 'text\n')
+  assert files.write_jsonl(f'{root}/r.jsonl', [{'id': 1}, {'id': 'b'}]) == 2
+  assert files.read_json(f'{root}/a/x.json') == {'a': 'é'}
+  assert files.read_text(f'{root}/a/t.txt') == 'text\n'
+  assert [r['id'] for r in files.read_jsonl(f'{root}/r.jsonl')] == [1, 'b']
+  assert files.exists(f'{root}/a/x.json') and not files.exists(f'{root}/nothing')
+  assert files.is_dir(f'{root}/a') and files.listdir(f'{root}/a') == ['t.txt', 'x.json']
+  assert files.listdir(f'{root}/nothing') == []
+  identity = files.tree_identity(f'{root}/a')
+  assert [i['path'] for i in identity] == [f'{root}/a/t.txt', f'{root}/a/x.json']
+  assert identity[0]['size'] == 5
+  # An error inside a write leaves the old object.
+  with pytest.raises(RuntimeError):
+    with files.atomic_open(f'{root}/a/x.json') as f:
+      f.write('{"half": ')
+      raise RuntimeError('killed mid-write')
+  assert files.read_json(f'{root}/a/x.json') == {'a': 'é'}
+  # Directories up and down, and a directory replaced whole (carrying one entry over).
+  (tmp_path / 'up' / 'sub').mkdir(parents=True)
+  (tmp_path / 'up' / 'sub' / 'f.bin').write_bytes(b'\0\1')
+  files.upload(str(tmp_path / 'up'), f'{root}/up')
+  assert files.download(f'{root}/up', str(tmp_path / 'down'))
+  assert (tmp_path / 'down' / 'sub' / 'f.bin').read_bytes() == b'\0\1'
+  assert not files.download(f'{root}/none', str(tmp_path / 'none'))
+
+  def fill(directory):
+    with open(os.path.join(directory, 'new.txt'), 'w') as f:
+      f.write('new')
+  files.replace_dir(f'{root}/a', fill, carry_over=lambda name: name == 't.txt')
+  assert files.listdir(f'{root}/a') == ['new.txt', 't.txt']
+  files.rmtree(f'{root}/a')
+  assert not files.exists(f'{root}/a/new.txt')
+  assert files.absolute(f'{root}/a') == f'{root}/a'
+  assert not (tmp_path / 'gs:').exists()

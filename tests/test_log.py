@@ -1,12 +1,15 @@
 """The training log: window means, throughput and MFU; where the wall time went."""
 
 import json
+import os
+import shutil
 import time
 
 import jax
 import jax.numpy as jnp
 import pytest
 
+from saber_jax import files
 from saber_jax.train.log import Clock, MetricLogger
 
 
@@ -134,3 +137,30 @@ def test_clock_splits_the_window_and_counts_compiles_apart():
   assert record['time/compile_s'] > 0 and record['time/checkpoint_s'] == 0
   assert record['goodput'] == pytest.approx(record['time/step_s'] / record['time/total_s'])
   assert clock.take()['time/input_s'] == 0          # a new window
+
+
+def test_a_gs_workdir_stages_logs_locally_and_a_new_machine_continues_them(gcs, tmp_path,
+                                                                           monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  workdir = 'gs://runs/logs'
+  logger = MetricLogger(workdir, 'sft', total_steps=4)
+  for step in (1, 2, 3):
+    logger.add({'loss': float(step)}, tokens=10, model_flops=1e9)
+    logger.write(step, {})
+    if step == 2:
+      logger.sync()                 # a checkpoint at step 2; then the machine is lost
+  assert [r['step'] for r in files.read_jsonl(f'{workdir}/metrics.jsonl')] == [1, 2]
+  assert files.listdir(f'{workdir}/tensorboard/sft')
+  lost = logger
+  # Another machine resumes from the step-2 checkpoint: the history comes down with it.
+  logger = MetricLogger(workdir, 'sft', total_steps=4, start_step=2)
+  for step in (3, 4):
+    logger.add({'loss': 10.0 * step}, tokens=10, model_flops=1e9)
+    logger.write(step, {})
+  local = logger.local_dir
+  logger.close()
+  rows = list(files.read_jsonl(f'{workdir}/metrics.jsonl'))
+  assert [(r['step'], r['loss']) for r in rows] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
+  assert not os.path.exists(local) and not (tmp_path / 'gs:').exists()
+  lost.jsonl.close(), lost.tensorboard.close()     # free the lost machine's files
+  shutil.rmtree(lost.local_dir, ignore_errors=True)

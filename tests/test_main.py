@@ -12,11 +12,13 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 from processes import cpu_env, free_port  # noqa: E402
-from saber_jax.cli import make_demo_data, preprocess  # noqa: E402
+from saber_jax import convert, files  # noqa: E402
+from saber_jax.cli import convert_hf, make_demo_data, preprocess  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -35,14 +37,15 @@ def sft_records(tmp_path_factory):
   return str(root / 'sft' / 'sft')
 
 
-def _main(args, workdir, devices=1, **kwargs) -> subprocess.Popen:
+def _main(args, workdir, devices=1, env=None, **kwargs) -> subprocess.Popen:
   return subprocess.Popen([sys.executable, '-m', 'saber_jax.main', *args,
-                           f'--config.workdir={workdir}'], cwd=ROOT, env=cpu_env(devices),
+                           f'--config.workdir={workdir}'], cwd=ROOT,
+                          env={**cpu_env(devices), **(env or {})},
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
-def _run(args, workdir, devices=1, timeout=600) -> str:
-  process = _main(args, workdir, devices)
+def _run(args, workdir, devices=1, timeout=600, env=None) -> str:
+  process = _main(args, workdir, devices, env=env)
   out, _ = process.communicate(timeout=timeout)
   assert process.returncode == 0, out[-4000:]
   return out
@@ -50,18 +53,36 @@ def _run(args, workdir, devices=1, timeout=600) -> str:
 
 def _losses(workdir, stage='sft') -> dict[int, float]:
   """step -> loss of metrics.jsonl, where each step appears once (after a resume too)."""
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    rows = [json.loads(line) for line in f]
+  rows = list(files.read_jsonl(f'{workdir}/metrics.jsonl'))
   steps = [r['step'] for r in rows if r['stage'] == stage]
   assert len(steps) == len(set(steps)), steps
   return {r['step']: r['loss'] for r in rows if r['stage'] == stage}
 
 
-def test_killed_runs_resume_with_the_same_losses(sft_records, tmp_path):
-  args = SFT_ARGS + [f'--config.sft_records={sft_records}', '--config.optim.total_steps=8',
+def _resume_args(sft_records):
+  return SFT_ARGS + [f'--config.sft_records={sft_records}', '--config.optim.total_steps=8',
                      '--config.checkpoint.every_steps=2']
-  _run(args, tmp_path / 'straight')
-  want = _losses(tmp_path / 'straight')
+
+
+@pytest.fixture(scope='module')
+def straight(sft_records, tmp_path_factory):
+  """The uninterrupted 8-step run the interrupted ones must equal (its workdir)."""
+  workdir = tmp_path_factory.mktemp('straight')
+  _run(_resume_args(sft_records), workdir)
+  return workdir
+
+
+def _read_stdout(process) -> tuple[list, threading.Thread]:
+  lines = []
+  reader = threading.Thread(target=lambda: [lines.append(line) for line in process.stdout],
+                            daemon=True)
+  reader.start()
+  return lines, reader
+
+
+def test_killed_runs_resume_with_the_same_losses(sft_records, straight, tmp_path):
+  args = _resume_args(sft_records)
+  want = _losses(straight)
   assert sorted(want) == list(range(1, 9))
 
   # Kill with SIGKILL as soon as the step-4 checkpoint is being written (mid-save): the
@@ -79,10 +100,7 @@ def test_killed_runs_resume_with_the_same_losses(sft_records, tmp_path):
   # Then SIGTERM as step 5 is logged, and again during the save: the step in flight
   # finishes, is checkpointed whole, and the run exits 0 within seconds, saying where.
   process = _main(args, workdir)
-  lines = []
-  reader = threading.Thread(target=lambda: [lines.append(s) for s in process.stdout],
-                            daemon=True)
-  reader.start()
+  lines, reader = _read_stdout(process)
   while not any('[sft] step 5/8' in line for line in lines) and process.poll() is None \
       and time.time() < deadline + 400:
     time.sleep(0.01)
@@ -104,6 +122,49 @@ def test_killed_runs_resume_with_the_same_losses(sft_records, tmp_path):
   assert sorted(got) == list(range(1, 9))
   for step in want:
     assert got[step] == pytest.approx(want[step], rel=1e-6), step
+
+
+def test_gs_workdir_killed_resumes_and_exports_like_a_local_run(sft_records, straight, gcs,
+                                                                tmp_path):
+  from etils import epath
+  args, workdir = _resume_args(sft_records), 'gs://runs/w'
+  # SIGKILL once step 5 is logged (the step-4 checkpoint written or being written): the
+  # restart, as on a new machine, resumes from the bucket alone.
+  process = _main(args, workdir, env=gcs)
+  lines, reader = _read_stdout(process)
+  deadline = time.time() + 400
+  while not any('[sft] step 5/8' in line for line in lines) and process.poll() is None \
+      and time.time() < deadline:
+    time.sleep(0.01)
+  assert process.poll() is None, ''.join(lines)[-3000:]
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  reader.join()
+  assert epath.Path(f'{workdir}/metrics.jsonl').exists()     # uploaded with a checkpoint
+  out = _run(args, workdir, env=gcs)
+  resumed = int(out.split('[sft] resumed from step ')[1].split()[0])
+  assert resumed in (2, 4), out[-3000:]
+  want, got = _losses(straight), _losses(workdir)
+  assert sorted(got) == list(range(1, 9))
+  for step in want:
+    assert got[step] == pytest.approx(want[step], rel=1e-6), step
+  assert epath.Path(f'{workdir}/sft/fingerprint.json').exists()
+  assert list(epath.Path(f'{workdir}/tensorboard/sft').glob('events.out.tfevents.*'))
+
+  # Export from and to the bucket; the tensors equal the local run's export.
+  subprocess.run([sys.executable, '-m', 'saber_jax.cli.convert_hf', 'to-hf', '--params',
+                  f'{workdir}/sft/final', '--out', f'{workdir}/hf'], cwd=ROOT, check=True,
+                 env={**cpu_env(1), **gcs}, timeout=300)
+  convert_hf.main(['to-hf', '--params', str(straight / 'sft' / 'final'),
+                   '--out', str(tmp_path / 'hf_local')])
+  assert files.download(f'{workdir}/hf', str(tmp_path / 'hf_gs'))
+  local = dict(convert.read_safetensors(str(tmp_path / 'hf_local' / 'model.safetensors')))
+  remote = dict(convert.read_safetensors(str(tmp_path / 'hf_gs' / 'model.safetensors')))
+  assert sorted(remote) == sorted(local) and local
+  for name in local:
+    np.testing.assert_allclose(remote[name], local[name], rtol=1e-6, atol=1e-7, err_msg=name)
+  # Nothing took the URL for a local path.
+  assert not (ROOT / 'gs:').exists() and not pathlib.Path('gs:').exists()
 
 
 def test_two_processes_match_one(sft_records, tmp_path):

@@ -18,13 +18,14 @@ lora_B = b^T, one pair per layer, named after the module that carries the weight
 import json
 import math
 import os
+import tempfile
 
 import flax.linen as nn
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from saber_jax import convert
+from saber_jax import convert, files
 from saber_jax.models import abstract_params
 from saber_jax.models.config import ThinkerConfig
 from saber_jax import weights
@@ -44,20 +45,19 @@ MODULE_PREFIX = {'text': 'model.language_model.', 'audio': 'model.audio_tower.',
 
 def save_adapter(path: str, lora_params, *, rank: int, alpha: float, targets, base: str):
   """`lora_params` (global arrays, any sharding) and their settings under `path`."""
-  path = os.path.abspath(path)
+  path = files.absolute(path)
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(os.path.join(path, 'lora'), lora_params, force=True)
   if jax.process_index() == 0:
-    with open(os.path.join(path, ADAPTER_FILE), 'w') as f:
-      json.dump(dict(rank=rank, alpha=alpha, targets=list(targets), base=base), f, indent=2)
+    files.write_json(os.path.join(path, ADAPTER_FILE),
+                     dict(rank=rank, alpha=alpha, targets=list(targets), base=base))
 
 
 def _read_settings(path: str, missing: str) -> dict:
   """The JSON settings file of an adapter; FileNotFoundError(`missing`) where it is absent."""
-  if not os.path.exists(path):
+  if not files.exists(path):
     raise FileNotFoundError(missing)
-  with open(path) as f:
-    return json.load(f)
+  return files.read_json(path)
 
 
 def load_adapter(path: str, config: ThinkerConfig) -> tuple[dict, dict]:
@@ -69,7 +69,7 @@ def load_adapter(path: str, config: ThinkerConfig) -> tuple[dict, dict]:
       jax.random.key(0), nn.unbox(abstract_params(config)), rank=settings['rank'],
       targets=tuple(settings['targets'])))
   with ocp.StandardCheckpointer() as checkpointer:
-    tree = checkpointer.restore(os.path.join(os.path.abspath(path), 'lora'), abstract)
+    tree = checkpointer.restore(os.path.join(files.absolute(path), 'lora'), abstract)
   return settings, jax.tree.map(np.asarray, tree)
 
 
@@ -112,6 +112,11 @@ def peft_config(*, rank: int, alpha: float, target_modules, base_model: str) -> 
 def save_peft(path: str, lora_params, *, rank: int, alpha: float, base_model: str):
   """Write a PEFT adapter directory; the target modules are the adapted modules' full names
   (PEFT matches a name or a suffix of it, so the full model's `thinker.` modules match too)."""
+  if files.is_url(path):           # written locally, then uploaded file by file
+    with tempfile.TemporaryDirectory(prefix='saber-peft-') as local:
+      save_peft(local, lora_params, rank=rank, alpha=alpha, base_model=base_model)
+      files.upload(local, path)
+    return
   tensors = peft_tensors(lora_params)
   modules = {name.removeprefix(PEFT_PREFIX).rsplit('.lora_', 1)[0] for name in tensors}
   os.makedirs(path, exist_ok=True)

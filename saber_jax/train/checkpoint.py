@@ -20,13 +20,17 @@ from typing import Any
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
+
+from saber_jax import files
 
 
 def manager(directory: str, *, keep: int, every_steps: int,
             async_save: bool = True) -> ocp.CheckpointManager:
+  """`directory` may be local or a URL (`gs://...`): Orbax writes objects there directly."""
   return ocp.CheckpointManager(
-      os.path.abspath(directory), item_names=('state', 'data'),
+      files.absolute(directory), item_names=('state', 'data'),
       options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every_steps,
                                            enable_async_checkpointing=async_save,
                                            cleanup_tmp_directories=True))
@@ -86,7 +90,7 @@ def _restore_step(mngr, step: int, abstract_state, data_iterator):
   try:
     return mngr.restore(step, args=ocp.args.Composite(**items))['state']
   except Exception as e:  # Orbax and tensorstore raise many kinds for a damaged file
-    raise DamagedCheckpoint(f'checkpoint {os.path.join(mngr.directory, str(step))} is '
+    raise DamagedCheckpoint(f'checkpoint {os.path.join(os.fspath(mngr.directory), str(step))} is '
                             f'damaged: {type(e).__name__}: {e}') from e
 
 
@@ -123,10 +127,10 @@ def _set_aside(mngr: ocp.CheckpointManager, steps) -> None:
     return
   aside = os.fspath(mngr.directory) + '.damaged'
   if jax.process_index() == 0:
-    os.makedirs(aside, exist_ok=True)
+    epath.Path(aside).mkdir(parents=True, exist_ok=True)
     for step in steps:
       target = os.path.join(aside, f'{step}-{time.strftime("%Y%m%d-%H%M%S")}')
-      os.replace(os.path.join(mngr.directory, str(step)), target)
+      epath.Path(os.fspath(mngr.directory)).joinpath(str(step)).rename(target)
       print(f'moved damaged checkpoint {step} to {target}', file=sys.stderr, flush=True)
   multihost_utils.sync_global_devices('damaged checkpoints set aside')
   mngr.reload()

@@ -12,7 +12,7 @@ import importlib.util
 import ml_collections
 import numpy as np
 
-from saber_jax import losses
+from saber_jax import files, losses
 from saber_jax.data import examples
 from saber_jax.errors import UserError
 from saber_jax.models.config import ThinkerConfig
@@ -238,6 +238,10 @@ def _either(values) -> str:
   return ', '.join(quoted[:-1]) + ' or ' + quoted[-1] if len(quoted) > 1 else quoted[0]
 
 
+# Modes that write records or append to files in the workdir: local or gcsfuse, not gs://.
+LOCAL_WORKDIR_MODES = ('ref_logps', 'generate', 'pipeline')
+
+
 def validate(config) -> None:
   """Raises ValueError naming every field whose value makes no sense, before any work."""
   problems = []
@@ -300,6 +304,10 @@ def validate(config) -> None:
   need(config.dpo.get('sft_weight', 0.0) >= 0, 'dpo.sft_weight', '>= 0')
   need(config.dpo.loss_type in losses.DPO_LOSS_TYPES, 'dpo.loss_type',
        f'one of {list(losses.DPO_LOSS_TYPES)}')
+  need(not (files.is_url(config.workdir) and config.mode in LOCAL_WORKDIR_MODES
+           and not config.dry_run), 'workdir',
+       f'a local directory or a gcsfuse mount of the bucket for mode={config.mode!r}, which '
+       'writes records or appends to files there (mode sft and dpo take a gs:// workdir)')
   need(d.batch_size >= 1, 'data.batch_size', '>= 1')
   need(d.num_data_shards >= 1 and d.batch_size % d.num_data_shards == 0, 'data.num_data_shards',
        f'>= 1 and a divisor of data.batch_size ({d.batch_size})')

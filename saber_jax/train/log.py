@@ -18,11 +18,19 @@ bucket's shapes, the eval step), `time/checkpoint_s` restoring and saving checkp
 steps); `goodput` = step / total. With `config.eval`, the held-out metrics of that step as
 `eval/...`. `Profile` writes a jax.profiler trace of chosen steps next to the TensorBoard
 scalars, where TensorBoard's profile plugin finds it.
+
+A workdir on an object store (`gs://...`) cannot take appends: metrics.jsonl, the
+TensorBoard files (profiles too) and the W&B run id are kept in a local staging
+directory, downloaded from the workdir when the logger starts (a run resumed on another
+machine continues the same history) and uploaded whole at every checkpoint (`sync`) and
+at the end.
 """
 
 import contextlib
 import json
 import os
+import shutil
+import tempfile
 import time
 import uuid
 
@@ -38,6 +46,8 @@ COMPILE_EVENTS = ('/jax/core/compile/jaxpr_trace_duration',
                   '/jax/core/compile/backend_compile_duration')
 EVAL_SHOWN = ('eval/loss', 'eval/rewards/accuracies')   # in the progress line
 TIME_PARTS = ('input', 'compile', 'checkpoint', 'eval')
+# What a URL workdir's logger stages locally (see the module docstring).
+STAGED = ('metrics.jsonl', 'tensorboard', 'wandb')
 
 
 class Clock:
@@ -139,13 +149,16 @@ class WandbWriter:
   """One stage's metrics as a W&B run (`settings`: config.wandb: project, entity, name,
   mode), keyed `<stage>/<metric>` at the training step like the TensorBoard scalars."""
 
-  def __init__(self, settings, workdir: str, stage: str, run_config: dict | None = None):
+  def __init__(self, settings, workdir: str, stage: str, run_config: dict | None = None,
+               local_dir: str | None = None):
+    """local_dir: where the id file and W&B's own files go (the workdir when local)."""
     try:
       import wandb
     except ImportError:
       raise ImportError("config.wandb.project is set but wandb is not installed: "
                         "pip install 'saber_jax[wandb]'") from None
-    directory = os.path.join(workdir, 'wandb')
+    local_dir = local_dir or workdir
+    directory = os.path.join(local_dir, 'wandb')
     os.makedirs(directory, exist_ok=True)
     id_file = os.path.join(directory, f'{stage}.id')
     if os.path.exists(id_file):
@@ -155,11 +168,12 @@ class WandbWriter:
       run_id = uuid.uuid4().hex[:8]
       with open(id_file, 'w') as f:
         f.write(run_id + '\n')
-    name = settings.get('name') or f'{os.path.basename(os.path.abspath(workdir))}-{stage}'
+    group = os.path.basename(files.absolute(workdir).rstrip('/'))
+    name = settings.get('name') or f'{group}-{stage}'
     self.run = wandb.init(project=settings.project, entity=settings.get('entity') or None,
-                          name=name, id=run_id, resume='allow', dir=workdir,
+                          name=name, id=run_id, resume='allow', dir=local_dir,
                           mode=settings.get('mode') or None, config=run_config,
-                          group=os.path.basename(os.path.abspath(workdir)), job_type=stage)
+                          group=group, job_type=stage)
     self.stage = stage
 
   def write(self, step: int, record: dict):
@@ -183,14 +197,36 @@ class MetricLogger:
     self.peak_flops = flops.peak_flops()
     self.sums, self.count = {}, 0
     self.fill = np.zeros(4, np.int64)
+    # The files are appended here: the workdir itself, or a local staging copy of a URL's.
+    self.workdir = workdir
+    self.remote = files.is_url(workdir)
+    self.local_dir = tempfile.mkdtemp(prefix='saber-logs-') if self.remote else workdir
     if self.enabled:
-      os.makedirs(workdir, exist_ok=True)
-      drop_lines_after(os.path.join(workdir, 'metrics.jsonl'), stage, start_step)
-      self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
-      self.tensorboard = SummaryWriter(os.path.join(workdir, 'tensorboard', stage))
+      if self.remote:
+        for name in STAGED:
+          files.download(f'{workdir}/{name}', os.path.join(self.local_dir, name))
+      os.makedirs(self.local_dir, exist_ok=True)
+      drop_lines_after(os.path.join(self.local_dir, 'metrics.jsonl'), stage, start_step)
+      self.jsonl = open(os.path.join(self.local_dir, 'metrics.jsonl'), 'a')
+      self.tensorboard = SummaryWriter(os.path.join(self.local_dir, 'tensorboard', stage))
     self.wandb = None
     if self.enabled and wandb is not None and wandb.get('project'):
-      self.wandb = WandbWriter(wandb, workdir, stage, run_config)
+      self.wandb = WandbWriter(wandb, workdir, stage, run_config, local_dir=self.local_dir)
+
+  def sync(self):
+    """Uploads the staged files whole to a URL workdir (at checkpoints and at the end): a
+    restart resumes from a checkpoint no newer than the history uploaded with it."""
+    if not self.remote:
+      return
+    if self.enabled:
+      self.jsonl.flush()
+      self.tensorboard.flush()
+    self._upload()
+
+  def _upload(self):
+    for name in STAGED if self.enabled else ('tensorboard',):
+      if os.path.exists(os.path.join(self.local_dir, name)):
+        files.upload(os.path.join(self.local_dir, name), f'{self.workdir}/{name}')
 
   def add(self, metrics: dict, tokens: int, model_flops: float, fill=None):
     """One step's metrics (host scalars), trained tokens and model FLOPs (of this
@@ -248,3 +284,6 @@ class MetricLogger:
       self.tensorboard.close()
     if self.wandb is not None:
       self.wandb.close()
+    if self.remote:
+      self._upload()
+      shutil.rmtree(self.local_dir, ignore_errors=True)

@@ -6,7 +6,6 @@ held-out evaluation, profiles, time accounting and a clean stop on SIGTERM / SIG
 import dataclasses
 import functools
 import os
-import shutil
 from typing import Any, Callable, Iterator
 
 import flax.linen as nn
@@ -16,7 +15,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from saber_jax import fingerprint, sharding, weights
+from saber_jax import files, fingerprint, sharding, weights
 from saber_jax.batch import FILL, IGNORE_INDEX
 from saber_jax.errors import UserError
 from saber_jax.models.config import ThinkerConfig
@@ -142,11 +141,11 @@ def claim_workdir(config, workdir: str, stage: str, record_paths, init_from: str
       'nonfinite': c.nonfinite,
       'data': data_identity(c)}
   checkpoints, final = os.path.join(workdir, 'checkpoints'), os.path.join(workdir, 'final')
-  has_output = any(os.path.exists(p) and os.listdir(p) for p in (checkpoints, final))
+  has_output = any(files.listdir(p) for p in (checkpoints, final))
 
   def clear():
     for path in (checkpoints, final, checkpoints + '.damaged'):
-      shutil.rmtree(path, ignore_errors=True)
+      files.rmtree(path)
     print(f'[{stage}] config.overwrite: deleted the earlier run in {workdir}', flush=True)
 
   if has_output and not c.get('overwrite', False):
@@ -265,7 +264,8 @@ def train(config, setup: Setup, batches: Iterator[dict], data_iterator, workdir:
   run_tokens = 0   # trained (label) tokens of this process since the start or resume
   logger = MetricLogger(config.workdir, stage, total_steps, start_step=step,
                         wandb=config.get('wandb'), run_config=config.to_dict())
-  profile = Profile(config.get('profile'), os.path.join(config.workdir, 'tensorboard', stage))
+  # Traces go beside the TensorBoard scalars (staged locally for a URL workdir).
+  profile = Profile(config.get('profile'), os.path.join(logger.local_dir, 'tensorboard', stage))
   schedule = optim.learning_rate_schedule(config.optim)
   pending = []     # (step, device metrics, host work counts) not yet fetched
 
@@ -311,7 +311,8 @@ def train(config, setup: Setup, batches: Iterator[dict], data_iterator, workdir:
       if step == total_steps:
         check_trained(stage, run_tokens, step - start_step)
       with clock.part('checkpoint'):
-        checkpoint.save(mngr, step, state, data_iterator, force=last)
+        if checkpoint.save(mngr, step, state, data_iterator, force=last):
+          logger.sync()        # a URL workdir's logs go up with each checkpoint
         if stop:
           mngr.wait_until_finished()
       if stop:
