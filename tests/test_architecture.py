@@ -15,6 +15,7 @@ LAYERS = {
     'saber_jax.models': 3, 'saber_jax.losses': 3, 'saber_jax.judge': 3,
     'saber_jax.lm_head': 2, 'saber_jax.sharding': 2, 'saber_jax.fingerprint': 2,
     'saber_jax.batch': 1, 'saber_jax.files': 1, 'saber_jax.errors': 1, 'saber_jax.metrics': 1,
+    'saber_jax.platforms': 1,
 }
 
 
