@@ -125,6 +125,21 @@ def download(url: Path, local: str) -> bool:
   return True
 
 
+@contextlib.contextmanager
+def local_copy(path: Path) -> Iterator[str]:
+  """`path` itself when it is local; a URL's file or tree downloaded into a temporary
+  directory (removed afterwards), for readers that need local files (memory-mapped
+  safetensors)."""
+  if not is_url(path):
+    yield os.fspath(path)
+    return
+  with tempfile.TemporaryDirectory(prefix='saber-copy-') as local:
+    target = os.path.join(local, 'copy')
+    if not download(path, target):
+      raise FileNotFoundError(f'{path}: nothing there')
+    yield target
+
+
 # ---------------------------------------------------------------------------- whole files
 
 def temp_path(path: Path) -> str:

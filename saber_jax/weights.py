@@ -14,7 +14,6 @@
 
 import dataclasses
 import os
-import tempfile
 
 import flax.linen as nn
 import flax.traverse_util
@@ -54,12 +53,8 @@ def initial_params(config, model_config: ThinkerConfig, mesh: Mesh, init_from: s
   boxed = abstract_params(model_config)
   shardings = sharding.tree_shardings(boxed, mesh)
   if init_from and convert.is_hf_checkpoint(init_from):
-    if files.is_url(init_from):     # safetensors are memory-mapped: read a local copy
-      with tempfile.TemporaryDirectory(prefix='saber-init-') as local:
-        files.download(init_from, local)
-        _, params = convert.load_hf(local, model_config.param_dtype, mesh)
-      return params
-    _, params = convert.load_hf(init_from, model_config.param_dtype, mesh)
+    with files.local_copy(init_from) as local:   # safetensors are memory-mapped
+      _, params = convert.load_hf(local, model_config.param_dtype, mesh)
     return params
   if init_from:
     return load_params(init_from, sharding.abstract_like(nn.unbox(boxed), shardings))

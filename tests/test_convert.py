@@ -14,7 +14,7 @@ from transformers import (Qwen2_5OmniForConditionalGeneration, Qwen2_5OmniThinke
                           Qwen2_5OmniThinkerForConditionalGeneration)
 
 from hf_reference import hf_logits, make_batch, tiny_full_hf_model, tiny_hf_model
-from saber_jax import convert, sharding, weights
+from saber_jax import convert, files, sharding, weights
 from saber_jax.models import ThinkerConfig, abstract_params, thinker_logits
 
 BATCH_ROWS = [[('text', 2), ('video+audio', (3, 6, 6), 1.0, 235), ('text', 2),
@@ -263,6 +263,22 @@ def test_full_export_with_base_loads_as_the_whole_omni_model(full_base, batch, t
   want = np.asarray(thinker_logits(config, params, batch))
   np.testing.assert_allclose(hf_logits(model.thinker, batch), want, atol=2e-5, rtol=0)
   assert np.abs(hf_logits(base_model.thinker, batch) - want).max() > 1e-3
+
+
+def test_full_export_from_a_gs_base_equals_the_local_one(full_base, gcs, tmp_path):
+  """`--base gs://...` (the remote-storage workdirs' bucket): the base is read from a local
+  copy, and the export is the one a local base gives, file for file."""
+  from saber_jax.cli import convert_hf as tool
+  _, base = full_base
+  files.upload(str(base), 'gs://runs/omni')
+  tool.main(['to-params', '--hf', str(base), '--out', str(tmp_path / 'params')])
+  for name, where in (('local', str(base)), ('remote', 'gs://runs/omni')):
+    tool.main(['to-hf', '--params', str(tmp_path / 'params'), '--base', where,
+               '--out', str(tmp_path / name)])
+  local, remote = (sorted(p.name for p in (tmp_path / n).iterdir()) for n in ('local', 'remote'))
+  assert local == remote and 'spk_dict.pt' in local
+  for name in local:
+    assert (tmp_path / 'local' / name).read_bytes() == (tmp_path / 'remote' / name).read_bytes()
 
 
 def test_full_export_config_changes_only_what_the_params_change(full_base):

@@ -19,7 +19,7 @@ writes the adapter a LoRA stage keeps in `final/adapter/` as a PEFT adapter
 import flax.linen as nn
 import jax
 
-from saber_jax import convert, weights
+from saber_jax import convert, files, weights
 from saber_jax.cli import _common
 from saber_jax.models import abstract_params
 from saber_jax.train import adapters
@@ -59,8 +59,9 @@ def main(argv=None):
                    "'thinker.'")
     config = weights.params_config(args.params)
     leaf = weights.params_leaf_reader(args.params, nn.unbox(abstract_params(config)))
-    convert.save_full_hf(config, leaf, args.base, args.out, dtype=args.dtype,
-                         max_shard_bytes=int(args.max_shard_gb * 2**30), progress=True)
+    with files.local_copy(args.base) as base:     # a gs:// base: read from a local copy
+      convert.save_full_hf(config, leaf, base, args.out, dtype=args.dtype,
+                           max_shard_bytes=int(args.max_shard_gb * 2**30), progress=True)
   else:
     config = weights.params_config(args.params)
     params = weights.load_params(args.params, nn.unbox(abstract_params(config)))
