@@ -43,8 +43,7 @@ def test_dpo_loader_refuses_a_degenerate_pair_naming_it(tmp_path):
   records.write_records(path, [records.encode_preference_record(
       id='twins#0', lang='en', duration=1.0, prompt_ids=[1, 2, 3], chosen_ids=[4, 5],
       rejected_ids=[4, 5], chosen_segments=[3, 3], rejected_segments=[3, 3], chosen='a',
-      rejected='a', ref_chosen_logps=-1.0, ref_rejected_logps=-1.0,
-      input_features=np.zeros((128, 4), np.float32))])
+      rejected='a', ref_chosen_logps=-1.0, ref_rejected_logps=-1.0)])
   loader = RecordLoader([path], records.PREFERENCE, TINY, DataConfig(), require_reference=True)
   with pytest.raises(records.RecordError, match=rf"{path}:0: record 'twins#0': degenerate pair: "
                      'chosen and rejected answers are equal'):

@@ -227,7 +227,8 @@ def batch_plan(model_config: ThinkerConfig, data_config: Any, paths: Sequence[st
   options = data_options(data_config)
   sizes = records.load_sizes(paths, tolerate_damaged=damaged_log is not None)
   needs = example_needs(sizes, kind, model_config, options)
-  check_dropped(sizes, needs['kept'], kind, options, paths)
+  readable = sizes[:, 0] > 0 if damaged_log is not None else slice(None)   # damaged: sized 0
+  check_dropped(sizes[readable], needs['kept'][readable], kind, options, paths)
   return BatchPlan(needs, rows_per_example=num_rows(kind, options.shared_prompt),
                    batch_size=options.batch_size * shard_count,
                    num_data_shards=options.num_data_shards * shard_count, model_config=model_config,
