@@ -6,7 +6,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
+import tensorstore as ts
 
 from hf_reference import tiny_hf_config
 from saber_jax import sharding, weights
@@ -33,6 +35,47 @@ def test_nonfinite_saved_params_are_refused_naming_the_tensor(tmp_path):
   weights.save_params(str(tmp_path / 'final'), params, model_config)
   with pytest.raises(ValueError, match=r"text/layers/mlp/up_proj/kernel.*non-finite"):
     weights.load_params(str(tmp_path / 'final'), nn.unbox(abstract_params(model_config)))
+
+
+def test_params_leaf_reader_reads_one_layer_at_a_time(tmp_path):
+  """save_params stores each layer stack one layer per chunk; the export's reader gives
+  exactly the saved values layer by layer (a NaN named by param and layer), whole leaves
+  through np.asarray, and still reads params saved before (one chunk per leaf)."""
+  model_config = ThinkerConfig.from_hf(tiny_hf_config().to_dict())
+  params = jax.tree.map(np.asarray, nn.unbox(init_params(model_config, jax.random.key(1))))
+  params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+  kernel = params['text']['layers']['mlp']['up_proj']['kernel']
+  kernel[1, 0, 0] = np.nan
+  weights.save_params(str(tmp_path / 'final'), params, model_config)
+  abstract = nn.unbox(abstract_params(model_config))
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    saved = checkpointer.metadata(str(tmp_path / 'final' / 'params')).item_metadata.tree
+  layers = saved['text']['layers']['mlp']['up_proj']['kernel']
+  assert layers.storage.chunk_shape == (1,) + kernel.shape[1:]
+  assert saved['text']['embed_tokens']['embedding'].storage.chunk_shape == (
+      params['text']['embed_tokens']['embedding'].shape)
+
+  leaf = weights.params_leaf_reader(str(tmp_path / 'final'), abstract)
+  stack = leaf('text', 'layers/mlp/up_proj/kernel')
+  assert isinstance(stack.data, ts.TensorStore) and stack.shape == kernel.shape
+  got = stack[0]
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(got, kernel[0])
+  with pytest.raises(ValueError, match=r'param text/layers/mlp/up_proj/kernel \(layer 1\) '
+                                       r'holds non-finite'):
+    stack[1]
+  embedding = leaf('text', 'embed_tokens/embedding')
+  np.testing.assert_array_equal(np.asarray(embedding), params['text']['embed_tokens']['embedding'])
+  assert leaf('text', 'no/such/param') is None
+
+  kernel[1, 0, 0] = 1.0                # saved whole, as save_params did before
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(str(tmp_path / 'old' / 'params'), params)
+  stack = weights.params_leaf_reader(str(tmp_path / 'old'), abstract)(
+      'text', 'layers/mlp/up_proj/kernel')
+  assert isinstance(stack.data, np.ndarray)          # decoded once, not once per layer
+  for layer in range(kernel.shape[0]):
+    np.testing.assert_array_equal(stack[layer], kernel[layer])
 
 
 def _run_config(tmp_path):
