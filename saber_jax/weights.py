@@ -68,16 +68,21 @@ def weights_identity(config, init_from: str | None) -> dict:
 
 # ------------------------------------------------------------------- the params directory
 
+# The params are stored in chunks of at most this size, each layer stack one layer per chunk:
+# a chunk is decoded whole (into a buffer of its own), so the export then reads a layer, or a
+# whole embedding, without decoding more than one layer or chunk beside it.
+CHUNK_BYTES = 64 << 20
+
+
 def save_params(path: str, params, model_config: ThinkerConfig) -> None:
   """The thinker params alone (LoRA merged) and their config, as the next stage's start
-  and reference; `saber-convert-hf` exports them to Hugging Face format. Each layer stack
-  is stored one layer per chunk, so `params_leaf_reader` can read a layer alone (a chunk
-  is decoded whole: one spanning the stack costs the stack to read any layer of it)."""
+  and reference; `saber-convert-hf` exports them to Hugging Face format (reading them one
+  layer at a time: `params_leaf_reader`)."""
   path = os.path.abspath(path)
   stacked = {key for key, box in flax.traverse_util.flatten_dict(
       abstract_params(model_config), sep='/').items() if box.names[:1] == ('layers',)}
   save_args = flax.traverse_util.unflatten_dict(
-      {key: ocp.SaveArgs(shard_axes=(0,) if key in stacked else ())
+      {key: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES, shard_axes=(0,) if key in stacked else ())
        for key in flax.traverse_util.flatten_dict(params, sep='/')}, sep='/')
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(os.path.join(path, 'params'), params, save_args=save_args, force=True)
@@ -137,13 +142,14 @@ class StoredLeaf:
   error names the param and the layer)."""
 
   def __init__(self, store: ts.TensorStore, name: str):
-    self.name, self.shape, self.ndim = name, tuple(store.shape), store.ndim
-    # A stack saved as one chunk (before save_params chunked by layer) is decoded whole to
-    # read any layer: read it once rather than once per layer.
-    by_layer = store.ndim > 1 and store.chunk_layout.read_chunk.shape[0] == 1
-    self.data = store if by_layer else store.read().result()
+    self.data, self.name, self.shape = store, name, tuple(store.shape)
+    # A stack saved as one chunk (as save_params did before CHUNK_BYTES) is decoded whole to
+    # read any of its layers: read it whole once, at the first layer, not once per layer.
+    self.whole_at_first_layer = store.chunk_layout.read_chunk.shape[0] > 1
 
   def __getitem__(self, layer: int) -> np.ndarray:
+    if self.whole_at_first_layer:
+      self.data, self.whole_at_first_layer = self.data.read().result(), False
     return _finite(np.asarray(self.data[layer]), f'{self.name} (layer {layer})')
 
   def __array__(self, dtype=None, copy=None) -> np.ndarray:
@@ -151,6 +157,7 @@ class StoredLeaf:
 
 
 def _finite(array: np.ndarray, name: str) -> np.ndarray:
-  if not np.isfinite(array).all():
+  # min and max are NaN when any value is (and +-inf when one is): no full-size bool mask
+  if not (np.isfinite(array.min()) and np.isfinite(array.max())):
     raise ValueError(f'{name} holds non-finite values (NaN or inf)')
   return array
