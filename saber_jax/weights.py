@@ -7,8 +7,9 @@
   directory (streamed, `convert.load_hf`), a params directory a stage saved, or random.
 - `weights_identity`: what those weights are, for fingerprints.
 - The params directory (a stage's `final/`, `saber-convert-hf to-params`' output):
-  `params/` (Orbax) and `thinker_config.json`; `save_params`, `load_params`,
-  `params_config`.
+  `params/` (Orbax, stored in chunks of one layer or less) and `thinker_config.json`;
+  `save_params`, `load_params`, `params_config`, and `params_leaf_reader`, which reads
+  it one layer at a time for the export.
 """
 
 import dataclasses
