@@ -5,8 +5,9 @@
 Writes a bf16 params directory of the thinker layout (all zeros: the values do not change
 the memory an export needs, and untouched zero pages cost nothing to write) and a "base"
 full checkpoint of the same thinker plus a talker-sized block of tensors, then runs the
-export in its own process and reports its peak RSS (`ru_maxrss`) against the checkpoint
-size, the largest param leaf (a whole layer stack, restored at once) and the shard size.
+export in its own process and reports its peak RSS (VmHWM) against the checkpoint
+size, the shard size and the largest thinker tensor (the params are read one layer at a
+time, so that is the most the export holds beside a shard).
 Needs about 3x the bf16 model on disk (3B layout: ~27 GB; 7B: ~50 GB); everything is
 deleted at the end.
 """
@@ -14,7 +15,6 @@ deleted at the end.
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -31,6 +31,13 @@ from saber_jax.models import abstract_params
 from saber_jax.models.config import ThinkerConfig
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
+# The export, run in a process of its own that reports its peak resident memory: VmHWM, the
+# peak since exec (ru_maxrss would also count the pages of the parent it was forked from).
+EXPORT = """import sys
+from saber_jax.cli import convert_hf
+convert_hf.main(sys.argv[1:])
+print(next(line for line in open('/proc/self/status') if line.startswith('VmHWM')), flush=True)
+"""
 TALKER_BYTES = 2 << 30          # the 7B release's talker + token2wav are ~1.3B params (bf16)
 
 
@@ -48,9 +55,16 @@ def write_base(path: str, config: ThinkerConfig, params: dict, max_shard_bytes: 
   per = 256 << 20
   talker = ((f'talker.model.layers.{i}.mlp.weight', np.zeros((per // 2,), BF16))
             for i in range(TALKER_BYTES // per))
-  tensors = ((name, array.astype(BF16)) for name, array in convert.hf_tensors(params, 'thinker.'))
-  convert.write_shards(path, (t for part in (tensors, talker) for t in part), max_shard_bytes)
+  largest = 0
+
+  def tensors():
+    nonlocal largest
+    for name, array in convert.hf_tensors(params, 'thinker.'):
+      largest = max(largest, array.nbytes)
+      yield name, array.astype(BF16)
+  convert.write_shards(path, (t for part in (tensors(), talker) for t in part), max_shard_bytes)
   open(os.path.join(path, 'spk_dict.pt'), 'wb').close()
+  return largest
 
 
 def main():
@@ -64,18 +78,19 @@ def main():
   shutil.rmtree(args.dir, ignore_errors=True)
   try:
     params = zeros_params(config)
-    sizes = [x.nbytes for x in jax.tree.leaves(params)]
     start = time.time()
     weights.save_params(os.path.join(args.dir, 'params'), params, config)
-    write_base(os.path.join(args.dir, 'base'), config, params, int(args.max_shard_gb * 2**30))
+    largest = write_base(os.path.join(args.dir, 'base'), config, params,
+                         int(args.max_shard_gb * 2**30))
     del params
     print(f'[{args.layout}] wrote params and base in {time.time() - start:.0f} s', flush=True)
     start = time.time()
     child = subprocess.Popen(
-        [sys.executable, '-m', 'saber_jax.cli.convert_hf', 'to-hf', '--params',
+        [sys.executable, '-c', EXPORT, 'to-hf', '--params',
          os.path.join(args.dir, 'params'), '--base', os.path.join(args.dir, 'base'),
          '--out', os.path.join(args.dir, 'out'), '--max-shard-gb', str(args.max_shard_gb)],
-        env=dict(os.environ, JAX_PLATFORMS='cpu'), stderr=subprocess.DEVNULL)
+        env=dict(os.environ, JAX_PLATFORMS='cpu'), stdout=subprocess.PIPE, text=True,
+        stderr=subprocess.DEVNULL)
     timeline = []          # (seconds, resident GiB, of which file-backed GiB) every 0.5 s
     process = psutil.Process(child.pid)
     while child.poll() is None:
@@ -88,7 +103,7 @@ def main():
       time.sleep(0.5)
     if child.returncode:
       raise SystemExit(f'the export failed ({child.returncode})')
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    peak = int(child.stdout.read().split('VmHWM:')[1].split()[0]) * 1024
     top = max(timeline, key=lambda t: t[1])
     print(f'[{args.layout}] resident at its peak sample: {top[1]} GiB, {top[2]} GiB of it '
           f'file-backed (memory-mapped base shards) at {top[0]} s', flush=True)
@@ -97,7 +112,7 @@ def main():
                 if n.endswith('.safetensors'))
     print(json.dumps({'layout': args.layout, 'export_s': round(time.time() - start, 1),
                       'checkpoint_gib': round(total / 2**30, 2),
-                      'largest_leaf_gib': round(max(sizes) / 2**30, 2),
+                      'largest_tensor_gib': round(largest / 2**30, 2),
                       'max_shard_gib': args.max_shard_gb,
                       'peak_rss_gib': round(peak / 2**30, 2)}), flush=True)
   finally:

@@ -277,7 +277,7 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray]):
     f.write(np.uint64(len(header_bytes)).tobytes())
     f.write(header_bytes)
     for array in tensors.values():
-      f.write(np.ascontiguousarray(array).tobytes())
+      np.ascontiguousarray(array).tofile(f)     # no bytes copy of the tensor
 
 
 def _name_template(pattern: str) -> str:
@@ -293,10 +293,12 @@ def hf_tensors(params: dict, prefix: str = '') -> Iterator[tuple[str, np.ndarray
   return streamed_hf_tensors(params_leaf(params), prefix)
 
 
-def streamed_hf_tensors(leaf, prefix: str = '') -> Iterator[tuple[str, np.ndarray]]:
+def streamed_hf_tensors(leaf, prefix: str = '', dtype=None) -> Iterator[tuple[str, np.ndarray]]:
   """`hf_tensors` of params read one leaf at a time: `leaf(tower, path)` gives the array
   at '/'-joined `path` inside `tower`'s params, or None when the model has none (e.g. no
-  lm_head when tied to the embedding). Only that leaf and the layer being yielded are held."""
+  lm_head when tied to the embedding). The array may be one read lazily (`.shape`, `[layer]`
+  and `np.asarray`, as `weights.params_leaf_reader`'s): only the layer being yielded is
+  then read and held. Tensors are cast to `dtype` (None: as stored) before the transpose."""
   for tower, rules in TOWER_RULES.items():
     for pattern, path, perm in rules:
       value = leaf(tower, path)
@@ -308,8 +310,11 @@ def streamed_hf_tensors(leaf, prefix: str = '') -> Iterator[tuple[str, np.ndarra
       layers = range(value.shape[0]) if '{layer}' in template else [None]
       for layer in layers:
         array = np.asarray(value if layer is None else value[layer])
-        yield (prefix + hf_prefix + template.format(layer=layer),
-               array if inverse is None else np.ascontiguousarray(np.transpose(array, inverse)))
+        if dtype is not None:
+          array = array.astype(dtype, copy=False)
+        if inverse is not None:         # (the untransposed array is not held while yielded)
+          array = np.ascontiguousarray(np.transpose(array, inverse))
+        yield prefix + hf_prefix + template.format(layer=layer), array
       del value
 
 
@@ -385,8 +390,8 @@ def save_full_hf(config: ThinkerConfig, leaf, base: str, path: str, *,
   processor, chat template, generation config) copied.
 
   Streamed: base tensors are memory-mapped and written shard by shard, thinker params read
-  one leaf at a time, so the host holds about one shard and one layer stack (twice, while
-  Orbax decodes it). The thinker tensors written must be exactly those of `base` (by name),
+  one layer at a time (`weights.params_leaf_reader`), so the host holds about one shard and
+  one layer. The thinker tensors written must be exactly those of `base` (by name),
   or nothing is replaced. The export is atomic like `save_hf`'s. The thinker tensors are
   cast to `dtype` (None: the dtype of `base`'s thinker tensors, e.g. bf16 for the released
   models, whatever the params' storage dtype). Returns the weight map.
@@ -413,9 +418,9 @@ def save_full_hf(config: ThinkerConfig, leaf, base: str, path: str, *,
   written = []
 
   def thinker():
-    for name, array in streamed_hf_tensors(leaf, 'thinker.'):
+    for name, array in streamed_hf_tensors(leaf, 'thinker.', dtype):
       written.append(name)
-      yield name, array if array.dtype == dtype else array.astype(dtype)
+      yield name, array
 
   def others():
     opened = {}

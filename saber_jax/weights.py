@@ -8,8 +8,9 @@
   params directory a stage saved (local or `gs://`: Orbax reads it), or random.
 - `weights_identity`: what those weights are, for fingerprints.
 - The params directory (a stage's `final/`, `saber-convert-hf to-params`' output):
-  `params/` (Orbax) and `thinker_config.json`; `save_params`, `load_params`,
-  `params_config`.
+  `params/` (Orbax, stored in chunks of one layer or less) and `thinker_config.json`;
+  `save_params`, `load_params`, `params_config`, and `params_leaf_reader`, which reads
+  it one layer at a time for the export.
 """
 
 import dataclasses
@@ -20,6 +21,7 @@ import flax.traverse_util
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 from jax.sharding import Mesh
 
 from saber_jax import convert, files, fingerprint, sharding
@@ -70,12 +72,24 @@ def weights_identity(config, init_from: str | None) -> dict:
 
 # ------------------------------------------------------------------- the params directory
 
+# The params are stored in chunks of at most this size, each layer stack one layer per chunk:
+# a chunk is decoded whole (into a buffer of its own), so the export then reads a layer, or a
+# whole embedding, without decoding more than one layer or chunk beside it.
+CHUNK_BYTES = 64 << 20
+
+
 def save_params(path: str, params, model_config: ThinkerConfig) -> None:
   """The thinker params alone (LoRA merged) and their config, as the next stage's start
-  and reference; `saber-convert-hf` exports them to Hugging Face format."""
+  and reference; `saber-convert-hf` exports them to Hugging Face format (reading them one
+  layer at a time: `params_leaf_reader`)."""
   path = files.absolute(path)
+  stacked = {key for key, box in flax.traverse_util.flatten_dict(
+      abstract_params(model_config), sep='/').items() if box.names[:1] == ('layers',)}
+  save_args = flax.traverse_util.unflatten_dict(
+      {key: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES, shard_axes=(0,) if key in stacked else ())
+       for key in flax.traverse_util.flatten_dict(params, sep='/')}, sep='/')
   with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(os.path.join(path, 'params'), params, force=True)
+    checkpointer.save(os.path.join(path, 'params'), params, save_args=save_args, force=True)
   if jax.process_index() == 0:
     files.write_json(os.path.join(path, CONFIG_FILE), model_config.to_hf())
 
@@ -117,23 +131,57 @@ def load_params(path: str, abstract):
 
 
 def params_leaf_reader(path: str, abstract_params):
-  """A `convert.streamed_hf_tensors` reader of the params saved by `save_params`: each call
-  restores one leaf (a whole layer stack) into host memory, so an export holds one leaf at a
-  time instead of the model. `abstract_params` (unboxed) names the leaves there are."""
+  """A `convert.streamed_hf_tensors` reader of the params saved by `save_params`: each
+  leaf comes back as a `StoredLeaf` that reads from disk only what is indexed (one layer of
+  a layer stack), so an export holds one layer at a time instead of the model.
+  `abstract_params` (unboxed) names the leaves there are and their shapes."""
   directory = os.path.join(files.absolute(path), 'params')
   flat = flax.traverse_util.flatten_dict(abstract_params, sep='/')
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    saved = checkpointer.metadata(directory).item_metadata
+  stored = flax.traverse_util.flatten_dict(saved.tree, sep='/')
+  context = ocp.type_handlers.get_ts_context(use_ocdbt=True)
 
   def leaf(tower: str, inner: str):
     key = f'{tower}/{inner}'
     if key not in flat:
       return None
-    item = flax.traverse_util.unflatten_dict({key: flat[key]}, sep='/')
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-    with ocp.PyTreeCheckpointer() as checkpointer:
-      restored = checkpointer.restore(directory, args=ocp.args.PyTreeRestore(
-          item=item, restore_args=restore_args, partial_restore=True))
-    value = flax.traverse_util.flatten_dict(restored, sep='/')[key]
-    if not all(np.isfinite(part).all() for part in (value if value.ndim > 1 else [value])):
-      raise ValueError(f'{path}: param {key} holds non-finite values (NaN or inf)')
-    return value
+    if key not in stored:
+      raise KeyError(f'{path}: the saved params have no {key}')
+    meta = stored[key]
+    if tuple(meta.shape) != tuple(flat[key].shape):
+      raise ValueError(f'{path}: param {key} is saved with shape {tuple(meta.shape)}; the '
+                       f'config ({CONFIG_FILE}) gives {tuple(flat[key].shape)}')
+    info = ocp.type_handlers.ParamInfo(name=meta.name, parent_dir=meta.directory,
+                                       use_zarr3=saved.use_zarr3, ts_context=context)
+    spec = ocp.type_handlers.get_json_tspec_read(
+        info, use_ocdbt=ocp.type_handlers.is_ocdbt_checkpoint(meta.directory))
+    return StoredLeaf(ts.open(spec, context=context, read=True).result(), f'{path}: param {key}')
   return leaf
+
+
+class StoredLeaf:
+  """One saved param read lazily, like a memory-mapped array: `leaf[i]` reads layer i of a
+  layer stack, `np.asarray(leaf)` the whole param. What is read is checked finite (the
+  error names the param and the layer)."""
+
+  def __init__(self, store: ts.TensorStore, name: str):
+    self.data, self.name, self.shape = store, name, tuple(store.shape)
+    # A stack saved as one chunk (as save_params did before CHUNK_BYTES) is decoded whole to
+    # read any of its layers: read it whole once, at the first layer, not once per layer.
+    self.whole_at_first_layer = store.chunk_layout.read_chunk.shape[0] > 1
+
+  def __getitem__(self, layer: int) -> np.ndarray:
+    if self.whole_at_first_layer:
+      self.data, self.whole_at_first_layer = self.data.read().result(), False
+    return _finite(np.asarray(self.data[layer]), f'{self.name} (layer {layer})')
+
+  def __array__(self, dtype=None, copy=None) -> np.ndarray:
+    return _finite(np.asarray(self.data, dtype), self.name)
+
+
+def _finite(array: np.ndarray, name: str) -> np.ndarray:
+  # min and max are NaN when any value is (and +-inf when one is): no full-size bool mask
+  if not (np.isfinite(array.min()) and np.isfinite(array.max())):
+    raise ValueError(f'{name} holds non-finite values (NaN or inf)')
+  return array

@@ -3,10 +3,13 @@ start (with its config, onto a mesh, non-finite values refused), the run config'
 config and LoRA decision, and the initial params from each source."""
 
 import flax.linen as nn
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
+import tensorstore as ts
 
 from hf_reference import tiny_hf_config
 from saber_jax import sharding, weights
@@ -58,6 +61,52 @@ def test_params_of_another_shape_name_the_tensor_both_shapes_and_the_directory(t
   with pytest.raises(weights.UserError, match='param vision/merger/kernel is missing there, but '
                                               r'the model config \(config.model\) has \[3, 3\]'):
     weights.load_params(str(tmp_path / 'final'), extra)
+
+
+def test_params_leaf_reader_reads_one_layer_at_a_time(tmp_path, monkeypatch):
+  """save_params stores each layer stack one layer per chunk, no chunk above CHUNK_BYTES;
+  the export's reader gives exactly the saved values layer by layer (a NaN named by param
+  and layer), whole leaves through np.asarray, and still reads params saved before (one
+  chunk per leaf)."""
+  monkeypatch.setattr(weights, 'CHUNK_BYTES', 4096)   # several chunks per layer here
+  model_config = ThinkerConfig.from_hf(tiny_hf_config().to_dict())
+  params = jax.tree.map(np.asarray, nn.unbox(init_params(model_config, jax.random.key(1))))
+  params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+  kernel = params['text']['layers']['mlp']['up_proj']['kernel']
+  kernel[1, 0, 0] = np.nan
+  weights.save_params(str(tmp_path / 'final'), params, model_config)
+  abstract = nn.unbox(abstract_params(model_config))
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    saved = checkpointer.metadata(str(tmp_path / 'final' / 'params')).item_metadata.tree
+  boxed = flax.traverse_util.flatten_dict(abstract_params(model_config), sep='/')
+  for key, meta in flax.traverse_util.flatten_dict(saved, sep='/').items():
+    stacked = boxed[key].names[0] == 'layers'
+    chunk = meta.storage.chunk_shape
+    assert np.prod(chunk) * 2 <= 4096 and (chunk[0] == 1 or not stacked), (key, chunk)
+  embedding = saved['text']['embed_tokens']['embedding']       # read whole below
+  assert np.prod(embedding.storage.chunk_shape) < np.prod(embedding.shape)
+
+  leaf = weights.params_leaf_reader(str(tmp_path / 'final'), abstract)
+  stack = leaf('text', 'layers/mlp/up_proj/kernel')
+  assert isinstance(stack.data, ts.TensorStore) and stack.shape == kernel.shape
+  got = stack[0]
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(got, kernel[0])
+  with pytest.raises(ValueError, match=r'param text/layers/mlp/up_proj/kernel \(layer 1\) '
+                                       r'holds non-finite'):
+    stack[1]
+  embedding = leaf('text', 'embed_tokens/embedding')
+  np.testing.assert_array_equal(np.asarray(embedding), params['text']['embed_tokens']['embedding'])
+  assert leaf('text', 'no/such/param') is None
+
+  kernel[1, 0, 0] = 1.0                # saved whole, as save_params did before
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(str(tmp_path / 'old' / 'params'), params)
+  stack = weights.params_leaf_reader(str(tmp_path / 'old'), abstract)(
+      'text', 'layers/mlp/up_proj/kernel')
+  for layer in range(kernel.shape[0]):
+    np.testing.assert_array_equal(stack[layer], kernel[layer])
+  assert isinstance(stack.data, np.ndarray)          # decoded once, not once per layer
 
 
 def _run_config(tmp_path):
