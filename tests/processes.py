@@ -1,7 +1,10 @@
 """XLA settings and environments for tests, and for the processes they start."""
 
+import contextlib
 import os
 import socket
+import subprocess
+import sys
 
 # XLA:CPU runs the programs of all its devices on one pool of max(cores, devices) threads
 # (`PJRT_NPROC` stands in for the cores), and one device can block several of them at
@@ -31,3 +34,18 @@ def free_port() -> int:
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def held_by_another_process(lock):
+  """A live process (not this one's ancestor) holding `lock`: a first writer."""
+  holder = subprocess.Popen([sys.executable, '-c', 'import sys, time\n'
+                             'from saber_jax import files\n'
+                             'files.acquire_lock(sys.argv[1]); print(1, flush=True)\n'
+                             'time.sleep(60)', lock], stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline() == '1\n'
+    yield holder.pid
+  finally:
+    holder.kill()
+    holder.wait()

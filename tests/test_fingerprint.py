@@ -1,14 +1,12 @@
 """Resumable outputs know what produced them: a rerun with other inputs or settings is an
 error naming what differs, or starts fresh when asked to overwrite."""
 
-import contextlib
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
+import processes
 from saber_jax import files, fingerprint
 from saber_jax.judge import runs
 from saber_jax.train import config as config_lib, trainer
@@ -61,21 +59,6 @@ def test_training_workdir_reused_with_other_records_or_settings_is_refused(tmp_p
   assert json.loads((workdir / fingerprint.FILE).read_text())['records'][0]['size'] == 12
 
 
-@contextlib.contextmanager
-def _held_by_another_process(lock):
-  """A live process (not this one's ancestor) holding `lock`: a first writer."""
-  holder = subprocess.Popen([sys.executable, '-c', 'import sys, time\n'
-                             'from saber_jax import files\n'
-                             'files.acquire_lock(sys.argv[1]); print(1, flush=True)\n'
-                             'time.sleep(60)', lock], stdout=subprocess.PIPE, text=True)
-  try:
-    assert holder.stdout.readline() == '1\n'
-    yield holder.pid
-  finally:
-    holder.kill()
-    holder.wait()
-
-
 def test_every_claimed_output_has_one_writer(tmp_path):
   """The lock `ensure` takes: a training stage's workdir and a judged run's output are
   refused while another live process writes them, before any work; a non-writer process
@@ -85,7 +68,7 @@ def test_every_claimed_output_has_one_writer(tmp_path):
   workdir = tmp_path / 'run' / 'sft'
   config = config_lib.base_config()
   lock = str(workdir / fingerprint.FILE) + files.LOCK_SUFFIX
-  with _held_by_another_process(lock) as pid:
+  with processes.held_by_another_process(lock) as pid:
     with pytest.raises(files.LockHeld, match=f'{workdir} is being written by pid {pid} on '):
       trainer.claim_workdir(config, str(workdir), 'sft', [str(records)], None)
     assert not (workdir / fingerprint.FILE).exists()
@@ -97,7 +80,7 @@ def test_every_claimed_output_has_one_writer(tmp_path):
 
   out, errors = str(tmp_path / 'o.jsonl'), str(tmp_path / 'e.jsonl')
   judged = []
-  with _held_by_another_process(runs.fingerprint_path(out) + files.LOCK_SUFFIX) as pid:
+  with processes.held_by_another_process(runs.fingerprint_path(out) + files.LOCK_SUFFIX) as pid:
     with pytest.raises(files.LockHeld, match=f'pid {pid}'):
       runs.run_jobs([{'id': 'a'}], judged.append, out_path=out, errors_path=errors,
                     produced_by={'judge': 'j'})

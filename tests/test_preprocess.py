@@ -16,6 +16,7 @@ import numpy as np
 import psutil
 import pytest
 
+import processes
 from media_helpers import sine, write_audio, write_video
 from saber_jax.data import annotation, media, prompt, records, sed
 
@@ -390,21 +391,13 @@ def test_a_second_run_of_a_shard_exits_at_once_naming_the_first(dataset, tmp_pat
   makes this run exit 1 before any clip is read; a shard run with other settings is a
   fingerprint error even before the first run wrote a record (checked in test_files)."""
   lock = preprocess.shard_lock(str(tmp_path), 0, 2)
-  holder = subprocess.Popen([sys.executable, '-c', 'import sys, time\n'
-                             'from saber_jax import files\n'
-                             'files.acquire_lock(sys.argv[1]); print(1, flush=True)\n'
-                             'time.sleep(60)', lock], stdout=subprocess.PIPE, text=True)
-  try:
-    assert holder.stdout.readline() == '1\n'
+  with processes.held_by_another_process(lock) as holder_pid:
     with pytest.raises(SystemExit) as exit_info:
       _run(dataset, tmp_path, '--num-shards', '2', '--shard-index', '0')
     assert exit_info.value.code == 1
     error = capsys.readouterr().err
-    assert f'{tmp_path} shard 0 is being written by pid {holder.pid} on ' in error
+    assert f'{tmp_path} shard 0 is being written by pid {holder_pid} on ' in error
     assert not os.path.exists(tmp_path / 'parts')                 # no work was done
     stats = _run(dataset, tmp_path, '--num-shards', '2', '--shard-index', '1')   # shard 1 runs
     assert stats['shards_done'] == [1]
-  finally:
-    holder.kill()
-    holder.wait()
   assert not os.path.exists(preprocess.shard_lock(str(tmp_path), 1, 2))   # released
