@@ -58,7 +58,7 @@ def pipeline_config() -> ml_collections.ConfigDict:
       eval_clips=8,           # held out: the eval sets of both stages (2 batches each)
       # Each stage's changes to the fields above.
       sft=dict(optim=dict(lr=3e-3, total_steps=40, warmup_steps=4), eval=dict(every_steps=8)),
-      dpo=dict(optim=dict(lr=2e-4, total_steps=16, warmup_steps=2), eval=dict(every_steps=4))))
+      dpo=dict(optim=dict(lr=1e-4, total_steps=16, warmup_steps=2), eval=dict(every_steps=4))))
   c.eval.max_batches = 2
   return c
 
