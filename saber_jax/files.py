@@ -504,7 +504,10 @@ def acquire_lock(path: Path, what: str = '', wait: float = 0.0) -> None:
   it. A lock of a dead process of this host is stale: named on stderr and taken over. A
   lock held by this process or one of its ancestors is shared (counted; see
   `release_lock`). Held until `release_lock` or the process exits. `wait`: seconds to
-  wait for a live holder (short critical sections) before LockHeld."""
+  wait for a live holder (short critical sections) before LockHeld. An output on an object
+  store (a URL) takes no lock: it has no exclusive create here (README, "Remote storage")."""
+  if is_url(path):
+    return
   path = os.path.abspath(os.fspath(path))
   _makedirs_for(path)
   with _held_guard:
@@ -555,6 +558,8 @@ def _remove_if_same(path: str, holder: dict) -> None:
 
 def release_lock(path: Path) -> None:
   """Drops one claim of `acquire_lock`; the last removes the lock file."""
+  if is_url(path):
+    return
   path = os.path.abspath(os.fspath(path))
   with _held_guard:
     if path not in _held:
