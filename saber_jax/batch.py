@@ -42,7 +42,7 @@ IGNORE_INDEX = -100   # a label that trains nothing (transformers' ForCausalLMLo
 
 # Padding token of training and reference rows: masked out everywhere, so any id works;
 # 0 is below every vocabulary size (the tiny test models' too). Generation pads with the
-# tokenizer's <|endoftext|> instead (generate.PAD_TOKEN_ID): it also fills the tokens after
+# tokenizer's <|endoftext|> instead (decode.PAD_TOKEN_ID): it also fills the tokens after
 # a sampled row's end, as transformers' generate does, and must be a real id of the model.
 PAD_ID = 0
 
