@@ -22,14 +22,9 @@ class Mismatch(UserError):
   """A rerun whose inputs or settings differ from those of the output it would resume."""
 
 
-def file_identity(path: str) -> dict:
-  """A file's path, size and modification time: changes whenever the file is rewritten,
-  without reading it (inputs can be many gigabytes). Local or a URL (`files.is_url`)."""
-  return files.tree_identity(path)
-
-
 def tree_identity(path: str) -> dict | list:
-  """`file_identity` of a file, or of every file under a directory (sorted)."""
+  """Path, size and modification time of a file, or of every file under a directory
+  (sorted; local or a URL): changes whenever one is rewritten, without reading it."""
   return files.tree_identity(path)
 
 

@@ -114,10 +114,10 @@ def positive(kind=float):
 def produced_by(args: argparse.Namespace, input_path: str, also: tuple[str, ...]) -> dict:
   """The fingerprint of a judged run: the judge, the input file, the shard and the
   arguments named in `also` (files by identity: path, size, modification time)."""
-  value = lambda v: fingerprint.file_identity(v) if isinstance(v, str) and os.path.isfile(v) else v
+  value = lambda v: fingerprint.tree_identity(v) if isinstance(v, str) and os.path.isfile(v) else v
   return {'judge': {k: getattr(args, k) for k in ('model', 'temperature', 'max_tokens',
                                                   'response_format')},
-          'input': fingerprint.file_identity(input_path),
+          'input': fingerprint.tree_identity(input_path),
           'shard': [args.shard_index, args.num_shards],
           **{name: value(getattr(args, name)) for name in also}}
 

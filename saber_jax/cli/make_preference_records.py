@@ -84,7 +84,7 @@ def claim_output(args) -> str:
   """OUT belongs to these pairs, SFT shards and tokenizer (`fingerprint.ensure`): 'resume'
   or 'fresh'; other inputs are an error (exit 1) unless --overwrite clears OUT first."""
   produced_by = {
-      'pairs': fingerprint.file_identity(args.pairs),
+      'pairs': fingerprint.tree_identity(args.pairs),
       'sft_records': fingerprint.files_identity(records.shard_paths(args.sft_records)),
       'tokenizer': fingerprint.tree_identity(args.tokenizer) if args.tokenizer else 'offline'}
   outputs = _outputs(args.out)

@@ -377,11 +377,11 @@ def claim_output(args, settings) -> None:
   the shard count. A rerun after the manifest changed (clips added) is an error naming
   what differs, or starts fresh with --overwrite, never 'complete' with clips ignored."""
   produced_by = {
-      'manifest': fingerprint.file_identity(args.manifest),
-      'annotations': fingerprint.file_identity(args.annotations),
+      'manifest': fingerprint.tree_identity(args.manifest),
+      'annotations': fingerprint.tree_identity(args.annotations),
       'tokenizer': fingerprint.tree_identity(args.tokenizer) if args.tokenizer else 'offline',
       'settings': dataclasses.asdict(settings), 'num_shards': args.num_shards,
-      **{k: fingerprint.file_identity(getattr(args, k)) for k in ('exclude', 'only')
+      **{k: fingerprint.tree_identity(getattr(args, k)) for k in ('exclude', 'only')
          if getattr(args, k)}}
 
   def clear():

@@ -364,7 +364,7 @@ def main(argv=None):
   out_path = os.path.join(args.out, OUT_FILE)
   produced_by = {
       'records': fingerprint.files_identity(paths),
-      'manifest': fingerprint.file_identity(args.manifest) if args.manifest else None,
+      'manifest': fingerprint.tree_identity(args.manifest) if args.manifest else None,
       'server': {'model': args.model}, 'tokenizer': args.tokenizer,
       'sampling': {k: getattr(args, k) for k in ('num_samples', 'temperature', 'top_p',
                                                  'max_tokens', 'seed', 'no_logprobs')},

@@ -178,7 +178,7 @@ def main(argv=None) -> runs.RunSummary:
   # get alone; other models (CTC) see the batch's padding and would transcribe it too.
   batcher = Batcher(run, args.batch_size if is_whisper(asr) else 1)
   produced_by = {'asr': {'model': model_identity(args.model), 'language': args.language},
-                 'input': fingerprint.file_identity(args.manifest),
+                 'input': fingerprint.tree_identity(args.manifest),
                  'shard': [args.shard_index, args.num_shards]}
   try:
     return _common.run_judged(

@@ -15,7 +15,6 @@ lora_B = b^T, one pair per layer, named after the module that carries the weight
 (`base_model.model.<module>.lora_A.weight`, transformers 5's module tree).
 """
 
-import json
 import math
 import os
 import tempfile
@@ -121,9 +120,9 @@ def save_peft(path: str, lora_params, *, rank: int, alpha: float, base_model: st
   modules = {name.removeprefix(PEFT_PREFIX).rsplit('.lora_', 1)[0] for name in tensors}
   os.makedirs(path, exist_ok=True)
   convert.write_safetensors(os.path.join(path, PEFT_WEIGHTS), tensors)
-  with open(os.path.join(path, PEFT_CONFIG), 'w') as f:
-    json.dump(peft_config(rank=rank, alpha=alpha, target_modules=modules,
-                          base_model=base_model), f, indent=2)
+  files.write_json(os.path.join(path, PEFT_CONFIG),
+                   peft_config(rank=rank, alpha=alpha, target_modules=modules,
+                               base_model=base_model))
 
 
 def load_peft(path: str, abstract_lora, *, rank: int, alpha: float) -> dict:

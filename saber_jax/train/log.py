@@ -162,12 +162,10 @@ class WandbWriter:
     os.makedirs(directory, exist_ok=True)
     id_file = os.path.join(directory, f'{stage}.id')
     if os.path.exists(id_file):
-      with open(id_file) as f:
-        run_id = f.read().strip()
+      run_id = files.read_text(id_file).strip()
     else:
       run_id = uuid.uuid4().hex[:8]
-      with open(id_file, 'w') as f:
-        f.write(run_id + '\n')
+      files.write_text(id_file, run_id + '\n')
     group = os.path.basename(files.absolute(workdir).rstrip('/'))
     name = settings.get('name') or f'{group}-{stage}'
     self.run = wandb.init(project=settings.project, entity=settings.get('entity') or None,

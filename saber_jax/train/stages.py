@@ -79,12 +79,12 @@ def train_stage(config, stage: str, record_paths, init_from: str) -> str:
 def save_final(config, setup: trainer.Setup, final: str, init_from: str):
   """The merged params in `final/`; a LoRA run also keeps its adapter in `final/adapter/`
   (`saber-convert-hf to-peft` exports it for PEFT)."""
-  weights.save_params(final, trainer.final_params(setup, weights.lora_config_of(config)),
-                      setup.model_config)
-  if config.trainable == 'lora':
+  lora_config = weights.lora_config_of(config)
+  weights.save_params(final, trainer.final_params(setup, lora_config), setup.model_config)
+  if lora_config is not None:
     adapters.save_adapter(os.path.join(final, adapters.ADAPTER_DIR),
-                          setup.state.trainable['lora'], rank=config.lora.rank,
-                          alpha=config.lora.alpha, targets=tuple(config.lora.targets),
+                          setup.state.trainable['lora'], rank=lora_config.rank,
+                          alpha=lora_config.alpha, targets=tuple(lora_config.targets),
                           base=init_from or '')
 
 

@@ -92,8 +92,8 @@ def materialize(setup: Setup, config, init_from: str | None) -> Setup:
         out_shardings=shardings.trainable['lora'])(params, jax.random.key(config.seed + 1))
     if config.get('init_lora'):         # a PEFT adapter to start from
       lora_params = jax.device_put(
-          adapters.load_peft(config.init_lora, lora_params, rank=config.lora.rank,
-                             alpha=config.lora.alpha), shardings.trainable['lora'])
+          adapters.load_peft(config.init_lora, lora_params, rank=lora_config.rank,
+                             alpha=lora_config.alpha), shardings.trainable['lora'])
   trainable, frozen = steps.split_params(params, config.trainable, lora_params)
   opt_state = jax.jit(setup.optimizer.init, out_shardings=shardings.opt_state)(trainable)
   state = steps.TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), shardings.step),
