@@ -6,7 +6,8 @@ Two kinds of operation, kept apart on purpose:
   one or the new one. These take a local path or a URL (`gs://bucket/...`, any scheme
   `etils.epath` opens): a local file is written under a temporary name and renamed; an
   object is written directly, since an object write is atomic by itself. `exists`,
-  `listdir`, `rmtree`, `upload`, `download` and `tree_identity` work on both kinds.
+  `listdir`, `with_prefix`, `remove`, `rmtree`, `upload`, `download` and `tree_identity`
+  work on both kinds.
 - local append-only files (durable appends, torn-tail reads and repair): they need
   O_APPEND, fsync and truncate of a POSIX file, which an object store has none of.
 Plus the record vocabulary the JSONL tools share: `record_id`, `load_by_id`, duplicate-id
@@ -60,6 +61,26 @@ def listdir(path: Path) -> list[str]:
     path = epath.Path(path)
     return sorted(p.name for p in path.iterdir()) if path.exists() else []
   return sorted(os.listdir(path)) if os.path.isdir(path) else []
+
+
+def with_prefix(prefix: Path) -> list[str]:
+  """Every file (object) whose path starts with `prefix`, in the folder `prefix` names,
+  sorted. A URL's is listed afresh (not from the listing cache), so it counts objects
+  other processes or hosts wrote since this one last looked."""
+  prefix = os.fspath(prefix)
+  if is_url(prefix):
+    folder, name = prefix.rsplit('/', 1)
+    return sorted(os.fspath(p) for p in epath.Path(folder).glob(glob.escape(name) + '*'))
+  return sorted(glob.glob(glob.escape(prefix) + '*'))
+
+
+def remove(path: Path) -> None:
+  """Removes a file (an object); nothing when it does not exist."""
+  if is_url(path):
+    epath.Path(path).unlink(missing_ok=True)
+  else:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(path)
 
 
 def rmtree(path: Path) -> None:

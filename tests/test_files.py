@@ -314,3 +314,30 @@ def test_whole_file_functions_open_gs_urls_and_make_no_local_gs_folder(gcs, tmp_
   assert not files.exists(f'{root}/a/new.txt')
   assert files.absolute(f'{root}/a') == f'{root}/a'
   assert not (tmp_path / 'gs:').exists()
+
+
+def test_with_prefix_sees_objects_another_host_wrote_and_remove_takes_files_or_objects(
+    gcs, tmp_path):
+  import gcsfs
+  root = 'gs://runs/prefix'
+  files.write_text(f'{root}/out.jsonl', 'a\n')
+  files.write_text(f'{root}/out.jsonl.part0.1', 'b\n')
+  files.write_text(f'{root}/other.jsonl.part0', 'c\n')
+  assert files.listdir(root) == ['other.jsonl.part0', 'out.jsonl', 'out.jsonl.part0.1']
+  # Another host's client (its own listing cache) writes: this one's cached folder listing
+  # misses the object, the prefix listing does not.
+  gcsfs.GCSFileSystem(skip_instance_cache=True).pipe('runs/prefix/out.jsonl.part1.2', b'd\n')
+  assert 'out.jsonl.part1.2' not in files.listdir(root)
+  assert files.with_prefix(f'{root}/out.jsonl.part') == [f'{root}/out.jsonl.part0.1',
+                                                         f'{root}/out.jsonl.part1.2']
+  assert files.with_prefix(f'{root}/none') == []
+  files.remove(f'{root}/out.jsonl.part0.1')
+  files.remove(f'{root}/out.jsonl.part0.1')                 # gone already: nothing
+  assert files.with_prefix(f'{root}/out.jsonl.') == [f'{root}/out.jsonl.part1.2']
+  # Locally the same, with glob's special characters taken literally.
+  for name in ('a[1].jsonl', 'a[1].jsonl.part0', 'a1.jsonl.part0'):
+    (tmp_path / name).write_text('x\n')
+  assert files.with_prefix(tmp_path / 'a[1].jsonl.') == [str(tmp_path / 'a[1].jsonl.part0')]
+  files.remove(tmp_path / 'a[1].jsonl.part0')
+  files.remove(tmp_path / 'a[1].jsonl.part0')
+  assert files.with_prefix(tmp_path / 'a[1]') == [str(tmp_path / 'a[1].jsonl')]
