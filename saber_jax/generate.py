@@ -33,13 +33,15 @@ skipped, also on later runs. When every prompt of a batch fails before any batch
 run has worked, the run stops with the error instead (a broken setup, not bad clips).
 """
 
+import contextlib
 import dataclasses
-import glob
 import hashlib
 import itertools
 import os
+import tempfile
 import time
-from typing import Iterator, Sequence
+import uuid
+from typing import Callable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -72,36 +74,104 @@ class Prompt:
 
 # ------------------------------------------------------------------------------ output
 
-def part_path(out_path: str, process: int) -> str:
-  return f'{out_path}.part{process}'
+def part_path(path: str, process: int) -> str:
+  return f'{path}.part{process}'
 
 
 def errors_path(out_path: str) -> str:
-  return os.path.join(os.path.dirname(os.path.abspath(out_path)), 'errors.jsonl')
+  return os.path.join(os.path.dirname(files.absolute(out_path)), 'errors.jsonl')
+
+
+def line_key(line: dict) -> str | None:
+  """What a line of the output or of errors.jsonl is about: its record's id, or the
+  record's 'path:index' when its id could not be read."""
+  return str(line['id']) if line.get('id') is not None else line.get('where')
+
+
+def output_files(out_path: str) -> list[str]:
+  """Those of `out_path`, errors.jsonl and their parts that exist (local, or objects)."""
+  whole = [out_path, errors_path(out_path)]
+  return [p for p in whole if files.exists(p)] + [
+      part for p in whole for part in files.with_prefix(p + '.part')]
 
 
 def finished_ids(out_path: str) -> set[str]:
-  """Ids done or given up on: in `out_path`, in any process's part file, in errors.jsonl
+  """Ids done or given up on: in `out_path`, errors.jsonl or any process's part of either
   (by 'path:index' for a record whose id could not be read)."""
-  paths = [out_path, errors_path(out_path)] + glob.glob(glob.escape(out_path) + '.part*')
-  return {str(line['id']) if line.get('id') is not None else line.get('where')
-          for path in paths for line in files.read_whole_lines(path)} - {None}
+  return {line_key(line) for path in output_files(out_path)
+          for line in files.read_whole_lines(path)} - {None}
 
 
-def merge_process_parts(out_path: str) -> int:
-  """`out_path` rewritten (atomically) with its lines and every process's part file's, each
-  id once; the part files removed. Returns the number of lines."""
-  parts = sorted(glob.glob(glob.escape(out_path) + '.part*'))
+def merge_process_parts(path: str) -> int:
+  """`path` rewritten (atomically) with its lines and those of every part file
+  (`<path>.part*`), each `line_key` once; the part files removed. Returns the number of
+  lines."""
+  parts = files.with_prefix(path + '.part')
   seen = set()
-  with files.atomic_open(out_path) as f:
-    for path in [out_path] + parts:
-      for line in files.read_whole_lines(path):
-        if line['id'] not in seen:
-          seen.add(line['id'])
+  with files.atomic_open(path) as f:
+    for source in [path] + parts:
+      for line in files.read_whole_lines(source):
+        if line_key(line) not in seen:
+          seen.add(line_key(line))
           f.write(files.jsonl_line(line))
-  for path in parts:
-    os.remove(path)
+  for source in parts:
+    os.remove(source)
   return len(seen)
+
+
+def merge_remote(url: str) -> int:
+  """`merge_process_parts` of an object and its part objects: merged in a local temporary
+  directory, `url` written whole, then the parts removed (a kill in between leaves parts
+  whose lines `url` holds already: merged once again, each key once)."""
+  parts = files.with_prefix(url + '.part')
+  with tempfile.TemporaryDirectory(prefix='saber-merge-') as local:
+    for source in [url] + parts:
+      files.download(source, os.path.join(local, source.rsplit('/', 1)[1]))
+    merged = os.path.join(local, url.rsplit('/', 1)[1])
+    count = merge_process_parts(merged)
+    files.upload(merged, url)
+  for source in parts:
+    files.remove(source)
+  return count
+
+
+def merge_outputs(out_path: str) -> int:
+  """Process 0 at the end: every part merged into `out_path` and into errors.jsonl (made
+  only when a record failed). Returns the number of lines of `out_path`."""
+  merge = merge_remote if files.is_url(out_path) else merge_process_parts
+  errors = errors_path(out_path)
+  if files.exists(errors) or files.with_prefix(errors + '.part'):
+    merge(errors)
+  return merge(out_path)
+
+
+@contextlib.contextmanager
+def staged(out_path: str) -> Iterator[str]:
+  """The path this process appends to: `out_path` itself when local. For a URL, the same
+  name in a local staging directory (removed afterwards) into which the output's objects
+  are downloaded first (merged file, errors.jsonl, every part of both, names kept), so a
+  run resumed on another machine sees the same finished ids."""
+  if not files.is_url(out_path):
+    yield out_path
+    return
+  with tempfile.TemporaryDirectory(prefix='saber-generate-') as local:
+    for source in output_files(out_path):
+      files.download(source, os.path.join(local, source.rsplit('/', 1)[1]))
+    yield os.path.join(local, out_path.rsplit('/', 1)[1])
+
+
+def upload_parts(local_out: str, out_path: str, process: int) -> None:
+  """For a URL `out_path`: this process's staged part files (lines, errors) uploaded
+  whole as new objects `<name>.part<process>.<time>-<random>`, then removed locally so
+  the next upload holds only newer lines. Nothing for a local `out_path`."""
+  if not files.is_url(out_path):
+    return
+  stamp = f'{time.time_ns()}-{uuid.uuid4().hex[:8]}'
+  for local, remote in ((local_out, out_path), (errors_path(local_out), errors_path(out_path))):
+    part = part_path(local, process)
+    if os.path.exists(part) and os.path.getsize(part):
+      files.upload(part, f'{part_path(remote, process)}.{stamp}')
+      os.remove(part)
 
 
 # ------------------------------------------------------------------------------ prompts
@@ -226,8 +296,11 @@ class Stats:
 
 
 def sample_records(config, model_config: ThinkerConfig, params, mesh, record_paths,
-                   out_path: str, tokenizer, limit: int | None = None) -> tuple[list[dict], Stats]:
-  """The loop of `generate_stage` (see the module docstring). Returns (the lines this
+                   out_path: str, tokenizer, limit: int | None = None,
+                   after_batch: Callable[[int], None] = lambda step: None
+                   ) -> tuple[list[dict], Stats]:
+  """The loop of `generate_stage` (see the module docstring) over a local `out_path`;
+  `after_batch(step)` runs once each batch's lines are written. Returns (the lines this
   process wrote when `limit` is set, else [], the counts)."""
   g = config.generate
   options = examples.data_options(config.data)
@@ -243,8 +316,9 @@ def sample_records(config, model_config: ThinkerConfig, params, mesh, record_pat
   settings.check_ids(model_config.text.vocab_size)
   model_config = dataclasses.replace(model_config, attention='xla')   # left-padded prompts
   key = jax.random.key(config.seed)
-  own_part, own_errors = part_path(out_path, process), errors_path(out_path)
+  own_part, own_errors = part_path(out_path, process), part_path(errors_path(out_path), process)
   files.repair_tail(own_part)
+  files.repair_tail(own_errors)
   done = finished_ids(out_path)
   stats, kept = Stats(), []
   # Before any sampling: two different records of one id would give one line for two
@@ -364,6 +438,7 @@ def sample_records(config, model_config: ThinkerConfig, params, mesh, record_pat
       if not shape[0]:
         break
       run(batch, shards, shape)
+    after_batch(step)
     if preemption.reached(step):     # this batch's lines are fsynced: stop here
       stats.stopped = True
       break
@@ -374,8 +449,7 @@ def _check_fingerprint(config, record_paths, init_from: str, out_path: str) -> N
   """Resume only output made from the same records, weights and sampling settings (batch
   size and process count do not change a sample); else an error naming what differs, or
   `config.overwrite` starts fresh."""
-  candidates = [out_path, errors_path(out_path)] + glob.glob(glob.escape(out_path) + '.part*')
-  outputs = [p for p in candidates if os.path.exists(p)]
+  outputs = output_files(out_path)
   g = config.generate
   produced_by = {'records': fingerprint.files_identity(datasets.resolve_paths(record_paths)),
                  'seed': config.seed, **weights.weights_identity(config, init_from),
@@ -383,7 +457,7 @@ def _check_fingerprint(config, record_paths, init_from: str, out_path: str) -> N
                                                 'num_samples', 'tokenizer')}}
   fingerprint.ensure(os.path.splitext(out_path)[0] + '.' + fingerprint.FILE, produced_by,
                      has_output=bool(outputs), overwrite=config.get('overwrite', False),
-                     clear=lambda: [os.remove(p) for p in outputs],
+                     clear=lambda: [files.remove(p) for p in outputs],
                      overwrite_hint='--config.overwrite=True', writer=jax.process_index() == 0)
   multihost_utils.sync_global_devices('generate: output checked')
 
@@ -406,8 +480,10 @@ def generate_stage(config, record_paths, init_from: str, out_path: str,
   """Responses of the model at `init_from` to the prompts of the records, in the JSONL
   `out_path` (see the module docstring); finished ids are skipped, so a killed run resumes.
   `limit`: at most this many new prompts per process, and their lines are returned (the
-  demo's one answer); otherwise returns []."""
-  os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+  demo's one answer); otherwise returns []. `out_path` may be a URL (see the module
+  docstring)."""
+  if not files.is_url(out_path):
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
   _check_fingerprint(config, record_paths, init_from, out_path)
   if jax.process_index() == 0:
     try:
@@ -419,8 +495,18 @@ def generate_stage(config, record_paths, init_from: str, out_path: str,
   params = weights.initial_params(config, model_config, mesh, init_from)
   tokenizer = prompt_lib.load_tokenizer(config.generate.tokenizer or None)
   start, compiled = time.perf_counter(), decode.generate_inputs._cache_size()
-  kept, stats = sample_records(config, model_config, params, mesh, record_paths, out_path,
-                               tokenizer, limit)
+  process, every = jax.process_index(), int(config.generate.upload_every)
+  with staged(out_path) as local_out:
+
+    def after_batch(step: int) -> None:
+      if step % every == 0:
+        upload_parts(local_out, out_path, process)
+
+    try:
+      kept, stats = sample_records(config, model_config, params, mesh, record_paths,
+                                   local_out, tokenizer, limit, after_batch)
+    finally:                    # at the end, on a stop request, on an error
+      upload_parts(local_out, out_path, process)
   waste = 1 - stats.useful_row_steps / max(stats.row_steps, 1)
   print(f'[generate] process {jax.process_index()}: {stats.written} prompts in {stats.batches} '
         f'batches of {len(stats.shapes)} shapes, {time.perf_counter() - start:.1f} s, '
@@ -432,6 +518,6 @@ def generate_stage(config, record_paths, init_from: str, out_path: str,
     raise preemption.stopped(f'[generate] stopped after {stats.batches} batches: '
                              f'{stats.written} new lines in {part_path(out_path, "*")}')
   if jax.process_index() == 0:
-    print(f'[generate] {merge_process_parts(out_path)} lines in {out_path}', flush=True)
+    print(f'[generate] {merge_outputs(out_path)} lines in {out_path}', flush=True)
   multihost_utils.sync_global_devices('generate: merged')
   return kept

@@ -43,6 +43,7 @@ def test_every_shipped_config_is_valid(path):
     ('model.name', 'qwen_9000', "config.model.name = 'qwen_9000': expected a ThinkerConfig "
                                 'factory'),
     ('generate.window_batches', 0, 'config.generate.window_batches = 0: expected >= 1'),
+    ('generate.upload_every', 0, 'config.generate.upload_every = 0: expected >= 1'),
     # Value sets read from their owners (models/layers, data/pipeline, steps, losses).
     ('model.remat', 'some', "config.model.remat = 'some': expected 'none', 'full' or 'dots'"),
     ('model.attention', 'flash',
@@ -93,14 +94,16 @@ def test_main_stops_on_a_typo_and_on_a_bad_value_before_any_work(tmp_path):
   assert os.listdir(tmp_path) == []
 
 
-def test_a_gs_workdir_serves_the_training_stages_and_the_others_are_refused():
+def test_a_gs_workdir_serves_training_and_generate_and_the_record_writers_are_refused():
   config = config_lib.base_config()
   config.workdir = 'gs://bucket/run'
-  for mode in ('sft', 'dpo'):
+  for mode in ('sft', 'dpo', 'generate'):
     config.mode = mode
     config_lib.validate(config)
+  assert config_lib.LOCAL_WORKDIR_MODES == ('ref_logps', 'pipeline')
   for mode in config_lib.LOCAL_WORKDIR_MODES:
     config.mode = mode
     with pytest.raises(ValueError, match='gcsfuse mount of the bucket') as error:
       config_lib.validate(config)
     assert "config.workdir = 'gs://bucket/run'" in str(error.value)
+    assert f"mode={mode!r}, which writes ArrayRecord files there" in str(error.value)

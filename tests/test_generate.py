@@ -91,7 +91,7 @@ def run(config, paths, out_dir, devices=1, mesh_shape=(-1, 1, 1), batch_size=5):
   out.parent.mkdir(parents=True, exist_ok=True)
   _, stats = generate.sample_records(config, model_config, params, mesh, paths, str(out),
                                      prompt.load_tokenizer())
-  generate.merge_process_parts(str(out))
+  generate.merge_outputs(str(out))
   lines = [json.loads(line) for line in out.read_text().splitlines()]
   by_id = {line['id']: line for line in lines}
   assert len(by_id) == len(lines), 'an id was written twice'
@@ -166,14 +166,23 @@ def test_torn_tail_is_cut_and_finished_ids_read_every_part(tmp_path):
   out.write_text('{"id": "a"}\n')
   (tmp_path / 'predictions.jsonl.part0').write_text('{"id": "b"}\n{"id": "c"')
   (tmp_path / 'predictions.jsonl.part1').write_text('{"id": "c"}\n{"id": "a"}\nnot json\n')
-  (tmp_path / 'errors.jsonl').write_text('{"id": "d", "reason": "x"}\n'
-                                         '{"id": null, "where": "f:3"}\n')
-  assert generate.finished_ids(str(out)) == {'a', 'b', 'c', 'd', 'f:3'}
+  (tmp_path / 'errors.jsonl').write_text('{"id": "d", "reason": "x"}\n')
+  # Each process logs its errors in its own part; one without an id is keyed by place.
+  (tmp_path / 'errors.jsonl.part0').write_text('{"id": null, "where": "f:3"}\n'
+                                               '{"id": "e", "where": "f:4"}\n')
+  (tmp_path / 'errors.jsonl.part1.7').write_text('{"id": null, "where": "f:3"}\n'
+                                                 '{"id": "d", "where": "f:1"}\n')
+  assert generate.finished_ids(str(out)) == {'a', 'b', 'c', 'd', 'e', 'f:3'}
   assert files.repair_tail(str(tmp_path / 'predictions.jsonl.part0')) == len('{"id": "c"')
   assert (tmp_path / 'predictions.jsonl.part0').read_text() == '{"id": "b"}\n'
-  assert generate.merge_process_parts(str(out)) == 3
+  assert generate.merge_outputs(str(out)) == 3
   assert out.read_text() == '{"id": "a"}\n{"id": "b"}\n{"id": "c"}\n'
+  assert (tmp_path / 'errors.jsonl').read_text() == (
+      '{"id": "d", "reason": "x"}\n{"id": null, "where": "f:3"}\n{"id": "e", "where": "f:4"}\n')
   assert not list(tmp_path.glob('*.part*'))
+  # No error anywhere: no errors.jsonl.
+  (tmp_path / 'errors.jsonl').unlink()
+  assert generate.merge_outputs(str(out)) == 3 and not (tmp_path / 'errors.jsonl').exists()
 
 
 @pytest.mark.parametrize('mesh_shape', [(-1, 1, 1), (1, -1, 1)])

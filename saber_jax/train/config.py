@@ -73,9 +73,11 @@ def base_config() -> ml_collections.ConfigDict:
   # within windows of this many batches (saber_jax/generate.py). max_new_tokens must cover
   # the SFT answers (a cut sample is never a chosen answer): 1024 is 1.7x the 600-token
   # answers planned for; the generate stage warns when the records' answers are longer.
+  # upload_every: with a gs:// workdir each process uploads its new lines every this many
+  # batches (and when it stops): what a SIGKILL can lose, against one object per upload.
   c.generate = ml_collections.ConfigDict(dict(
       records='', batch_size=8, max_new_tokens=1024, temperature=0.0, top_p=1.0, top_k=0,
-      num_samples=1, tokenizer='', window_batches=32))
+      num_samples=1, tokenizer='', window_batches=32, upload_every=10))
 
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3))
   c.log_every = 10
@@ -238,8 +240,9 @@ def _either(values) -> str:
   return ', '.join(quoted[:-1]) + ' or ' + quoted[-1] if len(quoted) > 1 else quoted[0]
 
 
-# Modes that write records or append to files in the workdir: local or gcsfuse, not gs://.
-LOCAL_WORKDIR_MODES = ('ref_logps', 'generate', 'pipeline')
+# Modes that write records in the workdir (ArrayRecord needs a POSIX file): local or
+# gcsfuse, not gs://.
+LOCAL_WORKDIR_MODES = ('ref_logps', 'pipeline')
 
 
 def validate(config) -> None:
@@ -307,7 +310,7 @@ def validate(config) -> None:
   need(not (files.is_url(config.workdir) and config.mode in LOCAL_WORKDIR_MODES
            and not config.dry_run), 'workdir',
        f'a local directory or a gcsfuse mount of the bucket for mode={config.mode!r}, which '
-       'writes records or appends to files there (mode sft and dpo take a gs:// workdir)')
+       'writes ArrayRecord files there (mode sft, dpo and generate take a gs:// workdir)')
   need(d.batch_size >= 1, 'data.batch_size', '>= 1')
   need(d.num_data_shards >= 1 and d.batch_size % d.num_data_shards == 0, 'data.num_data_shards',
        f'>= 1 and a divisor of data.batch_size ({d.batch_size})')
@@ -342,5 +345,6 @@ def validate(config) -> None:
   need(g.top_k >= 0, 'generate.top_k', '>= 0 (0: off)')
   need(g.num_samples >= 1, 'generate.num_samples', '>= 1')
   need(g.window_batches >= 1, 'generate.window_batches', '>= 1')
+  need(g.upload_every >= 1, 'generate.upload_every', '>= 1')
   if problems:
     raise UserError('invalid config:\n  ' + '\n  '.join(problems))
