@@ -7,6 +7,7 @@ import importlib.util
 import json
 import pathlib
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -264,6 +265,63 @@ def test_two_processes_stopped_by_sigterm_and_restarted_write_each_id_once_with_
   got = {line['id']: line for line in lines}
   assert len(got) == len(lines)
   assert_same_samples(got, want)
+
+
+@pytest.mark.slow
+def test_gs_workdir_stopped_and_restarted_merges_in_the_bucket_like_a_local_run(
+    data, reference, gcs, tmp_path):
+  """`mode=generate` in gs://runs/gen: each batch's lines uploaded as a new part object
+  (upload_every=1); SIGTERM once the first is there, restart in a fresh staging directory:
+  the bucket ends with the reference's lines and errors, each once, and no part objects."""
+  want, _, reference_dir, _ = reference
+  # The good shards and the damaged one under one prefix, as a command line names them.
+  prefix = tmp_path / 'records' / 'mix'
+  prefix.parent.mkdir()
+  for i, path in enumerate(data):
+    shutil.copy(path, records.shard_name(str(prefix), i, len(data)))
+  workdir = 'gs://runs/gen'
+  args = [sys.executable, '-m', 'saber_jax.main', '--config=configs/demo.py',
+          '--config.mode=generate', f'--config.workdir={workdir}',
+          f'--config.generate.records={prefix}', '--config.generate.num_samples=3',
+          '--config.generate.max_new_tokens=6', '--config.generate.temperature=0.8',
+          '--config.generate.batch_size=2', '--config.generate.window_batches=4',
+          '--config.generate.upload_every=1', '--config.data.length_buckets=(288,)']
+  env = {**cpu_env(1), **gcs}
+  process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 400
+  while not files.with_prefix(f'{workdir}/predictions.jsonl.part0.') \
+      and process.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  assert process.poll() is None, process.communicate()[0][-3000:]
+  process.send_signal(signal.SIGTERM)
+  first = process.communicate(timeout=300)[0]
+  assert process.returncode == 0 and '[generate] stopped after' in first, first[-4000:]
+  assert not files.exists(f'{workdir}/predictions.jsonl')
+  uploaded = sum(len(files.read_text(p).splitlines())
+                 for p in files.with_prefix(f'{workdir}/predictions.jsonl.part'))
+  second = subprocess.run(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=600)
+  assert second.returncode == 0, second.stdout[-4000:]
+  written = [int(re.search(r'process 0: (\d+) prompts', out).group(1))
+             for out in (first, second.stdout)]
+  assert 1 <= uploaded == written[0] < NUM_CLIPS and sum(written) == NUM_CLIPS   # none twice
+  lines = list(files.read_jsonl(f'{workdir}/predictions.jsonl'))
+  got = {line['id']: line for line in lines}
+  assert len(got) == len(lines)
+  assert_same_samples(got, want)
+  errors = {e['id']: e for e in files.read_jsonl(f'{workdir}/errors.jsonl')}
+  want_errors = {e['id']: e for e in files.read_jsonl(reference_dir / 'errors.jsonl')}
+  assert sorted(errors, key=str) == sorted(want_errors, key=str) == [None, 'broken-audio']
+  damaged = records.shard_name(str(prefix), len(data) - 1, len(data))
+  assert [errors[i]['where'] for i in (None, 'broken-audio')] == [damaged + ':1', damaged + ':0']
+  for e in (errors, want_errors):       # the reason names the place, then says what failed
+    assert e['broken-audio']['reason'].startswith(e['broken-audio']['where'] + ': ')
+  assert errors['broken-audio']['reason'].split(': ', 1)[1] == \
+      want_errors['broken-audio']['reason'].split(': ', 1)[1]
+  assert files.with_prefix(f'{workdir}/predictions.jsonl.') == []
+  assert files.with_prefix(f'{workdir}/errors.jsonl.') == []
+  assert not (ROOT / 'gs:').exists() and not pathlib.Path('gs:').exists()
 
 
 def test_own_records_hand_damaged_records_and_shards_to_errors(data, tmp_path):
