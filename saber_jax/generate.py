@@ -28,9 +28,20 @@ A torn last line (a kill mid-write) is dropped on restart. SIGTERM / SIGINT
 fsynced: the parts stay unmerged and a restart carries on with the ids not yet written.
 A batch that fails is split down to single prompts (one process only; with several, a
 device failure stops the run); a prompt that still fails, or a record that cannot be
-decoded, goes to `errors.jsonl` next to `<out>` ({"id", "where", "reason"}) and is
-skipped, also on later runs. When every prompt of a batch fails before any batch of the
-run has worked, the run stops with the error instead (a broken setup, not bad clips).
+decoded, goes to `errors.jsonl` next to `<out>` ({"id", "where", "reason"}; per process
+in `errors.jsonl.part<process>` until the merge) and is skipped, also on later runs. When
+every prompt of a batch fails before any batch of the run has worked, the run stops with
+the error instead (a broken setup, not bad clips).
+
+An `<out>` on an object store (`gs://...`, a URL) cannot take appends. Each process
+downloads the output's objects (merged files, parts) into a local staging directory,
+appends there as above, and every `upload_every` batches, and when it stops (the end, a
+stop request, an error), uploads its new lines whole as a new object
+`<name>.part<process>.<time>-<random>` and starts its local part afresh. At the end
+process 0 merges the part objects of every process into `<out>` and errors.jsonl, writes
+them whole, then removes the parts. A SIGKILL loses the batches since the last upload
+(done again on restart); a stop request loses nothing. The fingerprint file on an object
+store takes no lock (files.acquire_lock): one run per output.
 """
 
 import contextlib
