@@ -2,6 +2,8 @@
 start (with its config, onto a mesh, non-finite values refused), the run config's model
 config and LoRA decision, and the initial params from each source."""
 
+import os
+
 import flax.linen as nn
 import flax.traverse_util
 import jax
@@ -145,3 +147,24 @@ def test_initial_params_from_saved_params_random_and_identity(tmp_path):
   assert identity['model']['hf_config'] == c.model.hf_config
   assert {f['path'].rsplit('/', 1)[-1] for f in identity['init_from']} >= {weights.CONFIG_FILE}
   assert weights.weights_identity(c, None)['init_from'] is None
+
+
+def test_hf_checkpoint_in_a_bucket_starts_a_stage_like_the_local_one(tmp_path, gcs):
+  """`init_from=gs://...` naming an HF checkpoint: copied to a local temp dir (safetensors
+  are memory-mapped), the same params and shardings as the local directory, an identity of
+  its objects, and no local folder named `gs:`."""
+  from hf_reference import tiny_hf_model
+  from saber_jax import files
+  c = _run_config(tmp_path)
+  tiny_hf_model().save_pretrained(tmp_path / 'hf')
+  files.upload(str(tmp_path / 'hf'), 'gs://runs/hf')
+  model_config = weights.model_config_of(c)
+  mesh = sharding.make_mesh((1, 4, 2))
+  local = weights.initial_params(c, model_config, mesh, str(tmp_path / 'hf'))
+  remote = weights.initial_params(c, model_config, mesh, 'gs://runs/hf')
+  for got, want in zip(jax.tree.leaves(remote), jax.tree.leaves(local), strict=True):
+    assert got.sharding == want.sharding
+    np.testing.assert_array_equal(got, want)
+  identity = weights.weights_identity(c, 'gs://runs/hf')['init_from']
+  assert {f['path'].rsplit('/', 1)[-1] for f in identity} >= {'model.safetensors', 'config.json'}
+  assert not (tmp_path / 'gs:').exists() and not os.path.exists('gs:')
