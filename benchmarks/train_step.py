@@ -69,9 +69,10 @@ def _jax_step(model_config, chunk_size: int, trainable: str = 'full'):
                                    skip_nonfinite=False), donate_argnums=0)
 
 
-def setup_jax(args):
+def setup_jax(args, keep_hlo: bool = False):
   """Worker setup: the converted weights, the compiled step (state donated) and its first
-  step; each STEP then runs one more step."""
+  step; each STEP then runs one more step. `keep_hlo`: info['hlo'] is the optimized HLO
+  text of the step (for `profile_step.py`)."""
   import jax
   from saber_jax import convert
   from saber_jax.train import flops
@@ -90,6 +91,8 @@ def setup_jax(args):
               hardware_flops=flops.step_flops(model_config, batch, hardware=True,
                                               chunk_size=args.chunk_size),
               xla_temp_bytes=memory.temp_size_in_bytes)
+  if keep_hlo:
+    info['hlo'] = step.as_text()
 
   def one_step():
     nonlocal state
