@@ -77,7 +77,8 @@ class SwiGLU(nn.Module):
                                        param_dtype=self.param_dtype, name=name)
     # On [tokens, hidden]: the kernels' gradients then contract one axis. Given [batch,
     # length, hidden], XLA:CPU copied the SwiGLU derivative into a transposed layout for
-    # them (strided, ~16% of the benchmark's train step); TPU memory is the same either way.
+    # them (strided writes: the benchmark's train step took 4.89 s instead of 3.92 s); the
+    # TPU dry runs' memory moves by at most 0.04 GiB.
     flat = x.reshape(-1, x.shape[-1])
     hidden = (jax.nn.silu(proj(self.intermediate_size, (embed, mlp), 'gate_proj')(flat))
               * proj(self.intermediate_size, (embed, mlp), 'up_proj')(flat))
