@@ -15,8 +15,10 @@ own process: its first step and a warm-up step, then one step under its profiler
   other      everything else (elementwise, reductions, gathers, scatters)
 
 XLA times are the thunks' durations (`hlo_op` of the Perfetto trace), which may overlap
-on several threads; PyTorch times are self CPU times of the main thread's ops (intra-op
-threads work inside them). Both also report the step's wall time under the profiler.
+on several threads (a conditional's, loop's or call's own event is left out: it spans the
+instructions it runs, which are counted); PyTorch times are self CPU times of the main
+thread's ops (intra-op threads work inside them). Both also report the step's wall time
+under the profiler.
 Written to DIR (default a temp dir): each side's raw trace and `<side>_ops.json`.
 """
 
@@ -55,28 +57,40 @@ def torch_category(name: str) -> str:
   return 'other'
 
 
-def dot_instructions(hlo_text: str) -> set[str]:
-  """Names of the optimized module's instructions that compute a dense product: a dot or
-  convolution itself, or a fusion whose computation holds one."""
+INSTRUCTION = re.compile(r'\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*.*?\b([a-z][\w\-]*)\(')
+# Instructions whose trace event spans the instructions they run (counted there).
+CONTAINERS = ('conditional', 'while', 'call')
+
+
+def hlo_instructions(hlo_text: str) -> dict[str, dict[str, tuple[str, list[str]]]]:
+  """{computation: {instruction: (opcode, computations it calls)}} of an HLO module's text."""
   computations, current = {}, None
   for line in hlo_text.splitlines():
     header = re.match(r'\s*(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$', line)
     if header and '=' not in line.split('{')[0]:
-      current = computations.setdefault(header.group(1), [])
-    elif current is not None:
-      current.append(line)
+      current = computations.setdefault(header.group(1), {})
+    elif current is not None and (m := INSTRUCTION.match(line)):
+      current[m.group(1)] = (m.group(2), re.findall(r'(?:calls|to_apply|body|condition|'
+                                                    r'branch_computations)=\{?%?([\w.\-]+)',
+                                                    line))
+  return computations
+
+
+def dot_instructions(hlo_text: str) -> set[str]:
+  """Names of the optimized module's instructions that compute a dense product: a dot or
+  convolution itself, or a fusion whose computation holds one."""
+  computations = hlo_instructions(hlo_text)
   has_dot = {name for name, body in computations.items()
-             if any(re.search(r'=\s*\S+\s+(dot|convolution)\(', line) for line in body)}
-  names = set()
-  for body in computations.values():
-    for line in body:
-      m = re.match(r'\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*\S+\s+(\w[\w\-]*)\(', line)
-      if not m:
-        continue
-      called = re.findall(r'calls=%?([\w.\-]+)', line)
-      if m.group(2) in ('dot', 'convolution') or any(c in has_dot for c in called):
-        names.add(m.group(1))
-  return names
+             if any(op in ('dot', 'convolution') for op, _ in body.values())}
+  return {name for body in computations.values() for name, (op, called) in body.items()
+          if op in ('dot', 'convolution') or (op == 'fusion' and set(called) & has_dot)}
+
+
+def container_instructions(hlo_text: str) -> set[str]:
+  """Names of the conditionals, loops and calls: left out of the sums, as their events
+  hold the time of the instructions they run."""
+  return {name for body in hlo_instructions(hlo_text).values()
+          for name, (op, _) in body.items() if op in CONTAINERS}
 
 
 def xla_category(op: str, dots: set[str]) -> str:
@@ -129,8 +143,9 @@ def profile_jax(args) -> dict:
     start = time.perf_counter()
     step()
     wall = time.perf_counter() - start
-  dots = dot_instructions(info['hlo'])
-  return summarize(xla_op_times(trace_dir), lambda op: xla_category(op, dots), wall)
+  dots, containers = dot_instructions(info['hlo']), container_instructions(info['hlo'])
+  times = {op: s for op, s in xla_op_times(trace_dir).items() if op not in containers}
+  return summarize(times, lambda op: xla_category(op, dots), wall)
 
 
 def profile_torch(args) -> dict:

@@ -15,10 +15,12 @@ import profile_step  # noqa: E402
 
 def test_xla_trace_ops_are_found_and_dense_products_named_matmul(tmp_path):
   """A scanned layer's products, fused with elementwise work or not, come out as matmul;
-  every other instruction the trace names is in a category, and the categories add up."""
+  the loop and the conditional are found (their events span what they run); every other
+  instruction the trace names is in a category, and the categories add up."""
   def layers(w, x):
     def layer(h, wi):
-      return jnp.tanh(h @ wi).T.copy().T * 2, None
+      h = jax.lax.cond(h.sum() > 0, lambda h: jnp.tanh(h @ wi), lambda h: h @ wi.T, h)
+      return h.T.copy().T * 2, None
     return jax.lax.scan(layer, x, w)[0].sum()
   step = jax.jit(jax.grad(layers)).lower(jnp.ones((3, 64, 64)), jnp.ones((32, 64))).compile()
   w, x = jnp.full((3, 64, 64), 0.01), jnp.ones((32, 64))
@@ -28,6 +30,9 @@ def test_xla_trace_ops_are_found_and_dense_products_named_matmul(tmp_path):
   times = profile_step.xla_op_times(str(tmp_path))
   dots = profile_step.dot_instructions(step.as_text())
   assert dots and set(times) & dots
+  containers = profile_step.container_instructions(step.as_text())
+  assert {op.split('.')[0] for op in containers} >= {'while', 'cond'}, containers
+  assert not containers & dots
   summary = profile_step.summarize(times, lambda op: profile_step.xla_category(op, dots), 1.0)
   assert summary['categories']['matmul'] > 0
   assert sum(summary['categories'].values()) == pytest.approx(summary['op_s'])
