@@ -63,16 +63,15 @@ CONTAINERS = ('conditional', 'while', 'call')
 
 
 def hlo_instructions(hlo_text: str) -> dict[str, dict[str, tuple[str, list[str]]]]:
-  """{computation: {instruction: (opcode, computations it calls)}} of an HLO module's text."""
+  """{computation: {instruction: (opcode, the computations it fuses)}} of an HLO module's
+  text."""
   computations, current = {}, None
   for line in hlo_text.splitlines():
     header = re.match(r'\s*(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$', line)
     if header and '=' not in line.split('{')[0]:
       current = computations.setdefault(header.group(1), {})
     elif current is not None and (m := INSTRUCTION.match(line)):
-      current[m.group(1)] = (m.group(2), re.findall(r'(?:calls|to_apply|body|condition|'
-                                                    r'branch_computations)=\{?%?([\w.\-]+)',
-                                                    line))
+      current[m.group(1)] = (m.group(2), re.findall(r'calls=%?([\w.\-]+)', line))
   return computations
 
 

@@ -130,15 +130,20 @@ def merge_process_parts(path: str) -> int:
   return len(seen)
 
 
+def download_into(sources: Sequence[str], folder: str) -> None:
+  """Each object (or file) of `sources` into `folder`, under its own name."""
+  for source in sources:
+    files.download(source, os.path.join(folder, os.path.basename(source)))
+
+
 def merge_remote(url: str) -> int:
   """`merge_process_parts` of an object and its part objects: merged in a local temporary
   directory, `url` written whole, then the parts removed (a kill in between leaves parts
   whose lines `url` holds already: merged once again, each key once)."""
   parts = files.with_prefix(url + '.part')
   with tempfile.TemporaryDirectory(prefix='saber-merge-') as local:
-    for source in [url] + parts:
-      files.download(source, os.path.join(local, source.rsplit('/', 1)[1]))
-    merged = os.path.join(local, url.rsplit('/', 1)[1])
+    download_into([url] + parts, local)
+    merged = os.path.join(local, os.path.basename(url))
     count = merge_process_parts(merged)
     files.upload(merged, url)
   for source in parts:
@@ -166,9 +171,8 @@ def staged(out_path: str) -> Iterator[str]:
     yield out_path
     return
   with tempfile.TemporaryDirectory(prefix='saber-generate-') as local:
-    for source in output_files(out_path):
-      files.download(source, os.path.join(local, source.rsplit('/', 1)[1]))
-    yield os.path.join(local, out_path.rsplit('/', 1)[1])
+    download_into(output_files(out_path), local)
+    yield os.path.join(local, os.path.basename(out_path))
 
 
 def upload_parts(local_out: str, out_path: str, process: int) -> None:

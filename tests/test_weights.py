@@ -13,8 +13,8 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorstore as ts
 
-from hf_reference import tiny_hf_config
-from saber_jax import sharding, weights
+from hf_reference import tiny_hf_config, tiny_hf_model
+from saber_jax import files, sharding, weights
 from saber_jax.models import ThinkerConfig, abstract_params, init_params
 from saber_jax.train import config as config_lib
 
@@ -153,8 +153,6 @@ def test_hf_checkpoint_in_a_bucket_starts_a_stage_like_the_local_one(tmp_path, g
   """`init_from=gs://...` naming an HF checkpoint: copied to a local temp dir (safetensors
   are memory-mapped), the same params and shardings as the local directory, an identity of
   its objects, and no local folder named `gs:`."""
-  from hf_reference import tiny_hf_model
-  from saber_jax import files
   c = _run_config(tmp_path)
   tiny_hf_model().save_pretrained(tmp_path / 'hf')
   files.upload(str(tmp_path / 'hf'), 'gs://runs/hf')
